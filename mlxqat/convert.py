@@ -1,0 +1,227 @@
+"""The two module swaps of QAT: ``prepare`` (fake-quant in) and ``convert`` (real quantized out).
+
+Both walk ``model.leaf_modules()`` like ``mlx.nn.quantize`` and replace leaves
+in place with ``model.update_modules``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import warnings
+from typing import Iterable, Optional
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten, tree_map_with_path
+
+from . import quant
+from .layers import FakeQuantEmbedding, FakeQuantLinear, is_fake_quant
+from .recipes import Recipe, get as get_recipe
+
+
+def _swap(model: nn.Module, fn) -> int:
+    """Replace each leaf module ``m`` at ``path`` with ``fn(path, m)``; count replacements."""
+    count = 0
+
+    def visit(path, m):
+        nonlocal count
+        new = fn(path, m)
+        if new is not m:
+            count += 1
+        return new
+
+    leaves = tree_map_with_path(visit, model.leaf_modules(), is_leaf=nn.Module.is_module)
+    model.update_modules(leaves)
+    return count
+
+
+def _check_layer(path: str, weight: mx.array, spec) -> Optional[str]:
+    """Why the layer at ``path`` cannot take ``spec`` (None if it can)."""
+    in_features = weight.shape[-1]
+    try:
+        quant.storage_group_size(spec.group_size, in_features)
+    except ValueError as e:
+        return f"{path}: {e}"
+    return None
+
+
+def prepare(model: nn.Module, recipe="int4", *, strict: bool = False) -> nn.Module:
+    """Swap ``nn.Linear`` / ``nn.Embedding`` leaves for fake-quant layers, in place.
+
+    Args:
+        model: any mlx-lm model (or ``nn.Module``) with full-precision layers.
+        recipe: a :class:`~mlxqat.recipes.Recipe` or the name of a built-in one.
+        strict: raise instead of warning when a layer's shape does not fit the
+            recipe (e.g. ``in_features`` not divisible by the group size).
+
+    Returns:
+        The same model, for chaining.
+
+    Raises:
+        ValueError: NaN/Inf in a weight, an unknown recipe, or (``strict``) a
+            layer that cannot be quantized as asked.
+    """
+    recipe = get_recipe(recipe)
+    skipped = []
+
+    def swap(path, m):
+        if is_fake_quant(m) or isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding)):
+            return m
+        if not isinstance(m, (nn.Linear, nn.Embedding)):
+            return m
+        spec = recipe.spec_for(path)
+        if spec is None:
+            return m
+        quant.check_finite(m.weight, f"{path}.weight")
+        problem = _check_layer(path, m.weight, spec)
+        if problem:
+            if strict:
+                raise ValueError(problem)
+            skipped.append(problem)
+            return m
+        if isinstance(m, nn.Embedding):
+            if spec.act_bits is not None:
+                spec = dataclasses.replace(spec, act_bits=None)
+            return FakeQuantEmbedding.from_embedding(m, spec)
+        return FakeQuantLinear.from_linear(m, spec)
+
+    n = _swap(model, swap)
+    if n == 0:
+        raise ValueError(
+            f"recipe {recipe.name!r} matched no nn.Linear or nn.Embedding layer of "
+            f"{type(model).__name__}; check its skip patterns and overrides"
+        )
+    for problem in skipped:
+        warnings.warn(f"left in full precision: {problem}", stacklevel=2)
+    model.mlxqat_recipe = recipe
+    return model
+
+
+def calibrate(model: nn.Module, batches: Iterable[mx.array]) -> dict:
+    """Set the static activation scales of layers whose spec has ``act_bits``.
+
+    Runs the model on ``batches`` (token arrays) without rounding activations,
+    records the largest ``|x|`` each such layer sees, and sets
+    ``act_scale = max|x| / (2**(act_bits-1) - 1)``.
+
+    Returns:
+        ``{layer path: act_scale}`` for the calibrated layers.
+
+    Raises:
+        ValueError: if no batch was given or an observed activation is not finite.
+    """
+    layers = [
+        (p, m)
+        for p, m in model.named_modules()
+        if isinstance(m, FakeQuantLinear) and m.spec.act_bits is not None
+    ]
+    if not layers:
+        return {}
+    for _, m in layers:
+        m._act_max = 0.0
+    n = 0
+    try:
+        for batch in batches:
+            mx.eval(model(batch))
+            n += 1
+    finally:
+        maxima = {p: m._act_max for p, m in layers}
+        for _, m in layers:
+            m._act_max = None
+    if n == 0:
+        raise ValueError("calibrate() got no batches; pass at least one token array")
+    scales = {}
+    for p, m in layers:
+        amax = maxima[p]
+        if not (amax == amax and amax != float("inf")):
+            raise ValueError(f"{p}: activation max is {amax}; the model produced NaN/Inf")
+        qmax = 2 ** (m.spec.act_bits - 1) - 1
+        scale = max(amax, 1e-8) / qmax
+        m.act_scale = mx.array(scale, dtype=m.weight.dtype)
+        scales[p] = scale
+    return scales
+
+
+def convert(model: nn.Module, *, kernel: str = "mlx") -> nn.Module:
+    """Replace fake-quant layers with real quantized layers, in place.
+
+    The converted layers hold exactly the weight the fake-quant forward used
+    (same codes, scales and biases), so the converted model computes what
+    training saw.
+
+    Args:
+        model: a model prepared with :func:`prepare` (and possibly trained).
+        kernel: ``"mlx"`` for MLX's ``quantized_matmul`` (what ``mlx_lm.load``
+            builds), or ``"mlxqat"`` for this package's int4 kernel where a
+            layer supports it (4-bit affine); other layers keep MLX's kernel.
+
+    Returns:
+        The same model, for chaining.
+    """
+    if kernel not in ("mlx", "mlxqat"):
+        raise ValueError(f"kernel={kernel!r} is not one of 'mlx', 'mlxqat'")
+
+    def swap(path, m):
+        if is_fake_quant(m):
+            return m.to_quantized()
+        return m
+
+    n = _swap(model, swap)
+    if n == 0 and not any(
+        isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding)) for _, m in model.named_modules()
+    ):
+        raise ValueError("convert() found no fake-quant layer; call mlxqat.prepare(model, recipe) first")
+    if kernel == "mlxqat":
+        use_kernel(model)
+    model.freeze()
+    return model
+
+
+def use_kernel(model: nn.Module, kernel: str = "mlxqat") -> nn.Module:
+    """Switch the model's 4-bit quantized linear layers between MLX's and our kernel.
+
+    Parameters are shared, not copied; saving the model writes the same files.
+    """
+    from .kernels import KernelQuantizedLinear, is_supported
+
+    def swap(path, m):
+        if kernel == "mlxqat":
+            if type(m) is nn.QuantizedLinear and is_supported(m):
+                return KernelQuantizedLinear.from_quantized(m)
+        elif isinstance(m, KernelQuantizedLinear):
+            ql = nn.QuantizedLinear(1, 1, False, m.group_size, m.bits)
+            ql.update(dict(m.items()))
+            return ql
+        return m
+
+    _swap(model, swap)
+    return model
+
+
+def dequantize(model: nn.Module) -> nn.Module:
+    """Replace fake-quant layers by plain layers holding their master (unquantized) weights."""
+
+    def swap(path, m):
+        if isinstance(m, FakeQuantLinear):
+            lin = nn.Linear(m.weight.shape[1], m.weight.shape[0], bias="bias" in m)
+            lin.weight = m.weight
+            if "bias" in m:
+                lin.bias = m.bias
+            return lin
+        if isinstance(m, FakeQuantEmbedding):
+            emb = nn.Embedding(*m.weight.shape)
+            emb.weight = m.weight
+            return emb
+        return m
+
+    _swap(model, swap)
+    return model
+
+
+def layer_specs(model: nn.Module) -> dict:
+    """``{path: quantization dict}`` of the quantized leaves, as mlx-lm's config stores them."""
+    out = {}
+    for path, m in tree_flatten(model.leaf_modules(), is_leaf=nn.Module.is_module):
+        if isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding)):
+            out[path] = {"group_size": m.group_size, "bits": m.bits, "mode": m.mode}
+    return out

@@ -1,0 +1,209 @@
+"""Fake-quant layers and the real quantized layers they convert to.
+
+``FakeQuantLinear`` and ``FakeQuantEmbedding`` keep full-precision master
+weights, and compute with the weight a converted layer will hold
+(:func:`mlxqat.quant.fake_quant`). ``to_quantized()`` returns MLX's own
+``nn.QuantizedLinear`` / ``nn.QuantizedEmbedding`` holding exactly that
+weight, or :class:`ActQuantizedLinear` when activations are quantized too.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from . import quant
+from .recipes import LayerSpec
+
+
+def _init_quant_state(layer: nn.Module, weight: mx.array, spec: LayerSpec) -> None:
+    layer.spec = spec
+    layer.group_size = quant.storage_group_size(spec.group_size, weight.shape[-1])
+    if spec.learn_scales:
+        _, layer.scales, layer.biases = quant.init_params(
+            weight, spec.bits, spec.group_size, spec.mode, spec.scale_dtype
+        )
+
+
+def _dequantized(layer: nn.Module, weight: mx.array) -> mx.array:
+    spec = layer.spec
+    if spec.learn_scales:
+        return quant.fake_quant(
+            weight, spec.bits, spec.group_size, spec.mode, layer.scales, layer.biases
+        )
+    return quant.fake_quant(
+        weight, spec.bits, spec.group_size, spec.mode, scale_dtype=spec.scale_dtype
+    )
+
+
+def _quantized_params(layer: nn.Module):
+    """(packed, scales, biases) exactly as the fake-quant forward uses them."""
+    spec = layer.spec
+    w = layer.weight
+    if spec.learn_scales:
+        s, b = layer.scales.astype(w.dtype), layer.biases.astype(w.dtype)
+        return quant.quantize_learned(w, s, b, spec.bits, layer.group_size), s, b
+    return quant.init_params(w, spec.bits, spec.group_size, spec.mode, spec.scale_dtype)
+
+
+class FakeQuantLinear(nn.Module):
+    """A linear layer whose weight (and optionally input) is fake-quantized.
+
+    Args:
+        weight: (output_dims, input_dims) master weight.
+        bias: optional (output_dims,) bias, kept in full precision.
+        spec: how to quantize (see :class:`mlxqat.recipes.LayerSpec`).
+    """
+
+    def __init__(self, weight: mx.array, bias: Optional[mx.array], spec: LayerSpec):
+        super().__init__()
+        self.weight = weight
+        if bias is not None:
+            self.bias = bias
+        _init_quant_state(self, weight, spec)
+        if spec.act_bits is not None:
+            # Set by mlxqat.calibrate(); None until then.
+            self.act_scale = None
+        self._act_max = None  # running max |x| while calibrating
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, spec: LayerSpec) -> "FakeQuantLinear":
+        """Wrap an ``nn.Linear`` (weights shared, not copied)."""
+        return cls(linear.weight, linear.get("bias"), spec)
+
+    def _extra_repr(self) -> str:
+        out_dims, in_dims = self.weight.shape
+        s = self.spec
+        return (
+            f"input_dims={in_dims}, output_dims={out_dims}, bias={'bias' in self}, "
+            f"bits={s.bits}, group_size={s.group_size}, mode={s.mode}, "
+            f"learn_scales={s.learn_scales}, act_bits={s.act_bits}"
+        )
+
+    def dequantized_weight(self) -> mx.array:
+        """The weight the converted layer will hold (differentiable, STE)."""
+        return _dequantized(self, self.weight)
+
+    def quantize_input(self, x: mx.array) -> mx.array:
+        """Static activation fake-quant (identity for weight-only specs)."""
+        if self.spec.act_bits is None:
+            return x
+        if self._act_max is not None:  # calibrating: observe, don't round
+            self._act_max = max(self._act_max, float(mx.max(mx.abs(x)).item()))
+            return x
+        if self.get("act_scale") is None:
+            raise RuntimeError(
+                "this layer quantizes activations but has no calibrated scale; "
+                "run mlxqat.calibrate(model, batches) after prepare()"
+            )
+        return quant.fake_quant_activation(x, self.act_scale, self.spec.act_bits)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        x = self.quantize_input(x)
+        y = x @ self.dequantized_weight().T
+        if "bias" in self:
+            y = y + self.bias
+        return y
+
+    def to_quantized(self, **_ignored) -> nn.Module:
+        """The real quantized layer computing what this layer computes."""
+        packed, scales, biases = _quantized_params(self)
+        out_dims, in_dims = self.weight.shape
+        spec = self.spec
+        cls = ActQuantizedLinear if spec.act_bits is not None else nn.QuantizedLinear
+        ql = cls(in_dims, out_dims, "bias" in self, self.group_size, spec.bits)
+        ql.weight, ql.scales, ql.biases = packed, scales, biases
+        if "bias" in self:
+            ql.bias = self.bias
+        if spec.act_bits is not None:
+            if self.get("act_scale") is None:
+                raise RuntimeError(
+                    "cannot convert an activation-quantized layer before calibration; "
+                    "run mlxqat.calibrate(model, batches) first"
+                )
+            ql.act_bits = spec.act_bits
+            ql.act_scale = self.act_scale
+        ql.freeze()
+        return ql
+
+
+class FakeQuantEmbedding(nn.Module):
+    """An embedding whose table is fake-quantized (also as a tied output head).
+
+    Rows are quantized independently, so looking up rows of the fake-quant
+    table equals fake-quantizing the looked-up rows; only those are computed.
+    """
+
+    def __init__(self, weight: mx.array, spec: LayerSpec):
+        super().__init__()
+        if spec.act_bits is not None:
+            raise ValueError(
+                "act_bits applies to linear layers only; give embeddings a spec "
+                "without act_bits (e.g. an override for '*embed_tokens')"
+            )
+        self.weight = weight
+        _init_quant_state(self, weight, spec)
+
+    @classmethod
+    def from_embedding(cls, emb: nn.Embedding, spec: LayerSpec) -> "FakeQuantEmbedding":
+        return cls(emb.weight, spec)
+
+    def _extra_repr(self) -> str:
+        n, d = self.weight.shape
+        s = self.spec
+        return f"{n}, {d}, bits={s.bits}, group_size={s.group_size}, mode={s.mode}"
+
+    def dequantized_weight(self) -> mx.array:
+        return _dequantized(self, self.weight)
+
+    def __call__(self, ids: mx.array) -> mx.array:
+        spec = self.spec
+        rows = self.weight[ids]  # (..., dims)
+        flat = rows.reshape(-1, rows.shape[-1])
+        if spec.learn_scales:
+            s = self.scales[ids].reshape(flat.shape[0], -1)
+            b = self.biases[ids].reshape(flat.shape[0], -1)
+            dq = quant.fake_quant(flat, spec.bits, spec.group_size, spec.mode, s, b)
+        else:
+            dq = quant.fake_quant(
+                flat, spec.bits, spec.group_size, spec.mode, scale_dtype=spec.scale_dtype
+            )
+        return dq.reshape(rows.shape)
+
+    def as_linear(self, x: mx.array) -> mx.array:
+        """Use the table as the output projection (tied embeddings)."""
+        return x @ self.dequantized_weight().T
+
+    def to_quantized(self, **_ignored) -> nn.Module:
+        packed, scales, biases = _quantized_params(self)
+        n, d = self.weight.shape
+        qe = nn.QuantizedEmbedding(n, d, self.group_size, self.spec.bits)
+        qe.weight, qe.scales, qe.biases = packed, scales, biases
+        qe.freeze()
+        return qe
+
+
+class ActQuantizedLinear(nn.QuantizedLinear):
+    """``nn.QuantizedLinear`` that first rounds its input with a static int scale.
+
+    Computes ``quantized_matmul(fake_quant_activation(x, act_scale), W)``: the
+    same activation rounding the fake-quant layer applied during training.
+    """
+
+    def __init__(self, input_dims, output_dims, bias=True, group_size=64, bits=4, act_bits=8):
+        super().__init__(input_dims, output_dims, bias, group_size, bits)
+        self.act_bits = act_bits
+        self.act_scale = mx.array(1.0)
+
+    def _extra_repr(self) -> str:
+        return super()._extra_repr() + f", act_bits={self.act_bits}"
+
+    def __call__(self, x: mx.array) -> mx.array:
+        x = quant.fake_quant_activation(x, self.act_scale, self.act_bits)
+        return super().__call__(x)
+
+
+def is_fake_quant(module: nn.Module) -> bool:
+    return isinstance(module, (FakeQuantLinear, FakeQuantEmbedding))

@@ -1,0 +1,326 @@
+"""Quantization numerics: the one place that says what a quantized weight is.
+
+Storage is MLX's affine format: integer codes packed LSB-first into uint32
+words, one ``scale`` and one ``bias`` per group of ``group_size`` consecutive
+input features, and the dequantized weight ``scale * code + bias``.
+
+Three ways of choosing scales and biases share that format:
+
+* ``affine``     MLX's own quantizer (``mx.quantize``): min/max per group.
+* ``symmetric``  llama.cpp's Q4_0 rule generalised to any bit width: the value
+                 of largest magnitude ``m`` in a group gives
+                 ``scale = m / -2**(bits-1)`` (rounded to float16, as GGUF
+                 stores it) and ``bias = -2**(bits-1) * scale``.
+* channel-wise   ``group_size=-1``: one scale/bias per output row, stored as the
+                 same value repeated over every storage group of that row.
+
+Every fake-quant forward goes through :func:`mx.dequantize` on the packed codes,
+so the fake-quant weight and the weight of the converted layer are the same
+bits, whatever the backend does inside ``dequantize``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional, Tuple
+
+import mlx.core as mx
+
+SUPPORTED_BITS = (2, 3, 4, 5, 6, 8)
+SUPPORTED_GROUP_SIZES = (32, 64, 128)
+CHANNELWISE = -1
+MODES = ("affine", "symmetric")
+
+
+def storage_group_size(group_size: int, in_features: int) -> int:
+    """The group size used in storage for a layer with ``in_features`` inputs.
+
+    Channel-wise quantization (``group_size=-1``) is stored with the largest
+    supported group size that divides ``in_features``.
+
+    Raises:
+        ValueError: if no supported group size divides ``in_features``.
+    """
+    if group_size != CHANNELWISE:
+        if in_features % group_size:
+            raise ValueError(
+                f"group_size={group_size} does not divide in_features={in_features}; "
+                f"use a group size from {SUPPORTED_GROUP_SIZES} that divides it"
+            )
+        return group_size
+    for g in sorted(SUPPORTED_GROUP_SIZES, reverse=True):
+        if in_features % g == 0:
+            return g
+    raise ValueError(
+        f"in_features={in_features} is not a multiple of 32, so it cannot be "
+        "stored in MLX's quantized format; skip this layer in the recipe"
+    )
+
+
+def _grouped(w: mx.array, group_size: int) -> mx.array:
+    return w.reshape(*w.shape[:-1], w.shape[-1] // group_size, group_size)
+
+
+def _expand(p: mx.array, group_size: int) -> mx.array:
+    """Per-group parameters (..., K/g) broadcast to (..., K/g, 1)."""
+    return p[..., None]
+
+
+def check_finite(w: mx.array, name: str = "weight") -> None:
+    """Raise ``ValueError`` if ``w`` holds NaN or Inf (quantizing them is silent garbage)."""
+    if not bool(mx.all(mx.isfinite(w)).item()):
+        n_bad = int(mx.sum(~mx.isfinite(w)).item())
+        raise ValueError(
+            f"{name} has {n_bad} NaN/Inf values; quantization would hide them. "
+            "Fix the checkpoint (or the training run that produced it) first"
+        )
+
+
+def init_params(
+    w: mx.array,
+    bits: int,
+    group_size: int,
+    mode: str,
+    scale_dtype: Optional[str] = None,
+) -> Tuple[mx.array, mx.array, mx.array]:
+    """Quantize ``w`` (out_features, in_features) with the rule of ``mode``.
+
+    ``scale_dtype="float16"`` rounds scales and biases to float16 values (kept
+    in ``w.dtype``) and recomputes the codes, so the result is exactly
+    representable in GGUF's float16 block headers.
+
+    Returns:
+        ``(packed, scales, biases)`` in MLX's affine storage format, scales and
+        biases in ``w.dtype``.
+    """
+    in_features = w.shape[-1]
+    g = storage_group_size(group_size, in_features)
+    if mode == "affine" and group_size != CHANNELWISE:
+        packed, scales, biases = mx.quantize(w, g, bits)
+        if scale_dtype is None:
+            return packed, scales, biases
+    elif mode == "symmetric":
+        scales, biases = _symmetric_scales(w, bits, group_size, g)
+    elif mode == "affine":
+        scales, biases = _channel_affine_scales(w, bits, g)
+    else:
+        raise ValueError(f"mode={mode!r} is not one of {MODES}")
+    if scale_dtype is not None:
+        scales = scales.astype(getattr(mx, scale_dtype)).astype(w.dtype)
+        biases = biases.astype(getattr(mx, scale_dtype)).astype(w.dtype)
+    codes = quantize_codes(w, scales, biases, bits, g)
+    return pack(codes, bits), scales, biases
+
+
+def _symmetric_scales(w, bits, group_size, g):
+    half = 2 ** (bits - 1)
+    if group_size == CHANNELWISE:
+        wg = w[..., None, :]  # (N, 1, K): one group per row
+    else:
+        wg = _grouped(w, g)  # (N, K/g, g)
+    # The element of largest magnitude, with its sign (llama.cpp's rule): it
+    # lands exactly on code 0, so the whole range [-half, half-1] is used.
+    idx = mx.argmax(mx.abs(wg), axis=-1, keepdims=True)
+    signed_max = mx.take_along_axis(wg, idx, axis=-1)[..., 0].astype(mx.float32)
+    scales = (signed_max / -half).astype(mx.float16).astype(w.dtype)
+    if group_size == CHANNELWISE:
+        scales = mx.repeat(scales, w.shape[-1] // g, axis=-1)
+    biases = scales * -half
+    return scales, biases
+
+
+def _channel_affine_scales(w, bits, g):
+    qmax = 2**bits - 1
+    w32 = w.astype(mx.float32)
+    lo = mx.min(w32, axis=-1, keepdims=True)
+    hi = mx.max(w32, axis=-1, keepdims=True)
+    scales = mx.maximum(hi - lo, 1e-8) / qmax
+    biases = lo
+    n_groups = w.shape[-1] // g
+    scales = mx.repeat(scales, n_groups, axis=-1).astype(w.dtype)
+    biases = mx.repeat(biases, n_groups, axis=-1).astype(w.dtype)
+    return scales, biases
+
+
+def quantize_codes(
+    w: mx.array, scales: mx.array, biases: mx.array, bits: int, group_size: int
+) -> mx.array:
+    """Integer codes ``clip(round((w - bias) / scale), 0, 2**bits - 1)`` as uint32.
+
+    A zero scale (a group of equal values) maps every element to the code
+    nearest ``-bias / 0``'s limit, i.e. the group is reproduced by its bias.
+    """
+    qmax = 2**bits - 1
+    # float32 arithmetic whatever the storage dtype, as MLX's quantizer does.
+    wg = _grouped(w.astype(mx.float32), group_size)
+    s = _expand(scales, group_size).astype(mx.float32)
+    b = _expand(biases, group_size).astype(mx.float32)
+    safe_s = mx.where(s == 0, mx.ones_like(s), s)
+    u = (wg - b) / safe_s
+    u = mx.where(s == 0, mx.zeros_like(u), u)
+    q = mx.clip(mx.round(u), 0, qmax)
+    return q.reshape(w.shape).astype(mx.uint32)
+
+
+def pack(codes: mx.array, bits: int) -> mx.array:
+    """Pack integer codes (..., K) into uint32 words (..., K*bits/32), LSB first.
+
+    This is the bit stream MLX's ``quantize`` writes: code ``i`` occupies bits
+    ``[i*bits, (i+1)*bits)`` of the little-endian stream.
+    """
+    k = codes.shape[-1]
+    if (k * bits) % 32:
+        raise ValueError(f"{k} codes of {bits} bits do not fill whole uint32 words")
+    lead = codes.shape[:-1]
+    if 32 % bits == 0:
+        per_word = 32 // bits
+        c = codes.astype(mx.uint32).reshape(*lead, k // per_word, per_word)
+        shifts = mx.arange(per_word, dtype=mx.uint32) * bits
+        return mx.sum(c << shifts, axis=-1).astype(mx.uint32)
+    # 3, 5, 6 bits: a chunk of 8 // gcd(bits, 8) codes fills whole bytes.
+    per_chunk = 8 // math.gcd(bits, 8)
+    n_bytes = per_chunk * bits // 8
+    c = codes.astype(mx.uint64).reshape(*lead, k // per_chunk, per_chunk)
+    shifts = mx.arange(per_chunk, dtype=mx.uint64) * bits
+    chunk = mx.sum(c << shifts, axis=-1)  # (..., n_chunks) uint64
+    byte_shifts = mx.arange(n_bytes, dtype=mx.uint64) * 8
+    stream = (chunk[..., None] >> byte_shifts) & 0xFF  # (..., n_chunks, n_bytes)
+    stream = stream.reshape(*lead, -1, 4).astype(mx.uint32)
+    word_shifts = mx.arange(4, dtype=mx.uint32) * 8
+    return mx.sum(stream << word_shifts, axis=-1).astype(mx.uint32)
+
+
+def unpack(packed: mx.array, bits: int) -> mx.array:
+    """Inverse of :func:`pack`: uint32 words (..., W) -> uint32 codes (..., W*32/bits)."""
+    lead = packed.shape[:-1]
+    w = packed.astype(mx.uint32)
+    bytes_ = (w[..., None] >> (mx.arange(4, dtype=mx.uint32) * 8)) & 0xFF
+    bits_ = (bytes_[..., None] >> mx.arange(8, dtype=mx.uint32)) & 1
+    bits_ = bits_.reshape(*lead, -1, bits)  # (..., K, bits)
+    weights = mx.left_shift(mx.array(1, mx.uint32), mx.arange(bits, dtype=mx.uint32))
+    return mx.sum(bits_ * weights, axis=-1).astype(mx.uint32)
+
+
+def dequantize(
+    packed: mx.array, scales: mx.array, biases: mx.array, bits: int, group_size: int
+) -> mx.array:
+    """``scale * code + bias`` through MLX's own kernel (the converted layer's numerics)."""
+    return mx.dequantize(packed, scales, biases, group_size=group_size, bits=bits)
+
+
+def quantize_learned(
+    w: mx.array, scales: mx.array, biases: mx.array, bits: int, group_size: int
+) -> mx.array:
+    """Packed codes of ``w`` under given (learned) scales and biases."""
+    return pack(quantize_codes(w, scales, biases, bits, group_size), bits)
+
+
+# ---------------------------------------------------------------------------
+# Fake-quant with custom gradients
+# ---------------------------------------------------------------------------
+
+
+def _make_fake_quant_derived(bits: int, group_size: int, mode: str, scale_dtype):
+    @mx.custom_function
+    def fq(w):
+        g = storage_group_size(group_size, w.shape[-1])
+        packed, s, b = init_params(w, bits, group_size, mode, scale_dtype)
+        return dequantize(packed, s, b, bits, g)
+
+    @fq.vjp
+    def fq_vjp(primals, cotangent, output):
+        # Straight-through: scales follow the weights, every weight is in range.
+        return (cotangent,)
+
+    return fq
+
+
+def _make_fake_quant_learned(bits: int, group_size: int):
+    qmax = 2**bits - 1
+
+    @mx.custom_function
+    def fq(w, s, b):
+        return dequantize(quantize_learned(w, s, b, bits, group_size), s, b, bits, group_size)
+
+    @fq.vjp
+    def fq_vjp(primals, cotangent, output):
+        w, s, b = primals
+        wg = _grouped(w.astype(mx.float32), group_size)
+        sg = _expand(s, group_size).astype(mx.float32)
+        bg = _expand(b, group_size).astype(mx.float32)
+        safe_s = mx.where(sg == 0, mx.ones_like(sg), sg)
+        u = mx.round((wg - bg) / safe_s)
+        inside = (u >= 0) & (u <= qmax)
+        q = mx.clip(u, 0, qmax)
+        gg = _grouped(cotangent, group_size)
+        # w: straight-through inside the representable range, zero where clipped.
+        dw = mx.where(inside, gg, mx.zeros_like(gg)).reshape(w.shape).astype(w.dtype)
+        gg = gg.astype(mx.float32)
+        # s, b: the exact derivative of s*q + b with the codes held fixed,
+        # which is what a finite difference that flips no code measures.
+        ds = mx.sum(gg * q, axis=-1).astype(s.dtype)
+        db = mx.sum(gg, axis=-1).astype(b.dtype)
+        return dw, ds, db
+
+    return fq
+
+
+_FQ_CACHE: dict = {}
+
+
+def fake_quant(
+    w: mx.array,
+    bits: int,
+    group_size: int,
+    mode: str = "affine",
+    scales: Optional[mx.array] = None,
+    biases: Optional[mx.array] = None,
+    scale_dtype: Optional[str] = None,
+) -> mx.array:
+    """The dequantized weight a converted layer will hold, with training gradients.
+
+    Without ``scales``/``biases`` they are derived from ``w`` (the rule of
+    ``mode``) and the gradient to ``w`` is the straight-through identity. With
+    learned ``scales``/``biases`` (shape (..., K/g)), codes are recomputed from
+    ``w`` each call; ``w`` gets the straight-through gradient where its code is
+    not clipped, and scales/biases the exact gradient of ``scale*code + bias``.
+    """
+    if scales is None:
+        key = ("derived", bits, group_size, mode, scale_dtype)
+        if key not in _FQ_CACHE:
+            _FQ_CACHE[key] = _make_fake_quant_derived(bits, group_size, mode, scale_dtype)
+        return _FQ_CACHE[key](w)
+    g = storage_group_size(group_size, w.shape[-1])
+    key = ("learned", bits, g)
+    if key not in _FQ_CACHE:
+        _FQ_CACHE[key] = _make_fake_quant_learned(bits, g)
+    return _FQ_CACHE[key](w, scales, biases)
+
+
+def _make_fake_quant_activation(bits: int):
+    lo, hi = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+
+    @mx.custom_function
+    def fq(x, scale):
+        return mx.clip(mx.round(x / scale), lo, hi) * scale
+
+    @fq.vjp
+    def fq_vjp(primals, cotangent, output):
+        x, scale = primals
+        u = x / scale
+        inside = (u >= lo - 0.5) & (u <= hi + 0.5)
+        return mx.where(inside, cotangent, mx.zeros_like(cotangent)), mx.zeros_like(scale)
+
+    return fq
+
+
+def fake_quant_activation(x: mx.array, scale: mx.array, bits: int = 8) -> mx.array:
+    """Symmetric per-tensor activation quantization with a static ``scale``.
+
+    ``clip(round(x / scale), -2**(bits-1), 2**(bits-1)-1) * scale``, computed in
+    ``x.dtype``; the same call runs in the fake-quant and the converted layer.
+    """
+    key = ("act", bits)
+    if key not in _FQ_CACHE:
+        _FQ_CACHE[key] = _make_fake_quant_activation(bits)
+    return _FQ_CACHE[key](x, scale.astype(x.dtype))

@@ -1,0 +1,199 @@
+"""Recipes: which layers are quantized, and how.
+
+A :class:`LayerSpec` describes one layer's quantization; a :class:`Recipe` is a
+default spec plus per-path overrides and a skip list. Paths are the dotted
+module paths MLX uses (``model.layers.3.mlp.down_proj``); a pattern is a glob
+(``*.mlp.*``) or, with the prefix ``re:``, a regular expression.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+import re
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional, Tuple
+
+from .quant import CHANNELWISE, MODES, SUPPORTED_BITS, SUPPORTED_GROUP_SIZES
+
+ACT_BITS = (4, 8)
+
+
+@dataclass(frozen=True)
+class LayerSpec:
+    """How one layer is quantized."""
+
+    bits: int = 4  # weight bits: 2, 3, 4, 5, 6 or 8
+    group_size: int = 64  # 32, 64, 128, or -1 for one scale per output channel
+    mode: str = "affine"  # "affine" (MLX min/max) or "symmetric" (llama.cpp Q4_0 rule)
+    learn_scales: bool = False  # train scales and biases along with (or instead of) weights
+    act_bits: Optional[int] = None  # static per-tensor activation quantization (8 or 4)
+    scale_dtype: Optional[str] = None  # "float16": round scales/biases to float16 (exact GGUF)
+
+    def __post_init__(self):
+        if self.bits not in SUPPORTED_BITS:
+            raise ValueError(
+                f"bits={self.bits!r} is not supported; use one of {SUPPORTED_BITS}"
+            )
+        if self.group_size not in SUPPORTED_GROUP_SIZES + (CHANNELWISE,):
+            raise ValueError(
+                f"group_size={self.group_size!r} is not supported; use one of "
+                f"{SUPPORTED_GROUP_SIZES} or -1 (one group per output channel)"
+            )
+        if self.mode not in MODES:
+            raise ValueError(f"mode={self.mode!r} is not supported; use one of {MODES}")
+        if self.act_bits is not None and self.act_bits not in ACT_BITS:
+            raise ValueError(
+                f"act_bits={self.act_bits!r} is not supported; use one of {ACT_BITS} "
+                "or None for weight-only quantization"
+            )
+
+        if self.scale_dtype not in (None, "float16"):
+            raise ValueError(
+                f"scale_dtype={self.scale_dtype!r} is not supported; use None (the "
+                "weight's dtype) or 'float16'"
+            )
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @property
+    def bits_per_weight(self) -> float:
+        """Storage cost per weight: code bits plus a 16-bit scale and bias per group."""
+        g = 128 if self.group_size == CHANNELWISE else self.group_size
+        return self.bits + 32 / g
+
+
+def _matches(pattern: str, path: str) -> bool:
+    if pattern.startswith("re:"):
+        return re.fullmatch(pattern[3:], path) is not None
+    return fnmatch.fnmatchcase(path, pattern)
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """A default :class:`LayerSpec`, per-path overrides and a skip list.
+
+    ``overrides`` is a sequence of ``(pattern, spec)``; the first matching
+    pattern wins. A layer whose path matches a ``skip`` pattern stays in full
+    precision.
+    """
+
+    name: str
+    default: LayerSpec = field(default_factory=LayerSpec)
+    overrides: Tuple[Tuple[str, LayerSpec], ...] = ()
+    skip: Tuple[str, ...] = ()
+    description: str = ""
+
+    def __post_init__(self):
+        for item in self.overrides:
+            if not (isinstance(item, tuple) and len(item) == 2 and isinstance(item[1], LayerSpec)):
+                raise ValueError(
+                    f"override {item!r} must be a (pattern, LayerSpec) pair"
+                )
+
+    def spec_for(self, path: str) -> Optional[LayerSpec]:
+        """The spec of the layer at ``path``, or ``None`` if it is skipped."""
+        if any(_matches(p, path) for p in self.skip):
+            return None
+        for pattern, spec in self.overrides:
+            if _matches(pattern, path):
+                return spec
+        return self.default
+
+    def with_options(self, **changes) -> "Recipe":
+        """The same recipe with ``changes`` (e.g. ``learn_scales=True``) applied to every spec."""
+        unknown = set(changes) - {f.name for f in dataclasses.fields(LayerSpec)}
+        if unknown:
+            raise ValueError(
+                f"unknown LayerSpec option(s) {sorted(unknown)}; valid options are "
+                f"{[f.name for f in dataclasses.fields(LayerSpec)]}"
+            )
+        return dataclasses.replace(
+            self,
+            default=dataclasses.replace(self.default, **changes),
+            overrides=tuple((p, dataclasses.replace(s, **changes)) for p, s in self.overrides),
+        )
+
+    def to_dict(self) -> dict:
+        return {
+            "name": self.name,
+            "default": self.default.to_dict(),
+            "overrides": [[p, s.to_dict()] for p, s in self.overrides],
+            "skip": list(self.skip),
+            "description": self.description,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Recipe":
+        try:
+            return cls(
+                name=d["name"],
+                default=LayerSpec(**d["default"]),
+                overrides=tuple((p, LayerSpec(**s)) for p, s in d.get("overrides", [])),
+                skip=tuple(d.get("skip", [])),
+                description=d.get("description", ""),
+            )
+        except (KeyError, TypeError) as e:
+            raise ValueError(f"not a valid recipe dictionary ({e}): {d!r}") from e
+
+
+_BUILTINS: Dict[str, Callable[[], Recipe]] = {}
+
+
+def register(name: str, factory: Callable[[], Recipe]) -> None:
+    """Make ``get(name)`` return ``factory()``."""
+    _BUILTINS[name] = factory
+
+
+def names() -> List[str]:
+    """Names of the built-in recipes."""
+    return sorted(_BUILTINS)
+
+
+def get(name, **options) -> Recipe:
+    """A built-in recipe by name (or a :class:`Recipe`, returned as is).
+
+    ``options`` are :class:`LayerSpec` fields applied to every spec, e.g.
+    ``get("int4", learn_scales=True)``.
+
+    Raises:
+        ValueError: for an unknown name, listing the known ones.
+    """
+    if isinstance(name, Recipe):
+        recipe = name
+    elif name in _BUILTINS:
+        recipe = _BUILTINS[name]()
+    else:
+        raise ValueError(f"unknown recipe {name!r}; built-in recipes are {names()}")
+    return recipe.with_options(**options) if options else recipe
+
+
+register("int4", lambda: Recipe("int4", LayerSpec(4, 64), description="4-bit affine, group 64 (MLX default)"))
+register("int8", lambda: Recipe("int8", LayerSpec(8, 64), description="8-bit affine, group 64"))
+register("int3", lambda: Recipe("int3", LayerSpec(3, 64), description="3-bit affine, group 64"))
+register("int2", lambda: Recipe("int2", LayerSpec(2, 64), description="2-bit affine, group 64"))
+register(
+    "q4_0",
+    lambda: Recipe(
+        "q4_0",
+        LayerSpec(4, 32, "symmetric"),
+        description="4-bit symmetric, group 32: exports exactly to GGUF Q4_0",
+    ),
+)
+register(
+    "q8_0",
+    lambda: Recipe(
+        "q8_0",
+        LayerSpec(8, 32, "symmetric"),
+        description="8-bit symmetric, group 32: exports exactly to GGUF Q8_0",
+    ),
+)
+register(
+    "q4_1",
+    lambda: Recipe(
+        "q4_1",
+        LayerSpec(4, 32, "affine", scale_dtype="float16"),
+        description="4-bit affine, group 32: float16 scales/biases: exports exactly to GGUF Q4_1",
+    ),
+)

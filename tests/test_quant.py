@@ -1,0 +1,197 @@
+"""Quantization numerics: exact agreement with MLX, packing, gradients."""
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from mlxqat import quant
+
+BITS = quant.SUPPORTED_BITS
+GROUPS = quant.SUPPORTED_GROUP_SIZES
+DTYPES = [mx.float32, mx.float16, mx.bfloat16]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("group_size", GROUPS)
+@pytest.mark.parametrize("bits", BITS)
+def test_affine_fake_quant_is_mlx_round_trip_bit_for_bit(bits, group_size, dtype):
+    mx.random.seed(bits * 1000 + group_size)
+    w = (mx.random.normal((24, 256)) * 0.05).astype(dtype)
+    expected = mx.dequantize(*mx.quantize(w, group_size, bits), group_size=group_size, bits=bits)
+    got = quant.fake_quant(w, bits, group_size, "affine")
+    assert got.dtype == dtype
+    assert mx.array_equal(got, expected).item()
+    # ... and it is not the identity
+    assert not mx.array_equal(got, w).item()
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("group_size", GROUPS)
+@pytest.mark.parametrize("bits", BITS)
+def test_symmetric_round_trips_through_mx_dequantize(bits, group_size, dtype):
+    mx.random.seed(bits * 7 + group_size)
+    w = (mx.random.normal((16, 256)) * 0.05).astype(dtype)
+    packed, scales, biases = quant.init_params(w, bits, group_size, "symmetric")
+    half = 2 ** (bits - 1)
+    # biases = -2**(bits-1) * scales exactly
+    assert mx.array_equal(biases, scales * -half).item()
+    # scales are float16 values (what GGUF stores)
+    assert mx.array_equal(scales.astype(mx.float16).astype(dtype), scales).item()
+    got = quant.fake_quant(w, bits, group_size, "symmetric")
+    ref = mx.dequantize(packed, scales, biases, group_size=group_size, bits=bits)
+    assert mx.array_equal(got, ref).item()
+    # the element of largest magnitude in each group is code 0 (llama.cpp's rule)
+    codes = np.array(quant.unpack(packed, bits)).reshape(16, -1, group_size)
+    wg = np.array(w.astype(mx.float32)).reshape(16, -1, group_size)
+    amax_idx = np.abs(wg).argmax(-1)
+    assert (np.take_along_axis(codes, amax_idx[..., None], -1) == 0).all()
+    # reconstruction error is at most a step (one scale), plus the clipped top code
+    err = np.abs(np.array(got.astype(mx.float32)) - np.array(w.astype(mx.float32)))
+    step = np.abs(np.repeat(np.array(scales.astype(mx.float32)), group_size, axis=-1))
+    assert (err <= step * 1.01 + 1e-3).all()
+
+
+@pytest.mark.parametrize("mode", ["affine", "symmetric"])
+def test_channelwise_has_one_scale_per_row(mode):
+    w = mx.random.normal((8, 384)) * 0.1
+    packed, scales, biases = quant.init_params(w, 4, quant.CHANNELWISE, mode)
+    assert scales.shape == (8, 3)  # stored as 3 groups of 128, same values
+    assert mx.array_equal(scales, mx.broadcast_to(scales[:, :1], scales.shape)).item()
+    assert mx.array_equal(biases, mx.broadcast_to(biases[:, :1], biases.shape)).item()
+    got = quant.fake_quant(w, 4, quant.CHANNELWISE, mode)
+    assert mx.array_equal(got, mx.dequantize(packed, scales, biases, 128, 4)).item()
+    assert float(mx.abs(got - w).max()) < float(mx.abs(w).max()) / 7
+
+
+def test_scale_dtype_float16_makes_scales_float16_exact():
+    w = mx.random.normal((4, 128))
+    packed, s, b = quant.init_params(w, 4, 32, "affine", "float16")
+    assert s.dtype == mx.float32
+    assert mx.array_equal(s.astype(mx.float16).astype(mx.float32), s).item()
+    assert mx.array_equal(b.astype(mx.float16).astype(mx.float32), b).item()
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    bits=st.sampled_from(BITS),
+    rows=st.integers(1, 5),
+    words=st.integers(1, 6),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_pack_unpack_round_trip(bits, rows, words, seed):
+    k = words * 32  # any multiple of 32 codes fills whole words for every bit width
+    rng = np.random.default_rng(seed)
+    codes = rng.integers(0, 2**bits, size=(rows, k)).astype(np.uint32)
+    packed = quant.pack(mx.array(codes), bits)
+    assert packed.shape == (rows, k * bits // 32)
+    assert (np.array(quant.unpack(packed, bits)) == codes).all()
+    # the bit stream is LSB-first over little-endian words
+    stream = np.unpackbits(np.array(packed).view(np.uint8), axis=-1, bitorder="little")
+    decoded = (stream.reshape(rows, k, bits) << np.arange(bits)).sum(-1)
+    assert (decoded == codes).all()
+
+
+@pytest.mark.parametrize("bits", BITS)
+def test_pack_matches_mx_quantize(bits):
+    w = mx.random.normal((6, 128))
+    wq, s, b = mx.quantize(w, 32, bits)
+    assert mx.array_equal(quant.pack(quant.unpack(wq, bits), bits), wq).item()
+
+
+@pytest.mark.parametrize("mode,group_size", [("affine", 64), ("symmetric", 32), ("affine", -1)])
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_straight_through_gradient_is_identity(bits, mode, group_size):
+    w = mx.random.normal((8, 128))
+    g = mx.random.normal((8, 128))
+    grad = mx.grad(lambda w: mx.sum(quant.fake_quant(w, bits, group_size, mode) * g))(w)
+    assert mx.array_equal(grad, g).item()
+
+
+def _near_code_centers(bits, group_size, seed):
+    """Weights near code centres, so a small change of scale flips no code."""
+    rng = np.random.default_rng(seed)
+    n, k = 4, 2 * group_size
+    s = rng.uniform(0.01, 0.03, size=(n, k // group_size)).astype(np.float32)
+    b = rng.uniform(-0.1, 0.1, size=(n, k // group_size)).astype(np.float32)
+    q = rng.integers(0, 2**bits, size=(n, k))
+    noise = rng.uniform(-0.1, 0.1, size=(n, k))
+    w = (np.repeat(s, group_size, 1) * (q + noise) + np.repeat(b, group_size, 1)).astype(np.float32)
+    return mx.array(w), mx.array(s), mx.array(b)
+
+
+@pytest.mark.parametrize("bits,group_size", [(2, 32), (4, 64), (8, 128), (3, 64)])
+def test_learned_scale_gradients_match_finite_differences(bits, group_size):
+    w, s, b = _near_code_centers(bits, group_size, seed=bits)
+    g = mx.random.normal(w.shape)
+
+    def f(w, s, b):
+        return mx.sum(quant.fake_quant(w, bits, group_size, "affine", s, b) * g)
+
+    dw, ds, db = mx.grad(f, argnums=(0, 1, 2))(w, s, b)
+    ds, db = np.array(ds), np.array(db)
+    assert np.isfinite(ds).all() and np.isfinite(db).all()
+    assert (ds != 0).all() and (db != 0).all()
+    g64 = np.array(g, dtype=np.float64)
+
+    def f64(s_, b_):
+        out = quant.fake_quant(w, bits, group_size, "affine", mx.array(s_), mx.array(b_))
+        return float((np.array(out, dtype=np.float64) * g64).sum())
+
+    s_np, b_np = np.array(s), np.array(b)
+    codes = np.array(quant.quantize_codes(w, s, b, bits, group_size))
+    for i in range(s_np.shape[0]):
+        for j in range(s_np.shape[1]):
+            # as large as keeps every code (|u| shifts by < 0.3 of a step): float32 noise stays small
+            eps = 0.3 / (2**bits - 1) * s_np[i, j]
+            sp, sm = s_np.copy(), s_np.copy()
+            sp[i, j] += eps
+            sm[i, j] -= eps
+            for s_ in (sp, sm):  # no code flips: the finite difference sees one linear piece
+                assert (np.array(quant.quantize_codes(w, mx.array(s_), b, bits, group_size)) == codes).all()
+            fd = (f64(sp, b_np) - f64(sm, b_np)) / (float(sp[i, j]) - float(sm[i, j]))
+            assert fd == pytest.approx(ds[i, j], rel=2e-3, abs=1e-3)
+            bp, bm = b_np.copy(), b_np.copy()
+            bp[i, j] += 0.3 * s_np[i, j]
+            bm[i, j] -= 0.3 * s_np[i, j]
+            fd = (f64(s_np, bp) - f64(s_np, bm)) / (float(bp[i, j]) - float(bm[i, j]))
+            assert fd == pytest.approx(db[i, j], rel=2e-3, abs=1e-3)
+    # weights: straight-through where not clipped (all are, by construction)
+    assert mx.array_equal(dw, g).item()
+
+
+def test_learned_weight_gradient_is_zero_where_clipped():
+    s = mx.full((1, 1), 0.1)
+    b = mx.zeros((1, 1))
+    w = mx.concatenate([mx.full((1, 16), 0.5), mx.full((1, 16), 5.0)], axis=1)  # 5.0 > 15*0.1
+    w = mx.concatenate([w, w], axis=1)  # 64 wide, group 64 -> scales (1, 1)
+    dw = mx.grad(lambda w: mx.sum(quant.fake_quant(w, 4, 64, "affine", s, b)))(w)
+    expected = mx.concatenate([mx.ones((1, 16)), mx.zeros((1, 16))] * 2, axis=1)
+    assert mx.array_equal(dw, expected).item()
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_activation_fake_quant_lands_on_the_grid(bits):
+    x = mx.random.normal((4, 64)) * 3
+    scale = mx.array(0.05)
+    y = quant.fake_quant_activation(x, scale, bits)
+    q = np.array(y / scale)
+    assert np.allclose(q, np.round(q), atol=1e-4)
+    assert q.min() >= -(2 ** (bits - 1)) - 1e-4 and q.max() <= 2 ** (bits - 1) - 1 + 1e-4
+    inside = np.abs(np.array(x)) < 0.05 * (2 ** (bits - 1) - 1)
+    assert np.abs(np.array(y) - np.array(x))[inside].max() <= 0.025 + 1e-6
+    grad = np.array(mx.grad(lambda x: mx.sum(quant.fake_quant_activation(x, scale, bits)))(x))
+    assert (grad[inside] == 1).all()
+
+
+def test_nan_weights_are_refused():
+    w = mx.random.normal((4, 64))
+    w[1, 3] = float("nan")
+    with pytest.raises(ValueError, match="NaN/Inf"):
+        quant.check_finite(w, "layer.weight")
+
+
+def test_group_size_that_does_not_divide_is_named():
+    with pytest.raises(ValueError, match="group_size=64 does not divide in_features=96"):
+        quant.storage_group_size(64, 96)

@@ -1,0 +1,55 @@
+import pytest
+
+from mlxqat import recipes
+from mlxqat.recipes import LayerSpec, Recipe
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(bits=7), r"bits=7 is not supported; use one of \(2, 3, 4, 5, 6, 8\)"),
+        (dict(group_size=48), r"group_size=48 is not supported; use one of \(32, 64, 128\)"),
+        (dict(mode="nf4"), r"mode='nf4' is not supported"),
+        (dict(act_bits=16), r"act_bits=16 is not supported"),
+        (dict(scale_dtype="bfloat16"), r"scale_dtype='bfloat16' is not supported"),
+    ],
+)
+def test_invalid_specs_name_the_value_and_the_fix(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        LayerSpec(**kwargs)
+
+
+def test_builtins():
+    assert {"int4", "int8", "q4_0", "int3", "int2"} <= set(recipes.names())
+    assert recipes.get("int4").default == LayerSpec(4, 64, "affine")
+    q = recipes.get("q4_0").default
+    assert (q.bits, q.group_size, q.mode) == (4, 32, "symmetric")
+    assert recipes.get("int2").default.bits_per_weight == 2.5
+    with pytest.raises(ValueError, match=r"unknown recipe 'int5'; built-in recipes are \["):
+        recipes.get("int5")
+
+
+def test_overrides_skip_glob_and_regex():
+    r = Recipe(
+        "t",
+        LayerSpec(4, 64),
+        overrides=(("*.mlp.down_proj", LayerSpec(8, 64)), (r"re:.*layers\.[01]\.self_attn\..*", LayerSpec(3, 32))),
+        skip=("lm_head",),
+    )
+    assert r.spec_for("model.layers.3.mlp.down_proj").bits == 8
+    assert r.spec_for("model.layers.1.self_attn.q_proj").bits == 3
+    assert r.spec_for("model.layers.2.self_attn.q_proj").bits == 4
+    assert r.spec_for("lm_head") is None
+    assert Recipe.from_dict(r.to_dict()) == r
+
+
+def test_with_options_applies_everywhere_and_rejects_unknown():
+    r = recipes.get("int4", learn_scales=True)
+    assert r.default.learn_scales
+    with pytest.raises(ValueError, match=r"unknown LayerSpec option\(s\) \['learn_scale'\]"):
+        recipes.get("int4", learn_scale=True)
+
+
+def test_bad_override_shape():
+    with pytest.raises(ValueError, match="must be a \\(pattern, LayerSpec\\) pair"):
+        Recipe("t", overrides=(("*", 4),))
