@@ -1,0 +1,293 @@
+"""Run an ``mx.fast.metal_kernel`` on a Linux CPU, from the exact source MLX generates.
+
+How it works:
+
+1. ``capture(spec, call)`` builds the kernel with ``mx.fast.metal_kernel(**spec)``
+   and calls it with ``verbose=True, stream=mx.gpu`` inside ``mx.export_function``
+   tracing. Tracing builds the graph without evaluating it, so no GPU is
+   needed, and MLX prints the generated Metal source (header, signature with
+   buffer and thread-attribute parameters, body, explicit instantiation). We
+   read it from file descriptor 1.
+2. ``MetalEmulator.build(kernels)`` writes one C++ file: ``metal_shim.h``, then
+   each captured source verbatim inside its own namespace (one rewrite:
+   ``threadgroup`` array declarations become ``EMU_THREADGROUP``, i.e. shared by
+   the threadgroup's lanes), then a launcher per kernel that passes buffers and
+   thread attributes by the parameter list MLX printed. It compiles that with
+   g++ once (cached by content hash).
+3. ``MetalEmulator.run(kernel, call)`` writes the inputs' bytes, runs the
+   binary, and returns the outputs as ``mx.array``. Lanes of a SIMD group and of
+   a threadgroup run in lockstep (see ``metal_shim.h``); buffers end at a
+   protected page, and outputs start as all-ones bytes, so out-of-bounds writes
+   and unwritten outputs show up.
+
+A later kernel gets the same check by giving its ``metal_kernel`` arguments and
+call arguments to ``capture`` and ``run``; nothing here knows about mlxqat.
+
+Only the text MLX prints is compiled: on a Mac, MLX also prepends its Metal
+utilities (``metal_stdlib``, ``bfloat16_t``), which the shim stands in for.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import re
+import subprocess
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+
+SHIM_DIR = Path(__file__).resolve().parent
+_FENCE = re.compile(r"Generated source code for `(?P<name>[^`]+)`:\n```\n(?P<src>.*?)\n```", re.S)
+_PARAM = re.compile(r"^\s*(?P<decl>.+?)\s+(?P<name>\w+)\s*\[\[(?P<attr>\w+)(?:\((?P<idx>\d+)\))?\]\]\s*[,)]")
+_INSTANCE = re.compile(r"decltype\((?P<fn>\w+)<(?P<targs>.*)>\)\s*\w+<.*>;\s*$", re.M)
+# `threadgroup T name[...]` declarations (not pointers or references).
+_TG_ARRAY = re.compile(r"\bthreadgroup\s+(?=[\w:<>, ]+?\s+\w+\s*\[)")
+_ATTRS = {
+    "thread_position_in_grid", "thread_position_in_threadgroup",
+    "threadgroup_position_in_grid", "threads_per_threadgroup",
+    "threadgroups_per_grid", "threads_per_grid", "grid_size",
+    "thread_index_in_threadgroup", "thread_index_in_simdgroup",
+    "simdgroup_index_in_threadgroup", "threads_per_simdgroup",
+    "thread_execution_width", "simdgroups_per_threadgroup",
+    "thread_index_in_quadgroup", "quadgroup_index_in_threadgroup",
+}
+_UINT_OF_SIZE = {1: mx.uint8, 2: mx.uint16, 4: mx.uint32, 8: mx.uint64}
+
+
+class EmulatorError(RuntimeError):
+    """The kernel failed to compile or misbehaved when run (message says how)."""
+
+
+@dataclass(frozen=True)
+class Param:
+    decl: str  # type as printed, e.g. "const device float*" or "uint3"
+    name: str
+    buffer: int | None  # buffer index, or None for a thread attribute
+
+
+@dataclass(frozen=True)
+class CapturedKernel:
+    name: str  # host name MLX gave the instantiation
+    source: str  # exactly what MLX printed
+    params: tuple[Param, ...]
+    function: str  # template function name
+    template_args: str  # e.g. "float, 64, 1"
+
+
+@contextlib.contextmanager
+def _stdout_to(path: Path):
+    """Redirect file descriptor 1 (where MLX's C++ code prints) to ``path``."""
+    import sys
+
+    sys.stdout.flush()
+    saved = os.dup(1)
+    with open(path, "wb") as f:
+        os.dup2(f.fileno(), 1)
+    try:
+        yield
+    finally:
+        os.dup2(saved, 1)
+        os.close(saved)
+
+
+def parse_source(text: str) -> CapturedKernel:
+    """Parse one block printed by ``metal_kernel(..., verbose=True)``."""
+    match = _FENCE.search(text)
+    if not match:
+        raise EmulatorError(f"no generated Metal source in MLX's output:\n{text[:2000]}")
+    src = match.group("src")
+    params = []
+    for line in src.splitlines():
+        p = _PARAM.match(line)
+        if p:
+            idx = p.group("idx")
+            if p.group("attr") == "buffer":
+                params.append(Param(p.group("decl"), p.group("name"), int(idx)))
+            elif p.group("attr") in _ATTRS:
+                params.append(Param(p.group("decl"), p.group("name"), None))
+            else:
+                raise EmulatorError(f"thread attribute [[{p.group('attr')}]] is not emulated")
+    inst = _INSTANCE.search(src)
+    if not inst:
+        raise EmulatorError("no explicit template instantiation in the generated source")
+    return CapturedKernel(match.group("name"), src, tuple(params), inst.group("fn"), inst.group("targs"))
+
+
+def capture(spec: dict, call: dict) -> CapturedKernel:
+    """The Metal source MLX generates for ``metal_kernel(**spec)(**call)``.
+
+    Args:
+        spec: keyword arguments of ``mx.fast.metal_kernel``.
+        call: keyword arguments of the kernel call (``inputs``, ``template``,
+            ``grid``, ``threadgroup``, ``output_shapes``, ``output_dtypes``).
+    """
+    kernel = mx.fast.metal_kernel(**spec)
+    rest = {k: v for k, v in call.items() if k not in ("inputs", "verbose", "stream")}
+
+    def traced(*inputs):
+        return kernel(inputs=list(inputs), verbose=True, stream=mx.gpu, **rest)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        log = Path(tmp) / "stdout.txt"
+        with _stdout_to(log):
+            mx.export_function(str(Path(tmp) / "trace.mlxfn"), traced, *call["inputs"])
+        return parse_source(log.read_text())
+
+
+def _launcher(i: int, k: CapturedKernel) -> str:
+    args = []
+    for p in k.params:
+        if p.buffer is None:
+            args.append(f"A.{p.name}")
+        elif p.decl.endswith("&"):
+            args.append(f"*reinterpret_cast<{p.decl[:-1].strip()}*>(B[{p.buffer}])")
+        else:
+            args.append(f"reinterpret_cast<{p.decl}>(B[{p.buffer}])")
+    joined = ",\n      ".join(args)
+    return (
+        f"namespace k{i} {{\n"
+        f"static void body(emu::Lane& L) {{\n"
+        f"  const emu::ThreadAttrs A(L);\n"
+        f"  void* const* B = emu::dispatch().buffers.data();\n"
+        f"  (void)A; (void)B;\n"
+        f"  {k.function}<{k.template_args}>(\n      {joined});\n"
+        f"}}\n}}  // namespace k{i}\n"
+    )
+
+
+def program_source(kernels: list[CapturedKernel]) -> str:
+    """The C++ program that runs ``kernels`` (index = position in the list)."""
+    parts = ['#include "metal_shim.h"\n']
+    for i, k in enumerate(kernels):
+        src = _TG_ARRAY.sub("EMU_THREADGROUP ", k.source)
+        parts.append(f"namespace k{i} {{\n// {k.name}\n{src}\n}}  // namespace k{i}\n")
+    parts.append('#include "metal_shim_main.h"\n')
+    parts += [_launcher(i, k) for i, k in enumerate(kernels)]
+    bodies = ", ".join(f"k{i}::body" for i in range(len(kernels)))
+    parts.append(
+        f"static void (*const kBodies[])(emu::Lane&) = {{{bodies}}};\n"
+        f"int main(int argc, char** argv) {{\n"
+        f"  return emu::run_main(argc, argv, kBodies, {len(kernels)});\n}}\n"
+    )
+    return "\n".join(parts)
+
+
+def _raw(a: mx.array) -> bytes:
+    a = mx.contiguous(a)
+    if a.dtype in (mx.float16, mx.bfloat16, mx.float32, mx.float64):
+        a = a.view(_UINT_OF_SIZE[a.dtype.size])
+    return np.ascontiguousarray(np.array(a)).tobytes()
+
+
+class MetalEmulator:
+    """Compiles captured kernels with g++ and runs them on the CPU.
+
+    Args:
+        workdir: where the program, binary and buffers go (binaries are reused
+            across instances by content hash).
+        cxx: C++ compiler command.
+        opt: optimization flag; ``-O1`` compiles fast and runs fast enough.
+    """
+
+    def __init__(self, workdir: str | os.PathLike, cxx: str = "g++", opt: str = "-O1"):
+        self.workdir = Path(workdir)
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.cxx, self.opt = cxx, opt
+        self._binaries: dict[str, tuple[Path, dict[str, int]]] = {}
+        self._runs = 0
+
+    def build(self, kernels: list[CapturedKernel]) -> Path:
+        """Compile ``kernels`` into one binary (skipped if already built)."""
+        text = program_source(kernels)
+        shim = (SHIM_DIR / "metal_shim.h").read_text() + (SHIM_DIR / "metal_shim_main.h").read_text()
+        key = hashlib.sha256((text + shim + self.opt).encode()).hexdigest()[:16]
+        if key in self._binaries:
+            return self._binaries[key][0]
+        cpp = self.workdir / f"emu_{key}.cpp"
+        exe = self.workdir / f"emu_{key}"
+        if not exe.exists():
+            cpp.write_text(text)
+            cmd = [self.cxx, "-std=c++17", self.opt, "-Wno-attributes", f"-I{SHIM_DIR}", str(cpp), "-o", str(exe)]
+            res = subprocess.run(cmd, capture_output=True, text=True)
+            if res.returncode != 0:
+                raise EmulatorError(f"g++ failed on {cpp}:\n{res.stderr[-6000:]}")
+        index = {k.source: i for i, k in enumerate(kernels)}
+        self._binaries[key] = (exe, index)
+        return exe
+
+    def _find(self, kernel: CapturedKernel) -> tuple[Path, int]:
+        for exe, index in self._binaries.values():
+            if kernel.source in index:
+                return exe, index[kernel.source]
+        exe = self.build([kernel])
+        return exe, 0
+
+    def run(self, kernel: CapturedKernel, call: dict, input_names: list[str], output_names: list[str],
+            reverse: bool = False) -> list[mx.array]:
+        """Run one launch of ``kernel`` and return its outputs.
+
+        Args:
+            kernel: from ``capture`` with the same ``call``.
+            call: the kernel call arguments (inputs, grid, threadgroup,
+                output_shapes, output_dtypes).
+            input_names, output_names: as given to ``mx.fast.metal_kernel``.
+            reverse: run lanes in reverse order between synchronization points.
+
+        Raises:
+            EmulatorError: the kernel crashed (e.g. out-of-bounds access), hit a
+                divergent SIMD function or barrier, or deadlocked.
+        """
+        exe, which = self._find(kernel)
+        self._runs += 1
+        tmp = self.workdir / f"run{os.getpid()}_{self._runs}"
+        tmp.mkdir()
+        inputs = dict(zip(input_names, call["inputs"]))
+        outputs = {n: (tuple(s), d) for n, s, d in zip(output_names, call["output_shapes"], call["output_dtypes"])}
+        args, out_files = [], []
+        for p in sorted((p for p in kernel.params if p.buffer is not None), key=lambda p: p.buffer):
+            path = tmp / f"b{p.buffer}"
+            if p.name in outputs:
+                shape, dtype = outputs[p.name]
+                nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.size
+                args.append(f"o:{path}:{nbytes}")
+                out_files.append((path, shape, dtype))
+                continue
+            if p.name in inputs:
+                data = _raw(inputs[p.name])
+            else:
+                base, _, what = p.name.rpartition("_")
+                arr = inputs[base]
+                if what == "shape":
+                    data = np.array(arr.shape, dtype=np.int32).tobytes()
+                elif what == "strides":
+                    strides = np.cumprod((list(arr.shape[1:]) + [1])[::-1])[::-1]
+                    data = np.array(strides, dtype=np.int64).tobytes()
+                elif what == "ndim":
+                    data = np.array(arr.ndim, dtype=np.int32).tobytes()
+                else:
+                    raise EmulatorError(f"buffer {p.name!r} is neither an input nor an output")
+            path.write_bytes(data)
+            args.append(f"i:{path}")
+        grid, tg = call["grid"], call["threadgroup"]
+        cmd = [str(exe), str(which), *map(str, grid), *map(str, tg), str(int(reverse)), str(len(args)), *args]
+        res = subprocess.run(cmd, capture_output=True, text=True)
+        try:
+            if res.returncode != 0:
+                why = res.stderr.strip() or f"exit status {res.returncode}"
+                if res.returncode < 0:
+                    why = f"killed by signal {-res.returncode} (out-of-bounds access?) {why}"
+                raise EmulatorError(f"{kernel.name}: {why}")
+            results = []
+            for path, shape, dtype in out_files:
+                raw = np.frombuffer(path.read_bytes(), dtype=np.dtype(f"u{dtype.size}"))
+                results.append(mx.array(raw).view(dtype).reshape(shape))
+            return results
+        finally:
+            for f in tmp.iterdir():
+                f.unlink()
+            tmp.rmdir()
