@@ -1,0 +1,580 @@
+"""GGUF files for llama.cpp, Ollama and LM Studio, written from MLX models.
+
+A quantized MLX layer stores integer codes with one ``scale`` and one ``bias``
+per group. Three GGUF block types store the same numbers with group 32 and
+float16 headers, so those layers are *repacked* bit for bit, never re-rounded:
+
+==========  =======================================  ==========================
+GGUF type   GGUF value of code ``q``                 MLX layer that maps exactly
+==========  =======================================  ==========================
+``Q4_0``    ``(q - 8) * d``                          4-bit, group 32, bias = -8*scale
+``Q4_1``    ``q * d + m``                            4-bit, group 32 (any bias)
+``Q8_0``    ``int8 * d`` with ``int8 = q - 128``     8-bit, group 32, bias = -128*scale
+==========  =======================================  ==========================
+
+and ``d``/``m`` must be float16 values (recipes ``q4_0``, ``q4_1``, ``q8_0``
+guarantee it). Any other layer is dequantized and re-quantized to the
+requested type with :func:`gguf.quants.quantize`; :mod:`mlxqat.export` then
+measures what that costs.
+
+Tensor names come from :class:`gguf.TensorNameMap`; llama's query/key rows are
+reordered to the interleaved rotary layout llama.cpp expects; Gemma 3 norm
+weights get the ``+1`` that mlx-lm applies at run time; the tokenizer
+(byte-level BPE) is embedded so llama.cpp splits text as the model's own
+tokenizer does.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, List, Optional, Tuple
+
+import gguf
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+from gguf import GGMLQuantizationType as GT
+from mlx.utils import tree_flatten
+
+from . import __version__
+
+#: ``--type`` names and their GGUF tensor types.
+QTYPES: Dict[str, GT] = {
+    "q4_0": GT.Q4_0,
+    "q4_1": GT.Q4_1,
+    "q8_0": GT.Q8_0,
+    "f16": GT.F16,
+    "bf16": GT.BF16,
+    "f32": GT.F32,
+}
+_FILE_TYPES = {
+    GT.Q4_0: gguf.LlamaFileType.MOSTLY_Q4_0,
+    GT.Q4_1: gguf.LlamaFileType.MOSTLY_Q4_1,
+    GT.Q8_0: gguf.LlamaFileType.MOSTLY_Q8_0,
+    GT.F16: gguf.LlamaFileType.MOSTLY_F16,
+    GT.BF16: gguf.LlamaFileType.MOSTLY_BF16,
+    GT.F32: gguf.LlamaFileType.ALL_F32,
+}
+_FLOAT_TYPES = (GT.F32, GT.F16, GT.BF16)
+
+
+@dataclass(frozen=True)
+class ArchSpec:
+    """How one mlx-lm ``model_type`` is written as a GGUF architecture."""
+
+    gguf_arch: str  # llama.cpp's architecture name
+    permute_qk: bool = False  # llama: HF rotary layout -> llama.cpp's interleaved one
+    norm_shift: float = 0.0  # gemma: mlx-lm computes rms_norm(x, 1 + w)
+
+
+ARCHS: Dict[str, ArchSpec] = {
+    "llama": ArchSpec("llama", permute_qk=True),
+    "mistral": ArchSpec("llama", permute_qk=True),
+    "qwen2": ArchSpec("qwen2"),
+    "qwen3": ArchSpec("qwen3"),
+    "gemma3_text": ArchSpec("gemma3", norm_shift=1.0),
+}
+
+
+class GGUFExportError(ValueError):
+    """The model (or the request) cannot be written as asked."""
+
+
+@dataclass
+class GGUFTensor:
+    """One tensor of the GGUF file, and where it came from."""
+
+    name: str  # GGUF name, e.g. "blk.0.attn_q.weight"
+    source: str  # MLX parameter path, e.g. "model.layers.0.self_attn.q_proj.weight"
+    qtype: GT
+    data: np.ndarray  # what is written: raw blocks (uint8) or float values
+    shape: Tuple[int, ...]  # logical shape (rows, columns)
+    exact: bool  # dequantizes to exactly the MLX weight
+    note: str = ""  # how it was made (repacked, re-quantized, cast, why not exact)
+    n_head: Optional[int] = None  # rows were permuted for llama's rotary layout
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.data.nbytes)
+
+    def dequantized(self) -> np.ndarray:
+        """The float32 values llama.cpp computes with, in MLX's row order."""
+        if self.qtype == GT.F32:
+            w = self.data.astype(np.float32)
+        elif self.qtype == GT.F16:
+            w = self.data.astype(np.float32)
+        else:
+            w = gguf.quants.dequantize(self.data, self.qtype)
+        w = w.reshape(self.shape)
+        if self.n_head is not None:
+            w = permute_rows(w, self.n_head, inverse=True)
+        return w
+
+
+# ---------------------------------------------------------------------------
+# Numerics: MLX affine storage <-> GGUF blocks
+# ---------------------------------------------------------------------------
+
+
+def permute_rows(w: np.ndarray, n_head: int, inverse: bool = False) -> np.ndarray:
+    """Reorder the rows of a query/key projection between rotary layouts.
+
+    mlx-lm's llama rotates pairs ``(i, i + head_dim/2)`` of each head (the
+    Hugging Face layout); llama.cpp's llama rotates neighbours ``(2i, 2i+1)``.
+    Whole rows move, so a quantized row keeps its codes, scales and biases.
+    """
+    n = w.shape[0]
+    half = n // n_head // 2
+    if not inverse:
+        out = w.reshape(n_head, 2, half, *w.shape[1:]).swapaxes(1, 2)
+    else:
+        out = w.reshape(n_head, half, 2, *w.shape[1:]).swapaxes(1, 2)
+    return out.reshape(w.shape)
+
+
+def unpack_codes(words: np.ndarray, bits: int) -> np.ndarray:
+    """MLX's packed uint32 words (..., K*bits/32) -> codes (..., K) as uint8 (bits 4 or 8)."""
+    per_word = 32 // bits
+    shifts = np.arange(per_word, dtype=np.uint32) * bits
+    codes = (words.astype(np.uint32)[..., None] >> shifts) & np.uint32((1 << bits) - 1)
+    return codes.reshape(*words.shape[:-1], -1).astype(np.uint8)
+
+
+def _fp16_exact(x: np.ndarray) -> bool:
+    with np.errstate(over="ignore"):
+        return bool(np.array_equal(x.astype(np.float16).astype(np.float32), x))
+
+
+def _f16_bytes(x: np.ndarray) -> np.ndarray:
+    return x.astype(np.float16)[..., None].view(np.uint8)  # (..., 2)
+
+
+def exact_blocks(
+    words: np.ndarray, scales: np.ndarray, biases: np.ndarray, bits: int, group_size: int, qtype: GT
+) -> Tuple[Optional[np.ndarray], str]:
+    """Repack one MLX quantized matrix as GGUF ``qtype`` blocks without re-rounding.
+
+    Args:
+        words: (N, K*bits/32) uint32 packed codes.
+        scales, biases: (N, K/group_size) float32 (exact copies of the MLX values).
+
+    Returns:
+        ``(blocks, "")`` with blocks (N, bytes per row) uint8, or ``(None, why)``
+        when ``qtype`` cannot hold these numbers exactly.
+    """
+    want = {GT.Q4_0: 4, GT.Q4_1: 4, GT.Q8_0: 8}.get(qtype)
+    if want is None:
+        return None, f"{qtype.name} is not a block type"
+    if bits != want or group_size != 32:
+        return None, f"{bits}-bit group {group_size} has no exact {qtype.name} form ({want}-bit group 32)"
+    if not _fp16_exact(scales):
+        return None, "scales are not float16 values (use a recipe with scale_dtype='float16')"
+    n, n_groups = scales.shape
+    codes = unpack_codes(words, bits).reshape(n, n_groups, 32)
+    d = _f16_bytes(scales)
+    if qtype == GT.Q8_0:
+        if not np.array_equal(biases, -128.0 * scales):
+            return None, "biases are not -128*scales (Q8_0 is symmetric; use recipe q8_0)"
+        q = (codes.astype(np.int16) - 128).astype(np.int8).view(np.uint8)
+        return np.concatenate([d, q], axis=-1).reshape(n, -1), ""
+    nibbles = codes[..., :16] | (codes[..., 16:] << np.uint8(4))  # GGUF: q[j] low, q[j+16] high
+    if qtype == GT.Q4_0:
+        if not np.array_equal(biases, -8.0 * scales):
+            return None, "biases are not -8*scales (Q4_0 is symmetric; use recipe q4_0)"
+        return np.concatenate([d, nibbles], axis=-1).reshape(n, -1), ""
+    if not _fp16_exact(biases):
+        return None, "biases are not float16 values (use recipe q4_1)"
+    return np.concatenate([d, _f16_bytes(biases), nibbles], axis=-1).reshape(n, -1), ""
+
+
+def _np32(a: mx.array) -> np.ndarray:
+    return np.array(a.astype(mx.float32))
+
+
+def _float_tensor(w: mx.array, qtype: GT) -> Tuple[np.ndarray, GT, bool]:
+    """A float matrix as ``qtype`` (F32/F16/BF16): (data, type, exact)."""
+    w32 = _np32(w)
+    if qtype == GT.F32:
+        return w32, GT.F32, True
+    if qtype == GT.F16:
+        with np.errstate(over="ignore"):
+            h = w32.astype(np.float16)
+        return h, GT.F16, bool(np.array_equal(h.astype(np.float32), w32))
+    b = np.array(w.astype(mx.bfloat16).view(mx.uint16)).view(np.uint8)
+    return b, GT.BF16, bool(np.array_equal(_np32(w.astype(mx.bfloat16)), w32))
+
+
+def _dtype_type(dtype: mx.Dtype) -> GT:
+    return {mx.float16: GT.F16, mx.bfloat16: GT.BF16}.get(dtype, GT.F32)
+
+
+# ---------------------------------------------------------------------------
+# Planning: which tensor becomes what
+# ---------------------------------------------------------------------------
+
+
+def arch_spec(model_type: str) -> ArchSpec:
+    """The GGUF architecture of an mlx-lm ``model_type``.
+
+    Raises:
+        GGUFExportError: for an architecture this exporter cannot express.
+    """
+    if model_type not in ARCHS:
+        raise GGUFExportError(
+            f"model_type={model_type!r} cannot be exported to GGUF by mlxqat yet; supported "
+            f"architectures are {sorted(ARCHS)}. Export it with --format mlx (mlx-lm) instead"
+        )
+    return ARCHS[model_type]
+
+
+def _check_arch(model: nn.Module, spec: ArchSpec) -> None:
+    """Refuse settings llama.cpp's implementation of the architecture would compute differently."""
+    a = model.args
+    if spec.gguf_arch == "llama":
+        if any(t != "full_attention" for t in (getattr(a, "layer_types", None) or [])):
+            raise GGUFExportError(
+                "this llama model has sliding-window layers (layer_types); llama.cpp's llama "
+                "architecture has none, so the GGUF would compute something else"
+            )
+    rs = getattr(a, "rope_scaling", None)
+    if rs:
+        kind = rs.get("type") or rs.get("rope_type", "default")
+        if kind not in ("default", "linear") and not (kind == "llama3" and spec.gguf_arch == "llama"):
+            raise GGUFExportError(
+                f"rope_scaling type {kind!r} is not supported by the GGUF exporter (supported: "
+                "linear, and llama3 for llama models); remove it from config.json only if the "
+                "model was trained without it"
+            )
+    if spec.gguf_arch == "gemma3":
+        head_dim = a.head_dim
+        scale_ok = a.query_pre_attn_scalar == (
+            a.hidden_size // a.num_attention_heads if a.num_hidden_layers == 62 else head_dim
+        )
+        if not scale_ok:
+            raise GGUFExportError(
+                f"gemma3: query_pre_attn_scalar={a.query_pre_attn_scalar} is not what llama.cpp "
+                f"assumes for a {a.num_hidden_layers}-layer model (head_dim={head_dim}); not exportable"
+            )
+        n, p = a.num_hidden_layers, a.sliding_window_pattern
+        if {i for i in range(n) if i % p == p - 1} != {i for i in range(n) if i % 6 == 5}:
+            raise GGUFExportError(
+                f"gemma3: sliding_window_pattern={p} places global-attention layers where "
+                "llama.cpp (pattern 6) does not; not exportable"
+            )
+        if a.rope_local_base_freq != 10000.0:
+            raise GGUFExportError(
+                f"gemma3: rope_local_base_freq={a.rope_local_base_freq}; llama.cpp fixes it at 10000"
+            )
+
+
+def plan_tensors(model: nn.Module, qtype: GT, model_type: str) -> List[GGUFTensor]:
+    """Decide the GGUF form of every parameter of ``model`` (nothing is written).
+
+    Quantized layers are repacked exactly when their numbers fit a GGUF block
+    type (the requested one, else another exact one), and re-quantized to
+    ``qtype`` otherwise. Full-precision matrices keep their dtype when the
+    model has quantized layers (a recipe left them in full precision on
+    purpose) and are converted to ``qtype`` when the model has none. Norms
+    and biases are float32.
+    """
+    spec = arch_spec(model_type)
+    _check_arch(model, spec)
+    args = model.args
+    n_layers = args.num_hidden_layers
+    name_map = gguf.get_tensor_name_map(gguf.MODEL_ARCH[_arch_enum(spec.gguf_arch)], n_layers)
+    modules = dict(model.named_modules())
+    params = dict(tree_flatten(model.parameters()))
+    quantized = {p for p, m in modules.items() if isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding))}
+    any_quantized = bool(quantized)
+    n_head, n_kv = args.num_attention_heads, getattr(args, "num_key_value_heads", None) or args.num_attention_heads
+    plan: List[GGUFTensor] = []
+    for path, value in params.items():
+        prefix, _, leaf = path.rpartition(".")
+        if leaf == "act_scale" or (prefix in quantized and leaf in ("scales", "biases")):
+            continue
+        base = name_map.get_name(prefix)
+        if base is None:
+            raise GGUFExportError(
+                f"{path}: no GGUF tensor name for {prefix!r} in llama.cpp's {spec.gguf_arch!r} "
+                "architecture; this model has a layer the GGUF format of that architecture lacks"
+            )
+        name = f"{base}.{leaf}"
+        heads = None
+        if spec.permute_qk and not getattr(args, "rope_traditional", False):
+            heads = {"attn_q": n_head, "attn_k": n_kv}.get(base.rsplit(".", 1)[-1])
+        if prefix in quantized and leaf == "weight":
+            plan.append(_quantized_tensor(name, path, modules[prefix], qtype, heads))
+        elif value.ndim == 2:
+            target = qtype if not any_quantized else _dtype_type(value.dtype)
+            plan.append(_matrix_tensor(name, path, value, target, heads, any_quantized))
+        else:
+            plan.append(_vector_tensor(name, path, value, spec, heads))
+    plan.extend(_rope_freqs(model, spec))
+    return plan
+
+
+def _arch_enum(gguf_arch: str) -> str:
+    return next(k.name for k, v in gguf.MODEL_ARCH_NAMES.items() if v == gguf_arch)
+
+
+def _quantized_tensor(name, path, m, qtype, heads) -> GGUFTensor:
+    mode = getattr(m, "mode", "affine")
+    words = np.array(m.weight)
+    n = words.shape[0]
+    k = words.shape[1] * 32 // m.bits
+    note = ""
+    if mode == "affine":
+        scales, biases = _np32(m.scales), _np32(m.biases)
+        candidates = [qtype] + [t for t in (GT.Q4_0, GT.Q4_1, GT.Q8_0) if t != qtype]
+        reasons = []
+        for t in candidates:
+            blocks, why = exact_blocks(words, scales, biases, m.bits, m.group_size, t)
+            if blocks is not None:
+                if heads:
+                    blocks = permute_rows(blocks, heads)
+                how = "repacked exactly" + ("" if t == qtype else f" (as {t.name}: {qtype.name} {reasons[0]})")
+                return GGUFTensor(name, path, t, blocks, (n, k), True, how, heads)
+            reasons.append(why)
+        note = reasons[0]
+        w = mx.dequantize(m.weight, m.scales, m.biases, group_size=m.group_size, bits=m.bits)
+    else:
+        note = f"mode={mode!r} has no GGUF block form"
+        w = mx.dequantize(m.weight, m.scales, m.get("biases"), group_size=m.group_size, bits=m.bits, mode=mode)
+    if qtype in _FLOAT_TYPES:
+        t = _matrix_tensor(name, path, w, qtype, heads, True)
+        t.note = f"dequantized to {t.qtype.name}" + ("" if t.exact else " (values not exact in that type)")
+        return t
+    return _requantized(name, path, _np32(w), qtype, heads, f"re-quantized to {qtype.name}: {note}")
+
+
+def _requantized(name, path, w32, qtype, heads, note) -> GGUFTensor:
+    if heads:
+        w32 = permute_rows(w32, heads)
+    if w32.shape[-1] % 32:
+        h = w32.astype(np.float16)
+        return GGUFTensor(name, path, GT.F16, h, w32.shape, False, note + f"; {w32.shape[-1]} columns: kept as F16", heads)
+    blocks = gguf.quants.quantize(w32, qtype)
+    return GGUFTensor(name, path, qtype, blocks, w32.shape, False, note, heads)
+
+
+def _matrix_tensor(name, path, w: mx.array, target: GT, heads, keep_float: bool) -> GGUFTensor:
+    if target in _FLOAT_TYPES:
+        data, t, exact = _float_tensor(w, target)
+        if heads:
+            data = permute_rows(data, heads)
+        note = "full precision" if exact else f"cast to {t.name}"
+        return GGUFTensor(name, path, t, data, tuple(w.shape), exact, note, heads)
+    return _requantized(name, path, _np32(w), target, heads, f"full-precision weight quantized to {target.name}")
+
+
+def _vector_tensor(name, path, value: mx.array, spec: ArchSpec, heads) -> GGUFTensor:
+    note = "float32"
+    if spec.norm_shift and path.endswith("norm.weight"):
+        # The same addition mlx-lm does at run time, in the parameter's dtype.
+        value = spec.norm_shift + value
+        note = f"float32, +{spec.norm_shift:g} folded in"
+    w = _np32(value)
+    if heads:  # attention biases of q/k follow their rows
+        w = permute_rows(w, heads)
+    return GGUFTensor(name, path, GT.F32, w, tuple(w.shape), True, note, None)
+
+
+def _rope_freqs(model: nn.Module, spec: ArchSpec) -> List[GGUFTensor]:
+    """llama3 rotary scaling: llama.cpp divides its frequencies by ``rope_freqs``."""
+    rope = getattr(model.layers[0].self_attn, "rope", None)
+    freqs = getattr(rope, "_freqs", None)
+    if freqs is None or spec.gguf_arch != "llama":
+        return []
+    dims = rope.dims
+    base = model.args.rope_theta
+    # mlx-lm's _freqs are scaled wavelengths base**(2i/d) * factor_i; the factor is what GGUF stores.
+    factors = _np32(freqs) / (base ** (np.arange(0, dims, 2, dtype=np.float64) / dims))
+    f = factors.astype(np.float32)
+    return [GGUFTensor("rope_freqs.weight", "(llama3 rope scaling)", GT.F32, f, f.shape, True, "float32")]
+
+
+# ---------------------------------------------------------------------------
+# Metadata and tokenizer
+# ---------------------------------------------------------------------------
+
+
+def _add_hparams(w: gguf.GGUFWriter, model: nn.Module, spec: ArchSpec) -> None:
+    a = model.args
+    head_dim = getattr(a, "head_dim", None) or a.hidden_size // a.num_attention_heads
+    w.add_context_length(int(getattr(a, "max_position_embeddings", None) or 4096))
+    w.add_embedding_length(a.hidden_size)
+    w.add_block_count(a.num_hidden_layers)
+    w.add_feed_forward_length(a.intermediate_size)
+    w.add_head_count(a.num_attention_heads)
+    w.add_head_count_kv(getattr(a, "num_key_value_heads", None) or a.num_attention_heads)
+    w.add_layer_norm_rms_eps(float(a.rms_norm_eps))
+    w.add_key_length(head_dim)
+    w.add_value_length(head_dim)
+    w.add_rope_dimension_count(head_dim)
+    w.add_rope_freq_base(float(a.rope_theta))
+    w.add_vocab_size(a.vocab_size)
+    rs = getattr(a, "rope_scaling", None)
+    if rs and (rs.get("type") or rs.get("rope_type")) == "linear":
+        w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        w.add_rope_scaling_factor(float(rs["factor"]))
+    if spec.gguf_arch == "gemma3":
+        w.add_sliding_window(int(a.sliding_window))
+
+
+# Split patterns of Hugging Face pre-tokenizers and llama.cpp's names for them.
+_PRE_TOKENIZERS = {
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+": "llama-bpe",
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+": "qwen2",
+}
+
+
+def _pre_tokenizer_name(tok: dict, where: Path) -> str:
+    pre = tok.get("pre_tokenizer") or {}
+    if pre.get("type") == "ByteLevel" and pre.get("use_regex", True):
+        if pre.get("add_prefix_space"):
+            raise GGUFExportError(
+                f"{where}: ByteLevel pre-tokenizer with add_prefix_space=true has no llama.cpp "
+                "equivalent; llama.cpp would tokenize text differently"
+            )
+        return "gpt-2"
+    if pre.get("type") == "Sequence":
+        splits = [p for p in pre.get("pretokenizers", []) if p.get("type") == "Split"]
+        if len(splits) == 1:
+            pattern = splits[0].get("pattern", {}).get("Regex")
+            if pattern in _PRE_TOKENIZERS:
+                return _PRE_TOKENIZERS[pattern]
+    raise GGUFExportError(
+        f"{where}: pre-tokenizer {json.dumps(pre)[:200]} is not one llama.cpp is known to "
+        "reproduce (supported: GPT-2 byte-level, Llama 3, Qwen 2); the GGUF would tokenize "
+        "text differently from the model's tokenizer"
+    )
+
+
+def read_tokenizer(tokenizer_dir: Path, n_vocab: int) -> dict:
+    """The vocabulary of a byte-level BPE ``tokenizer.json``, in GGUF terms.
+
+    Returns:
+        ``{"tokens", "types", "pre"}`` with ``n_vocab`` entries (unused ids padded).
+
+    Raises:
+        FileNotFoundError: no ``tokenizer.json``.
+        GGUFExportError: a tokenizer llama.cpp cannot reproduce.
+    """
+    path = Path(tokenizer_dir) / "tokenizer.json"
+    if not path.exists():
+        raise FileNotFoundError(
+            f"{path} is missing: a GGUF embeds the tokenizer so llama.cpp can turn text into the "
+            f"model's token ids. Copy the model's tokenizer files (tokenizer.json, "
+            f"tokenizer_config.json) into {tokenizer_dir}"
+        )
+    tok = json.loads(path.read_text(encoding="utf-8"))
+    bpe = tok.get("model") or {}
+    if bpe.get("type") != "BPE" or (tok.get("decoder") or {}).get("type") not in ("ByteLevel", None):
+        raise GGUFExportError(
+            f"{path}: only byte-level BPE tokenizers can be embedded in GGUF by mlxqat yet "
+            f"(this one is {bpe.get('type')!r} with decoder {(tok.get('decoder') or {}).get('type')!r})"
+        )
+    norm = tok.get("normalizer")
+    if norm is not None and norm.get("type") != "NFC":
+        raise GGUFExportError(f"{path}: normalizer {norm.get('type')!r} has no llama.cpp equivalent")
+    pre = _pre_tokenizer_name(tok, path)
+    by_id: Dict[int, Tuple[str, int]] = {i: (t, int(gguf.TokenType.NORMAL)) for t, i in bpe["vocab"].items()}
+    for added in tok.get("added_tokens", []):
+        kind = gguf.TokenType.CONTROL if added.get("special") else gguf.TokenType.USER_DEFINED
+        by_id[added["id"]] = (added["content"], int(kind))
+    if by_id and max(by_id) >= n_vocab:
+        raise GGUFExportError(
+            f"{path} has token id {max(by_id)} but the model's embedding has {n_vocab} rows; "
+            "the tokenizer does not belong to this model"
+        )
+    tokens, types = [], []
+    for i in range(n_vocab):
+        t, kind = by_id.get(i, (f"[PAD{i}]", int(gguf.TokenType.UNUSED)))
+        tokens.append(t)
+        types.append(kind)
+    return {"tokens": tokens, "types": types, "pre": pre}
+
+
+def _add_tokenizer(w: gguf.GGUFWriter, tokenizer, tokenizer_dir: Path, n_vocab: int) -> None:
+    vocab = read_tokenizer(tokenizer_dir, n_vocab)
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre(vocab["pre"])
+    w.add_token_list(vocab["tokens"])
+    w.add_token_types(vocab["types"])
+    special = gguf.SpecialVocab(tokenizer_dir, load_merges=True, n_vocab=n_vocab)
+    # What the model's tokenizer really does, whatever its config files claim.
+    with_special = list(tokenizer.encode("hello"))
+    plain = list(tokenizer.encode("hello", add_special_tokens=False))
+    bos, eos = getattr(tokenizer, "bos_token_id", None), getattr(tokenizer, "eos_token_id", None)
+    special.add_special_token["bos"] = bos is not None and with_special[:1] == [bos] != plain[:1]
+    special.add_special_token["eos"] = eos is not None and with_special[-1:] == [eos] != plain[-1:]
+    special.add_to_gguf(w, quiet=True)
+
+
+# ---------------------------------------------------------------------------
+# Writing
+# ---------------------------------------------------------------------------
+
+
+def write_gguf(
+    path: Path,
+    model: nn.Module,
+    tokenizer,
+    tokenizer_dir: Path,
+    plan: List[GGUFTensor],
+    qtype: GT,
+    *,
+    name: str = "model",
+    extra: Optional[Dict[str, str]] = None,
+) -> None:
+    """Write ``plan`` with the model's metadata and tokenizer to ``path`` (not atomic: see export)."""
+    spec = arch_spec(model.args.model_type)
+    w = gguf.GGUFWriter(str(path), spec.gguf_arch)
+    try:
+        w.add_name(name)
+        w.add_file_type(int(_FILE_TYPES[qtype]))
+        w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+        w.add_string("general.quantized_by", f"mlxqat {__version__}")
+        for k, v in (extra or {}).items():
+            w.add_string(k, v)
+        _add_hparams(w, model, spec)
+        _add_tokenizer(w, tokenizer, tokenizer_dir, model.args.vocab_size)
+        for t in plan:
+            if t.qtype in (GT.F32, GT.F16):
+                w.add_tensor(t.name, np.ascontiguousarray(t.data))
+            else:
+                w.add_tensor(t.name, np.ascontiguousarray(t.data), raw_dtype=t.qtype)
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file()
+    finally:
+        w.close()
+
+
+def read_gguf_tensors(path) -> Dict[str, Tuple[GT, np.ndarray, Tuple[int, ...]]]:
+    """``{name: (type, raw data, shape rows x columns)}`` of a GGUF file (for checks and reports)."""
+    reader = gguf.GGUFReader(str(path))
+    out = {}
+    for t in reader.tensors:
+        shape = tuple(int(x) for x in reversed(t.shape.tolist()))
+        out[t.name] = (GT(t.tensor_type), np.array(t.data), shape)
+    return out
+
+
+__all__ = [
+    "ARCHS",
+    "ArchSpec",
+    "GGUFExportError",
+    "GGUFTensor",
+    "QTYPES",
+    "arch_spec",
+    "exact_blocks",
+    "permute_rows",
+    "plan_tensors",
+    "read_gguf_tensors",
+    "read_tokenizer",
+    "unpack_codes",
+    "write_gguf",
+]
