@@ -11,7 +11,7 @@ Dispatch, per call:
   then BLAS), at the crossover measured by ``benchmarks/kernels.py``.
 
 All paths accumulate in float32 and round once to the output dtype, which is
-``mx.promote_types(x.dtype, scales.dtype)`` like ``mx.quantized_matmul``.
+``result_dtype(x.dtype, scales.dtype)``, as for ``mx.quantized_matmul``.
 Gradients reach ``x``, ``scales`` and ``biases`` on every path (DWQ-style
 training of scales and biases works on the converted layer).
 """
@@ -36,6 +36,12 @@ CPU_QMM_MAX_ROWS = 2
 CPU_DEQUANT_CHUNK = 1 << 19
 
 _SHIFTS = mx.arange(0, 32, 4, dtype=mx.uint32)
+
+
+def result_dtype(x_dtype: mx.Dtype, scales_dtype: mx.Dtype) -> mx.Dtype:
+    """Output dtype of ``int4_matmul`` (and of ``mx.quantized_matmul``): the
+    common dtype, float32 when they differ (float16 with bfloat16 included)."""
+    return x_dtype if x_dtype == scales_dtype else mx.float32
 
 
 def _check(x, w_packed, scales, biases, group_size) -> None:
@@ -174,7 +180,7 @@ def int4_matmul(x: mx.array, w_packed: mx.array, scales: mx.array, biases: mx.ar
             GPU that has one, else CPU), ``"metal"``, ``"cuda"`` or ``"cpu"``.
 
     Returns:
-        ``(..., N)`` in ``mx.promote_types(x.dtype, scales.dtype)``.
+        ``(..., N)`` in ``result_dtype(x.dtype, scales.dtype)``.
 
     Raises:
         TypeError / ValueError: wrong dtypes, shapes that do not match, or a
@@ -185,7 +191,7 @@ def int4_matmul(x: mx.array, w_packed: mx.array, scales: mx.array, biases: mx.ar
         backend = gpu_backend() or "cpu"
     if backend not in ("metal", "cuda", "cpu"):
         raise ValueError(f"backend={backend!r}; use 'auto', 'metal', 'cuda' or 'cpu'")
-    out_dtype = mx.promote_types(x.dtype, scales.dtype)
+    out_dtype = result_dtype(x.dtype, scales.dtype)
     n, k = w_packed.shape[0], x.shape[-1]
     lead = tuple(x.shape[:-1])
     x2 = x.reshape(-1, k)  # (M, K)
