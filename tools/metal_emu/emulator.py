@@ -45,6 +45,7 @@ SHIM_DIR = Path(__file__).resolve().parent
 _FENCE = re.compile(r"Generated source code for `(?P<name>[^`]+)`:\n```\n(?P<src>.*?)\n```", re.S)
 _PARAM = re.compile(r"^\s*(?P<decl>.+?)\s+(?P<name>\w+)\s*\[\[(?P<attr>\w+)(?:\((?P<idx>\d+)\))?\]\]\s*[,)]")
 _INSTANCE = re.compile(r"decltype\((?P<fn>\w+)<(?P<targs>.*)>\)\s*\w+<.*>;\s*$", re.M)
+_FUNCTION = re.compile(r"\[\[kernel\]\]\s+void\s+(?P<fn>\w+)\s*\(")
 # `threadgroup T name[...]` declarations (not pointers or references).
 _TG_ARRAY = re.compile(r"\bthreadgroup\s+(?=[\w:<>, ]+?\s+\w+\s*\[)")
 _ATTRS = {
@@ -76,7 +77,7 @@ class CapturedKernel:
     source: str  # exactly what MLX printed
     params: tuple[Param, ...]
     function: str  # template function name
-    template_args: str  # e.g. "float, 64, 1"
+    template_args: str | None  # e.g. "float, 64, 1"; None for a kernel without template
 
 
 @contextlib.contextmanager
@@ -112,10 +113,13 @@ def parse_source(text: str) -> CapturedKernel:
                 params.append(Param(p.group("decl"), p.group("name"), None))
             else:
                 raise EmulatorError(f"thread attribute [[{p.group('attr')}]] is not emulated")
-    inst = _INSTANCE.search(src)
-    if not inst:
-        raise EmulatorError("no explicit template instantiation in the generated source")
-    return CapturedKernel(match.group("name"), src, tuple(params), inst.group("fn"), inst.group("targs"))
+    inst = _INSTANCE.search(src)  # template kernels end with an explicit instantiation
+    if inst:
+        return CapturedKernel(match.group("name"), src, tuple(params), inst.group("fn"), inst.group("targs"))
+    fn = _FUNCTION.search(src)
+    if not fn:
+        raise EmulatorError("no [[kernel]] function in the generated source")
+    return CapturedKernel(match.group("name"), src, tuple(params), fn.group("fn"), None)
 
 
 def capture(spec: dict, call: dict) -> CapturedKernel:
@@ -149,13 +153,14 @@ def _launcher(i: int, k: CapturedKernel) -> str:
         else:
             args.append(f"reinterpret_cast<{p.decl}>(B[{p.buffer}])")
     joined = ",\n      ".join(args)
+    targs = f"<{k.template_args}>" if k.template_args is not None else ""
     return (
         f"namespace k{i} {{\n"
         f"static void body(emu::Lane& L) {{\n"
         f"  const emu::ThreadAttrs A(L);\n"
         f"  void* const* B = emu::dispatch().buffers.data();\n"
         f"  (void)A; (void)B;\n"
-        f"  {k.function}<{k.template_args}>(\n      {joined});\n"
+        f"  {k.function}{targs}(\n      {joined});\n"
         f"}}\n}}  // namespace k{i}\n"
     )
 
