@@ -29,8 +29,9 @@ _FLOATS = (mx.float16, mx.bfloat16, mx.float32)
 _FLOAT_NAMES = "float16, bfloat16 or float32"
 
 # CPU path: rows of x up to which mx.quantized_matmul beats dequantize + matmul
-# (benchmarks/kernels.py measures it; 2-3 on 0.5B-8B shapes with OpenBLAS).
-CPU_QMM_MAX_ROWS = 2
+# (benchmarks/kernels.py measures it: dequantize wins from M = 4 on 0.5B-8B
+# shapes with OpenBLAS on 2 cores, M = 3 is about a tie).
+CPU_QMM_MAX_ROWS = 3
 # CPU path: dequantize this many weight elements at a time, so the float32
 # copy stays in cache while BLAS consumes it (about 2 MB).
 CPU_DEQUANT_CHUNK = 1 << 19
@@ -93,14 +94,18 @@ def dequantize_float32(w_packed: mx.array, scales: mx.array, biases: mx.array, g
     return (codes * s + b).reshape(n, -1)
 
 
-def _cpu_matmul(x2, w_packed, scales, biases, group_size):
-    """Float32 result of the (M, K) x (N, K)^T product with MLX CPU ops."""
-    m, k = x2.shape
+def cpu_few_rows(x2, w_packed, scales, biases, group_size):
+    """CPU float32 product through ``mx.quantized_matmul`` (best for few rows)."""
+    f = mx.float32
+    return mx.quantized_matmul(x2.astype(f), w_packed, scales.astype(f), biases.astype(f),
+                               transpose=True, group_size=group_size, bits=4)
+
+
+def cpu_many_rows(x2, w_packed, scales, biases, group_size):
+    """CPU float32 product: dequantize (in chunks of rows) then BLAS matmul."""
+    k = x2.shape[1]
     n = w_packed.shape[0]
     xf = x2.astype(mx.float32)
-    if m <= CPU_QMM_MAX_ROWS:
-        return mx.quantized_matmul(xf, w_packed, scales.astype(mx.float32), biases.astype(mx.float32),
-                                   transpose=True, group_size=group_size, bits=4)
     rows = max(1, CPU_DEQUANT_CHUNK // k)
     if rows >= n:
         return xf @ dequantize_float32(w_packed, scales, biases, group_size).T
@@ -109,6 +114,13 @@ def _cpu_matmul(x2, w_packed, scales, biases, group_size):
         for i in range(0, n, rows)
     ]
     return mx.concatenate(parts, axis=-1)
+
+
+def _cpu_matmul(x2, w_packed, scales, biases, group_size):
+    """Float32 result of the (M, K) x (N, K)^T product with MLX CPU ops."""
+    if x2.shape[0] <= CPU_QMM_MAX_ROWS:
+        return cpu_few_rows(x2, w_packed, scales, biases, group_size)
+    return cpu_many_rows(x2, w_packed, scales, biases, group_size)
 
 
 def _int4_vjp(group_size, primals, cotangent, output):
