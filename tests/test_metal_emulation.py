@@ -1,10 +1,11 @@
-"""The Metal kernel, checked without a Mac.
+"""The Metal kernel (and its CUDA twin), checked without a Mac or a GPU.
 
 MLX prints the exact Metal source of our kernel (``tools/metal_emu``); g++
 compiles it with ``metal_shim.h``; the lanes run in lockstep on the CPU; the
 result must match ``mx.quantized_matmul`` within the tolerance of
 ``mlxqat.kernels.check`` (one output ulp: 2**-10 float16, 2**-7 bfloat16, 0
-float32; plus 1e-5 of sum |x||W| for float32 summation order).
+float32; plus 1e-5 of sum |x||W| for float32 summation order). The CUDA
+source, assembled as MLX assembles it, runs the same way with ``cuda_shim.h``.
 """
 
 import dataclasses
@@ -17,7 +18,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
 
-from metal_emu.emulator import EmulatorError, MetalEmulator, capture  # noqa: E402
+from metal_emu.emulator import EmulatorError, MetalEmulator, capture, cuda_source  # noqa: E402
 
 from mlxqat.kernels import source  # noqa: E402
 from mlxqat.kernels.check import error_ratio  # noqa: E402
@@ -71,6 +72,24 @@ def emu(tmp_path_factory):
     return e
 
 
+CUDA_ROWS = [3, 40]
+
+
+@pytest.fixture(scope="session")
+def cuda_emu(tmp_path_factory):
+    e = MetalEmulator(tmp_path_factory.mktemp("cuda_emu"))
+    kernels = {}
+    for dtype in DTYPES:
+        for g in GROUPS:
+            for m in CUDA_ROWS:
+                x, wq, s, b = problem(m, *shapes(g)[0], g, dtype)
+                plan = source.launch(x, wq, s, b, g)
+                kernel = cuda_source(source.kernel_spec(plan.variant, "cuda"), plan.call)
+                kernels[kernel.source] = kernel
+    e.build(list(kernels.values()))
+    return e
+
+
 def test_captured_source_is_mlx_generated_metal_with_our_body():
     x, wq, s, b = problem(3, 36, 160, 32, mx.float16)
     plan, spec, kernel = captured(x, wq, s, b, 32)
@@ -94,6 +113,19 @@ def test_emulated_metal_kernel_matches_quantized_matmul(emu, dtype, group_size, 
         assert y.dtype == dtype and y.shape == (m, n)
         ratio = error_ratio(y, x, wq, s, b, group_size)
         assert ratio <= 1.0, f"M={m} N={n} K={k}: error {ratio:.2f} x tolerance"
+
+
+@pytest.mark.parametrize("m", CUDA_ROWS)
+@pytest.mark.parametrize("group_size", GROUPS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_emulated_cuda_twin_matches_quantized_matmul(cuda_emu, dtype, group_size, m):
+    for n, k in shapes(group_size):
+        x, wq, s, b = problem(m, n, k, group_size, dtype)
+        plan = source.launch(x, wq, s, b, group_size)
+        spec = source.kernel_spec(plan.variant, "cuda")
+        (y,) = cuda_emu.run(cuda_source(spec, plan.call), plan.call, spec["input_names"], spec["output_names"])
+        ratio = error_ratio(y, x, wq, s, b, group_size)
+        assert ratio <= 1.0, f"CUDA M={m} N={n} K={k}: error {ratio:.2f} x tolerance"
 
 
 @pytest.mark.parametrize("m", [5, 40])

@@ -25,6 +25,15 @@ call arguments to ``capture`` and ``run``; nothing here knows about mlxqat.
 
 Only the text MLX prints is compiled: on a Mac, MLX also prepends its Metal
 utilities (``metal_stdlib``, ``bfloat16_t``), which the shim stands in for.
+
+CUDA: a CPU build of MLX cannot print what ``mx.fast.cuda_kernel`` generates
+(it raises "No CUDA back-end"), so ``cuda_source(spec, call)`` assembles it
+the way MLX 0.32 does (mlx/backend/cuda/custom_kernel.cpp: default header, user
+header, ``namespace mlx::core::cu``, a ``__global__`` function whose parameters
+are the inputs (with ``_shape``/``_strides``/``_ndim`` when the body names
+them) and outputs, template arguments as ``constexpr``/``using`` lines, then
+the body), with ``cuda_shim.h`` in place of MLX's CUDA headers. It runs on the
+same lockstep runtime, launched like CUDA (whole blocks).
 """
 
 from __future__ import annotations
@@ -74,10 +83,11 @@ class Param:
 @dataclass(frozen=True)
 class CapturedKernel:
     name: str  # host name MLX gave the instantiation
-    source: str  # exactly what MLX printed
+    source: str  # exactly what MLX printed (Metal) or built as MLX does (CUDA)
     params: tuple[Param, ...]
-    function: str  # template function name
+    function: str  # (template) function name, qualified for CUDA
     template_args: str | None  # e.g. "float, 64, 1"; None for a kernel without template
+    dialect: str = "metal"  # or "cuda"
 
 
 @contextlib.contextmanager
@@ -143,15 +153,65 @@ def capture(spec: dict, call: dict) -> CapturedKernel:
         return parse_source(log.read_text())
 
 
+_CUDA_TYPES = {
+    mx.float32: "float", mx.float16: "__half", mx.bfloat16: "__nv_bfloat16", mx.uint32: "uint32_t",
+    mx.int32: "int32_t", mx.int64: "int64_t", mx.uint8: "uint8_t", mx.bool_: "bool",
+}
+
+
+def cuda_source(spec: dict, call: dict) -> CapturedKernel:
+    """The CUDA source ``mx.fast.cuda_kernel(**spec)(**call)`` compiles, assembled
+    as MLX 0.32 assembles it, with ``cuda_shim.h`` as the default header."""
+    body, header = spec["source"], spec.get("header", "")
+    params, lines, index = [], [], 0
+
+    def add(decl, name):
+        nonlocal index
+        params.append(Param(decl, name, index))
+        lines.append(f"    {decl} {name}")
+        index += 1
+
+    for name, arr in zip(spec["input_names"], call["inputs"]):
+        add(f"const {_CUDA_TYPES[arr.dtype]}*", name)
+        if arr.ndim > 0:
+            if name + "_shape" in body:
+                add("const __grid_constant__ Shape", name + "_shape")
+            if name + "_strides" in body:
+                add("const __grid_constant__ Strides", name + "_strides")
+            if name + "_ndim" in body:
+                add("const __grid_constant__ int", name + "_ndim")
+    for name, dtype in zip(spec["output_names"], call["output_dtypes"]):
+        add(f"{_CUDA_TYPES[dtype]}*", name)
+    consts, tag = [], ""
+    for tname, value in call.get("template", []):
+        if isinstance(value, bool):
+            consts.append(f"  constexpr bool {tname} = {str(value).lower()};")
+            tag += "_t" if value else "_f"
+        elif isinstance(value, int):
+            consts.append(f"  constexpr int {tname} = {value};")
+            tag += f"_{value}"
+        else:
+            consts.append(f"  using {tname} = {_CUDA_TYPES[value]};")
+            tag += "_" + str(value).split(".")[-1]
+    fn = f"custom_kernel_{spec['name']}{tag}"
+    src = (
+        '#include "cuda_shim.h"\n' + header
+        + "namespace mlx::core::cu {\n\nnamespace cg = cooperative_groups;\n\n"
+        + f"__global__ void {fn}(\n" + ",\n".join(lines) + ") {\n"
+        + ("\n".join(consts) + "\n\n" if consts else "") + body + "\n}\n\n} // namespace mlx::core::cu\n"
+    )
+    return CapturedKernel(fn, src, tuple(params), f"mlx::core::cu::{fn}", None, dialect="cuda")
+
+
 def _launcher(i: int, k: CapturedKernel) -> str:
     args = []
     for p in k.params:
         if p.buffer is None:
             args.append(f"A.{p.name}")
-        elif p.decl.endswith("&"):
-            args.append(f"*reinterpret_cast<{p.decl[:-1].strip()}*>(B[{p.buffer}])")
-        else:
+        elif p.decl.endswith("*"):
             args.append(f"reinterpret_cast<{p.decl}>(B[{p.buffer}])")
+        else:  # by value or by reference: read it from the buffer
+            args.append(f"*reinterpret_cast<{p.decl.rstrip('&').strip()}*>(B[{p.buffer}])")
     joined = ",\n      ".join(args)
     targs = f"<{k.template_args}>" if k.template_args is not None else ""
     return (
@@ -167,11 +227,15 @@ def _launcher(i: int, k: CapturedKernel) -> str:
 
 def program_source(kernels: list[CapturedKernel]) -> str:
     """The C++ program that runs ``kernels`` (index = position in the list)."""
-    parts = ['#include "metal_shim.h"\n']
+    dialects = {k.dialect for k in kernels}
+    if len(dialects) != 1:
+        raise EmulatorError("build Metal and CUDA kernels into separate programs")
+    metal = dialects == {"metal"}
+    parts = ['#include "metal_shim.h"\n' if metal else '#include "cuda_shim.h"\n']
     for i, k in enumerate(kernels):
-        src = _TG_ARRAY.sub("EMU_THREADGROUP ", k.source)
+        src = _TG_ARRAY.sub("EMU_THREADGROUP ", k.source) if metal else k.source
         parts.append(f"namespace k{i} {{\n// {k.name}\n{src}\n}}  // namespace k{i}\n")
-    parts.append('#include "metal_shim_main.h"\n')
+    parts.append('#include "shim_main.h"\n')
     parts += [_launcher(i, k) for i, k in enumerate(kernels)]
     bodies = ", ".join(f"k{i}::body" for i in range(len(kernels)))
     parts.append(
@@ -190,7 +254,8 @@ def _raw(a: mx.array) -> bytes:
 
 
 class MetalEmulator:
-    """Compiles captured kernels with g++ and runs them on the CPU.
+    """Compiles captured kernels (Metal, or CUDA from ``cuda_source``) with g++
+    and runs them on the CPU.
 
     Args:
         workdir: where the program, binary and buffers go (binaries are reused
@@ -209,7 +274,7 @@ class MetalEmulator:
     def build(self, kernels: list[CapturedKernel]) -> Path:
         """Compile ``kernels`` into one binary (skipped if already built)."""
         text = program_source(kernels)
-        shim = (SHIM_DIR / "metal_shim.h").read_text() + (SHIM_DIR / "metal_shim_main.h").read_text()
+        shim = "".join((SHIM_DIR / f).read_text() for f in ("emu_runtime.h", "metal_shim.h", "cuda_shim.h", "shim_main.h"))
         key = hashlib.sha256((text + shim + self.opt).encode()).hexdigest()[:16]
         if key in self._binaries:
             return self._binaries[key][0]
@@ -267,11 +332,12 @@ class MetalEmulator:
             else:
                 base, _, what = p.name.rpartition("_")
                 arr = inputs[base]
+                pad = 8 - arr.ndim if kernel.dialect == "cuda" else 0  # CUDA: fixed-size Shape/Strides
                 if what == "shape":
-                    data = np.array(arr.shape, dtype=np.int32).tobytes()
+                    data = np.array(list(arr.shape) + [0] * pad, dtype=np.int32).tobytes()
                 elif what == "strides":
-                    strides = np.cumprod((list(arr.shape[1:]) + [1])[::-1])[::-1]
-                    data = np.array(strides, dtype=np.int64).tobytes()
+                    strides = list(np.cumprod((list(arr.shape[1:]) + [1])[::-1])[::-1])
+                    data = np.array(strides + [0] * pad, dtype=np.int64).tobytes()
                 elif what == "ndim":
                     data = np.array(arr.ndim, dtype=np.int32).tobytes()
                 else:
@@ -279,7 +345,8 @@ class MetalEmulator:
             path.write_bytes(data)
             args.append(f"i:{path}")
         grid, tg = call["grid"], call["threadgroup"]
-        cmd = [str(exe), str(which), *map(str, grid), *map(str, tg), str(int(reverse)), str(len(args)), *args]
+        flags = int(reverse) | (2 if kernel.dialect == "cuda" else 0)
+        cmd = [str(exe), str(which), *map(str, grid), *map(str, tg), str(flags), str(len(args)), *args]
         res = subprocess.run(cmd, capture_output=True, text=True)
         try:
             if res.returncode != 0:

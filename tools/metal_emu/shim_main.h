@@ -1,4 +1,4 @@
-// metal_shim_main.h: the launcher half of the shim (file I/O, guarded buffers,
+// shim_main.h: the launcher half of the shims (file I/O, guarded buffers,
 // the loop over threadgroups). Included once, by the generated program.
 #pragma once
 #include <sys/mman.h>
@@ -6,7 +6,7 @@
 
 #include <string>
 
-#include "metal_shim.h"
+#include "emu_runtime.h"
 
 namespace emu {
 
@@ -35,17 +35,18 @@ static std::vector<char> read_file(const std::string& path) {
 }
 
 int run_main(int argc, char** argv, void (*const* bodies)(Lane&), int n_bodies) {
-  if (argc < 10) fail("usage: kernel gx gy gz tx ty tz reverse nbuf buffers...");
+  if (argc < 10) fail("usage: kernel gx gy gz tx ty tz flags nbuf buffers...");
   const int which = std::atoi(argv[1]);
   if (which < 0 || which >= n_bodies) fail("kernel index out of range");
   Dispatch& d = dispatch();
+  const int flags = std::atoi(argv[8]);
+  const bool reverse = flags & 1, whole_blocks = flags & 2;
   for (int i = 0; i < 3; i++) {
     d.grid[i] = static_cast<uint>(std::atol(argv[2 + i]));
-    uint tg = static_cast<uint>(std::atol(argv[5 + i]));
-    d.group[i] = std::max(1u, std::min(tg, d.grid[i]));
+    uint tg = std::max(1u, static_cast<uint>(std::atol(argv[5 + i])));
+    d.group[i] = whole_blocks ? tg : std::min(tg, d.grid[i]);  // Metal clamps to the grid
     d.groups[i] = (d.grid[i] + d.group[i] - 1) / d.group[i];
   }
-  const bool reverse = std::atoi(argv[8]) != 0;
   const int nbuf = std::atoi(argv[9]);
   if (argc != 10 + nbuf) fail("buffer count does not match the arguments");
   struct Out { void* ptr; size_t n; std::string path; };
@@ -76,7 +77,8 @@ int run_main(int argc, char** argv, void (*const* bodies)(Lane&), int n_bodies) 
       for (uint gx = 0; gx < d.groups.x; gx++) {
         d.cur_group = {gx, gy, gz};
         for (int i = 0; i < 3; i++)
-          d.cur_size[i] = std::min(d.group[i], d.grid[i] - d.cur_group[i] * d.group[i]);
+          d.cur_size[i] = whole_blocks ? d.group[i]
+                                       : std::min(d.group[i], d.grid[i] - d.cur_group[i] * d.group[i]);
         const vec<uint, 3> sz = d.cur_size;
         s.lanes.assign(sz.x * sz.y * sz.z, Lane());
         uint flat = 0;
