@@ -325,7 +325,7 @@ def _quantized_tensor(name, path, m, qtype, heads) -> GGUFTensor:
     n = words.shape[0]
     k = words.shape[1] * 32 // m.bits
     note = ""
-    if mode == "affine":
+    if mode == "affine" and qtype not in _FLOAT_TYPES:
         scales, biases = _np32(m.scales), _np32(m.biases)
         candidates = [qtype] + [t for t in (GT.Q4_0, GT.Q4_1, GT.Q8_0) if t != qtype]
         reasons = []
@@ -338,6 +338,8 @@ def _quantized_tensor(name, path, m, qtype, heads) -> GGUFTensor:
                 return GGUFTensor(name, path, t, blocks, (n, k), True, how, heads)
             reasons.append(why)
         note = reasons[0]
+        w = mx.dequantize(m.weight, m.scales, m.biases, group_size=m.group_size, bits=m.bits)
+    elif mode == "affine":
         w = mx.dequantize(m.weight, m.scales, m.biases, group_size=m.group_size, bits=m.bits)
     else:
         note = f"mode={mode!r} has no GGUF block form"

@@ -127,3 +127,33 @@ def greedy(model, prompt: mx.array, n: int = 32) -> list:
         logits = model(mx.array([ids]))[0, -1]
         ids.append(int(mx.argmax(logits).item()))
     return ids[len(prompt.tolist()):]
+
+
+def train_briefly(arch: str, tokenizer, steps: int = 150, seed: int = 0, **overrides):
+    """A tiny ``arch`` model trained for ``steps`` Adam steps on ``CORPUS``; returns ``(model, config)``.
+
+    Its vocabulary is the tokenizer's, and its predictions are peaked enough
+    that greedy decoding is not decided by near-ties (random weights give
+    nearly flat logits). ``overrides`` change config entries.
+    """
+    import mlx.nn as nn
+    import mlx.optimizers as optim
+    import numpy as np
+
+    mod = _MODULES[arch]
+    config = dict(CONFIGS[arch], vocab_size=len(tokenizer._tokenizer), **overrides)
+    mx.random.seed(seed)
+    model = mod.Model(mod.ModelArgs.from_dict(config))
+    data = mx.array(tokenizer.encode(CORPUS))
+    opt = optim.Adam(learning_rate=3e-3)
+    step = nn.value_and_grad(model, lambda m, x, y: nn.losses.cross_entropy(m(x), y).mean())
+    rng = np.random.default_rng(seed)
+    length, batch = 48, 8
+    for _ in range(steps):
+        starts = rng.integers(0, data.size - length - 1, batch).tolist()
+        x = mx.stack([data[s : s + length] for s in starts])
+        y = mx.stack([data[s + 1 : s + length + 1] for s in starts])
+        _, grads = step(model, x, y)
+        opt.update(model, grads)
+        mx.eval(model.parameters(), opt.state)
+    return model, config

@@ -1,0 +1,591 @@
+"""Export a converted model: GGUF (llama.cpp, Ollama, LM Studio), mlx-lm directory, unquantized weights.
+
+    python -m mlxqat.export qat-int4/ --format gguf --out model-q4_0.gguf [--type q4_0|q4_1|q8_0|f16] [--exact]
+    python -m mlxqat.export qat-int4/ --format mlx  --out mlx-dir/
+    python -m mlxqat.export qat-int4/ --format fp16 --out unquantized/
+    python -m mlxqat.verify mlx-dir/
+
+The source is a directory written by :func:`mlxqat.save` or any local mlx-lm
+directory. Every export prints a memory report (bytes on disk, bits per
+weight, size relative to bf16). Files appear at the destination only once
+complete: an interrupted export leaves nothing there.
+
+GGUF exactness: layers quantized by the recipes ``q4_0``, ``q4_1`` and
+``q8_0`` are repacked into GGUF blocks bit for bit. Anything else is
+re-quantized; the export then warns with the KL divergence that adds (measured
+between the MLX model and the re-quantized weights, on fixed token
+sequences), or, with ``exact=True`` / ``--exact``, refuses.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import json
+import os
+import sys
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Dict, Iterator, List, Optional, Union
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+from mlx.utils import tree_flatten, tree_map, tree_map_with_path
+
+from . import __version__
+from . import gguf_export as ge
+from .io import MANIFEST, PathLike, check_config, load, read_manifest, save
+
+MASTER_WEIGHTS = "master_weights.safetensors"
+FORMATS = ("gguf", "mlx", "fp16")
+
+
+class ExportWarning(UserWarning):
+    """An export that is not exact (re-quantized weights, dropped activation quantization)."""
+
+
+# ---------------------------------------------------------------------------
+# Memory report
+# ---------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class MemoryReport:
+    """What a model costs in memory and on disk."""
+
+    bytes_on_disk: Optional[int]  # all files of the export (None for an in-memory model)
+    weight_bytes: int  # tensor data: codes + scales + biases + float tensors
+    n_weights: int  # logical number of values of all tensors
+    bits_per_weight: float  # over the weight matrices (Linear/Embedding), scales and biases included
+    ratio_to_bf16: float  # weight_bytes / (2 bytes * n_weights)
+
+    @property
+    def bf16_bytes(self) -> int:
+        return 2 * self.n_weights
+
+    def __str__(self) -> str:
+        disk = f"{_mb(self.bytes_on_disk)} on disk, " if self.bytes_on_disk is not None else ""
+        return (
+            f"{disk}weights {_mb(self.weight_bytes)}: {self.bits_per_weight:.3f} bits per weight, "
+            f"{self.ratio_to_bf16:.3f}x bf16 ({_mb(self.bf16_bytes)} for {self.n_weights:,} values)"
+        )
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["bf16_bytes"] = self.bf16_bytes
+        return d
+
+
+def _mb(n: int) -> str:
+    return f"{n / 1e6:.3f} MB" if n >= 100_000 else f"{n:,} B"
+
+
+def _model_memory(model: nn.Module) -> MemoryReport:
+    quantized = {
+        p: m for p, m in model.named_modules() if isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding))
+    }
+    matrix_bits = matrix_values = total_bytes = total_values = 0
+    for path, v in tree_flatten(model.parameters()):
+        prefix, _, leaf = path.rpartition(".")
+        m = quantized.get(prefix)
+        if m is not None and leaf in ("scales", "biases"):
+            matrix_bits += v.nbytes * 8
+            total_bytes += v.nbytes
+            continue
+        n = v.size * 32 // m.bits if m is not None and leaf == "weight" else v.size  # codes per uint32
+        total_bytes += v.nbytes
+        total_values += n
+        if v.ndim == 2 and leaf == "weight":
+            matrix_bits += v.nbytes * 8
+            matrix_values += n
+    return MemoryReport(
+        bytes_on_disk=None,
+        weight_bytes=total_bytes,
+        n_weights=total_values,
+        bits_per_weight=matrix_bits / max(matrix_values, 1),
+        ratio_to_bf16=total_bytes / max(2 * total_values, 1),
+    )
+
+
+def _gguf_memory(path: Path) -> MemoryReport:
+    import gguf
+
+    reader = gguf.GGUFReader(str(path))
+    matrix_bits = matrix_values = total_bytes = total_values = 0
+    for t in reader.tensors:
+        n, b = int(t.n_elements), int(t.n_bytes)
+        total_bytes += b
+        total_values += n
+        if len(t.shape) == 2:
+            matrix_bits += 8 * b
+            matrix_values += n
+    return MemoryReport(
+        bytes_on_disk=path.stat().st_size,
+        weight_bytes=total_bytes,
+        n_weights=total_values,
+        bits_per_weight=matrix_bits / max(matrix_values, 1),
+        ratio_to_bf16=total_bytes / max(2 * total_values, 1),
+    )
+
+
+def memory_report(model_or_path: Union[nn.Module, PathLike]) -> MemoryReport:
+    """Bytes on disk, bits per weight and size relative to bf16.
+
+    Args:
+        model_or_path: an MLX model, an mlx-lm model directory, or a ``.gguf`` file.
+
+    Returns:
+        A :class:`MemoryReport`; ``str(report)`` is a one-line summary.
+    """
+    if isinstance(model_or_path, nn.Module):
+        return _model_memory(model_or_path)
+    path = Path(model_or_path)
+    if path.is_file():
+        return _gguf_memory(path)
+    from mlx_lm import load as mlx_lm_load
+
+    check_config(path)
+    model, _ = mlx_lm_load(str(path), lazy=True)
+    report = _model_memory(model)
+    report.bytes_on_disk = sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+    return report
+
+
+# ---------------------------------------------------------------------------
+# Helpers
+# ---------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def atomic_path(dest: PathLike) -> Iterator[Path]:
+    """Yield a temporary sibling path of ``dest``; it is renamed to ``dest`` only on success.
+
+    For writers that open files by name (``gguf.GGUFWriter``). On an exception
+    the temporary file is removed; after a kill it stays as ``.name.tmp-*``,
+    never under ``dest``'s name.
+    """
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.tmp-", dir=dest.parent)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, dest)
+        with contextlib.suppress(OSError):
+            dfd = os.open(dest.parent, os.O_RDONLY)
+            try:
+                os.fsync(dfd)
+            finally:
+                os.close(dfd)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def dequantize_layers(model: nn.Module, dtype: Optional[mx.Dtype] = None) -> nn.Module:
+    """Replace quantized layers by float layers holding their dequantized weights, in place.
+
+    ``dtype`` defaults to the dtype of each layer's scales. Static activation
+    quantization (``ActQuantizedLinear``) is dropped: the float layer is plain.
+    """
+
+    def swap(path, m):
+        if isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding)):
+            w = mx.dequantize(
+                m.weight, m.scales, m.get("biases"), group_size=m.group_size, bits=m.bits,
+                mode=getattr(m, "mode", "affine"),
+            )
+            w = w.astype(dtype or m.scales.dtype)
+            if isinstance(m, nn.QuantizedEmbedding):
+                out = nn.Embedding(*w.shape)
+            else:
+                out = nn.Linear(w.shape[1], w.shape[0], bias="bias" in m)
+                if "bias" in m:
+                    out.bias = m.bias
+            out.weight = w
+            return out
+        return m
+
+    leaves = tree_map_with_path(swap, model.leaf_modules(), is_leaf=nn.Module.is_module)
+    model.update_modules(leaves)
+    return model
+
+
+def _kl_inputs(vocab_size: int, tokenizer=None, n_seq: int = 4, length: int = 64) -> List[mx.array]:
+    """Fixed token sequences for measuring KL: seeded random ids plus a tokenized sample text."""
+    rng = np.random.default_rng(1234)
+    seqs = [mx.array(rng.integers(0, vocab_size, (1, length)), dtype=mx.int32) for _ in range(n_seq)]
+    if tokenizer is not None:
+        text = (
+            "def mean(values):\n    return sum(values) / len(values)\n"
+            "The model was trained on a small corpus and exported for llama.cpp.\n"
+        )
+        ids = [i for i in tokenizer.encode(text) if i < vocab_size][:length]
+        if len(ids) > 1:
+            seqs.append(mx.array([ids], dtype=mx.int32))
+    return seqs
+
+
+def measure_kl(reference: nn.Module, candidate: nn.Module, inputs: List[mx.array]) -> float:
+    """Mean per-token KL(reference || candidate) in nats over ``inputs`` (token arrays (1, L))."""
+    total, count = 0.0, 0
+    for x in inputs:
+        lp = nn.log_softmax(reference(x).astype(mx.float32), axis=-1)
+        lq = nn.log_softmax(candidate(x).astype(mx.float32), axis=-1)
+        kl = mx.sum(mx.exp(lp) * (lp - lq), axis=-1)
+        total += float(mx.sum(kl).item())
+        count += kl.size
+    return total / max(count, 1)
+
+
+def _source_manifest(src: Path) -> dict:
+    if not (src / MANIFEST).exists():
+        return {}
+    m = read_manifest(src)
+    return {k: v for k, v in m.items() if k not in ("files", "format", "format_version", "mlxqat_version")}
+
+
+def _say(verbose: bool, msg: str) -> None:
+    if verbose:
+        print(msg, file=sys.stderr)
+
+
+# ---------------------------------------------------------------------------
+# GGUF
+# ---------------------------------------------------------------------------
+
+
+def _auto_qtype(plan_model: nn.Module) -> str:
+    """The GGUF type that holds most of the model's quantized weights exactly."""
+    counts: Dict[str, int] = {}
+    for _, m in plan_model.named_modules():
+        if isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding)) and getattr(m, "mode", "affine") == "affine":
+            scales, biases = np.array(m.scales.astype(mx.float32)), np.array(m.biases.astype(mx.float32))
+            for name in ("q4_0", "q8_0", "q4_1"):
+                blocks, _ = ge.exact_blocks(np.array(m.weight), scales, biases, m.bits, m.group_size, ge.QTYPES[name])
+                if blocks is not None:
+                    counts[name] = counts.get(name, 0) + m.weight.size
+                    break
+    if not counts:
+        raise ValueError(
+            "no GGUF type holds this model's weights exactly (exact: recipes q4_0, q4_1, q8_0); "
+            "pass --type q4_0, q4_1, q8_0 or f16 to re-quantize (the export reports the KL it adds)"
+        )
+    return max(counts, key=counts.get)
+
+
+def export_gguf(
+    src_dir: PathLike,
+    out_path: PathLike,
+    qtype: str = "auto",
+    exact: bool = False,
+    *,
+    name: Optional[str] = None,
+    verbose: bool = True,
+) -> dict:
+    """Write a GGUF file (llama.cpp, Ollama, LM Studio) from a model directory.
+
+    Args:
+        src_dir: a directory saved by :func:`mlxqat.save`, or any mlx-lm directory.
+        out_path: the ``.gguf`` file to write (replaced atomically).
+        qtype: ``q4_0``, ``q4_1``, ``q8_0``, ``f16``, ``bf16``, ``f32``, or ``auto``:
+            the type that holds the quantized layers exactly.
+        exact: refuse (``ValueError``) unless every tensor dequantizes to exactly
+            the MLX weight and nothing the MLX model computes is dropped.
+        name: ``general.name`` in the file (default: the source folder's name).
+        verbose: print the plan summary, warnings and the memory report to stderr.
+
+    Returns:
+        ``{"path", "qtype", "exact", "kl", "tensors": [...], "memory": {...}}``;
+        ``kl`` is the measured mean per-token KL (nats) of a non-exact export, else 0.
+
+    Raises:
+        GGUFExportError: an architecture or tokenizer GGUF cannot express, or
+            ``exact=True`` for a model whose weights need re-quantizing.
+        FileNotFoundError: no config, or no tokenizer.json in ``src_dir``.
+    """
+    src = Path(src_dir)
+    out = Path(out_path)
+    config = check_config(src)
+    ge.arch_spec(config["model_type"])  # fail fast, before loading weights
+    if not (src / "tokenizer.json").exists():
+        ge.read_tokenizer(src, 0)  # raises the missing-tokenizer error
+    model, tokenizer = load(src)
+    if qtype == "auto":
+        qtype = _auto_qtype(model)
+    if qtype not in ge.QTYPES:
+        raise ValueError(f"qtype={qtype!r} is not one of {sorted(ge.QTYPES)} or 'auto'")
+    gt = ge.QTYPES[qtype]
+    plan = ge.plan_tensors(model, gt, model.args.model_type)
+    inexact = [t for t in plan if not t.exact]
+    act = [p for p, m in model.named_modules() if hasattr(m, "act_bits") and isinstance(m, nn.QuantizedLinear)]
+    problems = [f"{t.source}: {t.note}" for t in inexact] + [
+        f"{p}: static activation quantization has no GGUF form (llama.cpp computes without it)" for p in act
+    ]
+    kl = 0.0
+    if problems:
+        if exact:
+            raise ge.GGUFExportError(
+                f"{len(problems)} tensor(s) cannot be written exactly as {qtype}, e.g. {problems[0]}. "
+                "Quantize with recipe q4_0, q4_1 or q8_0 (group 32, float16 scales) for an exact "
+                "GGUF, or drop --exact to re-quantize"
+            )
+        kl = _requantization_kl(src, model, tokenizer, plan)
+        msg = (
+            f"GGUF {qtype} export is not exact: {len(problems)} tensor(s) re-quantized or changed "
+            f"(e.g. {problems[0]}). Measured cost: KL(MLX model || GGUF weights) = {kl:.3g} nats "
+            "per token on fixed sequences. For an exact export train with recipe q4_0, q4_1 or q8_0."
+        )
+        warnings.warn(msg, ExportWarning, stacklevel=2)
+    with atomic_path(out) as tmp:
+        ge.write_gguf(
+            tmp, model, tokenizer, src, plan, gt, name=name or src.resolve().name,
+            extra={"mlxqat.exact": str(not problems).lower()},
+        )
+    report = memory_report(out)
+    n_exact = len(plan) - len(inexact)
+    _say(verbose, f"wrote {out}: {len(plan)} tensors ({n_exact} exact), {qtype}; {report}")
+    return {
+        "path": str(out),
+        "qtype": qtype,
+        "exact": not problems,
+        "kl": kl,
+        "tensors": [
+            {"name": t.name, "source": t.source, "type": t.qtype.name, "exact": t.exact, "note": t.note}
+            for t in plan
+        ],
+        "memory": report.to_dict(),
+    }
+
+
+def _requantization_kl(src: Path, model: nn.Module, tokenizer, plan: List[ge.GGUFTensor]) -> float:
+    """KL between the MLX model and an MLX model running the GGUF's weights."""
+    from mlx_lm import load as mlx_lm_load
+
+    candidate, _ = mlx_lm_load(str(src))
+    dequantize_layers(candidate)
+    params = dict(tree_flatten(candidate.parameters()))
+    updates = []
+    for t in plan:
+        if not t.exact and t.source in params:
+            updates.append((t.source, mx.array(t.dequantized()).astype(params[t.source].dtype)))
+    candidate.load_weights(updates, strict=False)
+    return measure_kl(model, candidate, _kl_inputs(model.args.vocab_size, tokenizer))
+
+
+# ---------------------------------------------------------------------------
+# mlx-lm directories
+# ---------------------------------------------------------------------------
+
+
+def model_card(
+    title: str,
+    recipe: Optional[dict],
+    memory: MemoryReport,
+    metrics: Optional[dict] = None,
+    *,
+    source: str = "",
+    notes: str = "",
+) -> str:
+    """The README.md of an exported model directory.
+
+    Args:
+        title: heading (the model's name).
+        recipe: the recipe dictionary from ``mlxqat.json`` (``None``: not quantized by mlxqat).
+        memory: its :class:`MemoryReport`.
+        metrics: measured figures (perplexity, KL, ...) from training or evaluation.
+        source: where the weights came from.
+        notes: extra paragraphs.
+    """
+    lines = [f"# {title}", ""]
+    lines.append(f"Exported by mlxqat {__version__}" + (f" from `{source}`." if source else "."))
+    lines += ["", "## Quantization", ""]
+    if recipe:
+        d = recipe.get("default", {})
+        lines.append(
+            f"Recipe `{recipe.get('name')}`: {recipe.get('description') or 'custom'}. "
+            f"Default layer: {d.get('bits')}-bit, group {d.get('group_size')}, {d.get('mode')}"
+            + (", learned scales" if d.get("learn_scales") else "")
+            + (f", {d.get('act_bits')}-bit activations" if d.get("act_bits") else "")
+            + "."
+        )
+        for pattern, spec in recipe.get("overrides", []):
+            lines.append(f"- `{pattern}`: {spec.get('bits')}-bit, group {spec.get('group_size')}, {spec.get('mode')}")
+        for pattern in recipe.get("skip", []):
+            lines.append(f"- `{pattern}`: full precision")
+    else:
+        lines.append("No mlxqat recipe recorded for these weights.")
+    lines += [
+        "",
+        "## Size",
+        "",
+        "| weights | bits per weight | size vs bf16 | values |",
+        "|---|---|---|---|",
+        f"| {_mb(memory.weight_bytes)} | {memory.bits_per_weight:.3f} | {memory.ratio_to_bf16:.3f}x "
+        f"| {memory.n_weights:,} |",
+        "",
+        "## Measured",
+        "",
+    ]
+    if metrics:
+        lines += ["| metric | value |", "|---|---|"]
+        for k, v in metrics.items():
+            lines.append(f"| {k} | {v:.6g} |" if isinstance(v, float) else f"| {k} | {v} |")
+    else:
+        lines.append("No metrics were recorded with this model.")
+    if notes:
+        lines += ["", notes]
+    lines += [
+        "",
+        "## Use",
+        "",
+        "```python",
+        "from mlx_lm import load, generate",
+        'model, tokenizer = load("path/to/this/folder")',
+        'print(generate(model, tokenizer, "def fibonacci(n):", max_tokens=64))',
+        "```",
+        "",
+        "`python -m mlxqat.verify path/to/this/folder` checks every file against the sha256 in `mlxqat.json`.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def _metrics(info: dict) -> dict:
+    m = dict(info.get("metrics") or {})
+    for k, v in (info.get("training") or {}).items():
+        if isinstance(v, (int, float, str)):
+            m.setdefault(f"training.{k}", v)
+    return m
+
+
+def export_mlx(src_dir: PathLike, out_dir: PathLike, *, verbose: bool = True) -> dict:
+    """Write an mlx-lm directory (``mlx_lm.load`` opens it) with a model card and sha256 manifest.
+
+    Args:
+        src_dir: a directory saved by :func:`mlxqat.save`, or any mlx-lm directory.
+        out_dir: destination directory (replaced atomically).
+
+    Returns:
+        The manifest written to ``mlxqat.json``.
+    """
+    src = Path(src_dir)
+    config = check_config(src)
+    model, tokenizer = load(src)
+    info = _source_manifest(src)
+    memory = memory_report(model)
+    recipe = info.get("recipe")
+    card = model_card(src.resolve().name, recipe, memory, _metrics(info), source=str(src))
+    info.update({"exported_from": str(src), "memory": memory.to_dict()})
+    manifest = save(model, tokenizer, out_dir, config=config, info=info, extra_files={"README.md": card})
+    _say(verbose, f"wrote {out_dir}: {len(manifest['files'])} files; {memory_report(out_dir)}")
+    return manifest
+
+
+def export_fp16(src_dir: PathLike, out_dir: PathLike, *, dtype: str = "float16", verbose: bool = True) -> dict:
+    """Write the model's unquantized weights as an mlx-lm directory, for tools that quantize themselves.
+
+    If ``src_dir`` has ``master_weights.safetensors`` (the float master weights
+    of a QAT run), those are written; otherwise the quantized layers are
+    dequantized, i.e. the file holds exactly the values the quantized model
+    computes with (rounded to ``dtype``). Static activation quantization is
+    not kept.
+
+    Args:
+        src_dir: a directory saved by :func:`mlxqat.save`, or any mlx-lm directory.
+        out_dir: destination directory (replaced atomically).
+        dtype: ``float16``, ``bfloat16`` or ``float32``.
+
+    Returns:
+        The manifest written to ``mlxqat.json``.
+    """
+    if dtype not in ("float16", "bfloat16", "float32"):
+        raise ValueError(f"dtype={dtype!r} is not one of 'float16', 'bfloat16', 'float32'")
+    src = Path(src_dir)
+    config = check_config(src)
+    model, tokenizer = load(src)
+    info = _source_manifest(src)
+    dequantize_layers(model, mx.float32)
+    master = src / MASTER_WEIGHTS
+    if master.exists():
+        weights = mx.load(str(master))
+        params = dict(tree_flatten(model.parameters()))
+        unknown = sorted(set(weights) - set(params))
+        bad = [k for k in weights if k in params and weights[k].shape != params[k].shape]
+        if unknown or bad:
+            raise ValueError(
+                f"{master} does not match the model: unknown tensors {unknown[:3]}, wrong shapes "
+                f"{bad[:3]}; it was saved for a different architecture or recipe"
+            )
+        model.load_weights(list(weights.items()), strict=False)
+        what = f"the float master weights of the QAT run ({MASTER_WEIGHTS})"
+    else:
+        what = "the dequantized QAT weights (exactly what the quantized model computes with)"
+    target = getattr(mx, dtype)
+    model.update(tree_map(lambda v: v.astype(target) if mx.issubdtype(v.dtype, mx.floating) else v, model.parameters()))
+    for attr in ("mlxqat_recipe",):
+        if hasattr(model, attr):
+            delattr(model, attr)
+    config = {k: v for k, v in config.items() if k not in ("quantization", "quantization_config")}
+    config["torch_dtype"] = dtype
+    memory = memory_report(model)
+    source_recipe = info.pop("recipe", None)
+    info.update({"weights": what, "source_recipe": source_recipe, "exported_from": str(src), "memory": memory.to_dict()})
+    card = model_card(
+        f"{src.resolve().name} ({dtype})", None, memory, _metrics(info), source=str(src),
+        notes=f"These are {what}, in {dtype}"
+        + (f", from a model quantized with recipe `{source_recipe.get('name')}`." if source_recipe else "."),
+    )
+    _say(verbose, f"fp16 export: writing {what} as {dtype}")
+    manifest = save(model, tokenizer, out_dir, config=config, info=info, extra_files={"README.md": card})
+    _say(verbose, f"wrote {out_dir}: {len(manifest['files'])} files; {memory_report(out_dir)}")
+    return manifest
+
+
+# ---------------------------------------------------------------------------
+# CLI
+# ---------------------------------------------------------------------------
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m mlxqat.export",
+        description="Export an mlxqat / mlx-lm model directory to GGUF, an mlx-lm directory, or unquantized weights.",
+    )
+    parser.add_argument("src_dir", help="model directory (saved by mlxqat.save, or any mlx-lm directory)")
+    parser.add_argument("--format", choices=FORMATS, required=True, help="gguf, mlx (mlx-lm directory) or fp16")
+    parser.add_argument("--out", required=True, help="destination .gguf file or directory")
+    parser.add_argument(
+        "--type", dest="qtype", default="auto", choices=["auto", *ge.QTYPES],
+        help="GGUF tensor type; auto: the type that holds the quantized weights exactly",
+    )
+    parser.add_argument("--exact", action="store_true", help="GGUF: refuse instead of re-quantizing")
+    parser.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"],
+                        help="fp16 format: the float type written")
+    parser.add_argument("--json", action="store_true", help="print the export summary as JSON on stdout")
+    args = parser.parse_args(argv)
+    warnings.simplefilter("always", ExportWarning)
+    try:
+        if args.format == "gguf":
+            result = export_gguf(args.src_dir, args.out, args.qtype, args.exact)
+            result.pop("tensors")
+        elif args.format == "mlx":
+            result = {"files": len(export_mlx(args.src_dir, args.out)["files"])}
+        else:
+            result = {"files": len(export_fp16(args.src_dir, args.out, dtype=args.dtype)["files"])}
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(result, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
