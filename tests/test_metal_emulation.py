@@ -128,6 +128,22 @@ def test_emulated_cuda_twin_matches_quantized_matmul(cuda_emu, dtype, group_size
         assert ratio <= 1.0, f"CUDA M={m} N={n} K={k}: error {ratio:.2f} x tolerance"
 
 
+def test_cuda_check_script_runs_its_grid_on_the_emulator(cuda_emu):
+    # benchmarks/cuda_kernel_check.py is for NVIDIA machines; its CPU side runs here.
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import cuda_kernel_check as cc
+
+    records = cc.run_grid("emulated-cuda", quick=True, emulator=cuda_emu, rows=CUDA_ROWS)
+    assert len(records) == 3 * 3 * 2 * 2 and all(r["ok"] for r in records)
+    x, wq, s, b = problem(3, 36, 320, 64, mx.float16)
+    plan = source.launch(x, wq, s, b, 64)
+    ours = cuda_source(source.kernel_spec(plan.variant, "cuda"), plan.call).source
+    as_mlx = ours.replace('#include "cuda_shim.h"', '#include "mlx/backend/cuda/device/utils.cuh"\n'
+                          '#include <cooperative_groups.h>\n#define inf cuda::std::numeric_limits<float>::infinity()')
+    assert cc.normalized_body(as_mlx) == cc.normalized_body(ours)
+    assert cc.normalized_body(ours.replace("(4 * i)", "(4 * i + 1)")) != cc.normalized_body(ours)
+
+
 @pytest.mark.parametrize("m", [5, 40])
 def test_lane_order_does_not_matter(emu, m):
     # Reversing the lanes between synchronization points exposes a missing
