@@ -115,7 +115,7 @@ DECODE_BODY = f"""
       }}
       for (int m = 0; m < MR; m++) {{
         if (m0 + m < M) {{
-          const device T* xp = x + (m0 + m) * K + (kw + j) * 8;
+          const device T* xp = x + int64_t(m0 + m) * K + (kw + j) * 8;
           float xv[8];
           float s = 0.0f;
           for (int i = 0; i < 8; i++) {{
@@ -144,7 +144,7 @@ DECODE_BODY = f"""
     for (int r = 0; r < RN; r++) {{
       const float v = simd_sum(acc[m][r]);
       if (lane == 0 && m0 + m < M && n0 + r < N) {{
-        y[(m0 + m) * N + n0 + r] = static_cast<T>(v);
+        y[int64_t(m0 + m) * N + n0 + r] = static_cast<T>(v);
       }}
     }}
   }}
@@ -180,7 +180,7 @@ PREFILL_BODY = f"""
   for (int k0 = 0; k0 < K; k0 += BK) {{
     const int m = mb + lr;
     for (int i = 0; i < 8; i++) {{
-      xs[lr][lq * 8 + i] = (m < M) ? float(x[m * K + k0 + lq * 8 + i]) : 0.0f;
+      xs[lr][lq * 8 + i] = (m < M) ? float(x[int64_t(m) * K + k0 + lq * 8 + i]) : 0.0f;
     }}
     const int n = nb + lr;
     if (n < N) {{
@@ -213,7 +213,7 @@ PREFILL_BODY = f"""
       const int m = mb + tr + i;
       const int n = nb + tc + c;
       if (m < M && n < N) {{
-        y[m * N + n] = static_cast<T>(acc[i][c]);
+        y[int64_t(m) * N + n] = static_cast<T>(acc[i][c]);  // M * N may pass 2**31
       }}
     }}
   }}
