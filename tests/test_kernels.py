@@ -158,6 +158,10 @@ def test_k_not_divisible_by_group_size_is_an_error():
 
 def test_auto_dispatch_uses_cpu_without_a_gpu():
     assert int4_mod.gpu_backend() is None  # CI has neither Metal nor CUDA
+    wq, s, b = quantized(16, 64, 32)
+    for backend in ("metal", "cuda"):
+        with pytest.raises(ValueError, match=f"backend='{backend}' needs"):
+            int4_matmul(mx.zeros((1, 64)), wq, s, b, 32, backend=backend)
 
 
 # ----------------------------------------------------------------- layer --

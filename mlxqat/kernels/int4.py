@@ -203,6 +203,12 @@ def int4_matmul(x: mx.array, w_packed: mx.array, scales: mx.array, biases: mx.ar
         backend = gpu_backend() or "cpu"
     if backend not in ("metal", "cuda", "cpu"):
         raise ValueError(f"backend={backend!r}; use 'auto', 'metal', 'cuda' or 'cpu'")
+    if backend == "metal" and not mx.metal.is_available():
+        raise ValueError("backend='metal' needs an Apple GPU (mx.metal.is_available() is False); "
+                         "use backend='auto' or 'cpu'")
+    if backend == "cuda" and not (getattr(mx, "cuda", None) and mx.cuda.is_available()):
+        raise ValueError("backend='cuda' needs MLX's CUDA build on an NVIDIA GPU (pip install 'mlx[cuda13]'); "
+                         "use backend='auto' or 'cpu'")
     out_dtype = result_dtype(x.dtype, scales.dtype)
     n, k = w_packed.shape[0], x.shape[-1]
     lead = tuple(x.shape[:-1])
