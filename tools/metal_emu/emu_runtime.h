@@ -18,6 +18,10 @@
 // is the exactly rounded result; mixed with float it gives float), small
 // vectors `vec<T, N>`, and the launch geometry (`Dispatch`, `ThreadAttrs`).
 #pragma once
+#if defined(__APPLE__)  // ucontext is deprecated there but still works
+#define _XOPEN_SOURCE 700
+#define _DARWIN_C_SOURCE
+#endif
 #include <ucontext.h>
 
 #include <algorithm>
