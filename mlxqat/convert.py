@@ -160,6 +160,9 @@ def convert(model: nn.Module, *, kernel: str = "mlx") -> nn.Module:
     """
     if kernel not in ("mlx", "mlxqat"):
         raise ValueError(f"kernel={kernel!r} is not one of 'mlx', 'mlxqat'")
+    from .lora import merge_lora
+
+    merge_lora(model)  # adapters fold into the biases of their converted base
 
     def swap(path, m):
         if is_fake_quant(m):

@@ -28,6 +28,7 @@ from .layers import ActQuantizedLinear, is_fake_quant
 
 MANIFEST = "mlxqat.json"
 ACTIVATION_FILE = "activation_scales.safetensors"
+MASTER_FILE = "master_weights.safetensors"
 MAX_SHARD_BYTES = 5 << 30
 
 PathLike = Union[str, os.PathLike]
@@ -238,6 +239,26 @@ def _write_weights(directory: Path, weights: Dict[str, mx.array], max_shard_byte
         json.dump(index, f, indent=2)
 
 
+def _compact_scales(model: nn.Module, weights: Dict[str, mx.array]) -> None:
+    """float32 scales/biases that are float16 numbers -> float16 (same values, half the bytes).
+
+    Only for linear layers: ``quantized_matmul`` promotes to the activation
+    dtype, so a float32 model computes the same numbers. Embeddings keep their
+    dtype because their output dtype would follow it.
+    """
+    for path, m in model.named_modules():
+        if type(m).__name__ == "QuantizedEmbedding" or not isinstance(m, nn.QuantizedLinear):
+            continue
+        keys = [f"{path}.scales", f"{path}.biases"]
+        arrs = [weights.get(k) for k in keys]
+        if any(a is None or a.dtype != mx.float32 for a in arrs):
+            continue
+        halves = [a.astype(mx.float16) for a in arrs]
+        if all(mx.array_equal(h.astype(mx.float32), a).item() for h, a in zip(halves, arrs)):
+            for k, h in zip(keys, halves):
+                weights[k] = h
+
+
 def save(
     model: nn.Module,
     tokenizer,
@@ -247,6 +268,8 @@ def save(
     info: Optional[Dict[str, Any]] = None,
     max_shard_bytes: int = MAX_SHARD_BYTES,
     extra_files: Optional[Dict[str, Union[str, bytes]]] = None,
+    master_weights: Optional[Dict[str, mx.array]] = None,
+    compact_scales: bool = True,
 ) -> dict:
     """Write a converted model as an mlx-lm directory (``mlx_lm.load(path)`` opens it).
 
@@ -259,6 +282,10 @@ def save(
         info: extra entries for ``mlxqat.json`` (training summary, metrics).
         max_shard_bytes: shard the weights above this size.
         extra_files: ``{name: text or bytes}`` written into the directory.
+        master_weights: unquantized weights to keep beside the model
+            (``master_weights.safetensors``, e.g. the trained QAT weights).
+        compact_scales: store float32 scales/biases of linear layers as float16
+            when that is lossless (the values are float16 numbers).
 
     Returns:
         The manifest written to ``mlxqat.json``.
@@ -298,6 +325,8 @@ def save(
     for k, v in weights.items():
         if mx.issubdtype(v.dtype, mx.floating) and not bool(mx.all(mx.isfinite(v)).item()):
             raise ValueError(f"{k} has NaN/Inf values; refusing to save a broken model")
+    if compact_scales:
+        _compact_scales(model, weights)
 
     manifest_info = {"recipe": None}
     recipe = getattr(model, "mlxqat_recipe", None)
@@ -308,6 +337,8 @@ def save(
 
     with atomic_dir(path) as tmp:
         _write_weights(tmp, weights, max_shard_bytes)
+        if master_weights:
+            mx.save_safetensors(str(tmp / MASTER_FILE), master_weights, metadata={"format": "mlx"})
         if act_scales:
             mx.save_safetensors(str(tmp / ACTIVATION_FILE), act_scales, metadata={"format": "mlxqat"})
         with open(tmp / "config.json", "w") as f:

@@ -20,6 +20,7 @@ from .recipes import LayerSpec
 
 def _init_quant_state(layer: nn.Module, weight: mx.array, spec: LayerSpec) -> None:
     layer.spec = spec
+    layer.fake_quant_enabled = True
     layer.group_size = quant.storage_group_size(spec.group_size, weight.shape[-1])
     if spec.learn_scales:
         _, layer.scales, layer.biases = quant.init_params(
@@ -29,6 +30,10 @@ def _init_quant_state(layer: nn.Module, weight: mx.array, spec: LayerSpec) -> No
 
 def _dequantized(layer: nn.Module, weight: mx.array) -> mx.array:
     spec = layer.spec
+    if not layer.fake_quant_enabled:  # a fake-quant delay: full precision for now
+        return weight
+    if "codes" in layer:
+        return quant.dequantize_frozen(layer.codes, layer.scales, layer.biases, spec.bits, layer.group_size)
     if spec.learn_scales:
         return quant.fake_quant(
             weight, spec.bits, spec.group_size, spec.mode, layer.scales, layer.biases
@@ -42,10 +47,25 @@ def _quantized_params(layer: nn.Module):
     """(packed, scales, biases) exactly as the fake-quant forward uses them."""
     spec = layer.spec
     w = layer.weight
+    if "codes" in layer:
+        return layer.codes, layer.scales.astype(w.dtype), layer.biases.astype(w.dtype)
     if spec.learn_scales:
         s, b = layer.scales.astype(w.dtype), layer.biases.astype(w.dtype)
         return quant.quantize_learned(w, s, b, spec.bits, layer.group_size), s, b
     return quant.init_params(w, spec.bits, spec.group_size, spec.mode, spec.scale_dtype)
+
+
+def freeze_codes(layer: nn.Module) -> None:
+    """Fix a learned-scale layer's integer codes at their current values.
+
+    Afterwards only scales and biases move the dequantized weight (the
+    scales-only training mode); the master weight no longer matters.
+    """
+    if not layer.spec.learn_scales:
+        raise ValueError("freeze_codes() needs a layer with learn_scales=True")
+    if "codes" not in layer:
+        layer.codes = _quantized_params(layer)[0]
+        layer.freeze(keys=["codes"], recurse=False)
 
 
 class FakeQuantLinear(nn.Module):
@@ -88,7 +108,7 @@ class FakeQuantLinear(nn.Module):
 
     def quantize_input(self, x: mx.array) -> mx.array:
         """Static activation fake-quant (identity for weight-only specs)."""
-        if self.spec.act_bits is None:
+        if self.spec.act_bits is None or not self.fake_quant_enabled:
             return x
         if self._act_max is not None:  # calibrating: observe, don't round
             self._act_max = max(self._act_max, float(mx.max(mx.abs(x)).item()))
@@ -162,7 +182,14 @@ class FakeQuantEmbedding(nn.Module):
         spec = self.spec
         rows = self.weight[ids]  # (..., dims)
         flat = rows.reshape(-1, rows.shape[-1])
-        if spec.learn_scales:
+        if not self.fake_quant_enabled:
+            dq = flat
+        elif "codes" in self:
+            codes = self.codes[ids].reshape(flat.shape[0], -1)
+            s = self.scales[ids].reshape(flat.shape[0], -1)
+            b = self.biases[ids].reshape(flat.shape[0], -1)
+            dq = quant.dequantize_frozen(codes, s, b, spec.bits, self.group_size)
+        elif spec.learn_scales:
             s = self.scales[ids].reshape(flat.shape[0], -1)
             b = self.biases[ids].reshape(flat.shape[0], -1)
             dq = quant.fake_quant(flat, spec.bits, spec.group_size, spec.mode, s, b)
@@ -207,3 +234,10 @@ class ActQuantizedLinear(nn.QuantizedLinear):
 
 def is_fake_quant(module: nn.Module) -> bool:
     return isinstance(module, (FakeQuantLinear, FakeQuantEmbedding))
+
+
+def set_fake_quant(model: nn.Module, enabled: bool) -> None:
+    """Turn fake quantization on or off in every fake-quant layer (off = full precision)."""
+    for _, m in model.named_modules():
+        if is_fake_quant(m):
+            m.fake_quant_enabled = enabled

@@ -297,6 +297,34 @@ def fake_quant(
     return _FQ_CACHE[key](w, scales, biases)
 
 
+def _make_dequantize_frozen(bits: int, group_size: int):
+    @mx.custom_function
+    def dq(packed, s, b):
+        return dequantize(packed, s, b, bits, group_size)
+
+    @dq.vjp
+    def dq_vjp(primals, cotangent, output):
+        packed, s, b = primals
+        q = unpack(packed, bits).astype(mx.float32)
+        q = _grouped(q, group_size)
+        gg = _grouped(cotangent.astype(mx.float32), group_size)
+        return mx.zeros_like(packed), mx.sum(gg * q, axis=-1).astype(s.dtype), mx.sum(gg, axis=-1).astype(b.dtype)
+
+    return dq
+
+
+def dequantize_frozen(packed: mx.array, scales: mx.array, biases: mx.array, bits: int, group_size: int) -> mx.array:
+    """``scale * code + bias`` for fixed codes, differentiable in scales and biases.
+
+    Used when only scales/biases train: the codes are fixed once, so every
+    step moves the same grid points (no re-rounding undoes the update).
+    """
+    key = ("frozen", bits, group_size)
+    if key not in _FQ_CACHE:
+        _FQ_CACHE[key] = _make_dequantize_frozen(bits, group_size)
+    return _FQ_CACHE[key](packed, scales, biases)
+
+
 def _make_fake_quant_activation(bits: int):
     lo, hi = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
 

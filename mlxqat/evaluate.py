@@ -1,0 +1,84 @@
+"""Quality metrics of a (quantized) model against its full-precision teacher.
+
+Perplexity on held-out windows, KL(teacher || model) per token and top-1
+agreement (how often both models put the same token first).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Dict, Optional
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+
+
+def kl_divergence(teacher_logits: mx.array, student_logits: mx.array, temperature: float = 1.0) -> mx.array:
+    """Per-token KL(teacher || student) of the softmaxes at ``temperature`` (natural log)."""
+    t = teacher_logits.astype(mx.float32) / temperature
+    s = student_logits.astype(mx.float32) / temperature
+    log_p = t - mx.logsumexp(t, axis=-1, keepdims=True)
+    log_q = s - mx.logsumexp(s, axis=-1, keepdims=True)
+    return mx.sum(mx.exp(log_p) * (log_p - log_q), axis=-1)
+
+
+def evaluate(
+    model: nn.Module,
+    windows: np.ndarray,
+    teacher: Optional[nn.Module] = None,
+    batch_size: int = 8,
+) -> Dict[str, float]:
+    """Perplexity of ``model`` on ``windows`` (n, seq_len + 1) and, with a teacher, KL and top-1 agreement.
+
+    Returns:
+        ``{"ppl", "nll", "tokens"}`` plus ``{"kl", "top1"}`` when ``teacher`` is given.
+    """
+    nll_sum, kl_sum, agree, tokens = 0.0, 0.0, 0, 0
+    for i in range(0, len(windows), batch_size):
+        batch = mx.array(windows[i : i + batch_size])
+        inputs, targets = batch[:, :-1], batch[:, 1:]
+        logits = model(inputs).astype(mx.float32)
+        nll = nn.losses.cross_entropy(logits, targets, reduction="sum")
+        parts = [nll]
+        if teacher is not None:
+            t_logits = mx.stop_gradient(teacher(inputs)).astype(mx.float32)
+            parts.append(mx.sum(kl_divergence(t_logits, logits)))
+            parts.append(mx.sum(mx.argmax(logits, -1) == mx.argmax(t_logits, -1)))
+        mx.eval(*parts)
+        nll_sum += parts[0].item()
+        if teacher is not None:
+            kl_sum += parts[1].item()
+            agree += int(parts[2].item())
+        tokens += targets.size
+    if tokens == 0:
+        raise ValueError("evaluate() got no windows")
+    out = {"nll": nll_sum / tokens, "ppl": math.exp(nll_sum / tokens), "tokens": tokens}
+    if not math.isfinite(out["nll"]):
+        raise FloatingPointError("the model's loss is NaN/Inf on the evaluation data")
+    if teacher is not None:
+        out["kl"] = kl_sum / tokens
+        out["top1"] = agree / tokens
+    return out
+
+
+def gap_recovered(ppl_rtn: float, ppl_method: float, ppl_full: float) -> float:
+    """Share of the round-to-nearest perplexity gap a method closes: 1.0 = back to full precision."""
+    if ppl_rtn <= ppl_full:
+        return float("nan")
+    return (ppl_rtn - ppl_method) / (ppl_rtn - ppl_full)
+
+
+def format_table(rows: Dict[str, Dict[str, float]], ppl_full: Optional[float] = None, ppl_rtn: Optional[float] = None) -> str:
+    """A markdown table of ``{name: metrics}``."""
+    header = "| model | ppl | KL to fp | top-1 agree | gap recovered |\n|---|---|---|---|---|"
+    lines = [header]
+    for name, m in rows.items():
+        gap = ""
+        if ppl_full is not None and ppl_rtn is not None and name not in ("full precision",):
+            g = gap_recovered(ppl_rtn, m["ppl"], ppl_full)
+            gap = f"{100 * g:.0f}%" if g == g else ""
+        kl = f"{m['kl']:.5f}" if "kl" in m else ""
+        top1 = f"{100 * m['top1']:.2f}%" if "top1" in m else ""
+        lines.append(f"| {name} | {m['ppl']:.4f} | {kl} | {top1} | {gap} |")
+    return "\n".join(lines)

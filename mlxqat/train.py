@@ -1,0 +1,267 @@
+"""``python -m mlxqat.train``: the whole QAT job, from a model directory to a quantized one.
+
+    python -m mlxqat.train                      # embedded stdlib model, int4, built-in data
+    python -m mlxqat.train --model DIR_OR_HF_ID --recipe int4 --data corpus/ --steps 1000 --out qat-int4/
+
+Loads the model twice (teacher and student), measures full precision and
+round-to-nearest, fine-tunes the student through the quantizer, measures it
+again, prints the before/after table, converts and saves an mlx-lm directory
+with the table in ``mlxqat.json``. Training artifacts (checkpoints, log,
+teacher cache) go to ``<out>.train/``; ``--resume`` continues from there.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+from mlx.utils import tree_flatten
+
+from . import recipes as recipes_mod
+from .convert import calibrate, convert, prepare
+from .data import build_dataset, check_seq_len, generate_windows, model_context, pack, tokenize_documents, Document
+from .evaluate import evaluate, format_table, gap_recovered
+from .io import atomic_file, save
+from .layers import FakeQuantEmbedding, FakeQuantLinear
+from .trainer import TrainingArgs, train
+
+__all__ = ["run", "main", "train", "TrainingArgs"]
+
+
+def load_model(path: Optional[str]):
+    """``(model, tokenizer, config)`` from a local directory, a Hugging Face id, or the embedded model."""
+    from mlx_lm.utils import load as mlx_lm_load
+
+    if path is None:
+        from .stdlib_data import embedded_model_path
+
+        path = str(embedded_model_path())
+    p = Path(path)
+    if not p.exists() and (path.startswith((".", "/", "~")) or p.suffix):
+        raise FileNotFoundError(f"model path {path} does not exist")
+    if p.exists():
+        from .io import check_config, verify, MANIFEST
+
+        check_config(p)
+        if (p / MANIFEST).exists():
+            verify(p)
+    model, tokenizer, config = mlx_lm_load(str(path), return_config=True)
+    quantized = [k for k, _ in tree_flatten(model.leaf_modules(), is_leaf=nn.Module.is_module)
+                 if isinstance(_, (nn.QuantizedLinear, nn.QuantizedEmbedding))]
+    if quantized:
+        raise ValueError(
+            f"{path} is already quantized ({len(quantized)} quantized layers, e.g. {quantized[0]}); "
+            "QAT needs the full-precision model as teacher and starting point"
+        )
+    return model, tokenizer, config
+
+
+def _calibration_batches(windows: np.ndarray, n: int = 4, batch: int = 4):
+    return [mx.array(windows[i : i + batch, :-1]) for i in range(0, min(len(windows), n * batch), batch)]
+
+
+def _prepared(model, recipe, calib_windows):
+    prepare(model, recipe)
+    if any(isinstance(m, FakeQuantLinear) and m.spec.act_bits for _, m in model.named_modules()):
+        calibrate(model, _calibration_batches(calib_windows))
+    return model
+
+
+def _round_learned_scales(model: nn.Module, dtype) -> None:
+    """Snap learned scales/biases to ``dtype`` values so they are stored losslessly."""
+    for _, m in model.named_modules():
+        if isinstance(m, (FakeQuantLinear, FakeQuantEmbedding)) and m.spec.learn_scales:
+            m.scales = m.scales.astype(dtype).astype(m.scales.dtype)
+            m.biases = m.biases.astype(dtype).astype(m.biases.dtype)
+
+
+def _master_weights(model: nn.Module) -> dict:
+    """The trained full-precision weights under the original model's parameter names."""
+    out = {}
+    for k, v in tree_flatten(model.parameters()):
+        if k.endswith((".scales", ".biases", ".act_scale", ".lora_a", ".lora_b")):
+            continue
+        out[k.replace(".base.", ".")] = v
+    return out
+
+
+def _dataset(data, tokenizer, teacher, seq_len, args, eval_windows, self_generate, seed):
+    need = args.steps * args.batch_size
+    ctx = model_context(teacher)
+    check_seq_len(seq_len, ctx)
+    if self_generate:
+        print(f"sampling {self_generate} + {eval_windows} windows of {seq_len} tokens from the teacher ...", flush=True)
+        gen = generate_windows(teacher, tokenizer, self_generate + eval_windows, seq_len, seed=seed)
+        return gen[:self_generate], gen[self_generate:]
+    if data is None:
+        from .stdlib_data import read_split_text
+
+        chars = (need + 64) * seq_len * 4  # ~4 characters per token is plenty for code
+        train_tok = tokenize_documents([Document("train", read_split_text("train", max_chars=chars))], tokenizer)
+        val_tok = tokenize_documents([Document("val", read_split_text("validation", max_chars=(eval_windows + 8) * seq_len * 5))], tokenizer)
+        return pack(train_tok, seq_len), pack(val_tok, seq_len)[:eval_windows]
+    ds = build_dataset(data, tokenizer, seq_len, max_context=ctx, max_val_windows=eval_windows)
+    return ds.train, ds.val
+
+
+def run(
+    model: Optional[str] = None,
+    recipe: str = "int4",
+    data: Optional[str] = None,
+    out: str = "qat-out",
+    resume: bool = False,
+    learn_scales: Optional[bool] = None,
+    scale_dtype: Optional[str] = "float16",
+    self_generate: int = 0,
+    eval_windows: int = 32,
+    save_master: bool = True,
+    progress: bool = True,
+    **training_kwargs,
+) -> dict:
+    """Run QAT end to end and save the converted model to ``out``.
+
+    Args:
+        model: model directory or Hugging Face id (default: the embedded stdlib model).
+        recipe: built-in recipe name.
+        data: text file, folder or JSONL (default: the Python standard library source).
+        out: output mlx-lm directory; training artifacts go to ``<out>.train/``.
+        resume: continue from the newest checkpoint in ``<out>.train/``.
+        learn_scales: override the recipe's ``learn_scales``.
+        scale_dtype: round scales/biases to this dtype's values so they are stored
+            as float16 without loss (``None``: keep the compute dtype).
+        self_generate: train on this many windows sampled from the teacher instead of data.
+        eval_windows: validation windows for the before/after table.
+        save_master: also save the trained full-precision weights (``master_weights.safetensors``).
+        training_kwargs: :class:`~mlxqat.trainer.TrainingArgs` fields.
+
+    Returns:
+        ``{"table": {...}, "training": {...}, "out": path}``.
+    """
+    t_start = time.perf_counter()
+    args = TrainingArgs(**training_kwargs)
+    opts = {}
+    if learn_scales is not None:
+        opts["learn_scales"] = learn_scales
+    if scale_dtype is not None:
+        opts["scale_dtype"] = scale_dtype
+    if args.trainable == "scales" and learn_scales is None:
+        opts["learn_scales"] = True
+    recipe_obj = recipes_mod.get(recipe, **opts)
+    if data is not None and self_generate:
+        raise ValueError("give either --data or --self-generate, not both")
+
+    teacher, tokenizer, config = load_model(model)
+    train_w, val_w = _dataset(data, tokenizer, teacher, args.seq_len, args, eval_windows, self_generate, args.seed)
+    print(f"data: {len(train_w)} training windows, {len(val_w)} validation windows of {args.seq_len} tokens", flush=True)
+    student, _, _ = load_model(model)
+    rtn, _, _ = load_model(model)
+    for m in (teacher, student, rtn):
+        m.set_dtype(mx.float32)  # fp32 compute and master copies (fast BLAS path on CPU)
+    teacher.freeze()
+
+    _prepared(rtn, recipe_obj, train_w)
+    rows = {
+        "full precision": evaluate(teacher, val_w, teacher),
+        "round-to-nearest": evaluate(rtn, val_w, teacher),
+    }
+    del rtn
+    _prepared(student, recipe_obj, train_w)
+
+    work = Path(str(Path(out)) + ".train")
+    work.mkdir(parents=True, exist_ok=True)
+    summary = train(student, teacher, train_w, None, args, out_dir=work, resume=resume, progress=progress)
+    if scale_dtype is not None:
+        _round_learned_scales(student, getattr(mx, scale_dtype))
+    rows["QAT"] = evaluate(student, val_w, teacher)
+
+    ppl_fp, ppl_rtn = rows["full precision"]["ppl"], rows["round-to-nearest"]["ppl"]
+    table = format_table(rows, ppl_fp, ppl_rtn)
+    print("\n" + table + "\n", flush=True)
+    gap = gap_recovered(ppl_rtn, rows["QAT"]["ppl"], ppl_fp)
+
+    master = _master_weights(student) if save_master else None
+    convert(student)
+    info = {
+        "training": {
+            "args": dataclasses.asdict(args),
+            "base_model": model or "embedded:stdlib-llama",
+            "data": data or ("self-generated" if self_generate else "python-stdlib"),
+            **{k: v for k, v in summary.items() if k not in ("losses", "val")},
+        },
+        "metrics": {**rows, "gap_recovered": gap},
+    }
+    extra = {"train_log.jsonl": (work / "train_log.jsonl").read_text()} if (work / "train_log.jsonl").exists() else {}
+    extra["README.md"] = _model_card(recipe_obj, rows, gap, info)
+    save(student, tokenizer, out, config=config, info=info, extra_files=extra, master_weights=master)
+    print(f"saved {out} ({time.perf_counter() - t_start:.0f} s in all)", flush=True)
+    return {"table": rows, "gap_recovered": gap, "training": summary, "out": str(out)}
+
+
+def _model_card(recipe, rows, gap, info) -> str:
+    from .evaluate import format_table
+
+    return (
+        f"# QAT model ({recipe.name})\n\n"
+        "Made with mlxqat: quantization-aware training distilled from the full-precision model.\n"
+        "Open it with `mlx_lm.load` or `mlxqat.load`.\n\n"
+        f"Recipe: `{json.dumps(recipe.to_dict())}`\n\n"
+        f"{format_table(rows, rows['full precision']['ppl'], rows['round-to-nearest']['ppl'])}\n\n"
+        f"Round-to-nearest perplexity gap recovered: {100 * gap:.0f}%\n"
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m mlxqat.train",
+        description="Quantization-aware training of an mlx-lm model, distilled from its full-precision self.",
+    )
+    p.add_argument("--model", default=None, help="Model directory or Hugging Face id (default: the embedded stdlib model).")
+    p.add_argument("--recipe", default="int4", help=f"Built-in recipe: {', '.join(recipes_mod.names())}.")
+    p.add_argument("--data", default=None, help="Text file, folder or JSONL (default: the Python standard library source).")
+    p.add_argument("--out", default="qat-out", help="Output mlx-lm directory.")
+    p.add_argument("--resume", action="store_true", help="Continue from the newest checkpoint in <out>.train/.")
+    p.add_argument("--learn-scales", dest="learn_scales", action=argparse.BooleanOptionalAction, default=None,
+                   help="Train scales/biases too (overrides the recipe).")
+    p.add_argument("--scale-dtype", default="float16", help="Round scales/biases to this dtype ('none' to keep float32).")
+    p.add_argument("--self-generate", type=int, default=0, help="Train on N windows sampled from the teacher (no data needed).")
+    p.add_argument("--eval-windows", type=int, default=32, help="Validation windows for the before/after table.")
+    p.add_argument("--no-save-master", dest="save_master", action="store_false", help="Don't save the full-precision trained weights.")
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="No progress bar.")
+    for f in dataclasses.fields(TrainingArgs):
+        flag = "--" + f.name.replace("_", "-")
+        help_ = f.metadata.get("help", "") + f" (default: {f.default})"
+        if f.type in ("bool", bool):
+            p.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=f.default, help=help_)
+        else:
+            typ = {"int": int, "float": float, "str": str, "Optional[float]": float}.get(str(f.type), str)
+            p.add_argument(flag, dest=f.name, type=typ, default=f.default, help=help_)
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    kwargs = vars(args)
+    if isinstance(kwargs.get("scale_dtype"), str) and kwargs["scale_dtype"].lower() == "none":
+        kwargs["scale_dtype"] = None
+    try:
+        run(**kwargs)
+    except (ValueError, FileNotFoundError, FloatingPointError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\ninterrupted; resume with --resume (checkpoints are in <out>.train/)", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,189 @@
+"""QAT training: it learns, resumes exactly, merges LoRA exactly, runs data-parallel, refuses bad input."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+import mlxqat
+import tiny
+from mlxqat.evaluate import evaluate
+from mlxqat.lora import QALoRALinear, apply_lora
+from mlxqat.train import main as train_main
+from mlxqat.trainer import TrainingArgs, train
+
+HERE = Path(__file__).parent
+SCRIPT = HERE / "train_script.py"
+
+
+def _corpus_windows(tokenizer, seq_len=32):
+    from mlxqat.data import Document, pack, tokenize_documents
+
+    return pack(tokenize_documents([Document("c", tiny.CORPUS * 3)], tokenizer), seq_len)
+
+
+@pytest.mark.parametrize("trainable,recipe", [("all", "int2"), ("scales", "int3"), ("lora", "int3")])
+def test_qat_lowers_loss_and_beats_round_to_nearest(tokenizer, trainable, recipe):
+    windows = _corpus_windows(tokenizer)
+    teacher, _ = tiny.make_model("llama", 0, scale=3.0)  # peaked logits: quantization hurts visibly
+    student, _ = tiny.make_model("llama", 0, scale=3.0)
+    rtn, _ = tiny.make_model("llama", 0, scale=3.0)
+    learn = trainable == "scales"
+    mlxqat.prepare(rtn, mlxqat.recipes.get(recipe, learn_scales=learn))
+    mlxqat.prepare(student, mlxqat.recipes.get(recipe, learn_scales=learn))
+    val = windows[-4:]
+    before = evaluate(rtn, val, teacher)
+    lr = {"all": 1e-3, "scales": 1e-3, "lora": 1e-3}[trainable]
+    args = TrainingArgs(steps=40, batch_size=4, seq_len=32, learning_rate=lr, scale_learning_rate=1e-3,
+                        lora_learning_rate=3e-3, trainable=trainable, warmup_steps=3, log_every=5)
+    summary = train(student, teacher, windows[:-4], val, args, progress=False)
+    losses = summary["losses"]
+    assert np.mean(losses[-5:]) < 0.8 * np.mean(losses[:5])
+    assert summary["val"]["kl"] < before["kl"]
+    # what was trained survives conversion unchanged
+    after = summary["val"]
+    mlxqat.convert(student)
+    converted = evaluate(student, val, teacher)
+    assert converted["kl"] == pytest.approx(after["kl"], rel=1e-4, abs=1e-6)
+
+
+def test_lora_merge_is_exact():
+    model, _ = tiny.make_model("qwen3", 4)
+    mlxqat.prepare(model, "int4")
+    n = apply_lora(model, rank=4, seed=1)
+    assert n == 14
+    for _, m in model.named_modules():  # as if trained: non-zero adapters
+        if isinstance(m, QALoRALinear):
+            m.lora_b = mx.random.normal(m.lora_b.shape) * 0.05
+    x = mx.random.randint(0, tiny.VOCAB, (2, 12))
+    adapted = model(x)
+    base_only = model  # the adapters really change the output
+    mlxqat.convert(model)
+    assert not any(isinstance(m, QALoRALinear) for _, m in model.named_modules())
+    merged = model(x)
+    assert float(mx.abs(merged - adapted).max()) <= 1e-5
+    assert base_only is model
+
+
+def test_resume_after_sigkill_matches_uninterrupted(tmp_path):
+    steps = 14
+    full = tmp_path / "full"
+    subprocess.run([sys.executable, str(SCRIPT), str(full), str(steps)], check=True, timeout=300)
+    ref = json.loads((full / "result_0.json").read_text())["losses"]
+    assert len(ref) == steps
+
+    run = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, str(SCRIPT), str(run), str(steps), "--sleep", "0.4"])
+    latest = run / "checkpoints" / "latest.json"
+    deadline = time.time() + 240
+    while time.time() < deadline:
+        if latest.exists() and json.loads(latest.read_text())["step"] >= 6:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (run / "result_0.json").exists(), "the run finished before it was killed"
+    subprocess.run([sys.executable, str(SCRIPT), str(run), str(steps), "--resume"], check=True, timeout=300)
+    res = json.loads((run / "result_0.json").read_text())
+    k = res["resumed_from"]
+    assert 6 <= k < steps
+    np.testing.assert_allclose(res["losses"], ref[k:], rtol=0, atol=1e-6)
+    a = mx.load(str(full / "params_0.safetensors"))
+    b = mx.load(str(run / "params_0.safetensors"))
+    assert max(float(mx.abs(a[k] - b[k]).max()) for k in a) <= 1e-6
+
+
+def test_data_parallel_two_processes_match_one(tmp_path):
+    launch = shutil.which("mlx.launch", path=str(Path(sys.executable).parent)) or shutil.which("mlx.launch")
+    if launch is None:
+        pytest.fail("mlx.launch is not installed (it ships with mlx)")
+    one = tmp_path / "one"
+    subprocess.run([sys.executable, str(SCRIPT), str(one), "6", "--global-batch", "4"], check=True, timeout=300)
+    two = tmp_path / "two"
+    env = dict(os.environ)
+    subprocess.run(
+        [launch, "--backend", "ring", "--hosts", "127.0.0.1", "-n", "2", "--starting-port", "35517",
+         sys.executable, str(SCRIPT), str(two), "6", "--global-batch", "4"],
+        check=True, timeout=300, env=env,
+    )
+    a = mx.load(str(one / "params_0.safetensors"))
+    for rank in (0, 1):
+        b = mx.load(str(two / f"params_{rank}.safetensors"))
+        assert set(a) == set(b)
+        assert max(float(mx.abs(a[k] - b[k]).max()) for k in a) <= 1e-5
+    la = json.loads((one / "result_0.json").read_text())["losses"]
+    lb = json.loads((two / "result_0.json").read_text())["losses"]
+    np.testing.assert_allclose(la, lb, atol=1e-5)
+
+
+@pytest.fixture()
+def fp_model_dir(tmp_path, tokenizer):
+    model, config = tiny.make_model("llama", 0)
+    config["max_position_embeddings"] = 64
+    return tiny.save_fp_model(model, config, tokenizer, tmp_path / "fp")
+
+
+def _err(capsys, argv):
+    code = train_main(argv)
+    err = capsys.readouterr().err
+    return code, err
+
+
+def test_cli_bad_input_fails_before_training(tmp_path, fp_model_dir, capsys):
+    out = str(tmp_path / "o")
+    base = ["--model", str(fp_model_dir), "--out", out, "--steps", "2", "--no-progress", "--seq-len", "16"]
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "a.txt").write_text("   \n")
+    chat = tmp_path / "chat.jsonl"
+    chat.write_text(json.dumps({"messages": [{"role": "user", "content": "hi"}]}) + "\n")
+    text = tmp_path / "t.txt"
+    text.write_text(tiny.CORPUS)
+    cases = [
+        (["--data", str(tmp_path / "missing")], "does not exist"),
+        (["--data", str(tmp_path / "empty")], "holds no text"),
+        (["--data", str(chat)], "no chat template"),
+        (["--data", str(text), "--recipe", "int5"], "unknown recipe 'int5'"),
+        (["--data", str(text), "--seq-len", "128"], "longer than the model's context of 64"),
+        (["--data", str(text), "--learning-rate", "-1"], "learning_rate=-1.0 must be positive"),
+    ]
+    for extra, msg in cases:
+        argv = base + extra
+        code, err = _err(capsys, argv)
+        assert code == 2, (extra, err)
+        assert msg in err, (extra, err)
+        assert "Traceback" not in err
+        assert not Path(out).exists() and not Path(out + ".train").exists() or not any(Path(out + ".train").iterdir())
+
+
+def test_cli_end_to_end_on_a_model_directory(tmp_path, fp_model_dir, capsys):
+    text = tmp_path / "t.txt"
+    text.write_text(tiny.CORPUS * 4)
+    out = tmp_path / "q"
+    code = train_main(["--model", str(fp_model_dir), "--data", str(text), "--out", str(out), "--steps", "6",
+                       "--batch-size", "2", "--seq-len", "16", "--eval-windows", "4", "--no-progress",
+                       "--learning-rate", "1e-3", "--log-every", "2"])
+    printed = capsys.readouterr().out
+    assert code == 0
+    assert "| round-to-nearest |" in printed and "| QAT |" in printed
+    manifest = mlxqat.verify(out)
+    assert set(manifest["metrics"]) >= {"full precision", "round-to-nearest", "QAT", "gap_recovered"}
+    assert "master_weights.safetensors" in manifest["files"]
+    log = [json.loads(l) for l in (out / "train_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [2, 4, 6]
+    model, tok = mlxqat.load(out)
+    from mlx_lm import load as mlx_lm_load
+
+    m2, _ = mlx_lm_load(str(out))
+    x = mx.array([tok.encode("def f(x):")])
+    assert mx.array_equal(model(x), m2(x)).item()
+    # scales of linear layers were stored as float16, losslessly
+    w = mx.load(str(out / "model.safetensors"))
+    assert w["model.layers.0.mlp.up_proj.scales"].dtype == mx.float16
