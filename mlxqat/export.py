@@ -39,7 +39,7 @@ from . import __version__
 from . import gguf_export as ge
 from .io import MANIFEST, PathLike, check_config, load, read_manifest, save
 
-MASTER_WEIGHTS = "master_weights.safetensors"
+MASTER_FILE = "master_weights.safetensors"  # the trainer's float master weights, if saved
 FORMATS = ("gguf", "mlx", "fp16")
 
 
@@ -188,20 +188,28 @@ def atomic_path(dest: PathLike) -> Iterator[Path]:
         raise
 
 
+def _float_dtype(model: nn.Module) -> mx.Dtype:
+    """The dtype the model computes in: that of its unquantized floating parameters."""
+    quantized = {p for p, m in model.named_modules() if isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding))}
+    for path, v in tree_flatten(model.parameters()):
+        if path.rpartition(".")[0] not in quantized and mx.issubdtype(v.dtype, mx.floating):
+            return v.dtype
+    return mx.float32
+
+
 def dequantize_layers(model: nn.Module, dtype: Optional[mx.Dtype] = None) -> nn.Module:
     """Replace quantized layers by float layers holding their dequantized weights, in place.
 
-    ``dtype`` defaults to the dtype of each layer's scales. Static activation
-    quantization (``ActQuantizedLinear``) is dropped: the float layer is plain.
+    Weights are dequantized in float32 and cast to ``dtype`` (default: the
+    dtype of the model's unquantized parameters, e.g. its norms). Static
+    activation quantization (``ActQuantizedLinear``) is dropped: the float
+    layer is plain.
     """
+    dtype = dtype or _float_dtype(model)
 
     def swap(path, m):
         if isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding)):
-            w = mx.dequantize(
-                m.weight, m.scales, m.get("biases"), group_size=m.group_size, bits=m.bits,
-                mode=getattr(m, "mode", "affine"),
-            )
-            w = w.astype(dtype or m.scales.dtype)
+            w = ge.dequantized_weight(m).astype(dtype)
             if isinstance(m, nn.QuantizedEmbedding):
                 out = nn.Embedding(*w.shape)
             else:
@@ -314,8 +322,7 @@ def export_gguf(
     out = Path(out_path)
     config = check_config(src)
     ge.arch_spec(config["model_type"])  # fail fast, before loading weights
-    if not (src / "tokenizer.json").exists():
-        ge.read_tokenizer(src, 0)  # raises the missing-tokenizer error
+    ge.read_tokenizer(src)  # fail fast on a missing or unsupported tokenizer
     model, tokenizer = load(src)
     if qtype == "auto":
         qtype = _auto_qtype(model)
@@ -512,7 +519,7 @@ def export_fp16(src_dir: PathLike, out_dir: PathLike, *, dtype: str = "float16",
     model, tokenizer = load(src)
     info = _source_manifest(src)
     dequantize_layers(model, mx.float32)
-    master = src / MASTER_WEIGHTS
+    master = src / MASTER_FILE
     if master.exists():
         weights = mx.load(str(master))
         params = dict(tree_flatten(model.parameters()))
@@ -524,7 +531,7 @@ def export_fp16(src_dir: PathLike, out_dir: PathLike, *, dtype: str = "float16",
                 f"{bad[:3]}; it was saved for a different architecture or recipe"
             )
         model.load_weights(list(weights.items()), strict=False)
-        what = f"the float master weights of the QAT run ({MASTER_WEIGHTS})"
+        what = f"the float master weights of the QAT run ({MASTER_FILE})"
     else:
         what = "the dequantized QAT weights (exactly what the quantized model computes with)"
     target = getattr(mx, dtype)

@@ -189,6 +189,24 @@ def exact_blocks(
     return np.concatenate([d, _f16_bytes(biases), nibbles], axis=-1).reshape(n, -1), ""
 
 
+def dequantized_weight(m: nn.Module) -> mx.array:
+    """The float32 weight of a quantized layer: ``scale * code + bias`` evaluated in float32.
+
+    This is what ``quantized_matmul`` computes with for float32 activations,
+    whatever dtype the scales are stored in (mlxqat stores float16-valued
+    scales as float16).
+    """
+    biases = m.get("biases")
+    return mx.dequantize(
+        m.weight,
+        m.scales.astype(mx.float32),
+        None if biases is None else biases.astype(mx.float32),
+        group_size=m.group_size,
+        bits=m.bits,
+        mode=getattr(m, "mode", "affine"),
+    )
+
+
 def _np32(a: mx.array) -> np.ndarray:
     return np.array(a.astype(mx.float32))
 
@@ -338,12 +356,9 @@ def _quantized_tensor(name, path, m, qtype, heads) -> GGUFTensor:
                 return GGUFTensor(name, path, t, blocks, (n, k), True, how, heads)
             reasons.append(why)
         note = reasons[0]
-        w = mx.dequantize(m.weight, m.scales, m.biases, group_size=m.group_size, bits=m.bits)
-    elif mode == "affine":
-        w = mx.dequantize(m.weight, m.scales, m.biases, group_size=m.group_size, bits=m.bits)
-    else:
+    elif mode != "affine":
         note = f"mode={mode!r} has no GGUF block form"
-        w = mx.dequantize(m.weight, m.scales, m.get("biases"), group_size=m.group_size, bits=m.bits, mode=mode)
+    w = dequantized_weight(m)
     if qtype in _FLOAT_TYPES:
         t = _matrix_tensor(name, path, w, qtype, heads, True)
         t.note = f"dequantized to {t.qtype.name}" + ("" if t.exact else " (values not exact in that type)")
@@ -454,11 +469,12 @@ def _pre_tokenizer_name(tok: dict, where: Path) -> str:
     )
 
 
-def read_tokenizer(tokenizer_dir: Path, n_vocab: int) -> dict:
+def read_tokenizer(tokenizer_dir: Path, n_vocab: Optional[int] = None) -> dict:
     """The vocabulary of a byte-level BPE ``tokenizer.json``, in GGUF terms.
 
     Returns:
-        ``{"tokens", "types", "pre"}`` with ``n_vocab`` entries (unused ids padded).
+        ``{"tokens", "types", "pre"}`` with ``n_vocab`` entries (unused ids
+        padded; default: the tokenizer's own size).
 
     Raises:
         FileNotFoundError: no ``tokenizer.json``.
@@ -486,6 +502,8 @@ def read_tokenizer(tokenizer_dir: Path, n_vocab: int) -> dict:
     for added in tok.get("added_tokens", []):
         kind = gguf.TokenType.CONTROL if added.get("special") else gguf.TokenType.USER_DEFINED
         by_id[added["id"]] = (added["content"], int(kind))
+    if n_vocab is None:
+        n_vocab = max(by_id) + 1 if by_id else 0
     if by_id and max(by_id) >= n_vocab:
         raise GGUFExportError(
             f"{path} has token id {max(by_id)} but the model's embedding has {n_vocab} rows; "
