@@ -183,8 +183,13 @@ def convert(model: nn.Module, *, kernel: str = "mlx") -> nn.Module:
 def use_kernel(model: nn.Module, kernel: str = "mlxqat") -> nn.Module:
     """Switch the model's 4-bit quantized linear layers between MLX's and our kernel.
 
-    Parameters are shared, not copied; saving the model writes the same files.
+    ``kernel="mlxqat"`` runs supported layers (4-bit affine) with
+    :func:`mlxqat.kernels.int4_matmul`; ``"mlx"`` goes back to
+    ``nn.QuantizedLinear``. Parameters are shared, not copied; saving the model
+    writes the same files.
     """
+    if kernel not in ("mlx", "mlxqat"):
+        raise ValueError(f"kernel={kernel!r} is not one of 'mlx', 'mlxqat'")
     from .kernels import KernelQuantizedLinear, is_supported
 
     def swap(path, m):
@@ -192,8 +197,12 @@ def use_kernel(model: nn.Module, kernel: str = "mlxqat") -> nn.Module:
             if type(m) is nn.QuantizedLinear and is_supported(m):
                 return KernelQuantizedLinear.from_quantized(m)
         elif isinstance(m, KernelQuantizedLinear):
-            ql = nn.QuantizedLinear(1, 1, False, m.group_size, m.bits)
-            ql.update(dict(m.items()))
+            ql = nn.QuantizedLinear.__new__(nn.QuantizedLinear)
+            nn.Module.__init__(ql)
+            ql.group_size, ql.bits, ql.mode = m.group_size, m.bits, m.mode
+            for k, v in m.items():  # the same arrays, shared
+                setattr(ql, k, v)
+            ql.freeze()
             return ql
         return m
 

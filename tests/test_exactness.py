@@ -111,3 +111,19 @@ def test_convert_without_prepare_is_an_error():
     model, _ = tiny.make_model("llama", 0)
     with pytest.raises(ValueError, match="prepare"):
         mlxqat.convert(model)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+def test_converted_with_our_kernel_generates_the_same_tokens(arch):
+    model, _ = tiny.make_model(arch, 3)
+    mlxqat.prepare(model, "int4")
+    prompt = mx.arange(5, 17)
+    fq_tokens = tiny.greedy(model, prompt, 24)
+    mlxqat.convert(model, kernel="mlxqat")
+    kinds = {type(m).__name__ for _, m in model.named_modules()}
+    assert "KernelQuantizedLinear" in kinds
+    assert tiny.greedy(model, prompt, 24) == fq_tokens
+    mlxqat.use_kernel(model, "mlx")
+    kinds = {type(m).__name__ for _, m in model.named_modules()}
+    assert "KernelQuantizedLinear" not in kinds and "QuantizedLinear" in kinds
+    assert tiny.greedy(model, prompt, 24) == fq_tokens
