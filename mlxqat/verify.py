@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import types
 from typing import List, Optional
 
 from .io import IntegrityError, verify
@@ -30,6 +31,16 @@ def main(argv: Optional[List[str]] = None) -> int:
     print(f"OK {len(manifest.get('files', {}))} files")
     return 0
 
+
+class _CallableModule(types.ModuleType):
+    """Importing ``mlxqat.verify`` (the module) rebinds the package attribute that was the
+    function :func:`mlxqat.io.verify`; calling the module keeps ``mlxqat.verify(path)`` working."""
+
+    def __call__(self, directory):
+        return verify(directory)
+
+
+sys.modules[__name__].__class__ = _CallableModule
 
 if __name__ == "__main__":
     sys.exit(main())

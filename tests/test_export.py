@@ -1,0 +1,248 @@
+"""Exports other than GGUF numerics: mlx-lm directories, unquantized weights, memory
+reports, the command lines, integrity checks and interrupted exports."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from mlx.utils import tree_flatten
+from mlx_lm import load as mlx_lm_load
+
+import mlxqat
+import tiny
+from mlxqat import export as ex
+from mlxqat.recipes import LayerSpec, Recipe
+
+verify_cli = importlib.import_module("mlxqat.verify")  # the module (mlxqat.verify is also the function)
+ROOT = Path(__file__).resolve().parents[1]
+MIXED = Recipe(
+    "mixed-export",
+    LayerSpec(4, 32, "symmetric"),
+    overrides=(("*.mlp.down_proj", LayerSpec(8, 64)),),
+    skip=("lm_head",),
+    description="test recipe",
+)
+
+
+def _src(tmp_path, tokenizer, recipe="q4_0", arch="llama", info=None, name="src"):
+    model, config = tiny.make_model(arch, 0)
+    n_float = sum(v.size for _, v in tree_flatten(model.parameters()))
+    mlxqat.prepare(model, recipe)
+    mlxqat.convert(model)
+    mlxqat.save(model, tokenizer, tmp_path / name, config=config, info=info)
+    return tmp_path / name, model, config, n_float
+
+
+def _run(*args, **kw):
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    return subprocess.run([sys.executable, *args], capture_output=True, text=True, env=env, cwd=ROOT, **kw)
+
+
+# ---------------------------------------------------------------------------
+# Memory report
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("recipe,bits,gguf_bpw", [("q4_0", 4, 4.5), ("q4_1", 4, 5.0), ("q8_0", 8, 8.5)])
+def test_memory_report(tmp_path, tokenizer, recipe, bits, gguf_bpw):
+    src, model, config, n_float = _src(tmp_path, tokenizer, recipe)
+    r = ex.memory_report(model)  # in memory: float32 scales and biases, group 32
+    assert r.bits_per_weight == bits + 2 * 32 / 32
+    assert r.n_weights == n_float
+    assert r.ratio_to_bf16 == pytest.approx(r.weight_bytes / (2 * n_float))
+    assert r.bytes_on_disk is None
+    d = ex.memory_report(src)
+    assert d.bytes_on_disk == sum(p.stat().st_size for p in src.iterdir())
+    stored = mx.load(str(src / "model.safetensors"))  # (mlxqat.save may keep scales as float16)
+    packed = [k[: -len(".scales")] for k in stored if k.endswith(".scales")]
+    matrix_bits = sum(8 * stored[f"{p}.{leaf}"].nbytes for p in packed for leaf in ("weight", "scales", "biases"))
+    assert d.bits_per_weight == pytest.approx(matrix_bits / sum(stored[f"{p}.weight"].size * 32 // bits for p in packed))
+    assert d.n_weights == n_float
+    out = tmp_path / "m.gguf"
+    ex.export_gguf(src, out, recipe, exact=True, verbose=False)
+    g = ex.memory_report(out)
+    # GGUF blocks: codes + float16 scale (+ float16 minimum for Q4_1) per 32 weights
+    assert g.bits_per_weight == gguf_bpw
+    assert g.bytes_on_disk == out.stat().st_size and g.n_weights == n_float
+    assert g.ratio_to_bf16 < 1 and g.weight_bytes < g.bytes_on_disk
+    assert f"{gguf_bpw:.3f} bits per weight" in str(g)
+
+
+# ---------------------------------------------------------------------------
+# mlx-lm directory export
+# ---------------------------------------------------------------------------
+
+
+def test_export_mlx_directory_with_model_card(tmp_path, tokenizer, capsys):
+    metrics = {"ppl": 12.5, "ppl_fp": 12.25, "kl_to_teacher": 0.0123}
+    src, model, config, _ = _src(tmp_path, tokenizer, MIXED, info={"metrics": metrics})
+    out = tmp_path / "mlx-dir"
+    manifest = ex.export_mlx(src, out)
+    assert "README.md" in manifest["files"] and manifest["recipe"]["name"] == "mixed-export"
+    loaded, tok = mlx_lm_load(str(out))
+    x = mx.array([tokenizer.encode("def fibonacci(n):")])
+    assert mx.array_equal(loaded(x), model(x)).item()
+    card = (out / "README.md").read_text()
+    report = ex.memory_report(loaded)
+    assert "Recipe `mixed-export`: test recipe" in card
+    assert "`*.mlp.down_proj`: 8-bit, group 64, affine" in card and "`lm_head`: full precision" in card
+    assert f"| {report.bits_per_weight:.3f} | {report.ratio_to_bf16:.3f}x |" in card
+    assert "| ppl | 12.5 |" in card and "| kl_to_teacher | 0.0123 |" in card
+    assert "bits per weight" in capsys.readouterr().err
+    assert verify_cli.main([str(out)]) == 0
+    assert capsys.readouterr().out.strip() == f"OK {len(manifest['files'])} files"
+
+
+def test_tampered_export_fails_verify_and_load(tmp_path, tokenizer, capsys):
+    src, *_ = _src(tmp_path, tokenizer)
+    out = tmp_path / "mlx-dir"
+    ex.export_mlx(src, out, verbose=False)
+    path = out / "model.safetensors"
+    data = bytearray(path.read_bytes())
+    data[len(data) // 3] ^= 0x10
+    path.write_bytes(bytes(data))
+    assert verify_cli.main([str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "FAILED" in err and "model.safetensors: sha256" in err and "re-export or re-download" in err
+    with pytest.raises(mlxqat.IntegrityError, match=r"model\.safetensors: sha256"):
+        mlxqat.load(out)
+    proc = _run("-m", "mlxqat.verify", str(out))
+    assert proc.returncode == 2 and "model.safetensors" in proc.stderr
+    assert verify_cli.main([str(tmp_path / "nowhere")]) == 2
+    assert "mlxqat.json" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------
+# Unquantized export
+# ---------------------------------------------------------------------------
+
+
+def test_export_fp16_dequantizes_or_uses_master_weights(tmp_path, tokenizer, capsys):
+    src, model, config, _ = _src(tmp_path, tokenizer, "q4_0")
+    out = tmp_path / "fp16"
+    ex.export_fp16(src, out)
+    assert "dequantized QAT weights" in capsys.readouterr().err
+    cfg = json.loads((out / "config.json").read_text())
+    assert "quantization" not in cfg
+    w = mx.load(str(out / "model.safetensors"))
+    q = model.layers[1].self_attn.v_proj
+    want = mx.dequantize(q.weight, q.scales, q.biases, group_size=32, bits=4).astype(mx.float16)
+    assert w["model.layers.1.self_attn.v_proj.weight"].dtype == mx.float16
+    assert mx.array_equal(w["model.layers.1.self_attn.v_proj.weight"], want).item()
+    assert "dequantized QAT weights" in (out / "README.md").read_text()
+    fp, _ = mlx_lm_load(str(out))  # opens as a plain float16 model
+    assert not any("Quantized" in type(m).__name__ for _, m in fp.named_modules())
+
+    # With the trainer's float master weights beside the model, those are exported.
+    master, _ = tiny.make_model("llama", 7)
+    masters = dict(tree_flatten(master.parameters()))
+    mx.save_safetensors(str(tmp_path / "master.safetensors"), masters)
+    src2 = tmp_path / "src2"
+    model2, _ = tiny.make_model("llama", 0)
+    mlxqat.prepare(model2, "q4_0")
+    mlxqat.convert(model2)
+    mlxqat.save(model2, tokenizer, src2, config=config,
+                extra_files={ex.MASTER_FILE: (tmp_path / "master.safetensors").read_bytes()})
+    ex.export_fp16(src2, tmp_path / "fp16b", dtype="float32")
+    assert "float master weights" in capsys.readouterr().err
+    w = mx.load(str(tmp_path / "fp16b" / "model.safetensors"))
+    for k, v in masters.items():
+        assert mx.array_equal(w[k], v).item(), k
+    # master weights that belong to another model are refused
+    mx.save_safetensors(str(tmp_path / "bad.safetensors"), {"model.layers.0.mlp.up_proj.weight": mx.zeros((3, 3))})
+    src3 = tmp_path / "src3"
+    mlxqat.save(model2, tokenizer, src3, config=config,
+                extra_files={ex.MASTER_FILE: (tmp_path / "bad.safetensors").read_bytes()})
+    with pytest.raises(ValueError, match="does not match the model: .*wrong shapes"):
+        ex.export_fp16(src3, tmp_path / "fp16c")
+    assert not (tmp_path / "fp16c").exists()
+
+
+# ---------------------------------------------------------------------------
+# Command line and interrupted exports
+# ---------------------------------------------------------------------------
+
+
+def test_command_line(tmp_path, tokenizer, capsys):
+    src, *_ = _src(tmp_path, tokenizer, "q4_1", arch="qwen3")
+    assert ex.main([str(src), "--format", "gguf", "--out", str(tmp_path / "a.gguf"), "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["qtype"] == "q4_1" and summary["exact"] and summary["memory"]["bits_per_weight"] == 5.0
+    assert ex.main([str(src), "--format", "fp16", "--out", str(tmp_path / "fp")]) == 0
+    assert ex.main([str(src), "--format", "mlx", "--out", str(tmp_path / "mlx")]) == 0
+    mlxqat.verify(tmp_path / "mlx")
+    assert ex.main([str(tmp_path / "missing"), "--format", "mlx", "--out", str(tmp_path / "x")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    proc = _run("-m", "mlxqat.export", str(src), "--format", "gguf", "--out", str(tmp_path / "b.gguf"))
+    assert proc.returncode == 0, proc.stderr
+    assert "bits per weight" in proc.stderr
+    assert (tmp_path / "b.gguf").read_bytes() == (tmp_path / "a.gguf").read_bytes()  # deterministic
+
+
+def test_failed_export_leaves_no_file(tmp_path, tokenizer, monkeypatch):
+    import gguf
+
+    src, *_ = _src(tmp_path, tokenizer)
+    out = tmp_path / "out" / "m.gguf"
+
+    def boom(self, *a, **k):
+        raise OSError("disk full (injected)")
+
+    monkeypatch.setattr(gguf.GGUFWriter, "write_tensors_to_file", boom)
+    with pytest.raises(OSError, match="injected"):
+        ex.export_gguf(src, out, verbose=False)
+    assert list(out.parent.iterdir()) == []
+    monkeypatch.undo()
+    ex.export_gguf(src, out, verbose=False)
+    good = out.read_bytes()
+    monkeypatch.setattr(gguf.GGUFWriter, "write_tensors_to_file", boom)
+    with pytest.raises(OSError):
+        ex.export_gguf(src, out, "q4_1", verbose=False)
+    assert out.read_bytes() == good and [p.name for p in out.parent.iterdir()] == ["m.gguf"]
+
+
+KILL_MID_WRITE = """
+import os, signal, sys
+import gguf, mlx.core as mx
+from mlxqat import export as ex
+
+def die(*a, **k):
+    # some bytes reach the disk, then the process is killed without any cleanup
+    with open(os.path.join(sys.argv[3], "started"), "w"):
+        pass
+    os.kill(os.getpid(), signal.SIGKILL)
+
+if sys.argv[1] == "gguf":
+    real = gguf.GGUFWriter.write_tensors_to_file
+    def partial(self, *a, **k):
+        self.fout[0].write(b"\\0" * 1000)
+        self.fout[0].flush()
+        die()
+    gguf.GGUFWriter.write_tensors_to_file = partial
+    ex.export_gguf(sys.argv[2], os.path.join(sys.argv[3], "m.gguf"), verbose=False)
+else:
+    mx.save_safetensors = die
+    ex.export_mlx(sys.argv[2], os.path.join(sys.argv[3], "mlx-dir"), verbose=False)
+"""
+
+
+@pytest.mark.parametrize("fmt,name", [("gguf", "m.gguf"), ("mlx", "mlx-dir")])
+def test_killed_export_leaves_nothing_at_the_destination(tmp_path, tokenizer, fmt, name):
+    src, *_ = _src(tmp_path, tokenizer)
+    dest = tmp_path / "dest"
+    dest.mkdir()
+    proc = _run("-c", KILL_MID_WRITE, fmt, str(src), str(dest), timeout=120)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    assert (dest / "started").exists()  # it was killed mid-write, not before
+    assert not (dest / name).exists()
+    leftovers = [p.name for p in dest.iterdir() if p.name != "started"]
+    assert all(p.startswith(f".{name}.tmp-") for p in leftovers), leftovers
