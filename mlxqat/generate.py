@@ -1,0 +1,505 @@
+"""``python -m mlxqat.generate``: stream text from a model, then print its speed and memory.
+
+    python -m mlxqat.generate --prompt "def fibonacci(n):"          # the embedded stdlib model
+    python -m mlxqat.generate --prompt "import os" --quantize int4   # ... RTN-quantized on the fly
+    python -m mlxqat.generate --model qat-int4/ --prompt "..." --max-tokens 200 --temp 0.7 --top-p 0.9 --seed 0
+    python -m mlxqat.generate --model qat-int4/ --chat              # chat with the tokenizer's template
+
+Text goes to stdout as it is generated; the statistics (prompt tokens/s,
+generation tokens/s, peak memory) go to stderr, so ``> out.txt`` keeps only
+the text. Decoding is mlx-lm's own (``mlx_lm.stream_generate`` with
+``mlx_lm.sample_utils.make_sampler``): with the same model, prompt and seed the
+text is the text ``mlx_lm.generate`` gives.
+
+Models: without ``--model``, the embedded full-precision stdlib Llama
+(``mlxqat/assets/stdlib-llama``) runs as it is; ``--quantize RECIPE``
+quantizes any full-precision model with round-to-nearest on the fly. A local
+directory is opened with :func:`mlxqat.load`, which checks the sha256 manifest
+of directories written by mlxqat; other strings are Hugging Face ids, opened
+with ``mlx_lm.load``.
+
+Kernels (``--kernel``): ``mlx`` runs 4-bit layers with MLX's
+``quantized_matmul`` (``nn.QuantizedLinear``), ``mlxqat`` with this package's
+int4 kernel (``KernelQuantizedLinear``), ``auto`` picks ours on the CPU (its
+CPU path is as fast as MLX's for decoding and several times faster for
+prompt processing, see ``benchmarks/results/kernels_cpu.json``) and MLX's on a
+GPU, where ours has not been measured faster yet; ``python -m mlxqat.profile``
+measures both on your machine.
+
+Compute dtype (``--dtype``): ``auto`` is float32 on the CPU (MLX's CPU
+backend is much slower in float16/bfloat16) and the model's own dtype on a
+GPU. Quantized linear layers keep their stored scales; they compute in the
+activation dtype either way.
+
+Exit status: 0 done, 2 bad input (a missing model, an empty prompt,
+``--max-tokens 0``, a prompt longer than the model's context, a tokenizer
+without a chat template for ``--chat``), 130 interrupted with Ctrl-C (the
+statistics of the text so far are printed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import time
+from pathlib import Path
+from typing import Callable, List, Optional, Tuple
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten, tree_unflatten
+
+__all__ = [
+    "GenerationStats",
+    "quantize_rtn",
+    "apply_dtype",
+    "check_prompt",
+    "generate",
+    "load_model",
+    "main",
+    "resolve_kernel",
+]
+
+KERNELS = ("auto", "mlx", "mlxqat")
+DTYPES = ("auto", "float32", "float16", "bfloat16")
+
+
+class UsageError(ValueError):
+    """Bad input from the user: the command prints the message and exits with status 2."""
+
+
+@dataclasses.dataclass
+class GenerationStats:
+    """Speed and memory of one generation."""
+
+    prompt_tokens: int = 0
+    prompt_tps: float = 0.0  # prompt (prefill) tokens per second
+    generation_tokens: int = 0
+    generation_tps: float = 0.0  # generated tokens per second after the first
+    peak_memory_gb: float = 0.0  # mx.get_peak_memory() at the end
+    finish_reason: Optional[str] = None  # "stop" (end-of-sequence), "length", "interrupted"
+
+    def summary(self) -> str:
+        return (
+            f"Prompt: {self.prompt_tokens} tokens, {self.prompt_tps:.3f} tokens-per-sec\n"
+            f"Generation: {self.generation_tokens} tokens, {self.generation_tps:.3f} tokens-per-sec\n"
+            f"Peak memory: {_gb(self.peak_memory_gb)}"
+        )
+
+
+def _gb(gb: float) -> str:
+    return f"{gb:.3f} GB" if gb >= 0.1 else f"{gb * 1e3:.1f} MB"
+
+
+# ---------------------------------------------------------------------------
+# Loading
+# ---------------------------------------------------------------------------
+
+
+def resolve_kernel(kernel: str) -> str:
+    """``"mlx"`` or ``"mlxqat"`` for ``kernel`` in ``KERNELS`` on the current default device."""
+    if kernel not in KERNELS:
+        raise UsageError(f"--kernel {kernel!r} is not one of {', '.join(KERNELS)}")
+    if kernel == "auto":
+        return "mlxqat" if mx.default_device() == mx.cpu else "mlx"
+    return kernel
+
+
+def _is_quantized_linear(m: nn.Module) -> bool:
+    return isinstance(m, nn.QuantizedLinear)
+
+
+def apply_dtype(model: nn.Module, dtype: str = "auto") -> Optional[mx.Dtype]:
+    """Cast the model's floating-point parameters to the compute dtype, in place.
+
+    ``auto`` is float32 on the CPU and leaves the model as loaded on a GPU.
+    The scales and biases of quantized linear layers keep their stored dtype:
+    ``quantized_matmul`` computes in the activation dtype, so the numbers are
+    the same, and the model keeps its memory footprint. Quantized embeddings
+    are cast, because their output dtype follows their scales.
+
+    Returns:
+        The dtype cast to, or ``None`` when nothing was cast.
+    """
+    if dtype not in DTYPES:
+        raise UsageError(f"--dtype {dtype!r} is not one of {', '.join(DTYPES)}")
+    if dtype == "auto":
+        if mx.default_device() != mx.cpu:
+            return None
+        dtype = "float32"
+    target = getattr(mx, dtype)
+    keep = {p for p, m in model.named_modules() if _is_quantized_linear(m)}
+    updates = []
+    for path, v in tree_flatten(model.parameters()):
+        prefix, _, leaf = path.rpartition(".")
+        if prefix in keep and leaf in ("scales", "biases"):
+            continue
+        if mx.issubdtype(v.dtype, mx.floating) and v.dtype != target:
+            updates.append((path, v.astype(target)))
+    if updates:
+        model.update(tree_unflatten(updates))
+    return target
+
+
+def _has_quantized(model: nn.Module) -> bool:
+    return any(isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding)) for _, m in model.named_modules())
+
+
+def _open(model: Optional[str]):
+    """``(model, tokenizer, source)`` from a local directory, a Hugging Face id, or the embedded model."""
+    if model is None:
+        from .stdlib_data import embedded_model_path
+
+        path = embedded_model_path()
+        if not (path / "config.json").exists():
+            raise UsageError(
+                f"the embedded model is missing from this installation ({path}); pass --model DIR "
+                "(any mlx-lm model directory) or reinstall mlxqat"
+            )
+        model = str(path)
+    p = Path(model).expanduser()
+    if p.exists():
+        if not p.is_dir():
+            raise UsageError(f"--model {model} is a file; pass the model's directory (with config.json)")
+        from .io import load
+
+        m, tok = load(p)
+        return m, tok, str(p)
+    if model.startswith((".", "/", "~")) or model.count("/") != 1:
+        raise UsageError(
+            f"--model {model}: no such directory, and not a Hugging Face id (owner/name); "
+            "check the path"
+        )
+    from mlx_lm import load as mlx_lm_load
+
+    try:
+        m, tok = mlx_lm_load(model)
+    except Exception as e:  # hub errors (offline, unknown repo) have many types
+        raise UsageError(
+            f"--model {model}: not a local directory, and loading it from the Hugging Face hub "
+            f"failed ({type(e).__name__}: {e}); check the path or the repository id"
+        ) from e
+    return m, tok, model
+
+
+def quantize_rtn(model: nn.Module, recipe: str) -> nn.Module:
+    """Quantize a full-precision model in place with round-to-nearest, as a saved model stores it.
+
+    The weights are quantized from float32 with scales and biases rounded to
+    float16 values (what ``python -m mlxqat.train`` saves), and the linear
+    layers keep them in float16, so the model's memory is that of the saved files.
+    """
+    from .convert import convert, prepare
+    from .recipes import get as get_recipe
+
+    try:
+        spec = get_recipe(recipe, scale_dtype="float16")
+    except ValueError as e:
+        raise UsageError(f"--quantize / --recipe: {e}") from e
+    model.set_dtype(mx.float32)
+    prepare(model, spec)
+    convert(model)
+    updates = []
+    for path, m in model.named_modules():
+        if _is_quantized_linear(m) and m.scales.dtype == mx.float32:
+            updates += [(f"{path}.scales", m.scales.astype(mx.float16)), (f"{path}.biases", m.biases.astype(mx.float16))]
+    model.update(tree_unflatten(updates))
+    return model
+
+
+def load_model(
+    model: Optional[str] = None,
+    *,
+    quantize: Optional[str] = None,
+    kernel: str = "auto",
+    dtype: str = "auto",
+    verbose: bool = False,
+) -> Tuple[nn.Module, object, dict]:
+    """Open a model for generation.
+
+    Args:
+        model: a local model directory (saved by mlxqat, or any mlx-lm directory),
+            a Hugging Face id, or ``None`` for the embedded stdlib model.
+        quantize: a recipe name (e.g. ``"int4"``) to quantize a full-precision
+            model with round-to-nearest after loading; ``None`` to run it as it is.
+        kernel: ``auto``, ``mlx`` or ``mlxqat`` (see the module docstring).
+        dtype: ``auto``, ``float32``, ``float16`` or ``bfloat16``.
+        verbose: print notes (kernel, dtype, quantization) to stderr.
+
+    Returns:
+        ``(model, tokenizer, info)`` where ``info`` has ``source``, ``kernel``,
+        ``dtype``, ``quantized`` and ``kernel_layers`` (layers running our kernel).
+
+    Raises:
+        UsageError: a missing model, a bad option, or ``quantize`` on a model
+            that is already quantized.
+    """
+    from .convert import use_kernel
+    from .kernels import KernelQuantizedLinear
+
+    kernel = resolve_kernel(kernel)
+    m, tok, source = _open(model)
+    if quantize:
+        if _has_quantized(m):
+            raise UsageError(
+                f"--quantize {quantize}: {source} is already quantized; drop --quantize to run it as it is"
+            )
+        quantize_rtn(m, quantize)
+    cast = apply_dtype(m, dtype)
+    use_kernel(m, kernel)
+    mx.eval(m.parameters())  # quantize/cast now, not inside the first timed step
+    n_kernel = sum(isinstance(x, KernelQuantizedLinear) for _, x in m.named_modules())
+    info = {
+        "source": source,
+        "quantized": _has_quantized(m),
+        "quantize": quantize,
+        "kernel": kernel,
+        "kernel_layers": n_kernel,
+        "dtype": str(cast or "as loaded").replace("mlx.core.", ""),
+    }
+    if verbose:
+        what = f"RTN {quantize}" if quantize else ("quantized" if info["quantized"] else "full precision")
+        ker = ""
+        if info["quantized"]:
+            ker = f", kernel {kernel}" + (f" ({n_kernel} layers on the mlxqat int4 kernel)" if kernel == "mlxqat" else "")
+        print(f"[{source}: {what}, compute {info['dtype']}{ker}]", file=sys.stderr, flush=True)
+    return m, tok, info
+
+
+# ---------------------------------------------------------------------------
+# Generation
+# ---------------------------------------------------------------------------
+
+
+def model_context(model: nn.Module) -> Optional[int]:
+    """The longest sequence the model was built for, when its config says."""
+    from .data import model_context as ctx
+
+    return ctx(model)
+
+
+def check_prompt(prompt_ids: List[int], max_tokens: int, context: Optional[int]) -> int:
+    """Validate a tokenized prompt; return the number of tokens to generate.
+
+    Raises:
+        UsageError: no tokens, ``max_tokens < 1``, or a prompt that does not fit the context.
+    """
+    if max_tokens < 1:
+        raise UsageError(f"--max-tokens {max_tokens}: generate at least 1 token (e.g. --max-tokens 100)")
+    if len(prompt_ids) == 0:
+        raise UsageError("the prompt is empty: give some text with --prompt \"...\" (or --prompt - to read stdin)")
+    if context is not None and len(prompt_ids) >= context:
+        raise UsageError(
+            f"the prompt is {len(prompt_ids)} tokens, but the model's context is {context} tokens "
+            f"(max_position_embeddings); shorten the prompt to at most {context - 1} tokens"
+        )
+    if context is not None and len(prompt_ids) + max_tokens > context:
+        fit = context - len(prompt_ids)
+        print(
+            f"[--max-tokens {max_tokens} reduced to {fit}: the {len(prompt_ids)}-token prompt and the "
+            f"text must fit the model's context of {context} tokens]",
+            file=sys.stderr,
+            flush=True,
+        )
+        return fit
+    return max_tokens
+
+
+def encode_prompt(tokenizer, prompt: str) -> List[int]:
+    """Token ids of a raw prompt, as ``mlx_lm.stream_generate`` encodes a string."""
+    bos = getattr(tokenizer, "bos_token", None)
+    add_special = bos is None or not prompt.startswith(bos)
+    return list(tokenizer.encode(prompt, add_special_tokens=add_special))
+
+
+def generate(
+    model: nn.Module,
+    tokenizer,
+    prompt,
+    *,
+    max_tokens: int = 128,
+    temp: float = 0.0,
+    top_p: float = 1.0,
+    top_k: int = 0,
+    min_p: float = 0.0,
+    seed: Optional[int] = None,
+    on_text: Optional[Callable[[str], None]] = None,
+) -> Tuple[str, GenerationStats]:
+    """Generate text with mlx-lm's decoding loop and sampler; stream it to ``on_text``.
+
+    Args:
+        model, tokenizer: from :func:`load_model` (or ``mlx_lm.load``).
+        prompt: text (encoded as ``mlx_lm.generate`` encodes it) or token ids.
+        max_tokens: the most tokens to generate (fewer at an end-of-sequence token).
+        temp, top_p, top_k, min_p: sampling (``temp=0``: greedy), as ``make_sampler``.
+        seed: seed of MLX's random generator (``None``: leave it as it is).
+        on_text: called with each new piece of text.
+
+    Returns:
+        ``(text, stats)``. On Ctrl-C the ``KeyboardInterrupt`` propagates with
+        the text so far and the statistics in its ``partial`` attribute.
+    """
+    from mlx_lm.generate import stream_generate
+    from mlx_lm.sample_utils import make_sampler
+
+    if seed is not None:
+        mx.random.seed(seed)
+    sampler = make_sampler(temp=temp, top_p=top_p, min_p=min_p, top_k=top_k)
+    if isinstance(prompt, str):
+        prompt = encode_prompt(tokenizer, prompt)
+    pieces: List[str] = []
+    stats = GenerationStats(prompt_tokens=len(prompt))
+    try:
+        for r in stream_generate(model, tokenizer, prompt, max_tokens=max_tokens, sampler=sampler):
+            if r.text:
+                pieces.append(r.text)
+                if on_text is not None:
+                    on_text(r.text)
+            stats = GenerationStats(
+                prompt_tokens=r.prompt_tokens,
+                prompt_tps=r.prompt_tps,
+                generation_tokens=r.generation_tokens,
+                generation_tps=r.generation_tps,
+                peak_memory_gb=r.peak_memory,
+                finish_reason=r.finish_reason,
+            )
+    except KeyboardInterrupt as e:
+        stats.finish_reason = "interrupted"
+        stats.peak_memory_gb = mx.get_peak_memory() / 1e9
+        e.partial = ("".join(pieces), stats)
+        raise
+    return "".join(pieces), stats
+
+
+def _stdout_text(text: str) -> None:
+    sys.stdout.write(text)
+    sys.stdout.flush()
+
+
+def _print_stats(stats: GenerationStats) -> None:
+    print("=" * 10, file=sys.stderr)
+    print(stats.summary(), file=sys.stderr, flush=True)
+
+
+def _generate_once(model, tokenizer, prompt_ids, args) -> GenerationStats:
+    max_tokens = check_prompt(prompt_ids, args.max_tokens, model_context(model))
+    try:
+        _, stats = generate(
+            model, tokenizer, prompt_ids, max_tokens=max_tokens, temp=args.temp, top_p=args.top_p,
+            top_k=args.top_k, min_p=args.min_p, seed=args.seed, on_text=_stdout_text,
+        )
+    finally:
+        sys.stdout.write("\n")
+        sys.stdout.flush()
+    _print_stats(stats)
+    return stats
+
+
+def _chat(model, tokenizer, args) -> int:
+    if not getattr(tokenizer, "has_chat_template", False) and getattr(tokenizer, "chat_template", None) is None:
+        raise UsageError(
+            "--chat: this model's tokenizer has no chat template (no 'chat_template' in "
+            "tokenizer_config.json); use --prompt for plain completion, or a chat model"
+        )
+    messages = []
+    if args.system_prompt:
+        messages.append({"role": "system", "content": args.system_prompt})
+    context = model_context(model)
+    print("[chat: type a message and press Enter; Ctrl-D (end of input) quits]", file=sys.stderr, flush=True)
+    while True:
+        print(">> ", end="", file=sys.stderr, flush=True)
+        line = sys.stdin.readline()
+        if not line:
+            print(file=sys.stderr)
+            return 0
+        line = line.rstrip("\n")
+        if not line.strip():
+            continue
+        messages.append({"role": "user", "content": line})
+        ids = list(tokenizer.apply_chat_template(messages, add_generation_prompt=True))
+        try:
+            max_tokens = check_prompt(ids, args.max_tokens, context)
+        except UsageError as e:
+            print(f"error: {e}; starting a new conversation", file=sys.stderr, flush=True)
+            messages = messages[:1] if args.system_prompt else []
+            continue
+        try:
+            reply, stats = generate(
+                model, tokenizer, ids, max_tokens=max_tokens, temp=args.temp, top_p=args.top_p,
+                top_k=args.top_k, min_p=args.min_p, seed=args.seed, on_text=_stdout_text,
+            )
+        finally:
+            sys.stdout.write("\n")
+            sys.stdout.flush()
+        _print_stats(stats)
+        messages.append({"role": "assistant", "content": reply})
+
+
+def run(args: argparse.Namespace) -> int:
+    """The command behind :func:`main`, on parsed arguments."""
+    if args.max_tokens < 1:  # before loading anything
+        raise UsageError(f"--max-tokens {args.max_tokens}: generate at least 1 token (e.g. --max-tokens 100)")
+    if args.chat and args.prompt is not None:
+        raise UsageError("give either --prompt or --chat, not both")
+    if not args.chat:
+        if args.prompt is None:
+            raise UsageError("no prompt: pass --prompt \"...\" (or --prompt - to read stdin), or --chat")
+        if args.prompt == "-":
+            args.prompt = sys.stdin.read()
+        if args.prompt == "":
+            raise UsageError("the prompt is empty: give some text with --prompt \"...\"")
+    model, tokenizer, _ = load_model(
+        args.model, quantize=args.quantize, kernel=args.kernel, dtype=args.dtype, verbose=args.verbose
+    )
+    if args.chat:
+        return _chat(model, tokenizer, args)
+    _generate_once(model, tokenizer, encode_prompt(tokenizer, args.prompt), args)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m mlxqat.generate",
+        description="Generate text with an mlx-lm / mlxqat model; print prompt and generation speed and peak memory.",
+    )
+    p.add_argument("--model", default=None,
+                   help="Model directory or Hugging Face id (default: the embedded full-precision stdlib model).")
+    p.add_argument("--prompt", "-p", default=None, help="Prompt text, used as it is ('-' reads stdin).")
+    p.add_argument("--chat", action="store_true", help="Interactive chat with the tokenizer's chat template.")
+    p.add_argument("--system-prompt", default=None, help="System message for --chat.")
+    p.add_argument("--max-tokens", "-m", type=int, default=128, help="Most tokens to generate (default: 128).")
+    p.add_argument("--temp", type=float, default=0.0, help="Sampling temperature; 0 is greedy (default: 0).")
+    p.add_argument("--top-p", type=float, default=1.0, help="Nucleus sampling mass; 1 is off (default: 1).")
+    p.add_argument("--top-k", type=int, default=0, help="Sample among the k most likely tokens; 0 is off.")
+    p.add_argument("--min-p", type=float, default=0.0, help="Min-p sampling threshold; 0 is off.")
+    p.add_argument("--seed", type=int, default=None, help="Random seed (for reproducible sampling).")
+    p.add_argument("--kernel", choices=KERNELS, default="auto",
+                   help="4-bit matmul: mlx (MLX's), mlxqat (ours), auto (ours on CPU, MLX's on GPU).")
+    p.add_argument("--quantize", default=None, metavar="RECIPE",
+                   help="Quantize a full-precision model on the fly with round-to-nearest (e.g. int4).")
+    p.add_argument("--dtype", choices=DTYPES, default="auto",
+                   help="Compute dtype; auto: float32 on CPU, the model's own on GPU.")
+    p.add_argument("--quiet", dest="verbose", action="store_false", help="Don't print the loading note.")
+    return p
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    """Entry point of ``python -m mlxqat.generate``; returns the exit status."""
+    args = build_parser().parse_args(argv)
+    try:
+        return run(args)
+    except KeyboardInterrupt as e:
+        partial = getattr(e, "partial", None)
+        sys.stdout.flush()
+        if partial is not None:
+            _print_stats(partial[1])
+        print("[interrupted]", file=sys.stderr, flush=True)
+        return 130
+    except (ValueError, FileNotFoundError) as e:  # UsageError, IntegrityError, bad configs
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,498 @@
+"""``python -m mlxqat.profile``: speed, latency and memory of full precision vs int4 with each kernel.
+
+    python -m mlxqat.profile                                  # embedded model: fp vs RTN int4
+    python -m mlxqat.profile --model qat-int4/ --baseline-model base/ --out profile-out/
+    python -m mlxqat.profile --quick                          # smaller grid, 2 repeats
+
+For every prompt length and generation length it runs three variants of
+the model, interleaved so that load from other processes spreads evenly:
+
+* ``fp16`` (``--baseline``): the full-precision model. On the CPU it runs in
+  float32, because MLX's CPU backend is much slower in float16; the output
+  says so (``meta.baseline_note``).
+* ``int4 (mlx kernel)``: 4-bit layers on MLX's ``quantized_matmul``.
+* ``int4 (mlxqat kernel)``: the same weights on this package's int4 kernel.
+
+Each run is one greedy generation from a prompt of seeded random token ids
+(speed does not depend on which tokens), timed as ``mlx_lm`` times it:
+prefill = prompt processing up to the first generated token, decode = the
+rest. The figures are medians over ``--repeats`` runs after one warm-up run
+per variant. The model memory of each variant (bytes, bits per weight, size
+relative to bf16) comes from :func:`mlxqat.export.memory_report`.
+
+A full-precision ``--model`` is quantized with round-to-nearest (``--recipe``)
+for the int4 rows. A quantized ``--model`` needs its full-precision original
+for the fp rows (``--baseline-model``); without it they are skipped, with a note.
+
+Writes ``profile.json`` and ``profile.png`` (prefill and decode tokens/s by
+prompt length, and model memory) into ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+
+from .generate import UsageError, _has_quantized, _open, apply_dtype, quantize_rtn
+
+__all__ = ["profile_model", "time_generation", "format_table", "memory_table", "plot", "write_results", "main"]
+
+BASELINES = ("fp16", "bf16", "fp32", "none")
+_BASELINE_DTYPES = {"fp16": "float16", "bf16": "bfloat16", "fp32": "float32"}
+DEFAULT_PROMPT_LENGTHS = (32, 128, 512)
+DEFAULT_GEN_LENGTHS = (32, 128)
+QUICK = dict(prompt_lengths=(32, 128), gen_lengths=(16,), repeats=2)
+
+
+# ---------------------------------------------------------------------------
+# Measuring
+# ---------------------------------------------------------------------------
+
+
+def _greedy(logprobs: mx.array) -> mx.array:
+    return mx.argmax(logprobs, axis=-1)
+
+
+def time_generation(model: nn.Module, prompt: mx.array, gen_len: int) -> Dict[str, float]:
+    """Time one greedy generation of ``gen_len`` tokens after ``prompt`` (1-D token ids).
+
+    Uses ``mlx_lm``'s ``generate_step`` (KV cache, the same prefill and
+    pipelining as ``mlx_lm.generate``) without stopping at end-of-sequence.
+
+    Returns:
+        ``prefill_s`` (until the first token), ``decode_s`` (the other
+        ``gen_len - 1`` tokens), ``prefill_tps``, ``decode_tps``,
+        ``ttft_ms``, ``ms_per_token`` and ``peak_memory_bytes``.
+    """
+    from mlx_lm.generate import generate_step
+
+    if gen_len < 2:
+        raise UsageError(f"generation length {gen_len}: decode speed needs at least 2 generated tokens")
+    mx.synchronize()
+    mx.reset_peak_memory()
+    tic = time.perf_counter()
+    first = None
+    n = 0
+    for n, _ in enumerate(generate_step(prompt, model, max_tokens=gen_len, sampler=_greedy), 1):
+        if n == 1:
+            first = time.perf_counter()
+    mx.synchronize()
+    end = time.perf_counter()
+    if n != gen_len:
+        raise RuntimeError(f"generate_step gave {n} tokens, expected {gen_len}")
+    prefill_s, decode_s = first - tic, end - first
+    return {
+        "prefill_s": prefill_s,
+        "decode_s": decode_s,
+        "prefill_tps": prompt.size / prefill_s,
+        "decode_tps": (gen_len - 1) / decode_s,
+        "ttft_ms": 1e3 * prefill_s,
+        "ms_per_token": 1e3 * decode_s / (gen_len - 1),
+        "peak_memory_bytes": int(mx.get_peak_memory()),
+    }
+
+
+def _median_row(runs: List[dict]) -> dict:
+    keys = [k for k in runs[0] if isinstance(runs[0][k], (int, float))]
+    return {k: statistics.median(r[k] for r in runs) for k in keys}
+
+
+# ---------------------------------------------------------------------------
+# Variants
+# ---------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Variant:
+    name: str
+    model: nn.Module
+    kernel: Optional[str]  # "mlx" / "mlxqat" for quantized variants
+    dtype: str
+
+
+def _memory(model: nn.Module) -> dict:
+    from .export import memory_report
+
+    return memory_report(model).to_dict()
+
+
+def _baseline_dtype(baseline: str) -> tuple:
+    """(dtype name used, note) for the full-precision rows on this device."""
+    wanted = _BASELINE_DTYPES[baseline]
+    if mx.default_device() == mx.cpu and wanted != "float32":
+        return "float32", (
+            f"--baseline {baseline}: measured in float32 on the CPU (MLX's CPU backend is much slower "
+            f"in {wanted}); on an Apple GPU it runs in {wanted}"
+        )
+    return wanted, None
+
+
+def build_variants(
+    model: Optional[str],
+    baseline: str,
+    baseline_model: Optional[str],
+    recipe: str,
+    kernels: Sequence[str],
+) -> tuple:
+    """``(variants, notes, meta)``: the models to time, and why any row is missing."""
+    from .convert import use_kernel
+    from .kernels import KernelQuantizedLinear
+
+    notes: List[str] = []
+    meta: dict = {}
+    m, _, source = _open(model)
+    meta["model"] = source
+    quantized_given = _has_quantized(m)
+    variants: List[Variant] = []
+
+    fp = None
+    if baseline != "none":
+        if quantized_given:
+            if baseline_model is None:
+                notes.append(
+                    f"no full-precision rows: {source} is quantized; pass --baseline-model DIR (its "
+                    "full-precision original) to measure them"
+                )
+            else:
+                fp, _, fp_source = _open(baseline_model)
+                if _has_quantized(fp):
+                    raise UsageError(f"--baseline-model {baseline_model} is quantized; give the full-precision model")
+                meta["baseline_model"] = fp_source
+        else:
+            fp, _, _ = _open(model)
+    if fp is not None:
+        dtype, note = _baseline_dtype(baseline)
+        fp.set_dtype(getattr(mx, dtype))
+        mx.eval(fp.parameters())
+        if note:
+            notes.append(note)
+        meta["baseline_note"] = note
+        variants.append(Variant(baseline if dtype == _BASELINE_DTYPES[baseline] else f"{baseline} (as float32)", fp, None, dtype))
+
+    if quantized_given:
+        q = m
+        meta["quantization"] = "as given"
+    else:
+        q = quantize_rtn(m, recipe)
+        meta["quantization"] = f"round-to-nearest {recipe}"
+    cast = apply_dtype(q, "auto")
+    q_dtype = str(cast).replace("mlx.core.", "") if cast is not None else "as loaded"
+    mx.eval(q.parameters())
+    label = recipe if not quantized_given else "int4"
+    for kernel in kernels:
+        use_kernel(q, kernel)
+        n_ours = sum(isinstance(x, KernelQuantizedLinear) for _, x in q.named_modules())
+        if kernel == "mlxqat" and n_ours == 0:
+            notes.append("no 'mlxqat kernel' rows: the model has no 4-bit affine layer (group 32/64/128) the kernel runs")
+            continue
+        # One model for both kernels: use_kernel switches its layers (sharing the weights) before each run.
+        variants.append(Variant(f"{label} ({kernel} kernel)", q, kernel, q_dtype))
+    meta["vocab_size"] = int(q.args.vocab_size) if hasattr(q, "args") else None
+    from .data import model_context
+
+    meta["context"] = model_context(q)
+    return variants, notes, meta
+
+
+def _ready(v: Variant) -> nn.Module:
+    """The variant's model with its kernel switched in."""
+    if v.kernel is not None:
+        from .convert import use_kernel
+
+        use_kernel(v.model, v.kernel)
+    return v.model
+
+
+# ---------------------------------------------------------------------------
+# The profile
+# ---------------------------------------------------------------------------
+
+
+def _lengths(values, what: str, minimum: int) -> List[int]:
+    if isinstance(values, str):
+        try:
+            values = [int(v) for v in values.split(",") if v.strip()]
+        except ValueError:
+            raise UsageError(f"--{what} {values!r}: give comma-separated integers, e.g. 32,128") from None
+    values = [int(v) for v in values]
+    if not values or min(values) < minimum:
+        raise UsageError(f"--{what} {values}: each length must be at least {minimum}")
+    return values
+
+
+def profile_model(
+    model: Optional[str] = None,
+    baseline: str = "fp16",
+    baseline_model: Optional[str] = None,
+    recipe: str = "int4",
+    prompt_lengths: Sequence[int] = DEFAULT_PROMPT_LENGTHS,
+    gen_lengths: Sequence[int] = DEFAULT_GEN_LENGTHS,
+    repeats: int = 3,
+    kernels: Sequence[str] = ("mlx", "mlxqat"),
+    seed: int = 0,
+    out: Optional[str] = None,
+    progress: bool = True,
+) -> dict:
+    """Measure prefill/decode speed, latency and memory of fp vs int4 (MLX kernel) vs int4 (ours).
+
+    Args:
+        model: model directory or Hugging Face id (default: the embedded stdlib model);
+            full precision (then quantized on the fly with ``recipe``) or quantized.
+        baseline: ``fp16``, ``bf16``, ``fp32`` (the full-precision rows' dtype; float32 on
+            the CPU) or ``none`` (no full-precision rows).
+        baseline_model: the full-precision original of a quantized ``model``.
+        recipe: recipe for quantizing a full-precision ``model``.
+        prompt_lengths, gen_lengths: the grid (lists of ints, or comma-separated strings).
+        repeats: timed runs per cell; the figures are medians.
+        kernels: quantized kernels to compare, from ``mlx`` and ``mlxqat``.
+        seed: seed of the random prompt tokens.
+        out: directory for ``profile.json`` and ``profile.png`` (``None``: write nothing).
+        progress: show a progress bar.
+
+    Returns:
+        ``{"meta", "notes", "memory": {variant: report}, "results": [row, ...]}``; a row has
+        ``variant``, ``prompt_len``, ``gen_len``, the medians of :func:`time_generation`,
+        ``beyond_context`` and the raw ``runs``.
+    """
+    from tqdm import tqdm
+
+    if baseline not in BASELINES:
+        raise UsageError(f"--baseline {baseline!r} is not one of {', '.join(BASELINES)}")
+    if isinstance(kernels, str):
+        kernels = [k.strip() for k in kernels.split(",") if k.strip()]
+    bad = [k for k in kernels if k not in ("mlx", "mlxqat")]
+    if bad or not kernels:
+        raise UsageError(f"--kernels {','.join(kernels)}: choose from mlx, mlxqat (comma-separated)")
+    prompt_lengths = _lengths(prompt_lengths, "prompt-lengths", 1)
+    gen_lengths = _lengths(gen_lengths, "gen-lengths", 2)
+    if repeats < 1:
+        raise UsageError(f"--repeats {repeats}: use at least 1")
+
+    variants, notes, meta = build_variants(model, baseline, baseline_model, recipe, kernels)
+    if not variants:
+        raise UsageError("nothing to profile: " + "; ".join(notes))
+    vocab = meta["vocab_size"]
+    context = meta["context"]
+    rng = np.random.default_rng(seed)
+    prompts = {p: mx.array(rng.integers(0, vocab, p), dtype=mx.int32) for p in prompt_lengths}
+    beyond = [(p, g) for p in prompt_lengths for g in gen_lengths if context and p + g > context]
+    if beyond:
+        notes.append(
+            f"{len(beyond)} cell(s) run past the model's context of {context} tokens (e.g. prompt {beyond[0][0]} + "
+            f"{beyond[0][1]} generated): the timing is valid, the text would not be"
+        )
+
+    memory = {v.name: _memory(_ready(v)) for v in variants}
+    cells = [(p, g) for p in prompt_lengths for g in gen_lengths]
+    bar = tqdm(total=len(variants) * (1 + repeats * len(cells)), desc="profile", disable=not progress,
+               dynamic_ncols=True)
+    runs: Dict[tuple, List[dict]] = {}
+    t0 = time.perf_counter()
+    try:
+        for v in variants:  # warm-up: first-call allocations and kernel builds
+            time_generation(_ready(v), prompts[prompt_lengths[0]], gen_lengths[0])
+            bar.update(1)
+        for p, g in cells:
+            for _ in range(repeats):
+                for v in variants:  # interleaved: background load hits every variant alike
+                    runs.setdefault((v.name, p, g), []).append(time_generation(_ready(v), prompts[p], g))
+                    bar.update(1)
+    finally:
+        bar.close()
+
+    results = []
+    for p, g in cells:
+        for v in variants:
+            r = runs[(v.name, p, g)]
+            row = {"variant": v.name, "kernel": v.kernel, "dtype": v.dtype, "prompt_len": p, "gen_len": g}
+            row.update(_median_row(r))
+            row["beyond_context"] = bool(context and p + g > context)
+            row["runs"] = r
+            results.append(row)
+
+    meta.update(
+        {
+            "device": str(mx.default_device()),
+            "mlx": mx.__version__,
+            "platform": f"{platform.system()} {platform.machine()}",
+            "processor": platform.processor() or platform.machine(),
+            "baseline": baseline,
+            "recipe": recipe,
+            "repeats": repeats,
+            "prompt_lengths": prompt_lengths,
+            "gen_lengths": gen_lengths,
+            "seed": seed,
+            "wall_s": time.perf_counter() - t0,
+            "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+        }
+    )
+    result = {"meta": meta, "notes": notes, "memory": memory, "results": results}
+    if out is not None:
+        write_results(result, out)
+    return result
+
+
+# ---------------------------------------------------------------------------
+# Reports
+# ---------------------------------------------------------------------------
+
+
+def format_table(result: dict) -> str:
+    """Markdown table of the timing medians, one row per variant and cell."""
+    fp = {(r["prompt_len"], r["gen_len"]): r for r in result["results"] if r["kernel"] is None}
+    lines = [
+        "| variant | prompt | gen | prefill tok/s | time to first token ms | decode tok/s | ms/token | decode vs fp | peak MB |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in result["results"]:
+        base = fp.get((r["prompt_len"], r["gen_len"]))
+        rel = f"{r['decode_tps'] / base['decode_tps']:.2f}x" if base is not None else ""
+        mark = "*" if r.get("beyond_context") else ""
+        lines.append(
+            f"| {r['variant']} | {r['prompt_len']}{mark} | {r['gen_len']} | {r['prefill_tps']:.0f} | "
+            f"{r['ttft_ms']:.1f} | {r['decode_tps']:.1f} | {r['ms_per_token']:.2f} | {rel} | "
+            f"{r['peak_memory_bytes'] / 1e6:.1f} |"
+        )
+    return "\n".join(lines)
+
+
+def memory_table(result: dict) -> str:
+    """Markdown table of each variant's model memory."""
+    lines = ["| variant | weights MB | bits per weight | size vs bf16 |", "|---|---|---|---|"]
+    for name, m in result["memory"].items():
+        lines.append(f"| {name} | {m['weight_bytes'] / 1e6:.2f} | {m['bits_per_weight']:.2f} | {m['ratio_to_bf16']:.3f}x |")
+    return "\n".join(lines)
+
+
+def plot(result: dict, path: Optional[str] = None):
+    """A figure with prefill and decode tokens/s by prompt length, and model memory.
+
+    Decode speed is drawn for the longest generation length. Returns the
+    matplotlib ``Figure``; with ``path`` it is also saved as a PNG.
+    """
+    import matplotlib.pyplot as plt
+
+    rows = result["results"]
+    variants = list(dict.fromkeys(r["variant"] for r in rows))
+    prompts = sorted({r["prompt_len"] for r in rows})
+    g_max = max(r["gen_len"] for r in rows)
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    width = 0.8 / max(len(variants), 1)
+    x = np.arange(len(prompts))
+    for i, v in enumerate(variants):
+        pre = [np.median([r["prefill_tps"] for r in rows if r["variant"] == v and r["prompt_len"] == p]) for p in prompts]
+        dec = [next(r["decode_tps"] for r in rows if r["variant"] == v and r["prompt_len"] == p and r["gen_len"] == g_max)
+               for p in prompts]
+        axes[0].bar(x + i * width, pre, width, label=v)
+        axes[1].bar(x + i * width, dec, width, label=v)
+    for ax, title in ((axes[0], "prefill (prompt tokens/s)"), (axes[1], f"decode (tokens/s, {g_max} generated)")):
+        ax.set_xticks(x + width * (len(variants) - 1) / 2)
+        ax.set_xticklabels([str(p) for p in prompts])
+        ax.set_xlabel("prompt length (tokens)")
+        ax.set_title(title)
+        ax.grid(axis="y", alpha=0.3)
+    axes[0].legend(fontsize=8)
+    mem = result["memory"]
+    names = list(mem)
+    axes[2].bar(range(len(names)), [mem[n]["weight_bytes"] / 1e6 for n in names],
+                color=[f"C{variants.index(n)}" if n in variants else "gray" for n in names])
+    for i, n in enumerate(names):
+        axes[2].text(i, mem[n]["weight_bytes"] / 1e6, f"{mem[n]['bits_per_weight']:.2f} b/w", ha="center", va="bottom",
+                     fontsize=8)
+    axes[2].set_xticks(range(len(names)))
+    axes[2].set_xticklabels(names, rotation=15, fontsize=8)
+    axes[2].set_title("model weights (MB)")
+    meta = result["meta"]
+    fig.suptitle(f"{Path(str(meta.get('model', 'model'))).name} on {meta.get('device')} ({meta.get('platform')}), "
+                 f"median of {meta.get('repeats')}")
+    fig.tight_layout()
+    if path is not None:
+        fig.savefig(path, dpi=110)
+    return fig
+
+
+def write_results(result: dict, out: str) -> Dict[str, str]:
+    """Write ``profile.json`` and ``profile.png`` into ``out``; return their paths."""
+    from .io import atomic_file
+
+    out_dir = Path(out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    json_path, png_path = out_dir / "profile.json", out_dir / "profile.png"
+    with atomic_file(json_path, "w") as f:
+        json.dump(result, f, indent=1)
+    fig = plot(result)
+    with atomic_file(png_path, "wb") as f:
+        fig.savefig(f, format="png", dpi=110)
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+    return {"json": str(json_path), "png": str(png_path)}
+
+
+# ---------------------------------------------------------------------------
+# CLI
+# ---------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m mlxqat.profile",
+        description="Prefill/decode tokens/s, latency and memory: full precision vs int4 on MLX's kernel and ours.",
+    )
+    p.add_argument("--model", default=None, help="Model directory or Hugging Face id (default: the embedded stdlib model).")
+    p.add_argument("--baseline", choices=BASELINES, default="fp16",
+                   help="Full-precision rows' dtype (float32 on CPU), or none (default: fp16).")
+    p.add_argument("--baseline-model", default=None, help="Full-precision original of a quantized --model.")
+    p.add_argument("--recipe", default="int4", help="Recipe to quantize a full-precision --model with (default: int4).")
+    p.add_argument("--prompt-lengths", default=",".join(map(str, DEFAULT_PROMPT_LENGTHS)),
+                   help="Comma-separated prompt lengths in tokens (default: 32,128,512).")
+    p.add_argument("--gen-lengths", default=",".join(map(str, DEFAULT_GEN_LENGTHS)),
+                   help="Comma-separated generation lengths (default: 32,128).")
+    p.add_argument("--repeats", type=int, default=3, help="Timed runs per cell; medians are reported (default: 3).")
+    p.add_argument("--kernels", default="mlx,mlxqat", help="Quantized kernels to compare (default: mlx,mlxqat).")
+    p.add_argument("--seed", type=int, default=0, help="Seed of the random prompt tokens.")
+    p.add_argument("--out", default="profile-out", help="Directory for profile.json and profile.png.")
+    p.add_argument("--quick", action="store_true", help="Prompt lengths 32,128, 16 generated tokens, 2 repeats.")
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="No progress bar.")
+    return p
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    """Entry point of ``python -m mlxqat.profile``; returns the exit status."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only; no display needed
+    args = build_parser().parse_args(argv)
+    kwargs = vars(args)
+    if kwargs.pop("quick"):
+        kwargs.update(QUICK)
+    try:
+        result = profile_model(**kwargs)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\n[interrupted: nothing written]", file=sys.stderr)
+        return 130
+    print(format_table(result))
+    print()
+    print(memory_table(result))
+    for note in result["notes"]:
+        print(f"note: {note}")
+    print(f"wrote {Path(args.out) / 'profile.json'} and {Path(args.out) / 'profile.png'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
