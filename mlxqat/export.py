@@ -24,6 +24,7 @@ import contextlib
 import dataclasses
 import json
 import os
+import re
 import sys
 import tempfile
 import warnings
@@ -269,6 +270,13 @@ def _say(verbose: bool, msg: str) -> None:
 # ---------------------------------------------------------------------------
 
 
+def _type_from_name(path: Path) -> Optional[str]:
+    """The GGUF type a file name asks for (``model-q4_0.gguf`` -> ``q4_0``), if exactly one."""
+    parts = set(re.split(r"[^a-z0-9_]+", path.stem.lower()))
+    found = [t for t in ge.QTYPES if t in parts or any(p.endswith("_" + t) for p in parts)]
+    return found[0] if len(found) == 1 else None
+
+
 def _auto_qtype(plan_model: nn.Module) -> str:
     """The GGUF type that holds most of the model's quantized weights exactly."""
     counts: Dict[str, int] = {}
@@ -303,7 +311,8 @@ def export_gguf(
         src_dir: a directory saved by :func:`mlxqat.save`, or any mlx-lm directory.
         out_path: the ``.gguf`` file to write (replaced atomically).
         qtype: ``q4_0``, ``q4_1``, ``q8_0``, ``f16``, ``bf16``, ``f32``, or ``auto``:
-            the type that holds the quantized layers exactly.
+            the type the file name names (``model-q4_0.gguf``), else the type
+            that holds the quantized layers exactly.
         exact: refuse (``ValueError``) unless every tensor dequantizes to exactly
             the MLX weight and nothing the MLX model computes is dropped.
         name: ``general.name`` in the file (default: the source folder's name).
@@ -325,7 +334,10 @@ def export_gguf(
     ge.read_tokenizer(src)  # fail fast on a missing or unsupported tokenizer
     model, tokenizer = load(src)
     if qtype == "auto":
-        qtype = _auto_qtype(model)
+        qtype, why = _type_from_name(out), "named in the file name"
+        if qtype is None:
+            qtype, why = _auto_qtype(model), "holds the quantized weights exactly"
+        _say(verbose, f"GGUF type {qtype} ({why})")
     if qtype not in ge.QTYPES:
         raise ValueError(f"qtype={qtype!r} is not one of {sorted(ge.QTYPES)} or 'auto'")
     gt = ge.QTYPES[qtype]
@@ -356,13 +368,21 @@ def export_gguf(
             extra={"mlxqat.exact": str(not problems).lower()},
         )
     report = memory_report(out)
+    types: Dict[str, int] = {}
+    for t in plan:
+        types[t.qtype.name] = types.get(t.qtype.name, 0) + 1
+    other = [t for t in plan if t.exact and t.qtype != gt and t.qtype in (ge.GT.Q4_0, ge.GT.Q4_1, ge.GT.Q8_0)]
+    if other:
+        _say(verbose, f"{len(other)} quantized tensor(s) kept exactly as {other[0].qtype.name} "
+                      f"(re-quantizing them to {qtype} would only add error)")
     n_exact = len(plan) - len(inexact)
-    _say(verbose, f"wrote {out}: {len(plan)} tensors ({n_exact} exact), {qtype}; {report}")
+    _say(verbose, f"wrote {out}: {len(plan)} tensors ({n_exact} exact; {types}), {qtype}; {report}")
     return {
         "path": str(out),
         "qtype": qtype,
         "exact": not problems,
         "kl": kl,
+        "types": types,
         "tensors": [
             {"name": t.name, "source": t.source, "type": t.qtype.name, "exact": t.exact, "note": t.note}
             for t in plan
@@ -570,7 +590,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--out", required=True, help="destination .gguf file or directory")
     parser.add_argument(
         "--type", dest="qtype", default="auto", choices=["auto", *ge.QTYPES],
-        help="GGUF tensor type; auto: the type that holds the quantized weights exactly",
+        help="GGUF tensor type; auto: the type named in --out (model-q4_0.gguf), else the type "
+        "that holds the quantized weights exactly",
     )
     parser.add_argument("--exact", action="store_true", help="GGUF: refuse instead of re-quantizing")
     parser.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"],

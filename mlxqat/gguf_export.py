@@ -292,10 +292,11 @@ def plan_tensors(model: nn.Module, qtype: GT, model_type: str) -> List[GGUFTenso
 
     Quantized layers are repacked exactly when their numbers fit a GGUF block
     type (the requested one, else another exact one), and re-quantized to
-    ``qtype`` otherwise. Full-precision matrices keep their dtype when the
-    model has quantized layers (a recipe left them in full precision on
-    purpose) and are converted to ``qtype`` when the model has none. Norms
-    and biases are float32.
+    ``qtype`` otherwise. For a block ``qtype``, full-precision matrices keep
+    their dtype when the model has quantized layers (a recipe left them in
+    full precision on purpose) and are quantized when it has none. A float
+    ``qtype`` (F32/F16/BF16) applies to every matrix. Norms and biases are
+    float32.
     """
     spec = arch_spec(model_type)
     _check_arch(model, spec)
@@ -325,7 +326,8 @@ def plan_tensors(model: nn.Module, qtype: GT, model_type: str) -> List[GGUFTenso
         if prefix in quantized and leaf == "weight":
             plan.append(_quantized_tensor(name, path, modules[prefix], qtype, heads))
         elif value.ndim == 2:
-            target = qtype if not any_quantized else _dtype_type(value.dtype)
+            keep = any_quantized and qtype not in _FLOAT_TYPES
+            target = _dtype_type(value.dtype) if keep else qtype
             plan.append(_matrix_tensor(name, path, value, target, heads, any_quantized))
         else:
             plan.append(_vector_tensor(name, path, value, spec, heads))

@@ -177,6 +177,19 @@ def test_command_line(tmp_path, tokenizer, capsys):
     assert ex.main([str(src), "--format", "gguf", "--out", str(tmp_path / "a.gguf"), "--json"]) == 0
     summary = json.loads(capsys.readouterr().out)
     assert summary["qtype"] == "q4_1" and summary["exact"] and summary["memory"]["bits_per_weight"] == 5.0
+    # --type auto takes the type the file name asks for ...
+    assert ex.main([str(src), "--format", "gguf", "--out", str(tmp_path / "model-q8_0.gguf"), "--json"]) == 0
+    out = capsys.readouterr()
+    summary = json.loads(out.out)
+    assert "GGUF type q8_0 (named in the file name)" in out.err
+    # ... but layers that are exact in another block type stay exact rather than be re-rounded
+    assert summary["exact"] and summary["types"]["Q4_1"] == 2 * 7 + 1 and "Q8_0" not in summary["types"]
+    assert "kept exactly as Q4_1" in out.err
+    src8, *_ = _src(tmp_path, tokenizer, "int8", arch="qwen3", name="src8")
+    with pytest.warns(ex.ExportWarning, match="KL"):
+        assert ex.main([str(src8), "--format", "gguf", "--out", str(tmp_path / "model-q8_0.gguf"), "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["qtype"] == "q8_0" and not summary["exact"] and 0 < summary["kl"] < 1e-3
     assert ex.main([str(src), "--format", "fp16", "--out", str(tmp_path / "fp")]) == 0
     assert ex.main([str(src), "--format", "mlx", "--out", str(tmp_path / "mlx")]) == 0
     mlxqat.verify(tmp_path / "mlx")
