@@ -189,7 +189,7 @@ def build_variants(
     cast = apply_dtype(q, "auto")
     q_dtype = str(cast).replace("mlx.core.", "") if cast is not None else "as loaded"
     mx.eval(q.parameters())
-    label = recipe if not quantized_given else "int4"
+    label = recipe if not quantized_given else _bits_label(q)
     for kernel in kernels:
         use_kernel(q, kernel)
         n_ours = sum(isinstance(x, KernelQuantizedLinear) for _, x in q.named_modules())
@@ -203,6 +203,14 @@ def build_variants(
 
     meta["context"] = model_context(q)
     return variants, notes, meta
+
+
+def _bits_label(model: nn.Module) -> str:
+    """``int4`` / ``int8`` / ``mixed 2-8 bit``: the bits of a quantized model's linear layers."""
+    bits = sorted({m.bits for _, m in model.named_modules() if isinstance(m, nn.QuantizedLinear)})
+    if not bits:
+        return "quantized"
+    return f"int{bits[0]}" if len(bits) == 1 else f"mixed {bits[0]}-{bits[-1]} bit"
 
 
 def _ready(v: Variant) -> nn.Module:
