@@ -101,9 +101,7 @@ class GGUFTensor:
 
     def dequantized(self) -> np.ndarray:
         """The float32 values llama.cpp computes with, in MLX's row order."""
-        if self.qtype == GT.F32:
-            w = self.data.astype(np.float32)
-        elif self.qtype == GT.F16:
+        if self.qtype in (GT.F32, GT.F16):
             w = self.data.astype(np.float32)
         else:
             w = gguf.quants.dequantize(self.data, self.qtype)
@@ -461,9 +459,14 @@ def _pre_tokenizer_name(tok: dict, where: Path) -> str:
     if pre.get("type") == "Sequence":
         splits = [p for p in pre.get("pretokenizers", []) if p.get("type") == "Split"]
         if len(splits) == 1:
-            pattern = splits[0].get("pattern", {}).get("Regex")
-            if pattern in _PRE_TOKENIZERS:
-                return _PRE_TOKENIZERS[pattern]
+            name = _PRE_TOKENIZERS.get(splits[0].get("pattern", {}).get("Regex"))
+            if name == "llama-bpe" and not (tok.get("model") or {}).get("ignore_merges"):
+                raise GGUFExportError(
+                    f"{where}: Llama 3 pre-tokenizer without ignore_merges; llama.cpp always "
+                    "ignores merges for it, so words in the vocabulary would tokenize differently"
+                )
+            if name is not None:
+                return name
     raise GGUFExportError(
         f"{where}: pre-tokenizer {json.dumps(pre)[:200]} is not one llama.cpp is known to "
         "reproduce (supported: GPT-2 byte-level, Llama 3, Qwen 2); the GGUF would tokenize "

@@ -25,7 +25,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import warnings
 
 import gguf
 import mlx.core as mx
@@ -279,12 +278,16 @@ class LlamaCpp:
         p.warmup = False
         self.server = xlc.Server(p)
 
-    def complete(self, prompt, n=N_NEW, n_probs=5):
-        r = self.server.handle_completions(
-            {"prompt": prompt, "n_predict": n, "n_probs": n_probs, "temperature": 0.0, "top_k": 1,
-             "cache_prompt": False}
-        )
+    def complete(self, prompt, n=N_NEW, n_probs=5, force=None):
+        """Greedy continuation; ``force`` (a token id) is chosen whatever the model says: its
+        log-probs are still the model's own, and a printable token keeps them in the reply."""
+        request = {"prompt": prompt, "n_predict": n, "n_probs": n_probs, "temperature": 0.0, "top_k": 1,
+                   "cache_prompt": False, "ignore_eos": True}
+        if force is not None:
+            request["logit_bias"] = [[force, 1000.0]]
+        r = self.server.handle_completions(request)
         assert "error" not in r, r
+        assert r["choices"][0]["logprobs"], r
         steps = r["choices"][0]["logprobs"]["content"]
         return {
             "ids": [s["id"] for s in steps],
@@ -375,23 +378,70 @@ def test_float32_gguf_matches_mlx_to_float_precision(tmp_path, tokenizer, traine
     assert worst <= tol
 
 
-def test_embedded_tokenizer_splits_text_like_the_model_tokenizer(tmp_path, tokenizer, trained):
-    model, config = trained("llama")
-    src = _saved(tmp_path, tokenizer, model, config, "q4_0")
+LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+                r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+QWEN2_SPLIT = LLAMA3_SPLIT.replace(r"\p{N}{1,3}", r"\p{N}")
+
+
+def _split_tokenizer(directory, pattern, ignore_merges, nfc):
+    """A byte-level BPE with a Llama 3 / Qwen 2 style regex split, trained on the test corpus."""
+    from mlx_lm.tokenizer_utils import load as load_tokenizer
+    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(ignore_merges=ignore_merges))
+    if nfc:
+        tok.normalizer = normalizers.NFC()
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(pattern), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+    ])
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<|endoftext|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator([tiny.CORPUS + "1234567 don't 3.14159 naïve café"], trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>")
+    fast.save_pretrained(str(directory))
+    return load_tokenizer(directory)
+
+
+TRICKY = [
+    "def f(x):\n\treturn x  +  1\n\n\n",
+    "don't it's we'll THEY'RE",
+    "x=1;y=22;z=333;w=4444 3.14159 1234567",
+    "héllo wörld — naïve café ✓ 日本語",
+    "   leading spaces and trailing   ",
+    "<|endoftext|>",
+]
+
+
+@pytest.mark.parametrize("kind", ["gpt-2", "llama-bpe", "qwen2"])
+def test_embedded_tokenizer_splits_text_like_the_model_tokenizer(tmp_path, tokenizer, trained, kind):
+    if kind == "gpt-2":  # the byte-level BPE of tests/tiny.py
+        model, config = trained("llama")
+        tok = tokenizer
+    else:
+        tok = _split_tokenizer(tmp_path / "tok", LLAMA3_SPLIT if kind == "llama-bpe" else QWEN2_SPLIT,
+                               ignore_merges=kind == "llama-bpe", nfc=kind == "qwen2")
+        model, config = _random_model("qwen3", seed=5)  # vocabulary 512 >= the tokenizer's
+    src = _saved(tmp_path, tok, model, config, "q4_0")
     ex.export_gguf(src, tmp_path / "m.gguf", "q4_0", verbose=False)
+    reader = gguf.GGUFReader(str(tmp_path / "m.gguf"))
+    field = reader.fields["tokenizer.ggml.pre"]
+    assert bytes(field.parts[field.data[0]]).decode() == kind
     cpp = LlamaCpp(tmp_path / "m.gguf")
-    texts = [
-        "def f(x):\n\treturn x  +  1\n\n\n",
-        "don't it's we'll THEY'RE",
-        "x=1;y=22;z=333;w=4444 3.14159",
-        "héllo wörld — naïve café ✓ 日本語",
-        "   leading spaces and trailing   ",
-        "<|endoftext|>",
-    ]
-    for text in texts:
-        ids = tokenizer.encode(text)
-        by_text = cpp.complete(text, n=1)
-        by_ids = cpp.complete(ids, n=1)
+    letter = tok.encode("a")[0]
+    for text in TRICKY:
+        ids = tok.encode(text)
+        by_text = cpp.complete(text, n=1, force=letter)
+        by_ids = cpp.complete(ids, n=1, force=letter)
         assert by_text["prompt_tokens"] == len(ids), text
         # same tokens in, same numbers out: any different id would change the log-probs
         assert by_text["logprobs"] == by_ids["logprobs"], text
+    if kind == "llama-bpe":
+        data = json.loads((src / "tokenizer.json").read_text())
+        data["model"]["ignore_merges"] = False
+        (src / "mlxqat.json").unlink()
+        (src / "tokenizer.json").write_text(json.dumps(data))
+        with pytest.raises(ge.GGUFExportError, match="without ignore_merges"):
+            ex.export_gguf(src, tmp_path / "n.gguf", "q4_0", verbose=False)
