@@ -435,13 +435,16 @@ class BestStep:
 
 
 def quantize_qat(model, recipe: Recipe, mode: str, data: dict, teacher: CachedTeacher, budget: Budget,
-                 seq_len: int, progress: bool, args_override: Optional[dict] = None) -> Tuple[nn.Module, dict]:
+                 seq_len: int, progress: bool, args_override: Optional[dict] = None,
+                 init: Optional[Callable] = None) -> Tuple[nn.Module, dict]:
     kw = dict(QAT_ARGS[mode], **(args_override or {}))
     learn = kw.pop("learn_scales", QAT_LEARN_SCALES if kw["trainable"] == "all" else kw["trainable"] == "scales")
     if learn and _keeps_format(recipe):
         recipe = recipe.with_options(learn_scales=True)
     mlxqat.prepare(model, recipe)
     calibrate_if_needed(model, data["train"][:8])
+    if init is not None:
+        init(model)
     args = TrainingArgs(steps=budget.steps, batch_size=budget.batch_size, seq_len=seq_len,
                         log_every=budget.select_every, **kw)
     model.train()

@@ -225,8 +225,9 @@ def allocate_bits(
     """Pick one option per layer minimising the summed sensitivity within a bits-per-weight budget.
 
     A multiple-choice knapsack solved by dynamic programming over the storage
-    cost, discretised into ``resolution`` steps of the budget (costs are rounded
-    up, so the result never exceeds the budget).
+    cost: exactly when costs are whole bits (they are for MLX's formats), else
+    discretised into ``resolution`` steps of the budget with costs rounded up,
+    so the result never exceeds the budget.
 
     Args:
         sensitivity: ``{path: [cost of each option]}`` (e.g. from :func:`layer_sensitivity`).
@@ -251,20 +252,28 @@ def allocate_bits(
             f"budget_bpw={budget_bpw} is below the cheapest allocation "
             f"({cheapest / total:.3f} bits per weight); raise the budget or add a cheaper option"
         )
-    unit = budget_bits / resolution
+    raw = {p: [_cost(sizes[p], o) for o in options] for p in paths}
+    ints = [round(c) for row in raw.values() for c in row]
+    exact = all(abs(c - i) < 1e-6 for c, i in zip((c for row in raw.values() for c in row), ints))
+    unit = math.gcd(*ints) if exact and ints else 0
+    if unit and budget_bits / unit <= 200_000:  # costs are whole bits: solve exactly
+        bins = int(math.floor(budget_bits / unit + 1e-9))
+        steps = {p: [round(c) // unit for c in raw[p]] for p in paths}
+    else:  # discretise, rounding every cost up so the budget still holds
+        bins, unit = resolution, budget_bits / resolution
+        steps = {p: [int(math.ceil(c / unit - 1e-9)) for c in raw[p]] for p in paths}
     INF = float("inf")
-    dp = np.full(resolution + 1, INF)
+    dp = np.full(bins + 1, INF)
     dp[0] = 0.0
     choice = []
     for p in paths:
-        new = np.full(resolution + 1, INF)
-        arg = np.full(resolution + 1, -1, dtype=np.int64)
-        for j, o in enumerate(options):
-            c = int(math.ceil(_cost(sizes[p], o) / unit - 1e-9))
-            if c > resolution:
+        new = np.full(bins + 1, INF)
+        arg = np.full(bins + 1, -1, dtype=np.int64)
+        for j, c in enumerate(steps[p]):
+            if c > bins:
                 continue
-            cand = np.full(resolution + 1, INF)
-            cand[c:] = dp[: resolution + 1 - c] + sensitivity[p][j]
+            cand = np.full(bins + 1, INF)
+            cand[c:] = dp[: bins + 1 - c] + sensitivity[p][j]
             better = cand < new
             new[better], arg[better] = cand[better], j
         dp = new
@@ -276,7 +285,7 @@ def allocate_bits(
     for p, arg in zip(reversed(paths), reversed(choice)):
         j = int(arg[c])
         out[p] = options[j]
-        c -= int(math.ceil(_cost(sizes[p], options[j]) / unit - 1e-9))
+        c -= steps[p][j]
     return out
 
 

@@ -197,3 +197,40 @@ register(
         description="4-bit affine, group 32: float16 scales/biases: exports exactly to GGUF Q4_1",
     ),
 )
+
+
+# Mixed precision. These static recipes are what a name gives without a model;
+# mlxqat.mixed.mixed_recipe / mobile_recipe allocate bits per layer from the
+# model's measured sensitivity to a bits-per-weight budget (the benchmark's rows).
+register(
+    "mixed",
+    lambda: Recipe(
+        "mixed",
+        LayerSpec(3, 64),
+        overrides=(
+            ("*embed_tokens", LayerSpec(4, 64)),
+            ("lm_head", LayerSpec(4, 64)),
+            ("*.v_proj", LayerSpec(4, 64)),
+            ("*.down_proj", LayerSpec(4, 64)),
+        ),
+        description="3-bit g64 with 4-bit embeddings, head, v_proj and down_proj (the layers most "
+        "sensitive in mlx-lm's mixed_3_4); mlxqat.mixed.mixed_recipe fits bits to a model and a budget",
+    ),
+)
+register(
+    "mobile",
+    lambda: Recipe(
+        "mobile",
+        LayerSpec(2, -1),
+        overrides=(
+            ("*embed_tokens", LayerSpec(4, -1)),
+            ("lm_head", LayerSpec(4, -1)),
+            ("*.v_proj", LayerSpec(4, -1, act_bits=8)),
+            ("*.down_proj", LayerSpec(4, -1)),
+            ("re:.*\\.(q_proj|k_proj|gate_proj|up_proj)", LayerSpec(2, -1, act_bits=8)),
+        ),
+        description="Gemma mobile schema: channel-wise weights, 2-bit where models tolerate it, 4-bit "
+        "embeddings/head/v_proj/down_proj, static int8 activations on norm-fed projections "
+        "(run mlxqat.calibrate after prepare); mlxqat.mixed.mobile_recipe fits bits to a model and a budget",
+    ),
+)
