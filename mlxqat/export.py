@@ -598,7 +598,15 @@ def main(argv: Optional[List[str]] = None) -> int:
                         help="fp16 format: the float type written")
     parser.add_argument("--json", action="store_true", help="print the export summary as JSON on stdout")
     args = parser.parse_args(argv)
-    warnings.simplefilter("always", ExportWarning)
+    show = warnings.showwarning
+
+    def one_line(message, category, *rest, **kw):
+        if issubclass(category, ExportWarning):
+            print(f"warning: {message}", file=sys.stderr)
+        else:
+            show(message, category, *rest, **kw)
+
+    warnings.showwarning = one_line
     try:
         if args.format == "gguf":
             result = export_gguf(args.src_dir, args.out, args.qtype, args.exact)
@@ -610,6 +618,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    finally:
+        warnings.showwarning = show
     if args.json:
         print(json.dumps(result, indent=2))
     return 0
