@@ -46,7 +46,9 @@ import numpy as np
 
 from .generate import UsageError, _has_quantized, _open, apply_dtype, quantize_rtn
 
-__all__ = ["profile_model", "time_generation", "format_table", "memory_table", "plot", "write_results", "main"]
+__all__ = [
+    "profile_model", "time_generation", "format_table", "memory_table", "summary_table", "plot", "write_results", "main",
+]
 
 BASELINES = ("fp16", "bf16", "fp32", "none")
 _BASELINE_DTYPES = {"fp16": "float16", "bf16": "bfloat16", "fp32": "float32"}
@@ -101,6 +103,12 @@ def time_generation(model: nn.Module, prompt: mx.array, gen_len: int) -> Dict[st
         "ms_per_token": 1e3 * decode_s / (gen_len - 1),
         "peak_memory_bytes": int(mx.get_peak_memory()),
     }
+
+
+def _device_name() -> str:
+    if mx.default_device() != mx.gpu:
+        return "cpu"
+    return "gpu (metal)" if mx.metal.is_available() else "gpu (cuda)"
 
 
 def _median_row(runs: List[dict]) -> dict:
@@ -331,10 +339,11 @@ def profile_model(
 
     meta.update(
         {
-            "device": str(mx.default_device()),
+            "device": _device_name(),
             "mlx": mx.__version__,
             "platform": f"{platform.system()} {platform.machine()}",
             "processor": platform.processor() or platform.machine(),
+            "chip": chip_name(),
             "baseline": baseline,
             "recipe": recipe,
             "repeats": repeats,
@@ -381,6 +390,49 @@ def memory_table(result: dict) -> str:
     for name, m in result["memory"].items():
         lines.append(f"| {name} | {m['weight_bytes'] / 1e6:.2f} | {m['bits_per_weight']:.2f} | {m['ratio_to_bf16']:.3f}x |")
     return "\n".join(lines)
+
+
+def summary_table(result: dict, prompt_len: Optional[int] = None) -> str:
+    """One markdown row per variant for this machine: the figures to compare across machines.
+
+    Args:
+        prompt_len: the prompt length to report (default: the one closest to 128).
+    """
+    rows = result["results"]
+    lengths = sorted({r["prompt_len"] for r in rows})
+    p = prompt_len if prompt_len is not None else min(lengths, key=lambda x: abs(x - 128))
+    g = max(r["gen_len"] for r in rows)
+    meta = result["meta"]
+    where = f"{meta.get('chip') or meta.get('processor')} ({meta.get('device')})"
+    lines = [
+        f"| machine | variant | prefill tok/s (prompt {p}) | decode tok/s ({g} generated) | ms/token | weights MB | bits per weight |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        if r["prompt_len"] == p and r["gen_len"] == g:
+            m = result["memory"][r["variant"]]
+            lines.append(
+                f"| {where} | {r['variant']} | {r['prefill_tps']:.0f} | {r['decode_tps']:.1f} | "
+                f"{r['ms_per_token']:.2f} | {m['weight_bytes'] / 1e6:.2f} | {m['bits_per_weight']:.2f} |"
+            )
+    return "\n".join(lines)
+
+
+def chip_name() -> str:
+    """The processor's marketing name where the system tells it (e.g. "Apple M2 Pro" on macOS)."""
+    import subprocess
+
+    try:
+        if platform.system() == "Darwin":
+            out = subprocess.run(["sysctl", "-n", "machdep.cpu.brand_string"], capture_output=True, text=True, timeout=5)
+            return out.stdout.strip() or platform.machine()
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return platform.processor() or platform.machine()
 
 
 def plot(result: dict, path: Optional[str] = None):
