@@ -31,7 +31,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 import pytest
-from mlx.utils import tree_flatten, tree_map_with_path
+from mlx.utils import tree_flatten, tree_map_with_path, tree_unflatten
 
 import mlxqat
 import tiny
@@ -445,3 +445,47 @@ def test_embedded_tokenizer_splits_text_like_the_model_tokenizer(tmp_path, token
         (src / "tokenizer.json").write_text(json.dumps(data))
         with pytest.raises(ge.GGUFExportError, match="without ignore_merges"):
             ex.export_gguf(src, tmp_path / "n.gguf", "q4_0", verbose=False)
+
+
+@pytest.mark.parametrize("rope_scaling", [
+    {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+     "original_max_position_embeddings": 64},
+    {"type": "linear", "factor": 4.0},
+])
+def test_rope_scaling_reaches_llama_cpp(tmp_path, tokenizer, rope_scaling):
+    mod = tiny._MODULES["llama"]
+    config = dict(tiny.CONFIGS["llama"], rope_scaling=rope_scaling, max_position_embeddings=256)
+    mx.random.seed(6)
+    model = mod.Model(mod.ModelArgs.from_dict(config))
+    src = _saved(tmp_path, tokenizer, model, config, "q4_0")
+    result = ex.export_gguf(src, tmp_path / "m.gguf", "f32", exact=True, verbose=False)
+    assert ("rope_freqs.weight" in {t["name"] for t in result["tensors"]}) == ("rope_type" in rope_scaling)
+    cpp = LlamaCpp(tmp_path / "m.gguf")
+    ids = tokenizer.encode(tiny.CORPUS[:120])  # long enough for the scaled frequencies to matter
+    out = cpp.complete(ids, n=4)
+    _, top = _diffs(model, ids, out)
+    assert top.max() <= 1e-4
+
+
+@pytest.mark.parametrize("arch,extra", [
+    ("qwen2", dict(model_type="qwen2", max_position_embeddings=512, rope_theta=1e6, tie_word_embeddings=True)),
+    ("llama", dict(attention_bias=True, mlp_bias=False, num_key_value_heads=4)),
+])
+def test_attention_biases_and_qwen2(tmp_path, tokenizer, arch, extra):
+    """Architectures with q/k/v biases: the biases follow their rows through llama's permutation."""
+    from mlx_lm.models import llama, qwen2
+
+    mod = {"qwen2": qwen2, "llama": llama}[arch]
+    config = dict(tiny.CONFIGS["llama"], **extra)
+    mx.random.seed(8)
+    model = mod.Model(mod.ModelArgs.from_dict(config))
+    biases = {k: v for k, v in tree_flatten(model.parameters()) if k.endswith("_proj.bias")}
+    assert biases
+    model.update(tree_unflatten([(k, mx.random.normal(v.shape) * 0.5) for k, v in biases.items()]))
+    src = _saved(tmp_path, tokenizer, model, config, "q4_1")
+    result = ex.export_gguf(src, tmp_path / "m.gguf", "f32", exact=True, verbose=False)
+    assert {"blk.0.attn_q.bias", "blk.0.attn_k.bias"} <= {t["name"] for t in result["tensors"]}
+    cpp = LlamaCpp(tmp_path / "m.gguf")
+    ids = tokenizer.encode(tiny.CORPUS[:80])
+    _, top = _diffs(model, ids, cpp.complete(ids, n=4))
+    assert top.max() <= 1e-4
