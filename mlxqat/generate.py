@@ -197,6 +197,7 @@ def quantize_rtn(model: nn.Module, recipe: str) -> nn.Module:
         spec = get_recipe(recipe, scale_dtype="float16")
     except ValueError as e:
         raise UsageError(f"--quantize / --recipe: {e}") from e
+    loaded = next((v.dtype for _, v in tree_flatten(model.parameters()) if mx.issubdtype(v.dtype, mx.floating)), mx.float32)
     model.set_dtype(mx.float32)
     prepare(model, spec)
     convert(model)
@@ -205,6 +206,7 @@ def quantize_rtn(model: nn.Module, recipe: str) -> nn.Module:
         if _is_quantized_linear(m) and m.scales.dtype == mx.float32:
             updates += [(f"{path}.scales", m.scales.astype(mx.float16)), (f"{path}.biases", m.biases.astype(mx.float16))]
     model.update(tree_unflatten(updates))
+    apply_dtype(model, str(loaded).replace("mlx.core.", ""))  # the rest back to the dtype it was loaded in
     return model
 
 
