@@ -177,6 +177,17 @@ def test_clear_errors_for_what_gguf_cannot_express(tmp_path, tokenizer):
         ex.export_gguf(src, tmp_path / "a.gguf", "auto", verbose=False)
     assert ex.main([str(src), "--format", "gguf", "--out", str(tmp_path / "a.gguf"), "--type", "q4_0", "--exact"]) == 2
 
+    # static activation quantization: GGUF has no place for it
+    a8, a8cfg = _random_model("llama", seed=4)
+    mlxqat.prepare(a8, mlxqat.recipes.get("q4_0", act_bits=8))
+    mlxqat.calibrate(a8, [mx.arange(24)[None]])
+    mlxqat.convert(a8)
+    mlxqat.save(a8, tokenizer, tmp_path / "a8", config=a8cfg)
+    with pytest.raises(ge.GGUFExportError, match="static activation quantization has no GGUF form"):
+        ex.export_gguf(tmp_path / "a8", tmp_path / "a.gguf", "q4_0", exact=True, verbose=False)
+    with pytest.warns(ex.ExportWarning, match="static activation quantization"):
+        assert ex.export_gguf(tmp_path / "a8", tmp_path / "a8.gguf", "q4_0", verbose=False)["kl"] > 0
+
     # an architecture llama.cpp's GGUF has no form for
     other = tmp_path / "olmo"
     shutil.copytree(src, other)
