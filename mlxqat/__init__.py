@@ -14,7 +14,6 @@ from .convert import calibrate, convert, dequantize, prepare, use_kernel  # noqa
 from .io import IntegrityError, load, save, verify  # noqa: E402
 from .layers import ActQuantizedLinear, FakeQuantEmbedding, FakeQuantLinear  # noqa: E402
 from .recipes import LayerSpec, Recipe  # noqa: E402
-from . import train as _train_job  # noqa: E402,F401  (load the module before the name is rebound)
 from .trainer import TrainingArgs, train  # noqa: E402
 
 __all__ = [

@@ -32,6 +32,7 @@ from .data import build_dataset, check_seq_len, generate_windows, model_context,
 from .evaluate import evaluate, format_table, gap_recovered
 from .io import atomic_file, save
 from .layers import FakeQuantEmbedding, FakeQuantLinear
+from ._callable import callable_module
 from .trainer import TrainingArgs, train
 
 __all__ = ["run", "main", "train", "TrainingArgs"]
@@ -262,6 +263,10 @@ def main(argv=None) -> int:
         return 130
     return 0
 
+
+# `import mlxqat.train` rebinds the package attribute `mlxqat.train` (the function) to
+# this module; make the module callable so `mlxqat.train(...)` keeps working.
+callable_module(__name__, train)
 
 if __name__ == "__main__":
     sys.exit(main())

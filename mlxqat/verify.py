@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import argparse
 import sys
-import types
 from typing import List, Optional
 
+from ._callable import callable_module
 from .io import IntegrityError, verify
 
 
@@ -32,15 +32,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     return 0
 
 
-class _CallableModule(types.ModuleType):
-    """Importing ``mlxqat.verify`` (the module) rebinds the package attribute that was the
-    function :func:`mlxqat.io.verify`; calling the module keeps ``mlxqat.verify(path)`` working."""
-
-    def __call__(self, directory):
-        return verify(directory)
-
-
-sys.modules[__name__].__class__ = _CallableModule
+# `import mlxqat.verify` rebinds the package attribute `mlxqat.verify` (the function) to
+# this module; make the module callable so `mlxqat.verify(path)` keeps working.
+callable_module(__name__, verify)
 
 if __name__ == "__main__":
     sys.exit(main())
