@@ -70,15 +70,27 @@ def gap_recovered(ppl_rtn: float, ppl_method: float, ppl_full: float) -> float:
 
 
 def format_table(rows: Dict[str, Dict[str, float]], ppl_full: Optional[float] = None, ppl_rtn: Optional[float] = None) -> str:
-    """A markdown table of ``{name: metrics}``."""
-    header = "| model | ppl | KL to fp | top-1 agree | gap recovered |\n|---|---|---|---|---|"
-    lines = [header]
+    """A markdown table of ``{name: metrics}``.
+
+    With ``ppl_full``/``ppl_rtn``: the perplexity change against full precision,
+    the share of the round-to-nearest perplexity gap each row closes, and how
+    much smaller its KL to the teacher is than round-to-nearest's.
+    """
+    kl_rtn = rows.get("round-to-nearest", {}).get("kl")
+    lines = [
+        "| model | ppl | ppl vs fp | KL to fp | top-1 agree | ppl gap recovered | KL vs RTN |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for name, m in rows.items():
-        gap = ""
-        if ppl_full is not None and ppl_rtn is not None and name not in ("full precision",):
+        delta = gap = kl_red = ""
+        if ppl_full is not None:
+            delta = f"{100 * (m['ppl'] / ppl_full - 1):+.2f}%"
+        if ppl_rtn is not None and ppl_full is not None and name not in ("full precision", "round-to-nearest"):
             g = gap_recovered(ppl_rtn, m["ppl"], ppl_full)
-            gap = f"{100 * g:.0f}%" if g == g else ""
+            gap = f"{100 * g:.0f}%" if g == g else "n/a (RTN gap <= 0)"
+        if kl_rtn and "kl" in m and name not in ("full precision", "round-to-nearest"):
+            kl_red = f"{100 * (m['kl'] / kl_rtn - 1):+.0f}%"
         kl = f"{m['kl']:.5f}" if "kl" in m else ""
         top1 = f"{100 * m['top1']:.2f}%" if "top1" in m else ""
-        lines.append(f"| {name} | {m['ppl']:.4f} | {kl} | {top1} | {gap} |")
+        lines.append(f"| {name} | {m['ppl']:.4f} | {delta} | {kl} | {top1} | {gap} | {kl_red} |")
     return "\n".join(lines)

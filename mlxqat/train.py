@@ -108,8 +108,10 @@ def _dataset(data, tokenizer, teacher, seq_len, args, eval_windows, self_generat
 
         chars = (need + 64) * seq_len * 4  # ~4 characters per token is plenty for code
         train_tok = tokenize_documents([Document("train", read_split_text("train", max_chars=chars))], tokenizer)
-        val_tok = tokenize_documents([Document("val", read_split_text("validation", max_chars=(eval_windows + 8) * seq_len * 5))], tokenizer)
-        return pack(train_tok, seq_len), pack(val_tok, seq_len)[:eval_windows]
+        val_all = pack(tokenize_documents([Document("val", read_split_text("validation"))], tokenizer), seq_len)
+        # evenly spaced over the whole split: the first files alone are not typical
+        pick = np.linspace(0, len(val_all) - 1, min(eval_windows, len(val_all))).astype(int)
+        return pack(train_tok, seq_len), val_all[pick]
     ds = build_dataset(data, tokenizer, seq_len, max_context=ctx, max_val_windows=eval_windows)
     return ds.train, ds.val
 
@@ -123,7 +125,7 @@ def run(
     learn_scales: Optional[bool] = None,
     scale_dtype: Optional[str] = "float16",
     self_generate: int = 0,
-    eval_windows: int = 32,
+    eval_windows: int = 128,
     save_master: bool = True,
     progress: bool = True,
     **training_kwargs,
@@ -188,6 +190,8 @@ def run(
     table = format_table(rows, ppl_fp, ppl_rtn)
     print("\n" + table + "\n", flush=True)
     gap = gap_recovered(ppl_rtn, rows["QAT"]["ppl"], ppl_fp)
+    gap = None if gap != gap else gap  # NaN (no RTN gap to recover) is not JSON
+    kl_reduction = 1 - rows["QAT"]["kl"] / rows["round-to-nearest"]["kl"] if rows["round-to-nearest"]["kl"] > 0 else None
 
     master = _master_weights(student) if save_master else None
     convert(student)
@@ -198,25 +202,22 @@ def run(
             "data": data or ("self-generated" if self_generate else "python-stdlib"),
             **{k: v for k, v in summary.items() if k not in ("losses", "val")},
         },
-        "metrics": {**rows, "gap_recovered": gap},
+        "metrics": {**rows, "gap_recovered": gap, "kl_reduction_vs_rtn": kl_reduction},
     }
     extra = {"train_log.jsonl": (work / "train_log.jsonl").read_text()} if (work / "train_log.jsonl").exists() else {}
-    extra["README.md"] = _model_card(recipe_obj, rows, gap, info)
+    extra["README.md"] = _model_card(recipe_obj, rows)
     save(student, tokenizer, out, config=config, info=info, extra_files=extra, master_weights=master)
     print(f"saved {out} ({time.perf_counter() - t_start:.0f} s in all)", flush=True)
-    return {"table": rows, "gap_recovered": gap, "training": summary, "out": str(out)}
+    return {"table": rows, "gap_recovered": gap, "kl_reduction_vs_rtn": kl_reduction, "training": summary, "out": str(out)}
 
 
-def _model_card(recipe, rows, gap, info) -> str:
-    from .evaluate import format_table
-
+def _model_card(recipe, rows) -> str:
     return (
         f"# QAT model ({recipe.name})\n\n"
         "Made with mlxqat: quantization-aware training distilled from the full-precision model.\n"
         "Open it with `mlx_lm.load` or `mlxqat.load`.\n\n"
         f"Recipe: `{json.dumps(recipe.to_dict())}`\n\n"
-        f"{format_table(rows, rows['full precision']['ppl'], rows['round-to-nearest']['ppl'])}\n\n"
-        f"Round-to-nearest perplexity gap recovered: {100 * gap:.0f}%\n"
+        f"{format_table(rows, rows['full precision']['ppl'], rows['round-to-nearest']['ppl'])}\n"
     )
 
 
@@ -234,7 +235,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Train scales/biases too (overrides the recipe).")
     p.add_argument("--scale-dtype", default="float16", help="Round scales/biases to this dtype ('none' to keep float32).")
     p.add_argument("--self-generate", type=int, default=0, help="Train on N windows sampled from the teacher (no data needed).")
-    p.add_argument("--eval-windows", type=int, default=32, help="Validation windows for the before/after table.")
+    p.add_argument("--eval-windows", type=int, default=128, help="Validation windows for the before/after table.")
     p.add_argument("--no-save-master", dest="save_master", action="store_false", help="Don't save the full-precision trained weights.")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="No progress bar.")
     for f in dataclasses.fields(TrainingArgs):
