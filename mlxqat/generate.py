@@ -157,7 +157,10 @@ def _open(model: Optional[str]):
                 f"the embedded model is missing from this installation ({path}); pass --model DIR "
                 "(any mlx-lm model directory) or reinstall mlxqat"
             )
-        model = str(path)
+        from .io import load
+
+        m, tok = load(path)
+        return m, tok, f"{path.name} (embedded)"
     p = Path(model).expanduser()
     if p.exists():
         if not p.is_dir():

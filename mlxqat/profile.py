@@ -33,6 +33,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import platform
 import statistics
 import sys
@@ -497,6 +498,10 @@ def write_results(result: dict, out: str) -> Dict[str, str]:
     import matplotlib.pyplot as plt
 
     plt.close(fig)
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in (json_path, png_path):  # temporary files are created private; results are not
+        os.chmod(path, 0o666 & ~umask)
     return {"json": str(json_path), "png": str(png_path)}
 
 
