@@ -25,7 +25,7 @@ test: setup
 
 notebooks: setup
 	$(BIN)/pip install -q jupyter
-	$(BIN)/jupyter notebook notebooks/
+	tools/with-blas $(BIN)/jupyter notebook notebooks/
 
 bench: setup
 	$(RUN) benchmarks/quality.py

@@ -128,6 +128,7 @@ def run(
     eval_windows: int = 128,
     save_master: bool = True,
     progress: bool = True,
+    callback=None,
     **training_kwargs,
 ) -> dict:
     """Run QAT end to end and save the converted model to ``out``.
@@ -144,6 +145,8 @@ def run(
         self_generate: train on this many windows sampled from the teacher instead of data.
         eval_windows: validation windows for the before/after table.
         save_master: also save the trained full-precision weights (``master_weights.safetensors``).
+        progress: show a progress bar.
+        callback: called with every logged training record (e.g. to plot the loss live).
         training_kwargs: :class:`~mlxqat.trainer.TrainingArgs` fields.
 
     Returns:
@@ -181,7 +184,8 @@ def run(
 
     work = Path(str(Path(out)) + ".train")
     work.mkdir(parents=True, exist_ok=True)
-    summary = train(student, teacher, train_w, None, args, out_dir=work, resume=resume, progress=progress)
+    summary = train(student, teacher, train_w, None, args, out_dir=work, resume=resume, progress=progress,
+                    callback=callback)
     if scale_dtype is not None:
         _round_learned_scales(student, getattr(mx, scale_dtype))
     rows["QAT"] = evaluate(student, val_w, teacher)
