@@ -32,7 +32,7 @@ TRAINABLE = ("all", "scales", "lora")
 
 @dataclass
 class TrainingArgs:
-    steps: int = field(default=200, metadata={"help": "Optimizer steps."})
+    steps: int = field(default=100, metadata={"help": "Optimizer steps."})
     batch_size: int = field(default=8, metadata={"help": "Windows per optimizer step (all processes together)."})
     seq_len: int = field(default=256, metadata={"help": "Tokens per window."})
     learning_rate: float = field(default=1e-5, metadata={"help": "Peak learning rate of the weights."})
