@@ -37,7 +37,7 @@ class TrainingArgs:
     seq_len: int = field(default=256, metadata={"help": "Tokens per window."})
     learning_rate: float = field(default=1e-5, metadata={"help": "Peak learning rate of the weights."})
     scale_learning_rate: Optional[float] = field(
-        default=None, metadata={"help": "Peak learning rate of learned scales/biases (default: 10x learning_rate)."}
+        default=None, metadata={"help": "Peak learning rate of learned scales/biases (default: learning_rate / 10; scales are small numbers and Adam steps are absolute)."}
     )
     lora_learning_rate: float = field(default=1e-3, metadata={"help": "Peak learning rate of LoRA adapters."})
     schedule: str = field(default="cosine", metadata={"help": "cosine, linear or constant (after warmup)."})
@@ -79,7 +79,7 @@ class TrainingArgs:
 
     @property
     def scale_lr(self) -> float:
-        return self.scale_learning_rate if self.scale_learning_rate is not None else 10 * self.learning_rate
+        return self.scale_learning_rate if self.scale_learning_rate is not None else self.learning_rate / 10
 
 
 def lr_schedule(peak: float, args: TrainingArgs) -> Callable:
