@@ -123,6 +123,11 @@ QAT_LEARN_SCALES = True
 # DWQ's learning rate per bit width (constant, Adam, as mlx_lm.quant.dwq's main):
 # the best of 1e-6 / 1e-5 / 1e-4 measured on the reference model (DESIGN.md notes).
 DWQ_LR = {4: 1e-5, 3: 1e-5, 2: 1e-4}
+# Bit widths the mixed/mobile allocations choose from. At budgets of 2.6-3 bits
+# per weight wider options are never picked, so they are not measured (time).
+SENSITIVITY_BITS = (2, 3, 4)
+# Windows that set static activation scales (mlxqat.calibrate) where a recipe asks.
+CALIBRATION_WINDOWS = 16
 
 
 @dataclass
@@ -135,15 +140,16 @@ class Budget:
     select_windows: int  # validation windows QAT picks its best step on
     select_every: int  # steps between those checks
     sensitivity_windows: int  # windows of the sensitivity pass
-    awq_windows: int  # AWQ calibration windows (GPTQ sees every training window)
+    awq_windows: int  # AWQ calibration windows (the first of the training windows)
+    gptq_windows: int  # GPTQ calibration windows (the first of the training windows)
     settings: Tuple[str, ...] = tuple(SETTINGS)
     methods: Tuple[str, ...] = METHODS
 
 
 FULL = Budget(steps=100, batch_size=8, seq_len=256, eval_windows=64, ood_windows=32, select_windows=8,
-              select_every=20, sensitivity_windows=8, awq_windows=64)
+              select_every=20, sensitivity_windows=4, awq_windows=32, gptq_windows=128)
 QUICK = Budget(steps=12, batch_size=4, seq_len=128, eval_windows=12, ood_windows=8, select_windows=4,
-               select_every=6, sensitivity_windows=4, awq_windows=8, settings=("int4", "int2", "mixed", "mobile"))
+               select_every=6, sensitivity_windows=4, awq_windows=8, gptq_windows=16, settings=("int4", "int2", "mixed", "mobile"))
 
 
 # ---------------------------------------------------------------------------
@@ -442,18 +448,33 @@ def quantize_qat(model, recipe: Recipe, mode: str, data: dict, teacher: CachedTe
     if learn and _keeps_format(recipe):
         recipe = recipe.with_options(learn_scales=True)
     mlxqat.prepare(model, recipe)
-    calibrate_if_needed(model, data["train"][:8])
+    calibrate_if_needed(model, data["train"][:CALIBRATION_WINDOWS])
     if init is not None:
         init(model)
-    args = TrainingArgs(steps=budget.steps, batch_size=budget.batch_size, seq_len=seq_len,
-                        log_every=budget.select_every, **kw)
-    model.train()
-    selector = BestStep(model, data["select"], teacher)
-    summary = train(model, teacher, data["train"], None, args, callback=selector, progress=progress)
-    best = selector.restore()
+    # Optionally end with a phase that trains only scales/biases on frozen codes
+    # (on the last windows of the same budget).
+    tail = kw.pop("scales_phase_steps", 0) if learn else 0
+    tail_lr = kw.pop("scales_phase_lr", None)
+    kw.pop("scales_phase_steps", None)
+    phases = [(budget.steps - tail, kw)]
+    if tail:
+        phases.append((tail, dict(kw, trainable="scales", scale_learning_rate=tail_lr or kw.get("scale_learning_rate"))))
+    info = {"phases": [], "best_step": []}
+    start = 0
+    for steps, pkw in phases:
+        windows = data["train"][start * budget.batch_size : (start + steps) * budget.batch_size]
+        args = TrainingArgs(steps=steps, batch_size=budget.batch_size, seq_len=seq_len,
+                            log_every=min(budget.select_every, steps), **pkw)
+        model.train()
+        selector = BestStep(model, data["select"], teacher)
+        summary = train(model, teacher, windows, None, args, callback=selector, progress=progress)
+        info["best_step"].append(start + selector.restore())
+        info["phases"].append({"args": {k: v for k, v in dataclasses.asdict(args).items()
+                                        if k in pkw or k in ("steps", "batch_size", "seq_len")},
+                               "selection_kl": [(start + s, k) for s, k in selector.history],
+                               "final_loss": summary["final_loss"]})
+        start += steps
     mlxqat.convert(model)
-    info = {"args": {k: v for k, v in dataclasses.asdict(args).items() if k in kw or k in ("steps", "batch_size", "seq_len")},
-            "best_step": best, "selection_kl": selector.history, "final_loss": summary["final_loss"]}
     return model, info
 
 
@@ -474,13 +495,14 @@ def build_recipe(setting: Setting, fp_model, data, budget, progress, report) -> 
     if setting.uniform_affine:
         return Recipe(setting.name, LayerSpec(setting.bits, setting.group_size))
     calib = data["train"][: budget.sensitivity_windows]
-    options = mixed.mobile_options() if setting.name == "mobile" else tuple(LayerSpec(b, 64) for b in mixed.MIXED_BITS)
+    group = -1 if setting.name == "mobile" else 64
+    options = tuple(LayerSpec(b, group) for b in SENSITIVITY_BITS)
     t0 = time.perf_counter()
     sens = mixed.layer_sensitivity(fp_model, calib, options, progress=progress)
     seconds = time.perf_counter() - t0
     proxy = mixed.proxy_sensitivity(fp_model, calib, options)
     if setting.name == "mobile":
-        recipe = mixed.mobile_recipe(fp_model, calib, setting.budget_bpw, sensitivity=sens)
+        recipe = mixed.mobile_recipe(fp_model, calib, setting.budget_bpw, options=options, sensitivity=sens)
     else:
         recipe = mixed.mixed_recipe(fp_model, calib, setting.budget_bpw, options=options, sensitivity=sens)
     report[setting.name] = {
@@ -584,18 +606,17 @@ def run(model: Optional[str] = None, data: Optional[str] = None, quick: bool = F
                 t0 = time.perf_counter()
                 extra = None
                 if method == "RTN":
-                    quantize_rtn(m, setting, recipe, data_sets["train"])
+                    quantize_rtn(m, setting, recipe, data_sets["train"][:CALIBRATION_WINDOWS])
                 elif method == "GPTQ":
-                    quantize_gptq(m, setting, data_sets["train"], budget.batch_size)
+                    quantize_gptq(m, setting, data_sets["train"][: budget.gptq_windows], budget.batch_size)
                 elif method == "AWQ":
                     quantize_awq(m, setting, data_sets["train"][: budget.awq_windows], model_type)
                 elif method == "DWQ":
                     quantize_dwq(m, setting, recipe, data_sets, teacher, budget, seq_len)
                 else:
                     m, extra = quantize_qat(m, recipe, method, data_sets, teacher, budget, seq_len, progress)
-                wall = time.perf_counter() - t0
-                if not setting.uniform_affine and method in ("RTN",):
-                    wall += recipe_seconds  # the sensitivity pass is part of making the recipe
+                # the sensitivity pass is part of every method of a mixed setting
+                wall = time.perf_counter() - t0 + recipe_seconds
                 measure(method, setting, m, wall, extra)
                 del m
 
@@ -706,8 +727,9 @@ def markdown(result: dict) -> str:
         f"- The teacher's logits are computed once ({result['teacher_logits_seconds']:.0f} s, not in any row's wall time) "
         "and shared by DWQ, QAT and the evaluation.",
         f"- DWQ: `mlx_lm.quant.dwq.dwq_quantize` (Adam, constant learning rate {result['dwq_lr']} by bit width, "
-        "temperature 2, its defaults otherwise). GPTQ: every training window; AWQ: "
-        f"{result['budget']['awq_windows']} windows. GPTQ's packing is swapped for mlxqat's (same format) so that "
+        "temperature 2, its defaults otherwise). GPTQ: the first "
+        f"{result['budget']['gptq_windows']} training windows; AWQ: the first {result['budget']['awq_windows']} "
+        "(fewer tokens than mlx-lm's defaults, for CPU time). GPTQ's packing is swapped for mlxqat's (same format) so that "
         "3-bit works; the embedding (tied head) is round-to-nearest at the same bits in every method.",
         "- QAT picks its best step by KL on separate validation windows (checked every "
         f"{result['budget']['select_every']} steps, step 0 included).",

@@ -40,11 +40,11 @@ from .recipes import LayerSpec, Recipe
 MIXED_BITS = (2, 3, 4, 6, 8)
 # Options of the `mobile` allocation: channel-wise (one scale per output row).
 MOBILE_BITS = (2, 3, 4, 8)
-# Layers whose input is rounded to int8 with a static scale in the mobile schema:
-# the projections fed by an RMSNorm (bounded, outlier-poor inputs). o_proj and
-# down_proj see attention outputs and SiLU products, whose outliers a single
-# per-tensor int8 scale resolves badly.
-MOBILE_ACT_LAYERS = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")
+# Layers whose input is rounded to int8 with a static per-tensor scale in the
+# mobile schema. down_proj is left out: its input (SiLU(gate) * up) has outliers
+# a single int8 scale resolves badly; on the reference model int8 inputs cost
+# KL 8e-4 there and at most 2e-5 on any other projection (benchmarks/results/quality.md).
+MOBILE_ACT_LAYERS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj")
 
 
 def quantizable_layers(model: nn.Module, options: Sequence[LayerSpec] = ()) -> Dict[str, nn.Module]:
@@ -356,17 +356,18 @@ def mobile_recipe(
     windows,
     budget_bpw: float = 2.6,
     *,
+    options: Optional[Sequence[LayerSpec]] = None,
     sensitivity: Optional[Dict[str, List[float]]] = None,
     batch_size: int = 8,
     progress: bool = False,
 ) -> Recipe:
     """The mobile schema fitted to a model: channel-wise weights, 2 bits where the model
     tolerates it and more where it is sensitive (measured), static int8 activations on
-    the projections fed by a norm (``MOBILE_ACT_LAYERS``). Call :func:`mlxqat.calibrate`
+    every projection but ``down_proj`` (``MOBILE_ACT_LAYERS``). Call :func:`mlxqat.calibrate`
     after ``prepare``.
     """
     return mixed_recipe(
-        model, windows, budget_bpw, options=mobile_options(), name="mobile", sensitivity=sensitivity,
+        model, windows, budget_bpw, options=options or mobile_options(), name="mobile", sensitivity=sensitivity,
         act_layers=MOBILE_ACT_LAYERS, batch_size=batch_size, progress=progress,
     )
 

@@ -227,10 +227,10 @@ register(
             ("lm_head", LayerSpec(4, -1)),
             ("*.v_proj", LayerSpec(4, -1, act_bits=8)),
             ("*.down_proj", LayerSpec(4, -1)),
-            ("re:.*\\.(q_proj|k_proj|gate_proj|up_proj)", LayerSpec(2, -1, act_bits=8)),
+            ("re:.*\\.(q_proj|k_proj|o_proj|gate_proj|up_proj)", LayerSpec(2, -1, act_bits=8)),
         ),
         description="Gemma mobile schema: channel-wise weights, 2-bit where models tolerate it, 4-bit "
-        "embeddings/head/v_proj/down_proj, static int8 activations on norm-fed projections "
+        "embeddings/head/v_proj/down_proj, static int8 activations on every projection but down_proj "
         "(run mlxqat.calibrate after prepare); mlxqat.mixed.mobile_recipe fits bits to a model and a budget",
     ),
 )

@@ -18,7 +18,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 import quality  # noqa: E402
 
 TINY = quality.Budget(steps=3, batch_size=2, seq_len=32, eval_windows=4, ood_windows=2, select_windows=2,
-                      select_every=2, sensitivity_windows=2, awq_windows=2)
+                      select_every=2, sensitivity_windows=2, awq_windows=2, gptq_windows=4)
 
 
 @pytest.fixture(scope="module")
