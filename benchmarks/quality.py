@@ -445,8 +445,9 @@ def quantize_qat(model, recipe: Recipe, mode: str, data: dict, teacher: CachedTe
                  init: Optional[Callable] = None) -> Tuple[nn.Module, dict]:
     kw = dict(QAT_ARGS[mode], **(args_override or {}))
     learn = kw.pop("learn_scales", QAT_LEARN_SCALES if kw["trainable"] == "all" else kw["trainable"] == "scales")
+    scale_init = kw.pop("scale_init", "minmax")
     if learn and _keeps_format(recipe):
-        recipe = recipe.with_options(learn_scales=True)
+        recipe = recipe.with_options(learn_scales=True, scale_init=scale_init)
     mlxqat.prepare(model, recipe)
     calibrate_if_needed(model, data["train"][:CALIBRATION_WINDOWS])
     if init is not None:

@@ -26,6 +26,12 @@ def _init_quant_state(layer: nn.Module, weight: mx.array, spec: LayerSpec) -> No
         _, layer.scales, layer.biases = quant.init_params(
             weight, spec.bits, spec.group_size, spec.mode, spec.scale_dtype
         )
+        if spec.scale_init == "mse":
+            s, b = quant.mse_clip_params(weight, spec.bits, spec.group_size)
+            if spec.scale_dtype is not None:
+                dt = getattr(mx, spec.scale_dtype)
+                s, b = s.astype(dt).astype(weight.dtype), b.astype(dt).astype(weight.dtype)
+            layer.scales, layer.biases = s, b
 
 
 def _dequantized(layer: nn.Module, weight: mx.array) -> mx.array:

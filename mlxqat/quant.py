@@ -142,6 +142,70 @@ def _channel_affine_scales(w, bits, g):
     return scales, biases
 
 
+SCALE_INITS = ("minmax", "mse")
+
+
+def mse_clip_params(
+    w: mx.array,
+    bits: int,
+    group_size: int,
+    grid: int = 20,
+    min_ratio: float = 0.5,
+) -> Tuple[mx.array, mx.array]:
+    """Affine scales and biases that clip each group's range where that lowers the error.
+
+    For every group the range ``[a * min, a * max]`` is tried for ``a`` on a
+    grid from 1 down to ``min_ratio``, and the ``a`` whose round-to-nearest
+    reconstruction has the smallest squared error is kept. At 2 and 3 bits the
+    min/max range wastes most codes on a few outliers; this is the starting
+    point learned scales train from (``LayerSpec(scale_init="mse")``).
+    ``group_size=-1`` searches one range per output row.
+
+    Returns:
+        ``(scales, biases)`` in ``w.dtype``, shaped ``(out, in / storage group)``.
+    """
+    if not 0 < min_ratio <= 1:
+        raise ValueError(f"min_ratio={min_ratio} must be in (0, 1]")
+    if grid < 1:
+        raise ValueError(f"grid={grid} must be at least 1")
+    qmax = 2**bits - 1
+    g = storage_group_size(group_size, w.shape[-1])
+    w32 = w.astype(mx.float32)
+    wg = w32[..., None, :] if group_size == CHANNELWISE else _grouped(w32, g)
+    lo0 = mx.min(wg, axis=-1, keepdims=True)
+    hi0 = mx.max(wg, axis=-1, keepdims=True)
+
+    def error(s, b):
+        q = mx.clip(mx.round((wg - b) / s), 0, qmax)
+        return mx.sum(mx.square(q * s + b - wg), axis=-1, keepdims=True)
+
+    # The first candidate is the min/max quantizer itself (MLX's, which also
+    # places one range end exactly on a code), so the search never loses to it.
+    if group_size == CHANNELWISE:
+        s0, b0 = _channel_affine_scales(w32, bits, g)
+        best_s, best_b = s0[..., :1, None], b0[..., :1, None]
+    else:
+        _, s0, b0 = mx.quantize(w32, g, bits)
+        best_s, best_b = s0[..., None], b0[..., None]
+    best_s = mx.where(best_s == 0, mx.full(best_s.shape, 1e-8, mx.float32), best_s)
+    best_err = error(best_s, best_b)
+    for i in range(grid + 1):
+        a = 1.0 - (1.0 - min_ratio) * i / grid
+        lo, hi = a * lo0, a * hi0
+        s = mx.maximum(hi - lo, 1e-8) / qmax
+        err = error(s, lo)
+        better = err < best_err
+        best_err = mx.where(better, err, best_err)
+        best_s = mx.where(better, s, best_s)
+        best_b = mx.where(better, lo, best_b)
+        mx.eval(best_err, best_s, best_b)
+    scales, biases = best_s[..., 0], best_b[..., 0]
+    if group_size == CHANNELWISE:
+        scales = mx.repeat(scales, w.shape[-1] // g, axis=-1)
+        biases = mx.repeat(biases, w.shape[-1] // g, axis=-1)
+    return scales.astype(w.dtype), biases.astype(w.dtype)
+
+
 def quantize_codes(
     w: mx.array, scales: mx.array, biases: mx.array, bits: int, group_size: int
 ) -> mx.array:

@@ -14,7 +14,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Tuple
 
-from .quant import CHANNELWISE, MODES, SUPPORTED_BITS, SUPPORTED_GROUP_SIZES
+from .quant import CHANNELWISE, MODES, SCALE_INITS, SUPPORTED_BITS, SUPPORTED_GROUP_SIZES
 
 ACT_BITS = (4, 8)
 
@@ -29,6 +29,7 @@ class LayerSpec:
     learn_scales: bool = False  # train scales and biases along with (or instead of) weights
     act_bits: Optional[int] = None  # static per-tensor activation quantization (8 or 4)
     scale_dtype: Optional[str] = None  # "float16": round scales/biases to float16 (exact GGUF)
+    scale_init: str = "minmax"  # learned scales start from "minmax" or an "mse" clip search
 
     def __post_init__(self):
         if self.bits not in SUPPORTED_BITS:
@@ -48,6 +49,14 @@ class LayerSpec:
                 "or None for weight-only quantization"
             )
 
+        if self.scale_init not in SCALE_INITS:
+            raise ValueError(f"scale_init={self.scale_init!r} is not supported; use one of {SCALE_INITS}")
+        if self.scale_init != "minmax" and not (self.learn_scales and self.mode == "affine"):
+            raise ValueError(
+                f"scale_init={self.scale_init!r} sets the starting point of learned affine scales; "
+                f"it needs learn_scales=True and mode='affine' (got learn_scales={self.learn_scales}, "
+                f"mode={self.mode!r})"
+            )
         if self.scale_dtype not in (None, "float16"):
             raise ValueError(
                 f"scale_dtype={self.scale_dtype!r} is not supported; use None (the "

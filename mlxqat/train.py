@@ -123,6 +123,7 @@ def run(
     out: str = "qat-out",
     resume: bool = False,
     learn_scales: Optional[bool] = None,
+    scale_init: Optional[str] = None,
     scale_dtype: Optional[str] = "float16",
     self_generate: int = 0,
     eval_windows: int = 128,
@@ -140,6 +141,8 @@ def run(
         out: output mlx-lm directory; training artifacts go to ``<out>.train/``.
         resume: continue from the newest checkpoint in ``<out>.train/``.
         learn_scales: override the recipe's ``learn_scales``.
+        scale_init: where learned scales start: ``"minmax"`` or ``"mse"`` (a per-group
+            clip search; implies ``learn_scales`` unless that is set to False).
         scale_dtype: round scales/biases to this dtype's values so they are stored
             as float16 without loss (``None``: keep the compute dtype).
         self_generate: train on this many windows sampled from the teacher instead of data.
@@ -161,6 +164,10 @@ def run(
         opts["scale_dtype"] = scale_dtype
     if args.trainable == "scales" and learn_scales is None:
         opts["learn_scales"] = True
+    if scale_init is not None:
+        opts["scale_init"] = scale_init
+        if scale_init != "minmax" and learn_scales is None:
+            opts["learn_scales"] = True
     recipe_obj = recipes_mod.get(recipe, **opts)
     if data is not None and self_generate:
         raise ValueError("give either --data or --self-generate, not both")
@@ -237,6 +244,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="Continue from the newest checkpoint in <out>.train/.")
     p.add_argument("--learn-scales", dest="learn_scales", action=argparse.BooleanOptionalAction, default=None,
                    help="Train scales/biases too (overrides the recipe).")
+    p.add_argument("--scale-init", default=None, choices=["minmax", "mse"],
+                   help="Start learned scales from min/max or from a per-group clip search that minimises the "
+                        "reconstruction error (mse; implies --learn-scales; helps most at 2-3 bits).")
     p.add_argument("--scale-dtype", default="float16", help="Round scales/biases to this dtype ('none' to keep float32).")
     p.add_argument("--self-generate", type=int, default=0, help="Train on N windows sampled from the teacher (no data needed).")
     p.add_argument("--eval-windows", type=int, default=128, help="Validation windows for the before/after table.")

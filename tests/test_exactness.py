@@ -37,12 +37,16 @@ def test_converted_equals_fake_quant(arch, recipe):
         assert q_tokens == fq_tokens, (arch, recipe, seed)
 
 
+@pytest.mark.parametrize("scale_init", ["minmax", "mse"])
 @pytest.mark.parametrize("arch", tiny.ARCHS)
-def test_learned_scales_and_channelwise_convert_exactly(arch):
+def test_learned_scales_and_channelwise_convert_exactly(arch, scale_init):
     recipe = mlxqat.Recipe(
         "custom",
-        mlxqat.LayerSpec(4, 64, learn_scales=True),
-        overrides=(("*mlp.down_proj", mlxqat.LayerSpec(3, -1, "symmetric")),),
+        mlxqat.LayerSpec(4, 64, learn_scales=True, scale_init=scale_init),
+        overrides=(
+            ("*mlp.down_proj", mlxqat.LayerSpec(3, -1, "symmetric")),
+            ("*mlp.up_proj", mlxqat.LayerSpec(2, -1, learn_scales=True, scale_init=scale_init)),
+        ),
     )
     model, _ = tiny.make_model(arch, 1)
     mlxqat.prepare(model, recipe)

@@ -195,3 +195,51 @@ def test_nan_weights_are_refused():
 def test_group_size_that_does_not_divide_is_named():
     with pytest.raises(ValueError, match="group_size=64 does not divide in_features=96"):
         quant.storage_group_size(64, 96)
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    bits=st.sampled_from([2, 3, 4]),
+    group_size=st.sampled_from([32, 64, -1]),
+    rows=st.integers(1, 6),
+    outlier=st.floats(1.0, 50.0),
+    seed=st.integers(0, 2**16),
+)
+def test_mse_clip_search_never_reconstructs_worse_than_minmax(bits, group_size, rows, outlier, seed):
+    rng = np.random.default_rng(seed)
+    w = rng.standard_normal((rows, 128)).astype(np.float32)
+    w[rng.integers(rows), rng.integers(128)] *= outlier  # a heavy-tailed group
+    w = mx.array(w)
+    g = quant.storage_group_size(group_size, 128)
+
+    def err(scales, biases):
+        codes = quant.quantize_codes(w, scales, biases, bits, g)
+        deq = quant.dequantize(quant.pack(codes, bits), scales, biases, bits, g)
+        return float(mx.sum((deq - w) ** 2))
+
+    minmax = quant._channel_affine_scales(w, bits, g) if group_size == -1 else quant.init_params(w, bits, g, "affine")[1:]
+    s, b = quant.mse_clip_params(w, bits, group_size)
+    assert s.shape == minmax[0].shape and b.shape == minmax[1].shape
+    # the grid starts at the min/max range, so the search can only lower the error
+    assert err(s, b) <= err(*minmax) * (1 + 1e-5) + 1e-6
+    if group_size == -1:  # one range per row, repeated over its storage groups
+        assert bool(mx.all(s == s[:, :1]))
+
+
+def test_mse_clip_search_clips_an_outlier_at_2_bits():
+    w = mx.concatenate([mx.linspace(-1, 1, 63), mx.array([20.0])])[None, :]
+    s, b = quant.mse_clip_params(w, 2, 64)
+    full_range = (20.0 + 1.0) / 3
+    assert float(s[0, 0]) < 0.6 * full_range  # the range was clipped (ratio 0.5 is the grid's end)
+
+
+def test_scale_init_options_are_validated():
+    from mlxqat.recipes import LayerSpec
+
+    assert LayerSpec(2, 64, learn_scales=True, scale_init="mse").scale_init == "mse"
+    with pytest.raises(ValueError, match="scale_init='best'"):
+        LayerSpec(2, 64, learn_scales=True, scale_init="best")
+    with pytest.raises(ValueError, match="needs learn_scales=True"):
+        LayerSpec(2, 64, scale_init="mse")
+    with pytest.raises(ValueError, match="min_ratio"):
+        quant.mse_clip_params(mx.ones((2, 64)), 2, 64, min_ratio=0.0)

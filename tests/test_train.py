@@ -153,6 +153,7 @@ def test_cli_bad_input_fails_before_training(tmp_path, fp_model_dir, capsys):
         (["--data", str(text), "--recipe", "int5"], "unknown recipe 'int5'"),
         (["--data", str(text), "--seq-len", "128"], "longer than the model's context of 64"),
         (["--data", str(text), "--learning-rate", "-1"], "learning_rate=-1.0 must be positive"),
+        (["--data", str(text), "--recipe", "q4_0", "--scale-init", "mse"], "needs learn_scales=True and mode='affine'"),
     ]
     for extra, msg in cases:
         argv = base + extra
