@@ -7,6 +7,13 @@ output dtype. That is what MLX's Metal kernels compute. MLX's *CPU*
 precision (measured: about 20x the error of float32 accumulation against a
 float64 product), so it is not the reference for those dtypes.
 
+The reference (and the tolerance's magnitude term) is always computed on the
+CPU stream, in float32, whatever the default device. MLX's CUDA
+``quantized_matmul`` is no float32 reference: on an H100 with MLX 0.32.4 it
+stopped the CUDA check's grid with ``cuGraphAddKernelNode ... invalid
+argument`` (benchmarks/cuda_kernel_check.py). On the CPU the result is the
+same as before (the default device there is the CPU).
+
 Tolerance, elementwise, for a result ``y`` against the reference ``r``:
 
     |y - r| <= ulp(dtype) * |r| + 1e-5 * (|x| @ |W|.T)
@@ -33,12 +40,17 @@ ACCUMULATION_RTOL = 1e-5
 
 
 def reference(x, w_packed, scales, biases, group_size):
-    """``mx.quantized_matmul`` in float32, rounded to the promoted dtype."""
+    """``mx.quantized_matmul`` in float32 on the CPU, rounded to the promoted dtype.
+
+    Always on the CPU stream, whatever the default device: MLX's CUDA
+    ``quantized_matmul`` is no float32 reference (see the module docstring).
+    """
     out = result_dtype(x.dtype, scales.dtype)
     f = mx.float32
-    y = mx.quantized_matmul(x.astype(f), w_packed, scales.astype(f), biases.astype(f),
-                            transpose=True, group_size=group_size, bits=4)
-    return y.astype(out)
+    with mx.stream(mx.cpu):
+        y = mx.quantized_matmul(x.astype(f), w_packed, scales.astype(f), biases.astype(f),
+                                transpose=True, group_size=group_size, bits=4)
+        return y.astype(out)
 
 
 def error_ratio(y, x, w_packed, scales, biases, group_size) -> float:
@@ -46,9 +58,10 @@ def error_ratio(y, x, w_packed, scales, biases, group_size) -> float:
     ref = reference(x, w_packed, scales, biases, group_size)
     if y.shape != ref.shape or y.dtype != ref.dtype:
         raise AssertionError(f"result is {y.dtype}{tuple(y.shape)}, reference is {ref.dtype}{tuple(ref.shape)}")
-    w = mx.dequantize(w_packed, scales.astype(mx.float32), biases.astype(mx.float32),
-                      group_size=group_size, bits=4)
-    mag = np.array(mx.abs(x.astype(mx.float32)) @ mx.abs(w).T, dtype=np.float64)
+    with mx.stream(mx.cpu):
+        w = mx.dequantize(w_packed, scales.astype(mx.float32), biases.astype(mx.float32),
+                          group_size=group_size, bits=4)
+        mag = np.array(mx.abs(x.astype(mx.float32)) @ mx.abs(w).T, dtype=np.float64)
     r = np.array(ref.astype(mx.float32), dtype=np.float64)
     yy = np.array(y.astype(mx.float32), dtype=np.float64)
     tol = OUTPUT_ULP[ref.dtype] * np.abs(r) + ACCUMULATION_RTOL * mag + 1e-30

@@ -157,6 +157,11 @@ _CUDA_TYPES = {
     mx.float32: "float", mx.float16: "__half", mx.bfloat16: "__nv_bfloat16", mx.uint32: "uint32_t",
     mx.int32: "int32_t", mx.int64: "int64_t", mx.uint8: "uint8_t", mx.bool_: "bool",
 }
+# MLX's get_type_string: the dtype part of a templated kernel's name.
+_TYPE_STRINGS = {
+    mx.float32: "float", mx.float16: "float16_t", mx.bfloat16: "bfloat16_t", mx.uint32: "uint32_t",
+    mx.int32: "int32_t", mx.int64: "int64_t", mx.uint8: "uint8_t", mx.bool_: "bool",
+}
 
 
 def cuda_source(spec: dict, call: dict) -> CapturedKernel:
@@ -192,7 +197,7 @@ def cuda_source(spec: dict, call: dict) -> CapturedKernel:
             tag += f"_{value}"
         else:
             consts.append(f"  using {tname} = {_CUDA_TYPES[value]};")
-            tag += "_" + str(value).split(".")[-1]
+            tag += "_" + _TYPE_STRINGS[value]
     fn = f"custom_kernel_{spec['name']}{tag}"
     src = (
         '#include "cuda_shim.h"\n' + header
