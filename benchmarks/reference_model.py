@@ -17,6 +17,11 @@ Steps (everything deterministic for a given interpreter, seed and flags):
 The tokenizer and the token ids are cached under ``benchmarks/cache/`` and a
 checkpoint is written every ``--checkpoint-every`` steps, so a killed run resumes
 where it stopped (``--no-resume`` starts over).
+
+``--corpus DIR`` trains on a prepared cache directory as it is (``stats.json``,
+``train/validation/test.npy``, ``tokenizer/``; e.g. ``benchmarks/cache/stdlib-<key>``
+copied from another machine) without reading the running interpreter's stdlib, so
+a machine with another Python version trains on exactly the same tokens.
 """
 
 from __future__ import annotations
@@ -176,6 +181,28 @@ def prepare_corpus(vocab_size: int, cache: Path = CACHE) -> tuple[Path, dict, di
                 stats[split] = {"files": len(docs), "chars": sum(map(len, docs)), "tokens": int(arr.size)}
             (tmp / "stats.json").write_text(json.dumps(stats, indent=2))
         print(f"corpus ready in {time.time() - t0:.0f}s: {directory}", flush=True)
+    return load_corpus(directory)
+
+
+def load_corpus(directory: Path, vocab_size=None) -> tuple[Path, dict, dict]:
+    """The tokenizer directory, token ids and stats of a prepared cache directory,
+    used as it is (nothing is re-read or re-tokenized).
+
+    Raises:
+        SystemExit: a file is missing, or the tokenizer's vocabulary is not ``vocab_size``.
+    """
+    directory = Path(directory)
+    need = ["stats.json", "tokenizer/tokenizer.json", *(f"{s}.npy" for s in stdlib_data.SPLITS)]
+    missing = [n for n in need if not (directory / n).is_file()]
+    if missing:
+        raise SystemExit(f"{directory} is not a prepared corpus directory (missing {', '.join(missing)}); "
+                         f"point --corpus at a benchmarks/cache/stdlib-<key> directory")
+    tok_dir = directory / "tokenizer"
+    if vocab_size is not None:
+        vocab = json.loads((tok_dir / "tokenizer.json").read_text())["model"]["vocab"]
+        if len(vocab) != vocab_size:
+            raise SystemExit(f"the tokenizer in {directory} has {len(vocab)} tokens but --vocab-size is "
+                             f"{vocab_size}; pass --vocab-size {len(vocab)}")
     stats = json.loads((directory / "stats.json").read_text())
     tokens = {s: np.load(directory / f"{s}.npy") for s in stdlib_data.SPLITS}
     return tok_dir, tokens, stats
@@ -307,12 +334,14 @@ def train(cfg: Config, model, tokens: np.ndarray, val_tokens: np.ndarray, ckpt_d
     bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc="train", dynamic_ncols=True,
                mininterval=2.0)
     t_last, ema, elapsed_at_start = time.time(), None, elapsed
+    step_times = []
     for step in bar:
         x, y = batch_at(tokens, step, cfg)
         loss = step_fn(x, y)
         mx.eval(state, loss)
         now = time.time()
         elapsed += now - t_last
+        step_times.append(now - t_last)
         t_last = now
         ema = loss.item() if ema is None else 0.98 * ema + 0.02 * loss.item()
         done = step + 1
@@ -327,7 +356,10 @@ def train(cfg: Config, model, tokens: np.ndarray, val_tokens: np.ndarray, ckpt_d
             save_checkpoint(ckpt_dir, model, optimizer, done, elapsed)
             t_last = time.time()
     bar.close()
-    return {"steps": cfg.steps, "tokens_seen": cfg.steps * tokens_per_step, "train_wall_s": round(elapsed, 1)}
+    run = {"steps": cfg.steps, "tokens_seen": cfg.steps * tokens_per_step, "train_wall_s": round(elapsed, 1)}
+    if step_times:  # median over the steps this process ran (the first includes compilation)
+        run["step_s_median"] = round(float(np.median(step_times)), 5)
+    return run
 
 
 # ---------------------------------------------------------------------------
@@ -428,8 +460,12 @@ def main(argv=None) -> dict:
     parser.add_argument("--eval-every", type=int, default=500)
     parser.add_argument("--sample-tokens", type=int, default=32768,
                         help="tokens per split for the float32 / RTN comparisons (evenly spaced windows)")
+    parser.add_argument("--corpus", type=Path, default=None,
+                        help="prepared token cache directory (benchmarks/cache/stdlib-<key>) to use as it is, "
+                             "instead of tokenizing this interpreter's stdlib")
     args = vars(parser.parse_args(argv))
     out, resume = args.pop("out"), args.pop("resume")
+    corpus = args.pop("corpus")
     checkpoint_every, eval_every = args.pop("checkpoint_every"), args.pop("eval_every")
     sample_tokens = args.pop("sample_tokens")
     cfg = Config(**args)
@@ -437,7 +473,10 @@ def main(argv=None) -> dict:
         parser.error(f"--hidden-size {cfg.hidden_size} is not divisible by --num-attention-heads")
 
     t0 = time.time()
-    tok_dir, tokens, stats = prepare_corpus(cfg.vocab_size)
+    if corpus is not None:
+        tok_dir, tokens, stats = load_corpus(corpus, cfg.vocab_size)
+    else:
+        tok_dir, tokens, stats = prepare_corpus(cfg.vocab_size)
     from mlx_lm.tokenizer_utils import load as load_tokenizer
 
     tokenizer = load_tokenizer(tok_dir)
@@ -465,6 +504,7 @@ def main(argv=None) -> dict:
         "tokens_per_parameter": round(run["tokens_seen"] / n_params, 2),
         "total_wall_s": round(time.time() - t0, 1),
         "corpus": stats,
+        "corpus_cache": tok_dir.parent.name,
         "metrics": metrics,
         "machine": {"platform": platform.platform(), "python": platform.python_version(),
                     "mlx": mx.__version__},
