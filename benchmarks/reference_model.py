@@ -55,7 +55,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from mlxqat import stdlib_data  # noqa: E402
-from mlxqat.io import atomic_dir, atomic_file  # noqa: E402
+from mlxqat.io import atomic_dir, atomic_file, work_dir, write_manifest  # noqa: E402
 
 CACHE = ROOT / "benchmarks" / "cache"
 # Bump when the tokenizer recipe or the token layout changes (invalidates the cache).
@@ -303,7 +303,7 @@ def save_checkpoint(path: Path, model, optimizer, step: int, elapsed: float) -> 
     tmp = path / ".checkpoint.tmp.safetensors"  # renamed into place once complete
     mx.save_safetensors(str(tmp), arrays)
     tmp.replace(path / "checkpoint.safetensors")
-    with atomic_file(path / "checkpoint.json", "w") as f:
+    with atomic_file(path / "checkpoint.json", "w", check=False) as f:  # inside our work directory
         json.dump({"step": step, "elapsed_s": elapsed}, f)
 
 
@@ -324,7 +324,7 @@ def train(cfg: Config, model, tokens: np.ndarray, val_tokens: np.ndarray, ckpt_d
     if resume and (ckpt_dir / "checkpoint.json").exists():
         start, elapsed = load_checkpoint(ckpt_dir, model, optimizer)
         print(f"resuming from step {start} ({elapsed:.0f}s already spent)", flush=True)
-    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    work_dir(ckpt_dir)
 
     state = [model.state] + [o.state for o in optimizer.optimizers]
 
@@ -442,7 +442,7 @@ def evaluate(model, cfg_dict: dict, tokens: dict, seq_len: int, sample_tokens: i
 
 
 def save_model_dir(out: Path, model, cfg_dict: dict, tok_dir: Path, training: dict) -> None:
-    """Write the float16 mlx-lm directory atomically: config, weights, tokenizer, training.json."""
+    """Write the float16 mlx-lm directory atomically: config, weights, tokenizer, training.json, manifest."""
     weights = {k: v.astype(mx.float16) for k, v in tree_flatten(model.parameters())}
     with atomic_dir(out) as tmp:
         mx.save_safetensors(str(tmp / "model.safetensors"), weights, metadata={"format": "mlx"})
@@ -450,6 +450,7 @@ def save_model_dir(out: Path, model, cfg_dict: dict, tok_dir: Path, training: di
         for f in sorted(tok_dir.iterdir()):
             (tmp / f.name).write_bytes(f.read_bytes())
         (tmp / "training.json").write_text(json.dumps(training, indent=2) + "\n")
+        write_manifest(tmp, {"embedded_model": "stdlib-llama, trained by benchmarks/reference_model.py"})
 
 
 def main(argv=None) -> dict:

@@ -16,6 +16,8 @@ import importlib
 import sys
 from typing import List, Optional
 
+from ._cli import command
+
 # subcommand -> (module, one-line description)
 COMMANDS = {
     "train": ("mlxqat.train", "quantization-aware training, from a model directory to a quantized one"),
@@ -34,8 +36,13 @@ def usage() -> str:
     return "\n".join(lines)
 
 
+@command()
 def main(argv: Optional[List[str]] = None) -> int:
-    """Dispatch ``argv[0]`` to the ``main(argv)`` of its module; return the exit status."""
+    """Dispatch ``argv[0]`` to the ``main(argv)`` of its module; return the exit status.
+
+    Every failure, in the dispatcher or in a command, ends as :func:`mlxqat._cli.run_main`
+    says: one ``error:`` line and status 2 for bad input, 130 for Ctrl-C, 1 for a bug.
+    """
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(usage())
@@ -47,16 +54,11 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"mlxqat {__version__}")
         return 0
     if name not in COMMANDS:
-        print(f"mlxqat: unknown command {name!r}; use one of {', '.join(COMMANDS)}\n\n{usage()}", file=sys.stderr)
+        print(f"error: unknown command {name!r}; use one of {', '.join(COMMANDS)}\n\n{usage()}", file=sys.stderr)
         return 2
     module = importlib.import_module(COMMANDS[name][0])
     sys.argv[0] = f"mlxqat {name}"
-    try:
-        status = module.main(rest)
-    except SystemExit as e:  # argparse's --help and usage errors
-        code = e.code
-        return code if isinstance(code, int) else (0 if code is None else 2)
-    return int(status or 0)
+    return int(module.main(rest) or 0)
 
 
 if __name__ == "__main__":

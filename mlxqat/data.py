@@ -5,7 +5,7 @@ Accepted inputs:
 * a ``.txt`` / ``.py`` / ``.md`` file, or a folder of them (searched recursively);
 * ``.jsonl`` with one object per line: ``{"text": ...}``,
   ``{"prompt": ..., "completion": ...}`` or chat ``{"messages": [...]}``
-  (rendered with the tokenizer's chat template).
+  (rendered with the tokenizer's chat template, under a time limit per document).
 
 Documents are split into train/validation by a hash of their name (file path
 or JSONL line number), so the split does not depend on file order or on the
@@ -15,8 +15,12 @@ and the token stream is cut into windows of ``seq_len + 1`` tokens.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import signal
+import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, List, Optional, Sequence, Tuple
@@ -25,6 +29,7 @@ import mlx.core as mx
 import numpy as np
 
 TEXT_SUFFIXES = (".txt", ".py", ".md")
+MIN_SEQ_LEN = 2  # the shortest seq_len (tokens per window) accepted
 
 
 @dataclass
@@ -38,38 +43,163 @@ def _split_of(name: str, val_fraction: float) -> str:
     return "val" if (h / 2**64) < val_fraction else "train"
 
 
+def read_text_file(path: Path) -> str:
+    """The text of a UTF-8 file.
+
+    Raises:
+        ValueError: naming the file, when it holds NUL bytes or is not UTF-8
+            (a binary file, such as a PNG renamed ``.txt``, is not training text).
+    """
+    data = Path(path).read_bytes()
+    nul = data.find(b"\x00")
+    if nul >= 0:
+        raise ValueError(
+            f"{path} is a binary file, not text (a NUL byte at offset {nul}); remove it from the "
+            "data or convert it to UTF-8 text"
+        )
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(
+            f"{path} is not UTF-8 text (byte {data[e.start:e.start + 1]!r} at offset {e.start}); "
+            "convert it to UTF-8 or remove it from the data"
+        ) from None
+
+
+_JSON_KINDS = {list: "an array", str: "a string", int: "a number", float: "a number", bool: "a boolean",
+               type(None): "null"}
+
+
+def _parse_jsonl_line(raw: bytes, where: str) -> Optional[dict]:
+    """One JSONL line as a dict (``None`` for a blank line); ValueError naming ``where`` otherwise."""
+    try:
+        line = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{where} is not UTF-8 text (byte {raw[e.start:e.start + 1]!r}); convert the file to UTF-8") from None
+    if not line.strip():
+        return None
+    try:
+        obj = json.loads(line)
+    except (json.JSONDecodeError, RecursionError) as e:
+        raise ValueError(f"{where} is not valid JSON ({e})") from None
+    if not isinstance(obj, dict):
+        raise ValueError(
+            f"{where} is {_JSON_KINDS.get(type(obj), type(obj).__name__)}, not a JSON object; each line "
+            "must be an object such as {\"text\": \"...\"}"
+        )
+    return obj
+
+
+def _document_text(obj: dict, tokenizer, where: str) -> str:
+    """The training text of one JSONL object: ``text``, ``prompt + completion`` or rendered ``messages``."""
+    if "text" in obj:
+        text = obj["text"]
+    elif "prompt" in obj and "completion" in obj:
+        if not (isinstance(obj["prompt"], str) and isinstance(obj["completion"], str)):
+            raise ValueError(f"{where}: 'prompt' and 'completion' must both be strings")
+        text = obj["prompt"] + obj["completion"]
+    elif "messages" in obj:
+        if tokenizer is None or getattr(tokenizer, "chat_template", None) is None:
+            raise ValueError(
+                f"{where} holds chat 'messages' but the tokenizer has no chat "
+                "template; use a model whose tokenizer_config.json has 'chat_template', "
+                "or convert the file to {\"text\": ...} lines"
+            )
+        text = render_chat(tokenizer, obj["messages"], where)
+    else:
+        raise ValueError(
+            f"{where} has keys {sorted(obj)}; expected 'text', "
+            "'prompt'+'completion' or 'messages'"
+        )
+    if not isinstance(text, str):
+        raise ValueError(f"{where}: the text is {type(text).__name__}, not a string")
+    return text
+
+
 def _jsonl_documents(path: Path, tokenizer) -> List[Document]:
     docs = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{lineno} is not valid JSON ({e})") from e
-            name = f"{path.name}:{lineno}"
-            if "text" in obj:
-                text = obj["text"]
-            elif "prompt" in obj and "completion" in obj:
-                text = obj["prompt"] + obj["completion"]
-            elif "messages" in obj:
-                if tokenizer is None or getattr(tokenizer, "chat_template", None) is None:
-                    raise ValueError(
-                        f"{path}:{lineno} holds chat 'messages' but the tokenizer has no chat "
-                        "template; use a model whose tokenizer_config.json has 'chat_template', "
-                        "or convert the file to {\"text\": ...} lines"
-                    )
-                text = tokenizer.apply_chat_template(obj["messages"], tokenize=False)
-            else:
-                raise ValueError(
-                    f"{path}:{lineno} has keys {sorted(obj)}; expected 'text', "
-                    "'prompt'+'completion' or 'messages'"
-                )
-            if not isinstance(text, str):
-                raise ValueError(f"{path}:{lineno}: the text is {type(text).__name__}, not a string")
-            docs.append(Document(name, text))
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            where = f"{path}:{lineno}"
+            obj = _parse_jsonl_line(raw, where)
+            if obj is not None:
+                docs.append(Document(f"{path.name}:{lineno}", _document_text(obj, tokenizer, where)))
     return docs
+
+
+# ---------------------------------------------------------------------------
+# Chat templates: untrusted code, run with a time limit
+# ---------------------------------------------------------------------------
+
+TEMPLATE_TIME_LIMIT_S = 10.0  # per document
+
+
+class _TemplateTimeout(BaseException):
+    """Raised by the alarm inside a template; a BaseException so no ``except Exception`` swallows it."""
+
+
+@contextlib.contextmanager
+def _time_limit(seconds: float):
+    """Interrupt the body after ``seconds`` (SIGALRM: the main thread on POSIX; elsewhere no limit).
+
+    An alarm set by someone else is put back, less the time spent here.
+    """
+    if not hasattr(signal, "setitimer") or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def on_alarm(signum, frame):
+        raise _TemplateTimeout()
+
+    t0 = time.monotonic()
+    old_handler = signal.signal(signal.SIGALRM, on_alarm)
+    old_delay, old_interval = signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old_handler)
+        if old_delay:
+            signal.setitimer(signal.ITIMER_REAL, max(old_delay - (time.monotonic() - t0), 1e-3), old_interval)
+
+
+def _template_errors() -> tuple:
+    errors: tuple = (ValueError, TypeError, KeyError, IndexError, AttributeError, OverflowError,
+                     RecursionError, MemoryError)
+    try:
+        from jinja2.exceptions import TemplateError  # includes the sandbox's SecurityError
+    except ImportError:
+        return errors
+    return errors + (TemplateError,)
+
+
+def render_chat(tokenizer, messages, where: str) -> str:
+    """``messages`` rendered with the tokenizer's chat template, within :data:`TEMPLATE_TIME_LIMIT_S`.
+
+    Raises:
+        ValueError: naming ``where`` (``file:line``): malformed messages, a template
+            error (including the jinja2 sandbox refusing unsafe code), or a template
+            that ran past the time limit.
+    """
+    if not (isinstance(messages, list) and messages and all(isinstance(m, dict) for m in messages)):
+        raise ValueError(
+            f"{where}: 'messages' must be a non-empty list of objects such as "
+            "{\"role\": \"user\", \"content\": \"...\"}"
+        )
+    try:
+        with _time_limit(TEMPLATE_TIME_LIMIT_S):
+            return tokenizer.apply_chat_template(messages, tokenize=False)
+    except _TemplateTimeout:
+        raise ValueError(
+            f"{where}: the tokenizer's chat template ran longer than {TEMPLATE_TIME_LIMIT_S:g} s on this "
+            "document and was stopped; check 'chat_template' in tokenizer_config.json, or convert the "
+            "file to {\"text\": ...} lines"
+        ) from None
+    except _template_errors() as e:
+        raise ValueError(
+            f"{where}: the tokenizer's chat template failed on this document ({type(e).__name__}: {e}); "
+            "fix the line, or 'chat_template' in tokenizer_config.json"
+        ) from e
 
 
 def load_documents(path, tokenizer=None) -> List[Document]:
@@ -77,7 +207,9 @@ def load_documents(path, tokenizer=None) -> List[Document]:
 
     Raises:
         FileNotFoundError: ``path`` does not exist.
-        ValueError: no usable text (empty files, unknown suffixes, bad JSONL).
+        ValueError: no usable text (empty files, unknown suffixes, bad JSONL), a binary
+            or non-UTF-8 file, or a chat template that fails or runs too long; the
+            message names the file (and line).
     """
     path = Path(path)
     if not path.exists():
@@ -89,11 +221,11 @@ def load_documents(path, tokenizer=None) -> List[Document]:
             if p.suffix == ".jsonl":
                 docs += _jsonl_documents(p, tokenizer)
             else:
-                docs.append(Document(p.relative_to(path).as_posix(), p.read_text(encoding="utf-8", errors="replace")))
+                docs.append(Document(p.relative_to(path).as_posix(), read_text_file(p)))
     elif path.suffix == ".jsonl":
         docs = _jsonl_documents(path, tokenizer)
     elif path.suffix in TEXT_SUFFIXES:
-        docs = [Document(path.name, path.read_text(encoding="utf-8", errors="replace"))]
+        docs = [Document(path.name, read_text_file(path))]
     else:
         raise ValueError(
             f"{path}: unsupported file type {path.suffix!r}; use a folder or a "
@@ -177,8 +309,9 @@ def build_dataset(
 
 
 def check_seq_len(seq_len: int, max_context: Optional[int]) -> None:
-    if seq_len < 2:
-        raise ValueError(f"seq_len={seq_len} is too short; use at least 2 tokens")
+    """Refuse windows shorter than :data:`MIN_SEQ_LEN` or longer than the model's context."""
+    if seq_len < MIN_SEQ_LEN:
+        raise ValueError(f"seq_len={seq_len} is too short; use at least {MIN_SEQ_LEN} tokens")
     if max_context is not None and seq_len > max_context:
         raise ValueError(
             f"seq_len={seq_len} is longer than the model's context of {max_context} "

@@ -19,17 +19,14 @@ sequences), or, with ``exact=True`` / ``--exact``, refuses.
 
 from __future__ import annotations
 
-import argparse
-import contextlib
 import dataclasses
 import json
 import os
 import re
 import sys
-import tempfile
 import warnings
 from pathlib import Path
-from typing import Dict, Iterator, List, Optional, Union
+from typing import Dict, List, Optional, Union
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -38,7 +35,9 @@ from mlx.utils import tree_flatten, tree_map, tree_map_with_path
 
 from . import __version__
 from . import gguf_export as ge
-from .io import MANIFEST, PathLike, check_config, load, read_manifest, save
+from ._cli import ArgumentParser, command
+from .io import MANIFEST, RESERVED_KEYS, PathLike, atomic_path, check_config, check_destination, load, read_manifest, save
+from .validate import read_gguf, safetensors_header
 
 MASTER_FILE = "master_weights.safetensors"  # the trainer's float master weights, if saved
 FORMATS = ("gguf", "mlx", "fp16")
@@ -112,9 +111,7 @@ def _model_memory(model: nn.Module) -> MemoryReport:
 
 
 def _gguf_memory(path: Path) -> MemoryReport:
-    import gguf
-
-    reader = gguf.GGUFReader(str(path))
+    reader = read_gguf(path)
     matrix_bits = matrix_values = total_bytes = total_values = 0
     for t in reader.tensors:
         n, b = int(t.n_elements), int(t.n_bytes)
@@ -146,10 +143,7 @@ def memory_report(model_or_path: Union[nn.Module, PathLike]) -> MemoryReport:
     path = Path(model_or_path)
     if path.is_file():
         return _gguf_memory(path)
-    from mlx_lm import load as mlx_lm_load
-
-    check_config(path)
-    model, _ = mlx_lm_load(str(path), lazy=True)
+    model, _ = load(path, lazy=True)
     report = _model_memory(model)
     report.bytes_on_disk = sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
     return report
@@ -158,35 +152,6 @@ def memory_report(model_or_path: Union[nn.Module, PathLike]) -> MemoryReport:
 # ---------------------------------------------------------------------------
 # Helpers
 # ---------------------------------------------------------------------------
-
-
-@contextlib.contextmanager
-def atomic_path(dest: PathLike) -> Iterator[Path]:
-    """Yield a temporary sibling path of ``dest``; it is renamed to ``dest`` only on success.
-
-    For writers that open files by name (``gguf.GGUFWriter``). On an exception
-    the temporary file is removed; after a kill it stays as ``.name.tmp-*``,
-    never under ``dest``'s name.
-    """
-    dest = Path(dest)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.tmp-", dir=dest.parent)
-    os.close(fd)
-    try:
-        yield Path(tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, dest)
-        with contextlib.suppress(OSError):
-            dfd = os.open(dest.parent, os.O_RDONLY)
-            try:
-                os.fsync(dfd)
-            finally:
-                os.close(dfd)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
 
 
 def _float_dtype(model: nn.Module) -> mx.Dtype:
@@ -257,7 +222,7 @@ def _source_manifest(src: Path) -> dict:
     if not (src / MANIFEST).exists():
         return {}
     m = read_manifest(src)
-    return {k: v for k, v in m.items() if k not in ("files", "format", "format_version", "mlxqat_version")}
+    return {k: v for k, v in m.items() if k not in RESERVED_KEYS}
 
 
 def _say(verbose: bool, msg: str) -> None:
@@ -330,6 +295,7 @@ def export_gguf(
     src = Path(src_dir)
     out = Path(out_path)
     config = check_config(src)
+    check_destination(out, sources=[src], kind="file")  # fail fast, before any work
     ge.arch_spec(config["model_type"])  # fail fast, before loading weights
     ge.read_tokenizer(src)  # fail fast on a missing or unsupported tokenizer
     model, tokenizer = load(src)
@@ -362,7 +328,7 @@ def export_gguf(
             "per token on fixed sequences. For an exact export train with recipe q4_0, q4_1 or q8_0."
         )
         warnings.warn(msg, ExportWarning, stacklevel=2)
-    with atomic_path(out) as tmp:
+    with atomic_path(out, sources=[src]) as tmp:
         ge.write_gguf(
             tmp, model, tokenizer, src, plan, gt, name=name or src.resolve().name,
             extra={"mlxqat.exact": str(not problems).lower()},
@@ -393,9 +359,7 @@ def export_gguf(
 
 def _requantization_kl(src: Path, model: nn.Module, tokenizer, plan: List[ge.GGUFTensor]) -> float:
     """KL between the MLX model and an MLX model running the GGUF's weights."""
-    from mlx_lm import load as mlx_lm_load
-
-    candidate, _ = mlx_lm_load(str(src))
+    candidate, _ = load(src)
     dequantize_layers(candidate)
     params = dict(tree_flatten(candidate.parameters()))
     updates = []
@@ -504,13 +468,14 @@ def export_mlx(src_dir: PathLike, out_dir: PathLike, *, verbose: bool = True) ->
     """
     src = Path(src_dir)
     config = check_config(src)
+    check_destination(out_dir, sources=[src])  # fail fast, before loading
     model, tokenizer = load(src)
     info = _source_manifest(src)
     memory = memory_report(model)
     recipe = info.get("recipe")
     card = model_card(src.resolve().name, recipe, memory, _metrics(info), source=str(src))
     info.update({"exported_from": str(src), "memory": memory.to_dict()})
-    manifest = save(model, tokenizer, out_dir, config=config, info=info, extra_files={"README.md": card})
+    manifest = save(model, tokenizer, out_dir, config=config, info=info, extra_files={"README.md": card}, sources=[src])
     _say(verbose, f"wrote {out_dir}: {len(manifest['files'])} files; {memory_report(out_dir)}")
     return manifest
 
@@ -536,11 +501,13 @@ def export_fp16(src_dir: PathLike, out_dir: PathLike, *, dtype: str = "float16",
         raise ValueError(f"dtype={dtype!r} is not one of 'float16', 'bfloat16', 'float32'")
     src = Path(src_dir)
     config = check_config(src)
+    check_destination(out_dir, sources=[src])  # fail fast, before loading
     model, tokenizer = load(src)
     info = _source_manifest(src)
     dequantize_layers(model, mx.float32)
     master = src / MASTER_FILE
     if master.exists():
+        safetensors_header(master)
         weights = mx.load(str(master))
         params = dict(tree_flatten(model.parameters()))
         unknown = sorted(set(weights) - set(params))
@@ -570,7 +537,7 @@ def export_fp16(src_dir: PathLike, out_dir: PathLike, *, dtype: str = "float16",
         + (f", from a model quantized with recipe `{source_recipe.get('name')}`." if source_recipe else "."),
     )
     _say(verbose, f"fp16 export: writing {what} as {dtype}")
-    manifest = save(model, tokenizer, out_dir, config=config, info=info, extra_files={"README.md": card})
+    manifest = save(model, tokenizer, out_dir, config=config, info=info, extra_files={"README.md": card}, sources=[src])
     _say(verbose, f"wrote {out_dir}: {len(manifest['files'])} files; {memory_report(out_dir)}")
     return manifest
 
@@ -580,8 +547,10 @@ def export_fp16(src_dir: PathLike, out_dir: PathLike, *, dtype: str = "float16",
 # ---------------------------------------------------------------------------
 
 
+@command()
 def main(argv: Optional[List[str]] = None) -> int:
-    parser = argparse.ArgumentParser(
+    """Entry point of ``python -m mlxqat.export``; returns the exit status (2: bad input)."""
+    parser = ArgumentParser(
         prog="python -m mlxqat.export",
         description="Export an mlxqat / mlx-lm model directory to GGUF, an mlx-lm directory, or unquantized weights.",
     )
@@ -615,9 +584,6 @@ def main(argv: Optional[List[str]] = None) -> int:
             result = {"files": len(export_mlx(args.src_dir, args.out)["files"])}
         else:
             result = {"files": len(export_fp16(args.src_dir, args.out, dtype=args.dtype)["files"])}
-    except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
     finally:
         warnings.showwarning = show
     if args.json:

@@ -50,6 +50,9 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 
+from ._cli import (ArgumentParser, UsageError, command, non_negative_float, non_negative_int, positive_int,
+                   probability, unit_float)
+
 __all__ = [
     "GenerationStats",
     "quantize_rtn",
@@ -63,10 +66,6 @@ __all__ = [
 
 KERNELS = ("auto", "mlx", "mlxqat")
 DTYPES = ("auto", "float32", "float16", "bfloat16")
-
-
-class UsageError(ValueError):
-    """Bad input from the user: the command prints the message and exits with status 2."""
 
 
 @dataclasses.dataclass
@@ -162,28 +161,12 @@ def _open(model: Optional[str]):
         m, tok = load(path)
         return m, tok, f"{path.name} (embedded)"
     p = Path(model).expanduser()
-    if p.exists():
-        if not p.is_dir():
-            raise UsageError(f"--model {model} is a file; pass the model's directory (with config.json)")
-        from .io import load
+    if p.exists() and not p.is_dir():
+        raise UsageError(f"--model {model} is a file; pass the model's directory (with config.json)")
+    from .io import load
 
-        m, tok = load(p)
-        return m, tok, str(p)
-    if model.startswith((".", "/", "~")) or model.count("/") != 1:
-        raise UsageError(
-            f"--model {model}: no such directory, and not a Hugging Face id (owner/name); "
-            "check the path"
-        )
-    from mlx_lm import load as mlx_lm_load
-
-    try:
-        m, tok = mlx_lm_load(model)
-    except Exception as e:  # hub errors (offline, unknown repo) have many types
-        raise UsageError(
-            f"--model {model}: not a local directory, and loading it from the Hugging Face hub "
-            f"failed ({type(e).__name__}: {e}); check the path or the repository id"
-        ) from e
-    return m, tok, model
+    m, tok = load(model)  # a local directory, or a Hugging Face id
+    return m, tok, str(p) if p.exists() else model
 
 
 def quantize_rtn(model: nn.Module, recipe: str) -> nn.Module:
@@ -464,7 +447,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    """The flags of ``python -m mlxqat.generate``; numbers are range-checked at parse time."""
+    p = ArgumentParser(
         prog="python -m mlxqat.generate",
         description="Generate text with an mlx-lm / mlxqat model; print prompt and generation speed and peak memory.",
     )
@@ -473,12 +457,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", "-p", default=None, help="Prompt text, used as it is ('-' reads stdin).")
     p.add_argument("--chat", action="store_true", help="Interactive chat with the tokenizer's chat template.")
     p.add_argument("--system-prompt", default=None, help="System message for --chat.")
-    p.add_argument("--max-tokens", "-m", type=int, default=128, help="Most tokens to generate (default: 128).")
-    p.add_argument("--temp", type=float, default=0.0, help="Sampling temperature; 0 is greedy (default: 0).")
-    p.add_argument("--top-p", type=float, default=1.0, help="Nucleus sampling mass; 1 is off (default: 1).")
-    p.add_argument("--top-k", type=int, default=0, help="Sample among the k most likely tokens; 0 is off.")
-    p.add_argument("--min-p", type=float, default=0.0, help="Min-p sampling threshold; 0 is off.")
-    p.add_argument("--seed", type=int, default=None, help="Random seed (for reproducible sampling).")
+    p.add_argument("--max-tokens", "-m", type=positive_int, default=128, help="Most tokens to generate (default: 128).")
+    p.add_argument("--temp", type=non_negative_float, default=0.0, help="Sampling temperature; 0 is greedy (default: 0).")
+    p.add_argument("--top-p", type=probability, default=1.0, help="Nucleus sampling mass in (0, 1]; 1 is off (default: 1).")
+    p.add_argument("--top-k", type=non_negative_int, default=0, help="Sample among the k most likely tokens; 0 is off.")
+    p.add_argument("--min-p", type=unit_float, default=0.0, help="Min-p sampling threshold in [0, 1]; 0 is off.")
+    p.add_argument("--seed", type=non_negative_int, default=None, help="Random seed (for reproducible sampling).")
     p.add_argument("--kernel", choices=KERNELS, default="auto",
                    help="4-bit matmul: mlx (MLX's), mlxqat (ours), auto (ours on CPU, MLX's on GPU).")
     p.add_argument("--quantize", default=None, metavar="RECIPE",
@@ -489,21 +473,18 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+@command(interrupted="[interrupted]")
 def main(argv: Optional[List[str]] = None) -> int:
-    """Entry point of ``python -m mlxqat.generate``; returns the exit status."""
+    """Entry point of ``python -m mlxqat.generate``; returns the exit status (2: bad input, 130: Ctrl-C)."""
     args = build_parser().parse_args(argv)
     try:
         return run(args)
-    except KeyboardInterrupt as e:
+    except KeyboardInterrupt as e:  # the statistics of the text so far, then the note
         partial = getattr(e, "partial", None)
         sys.stdout.flush()
         if partial is not None:
             _print_stats(partial[1])
-        print("[interrupted]", file=sys.stderr, flush=True)
-        return 130
-    except (ValueError, FileNotFoundError) as e:  # UsageError, IntegrityError, bad configs
-        print(f"error: {e}", file=sys.stderr, flush=True)
-        return 2
+        raise
 
 
 if __name__ == "__main__":

@@ -580,7 +580,9 @@ def write_gguf(
 
 def read_gguf_tensors(path) -> Dict[str, Tuple[GT, np.ndarray, Tuple[int, ...]]]:
     """``{name: (type, raw data, shape rows x columns)}`` of a GGUF file (for checks and reports)."""
-    reader = gguf.GGUFReader(str(path))
+    from .validate import read_gguf
+
+    reader = read_gguf(Path(path))
     out = {}
     for t in reader.tensors:
         shape = tuple(int(x) for x in reversed(t.shape.tolist()))

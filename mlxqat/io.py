@@ -1,9 +1,18 @@
-"""Saving and loading mlx-lm model directories, with a sha256 manifest.
+"""Saving and loading mlx-lm model directories, with a sha256 manifest; every write is safe.
 
 A saved directory is an ordinary mlx-lm model directory (``mlx_lm.load``
-opens it) plus ``mlxqat.json``: the recipe, training summary and metrics, and
-the sha256 of every file. Directories are written atomically: everything goes
-to a temporary sibling that is renamed into place only once it is complete.
+opens it) plus ``mlxqat.json``: the recipe, training summary and metrics, the
+sha256 of every other file, and a digest of the manifest itself. :func:`verify`
+refuses a directory with an extra, missing or changed file, or an edited manifest.
+
+Writes follow one destination rule (:func:`check_destination`): an existing
+path is replaced only when it is a previous mlxqat output (a directory whose
+manifest lists all its files, or a GGUF file mlxqat wrote), never the source
+model, the working directory or one of its parents, a device, a link or a
+folder holding anything else. Replacement is atomic: the new version is built
+in a temporary sibling; the old one is renamed to ``.NAME.mlxqat-old`` and the
+new one into place; a run killed between the two renames is repaired (the old
+version restored) by the next write to the same path or by :func:`load`.
 """
 
 from __future__ import annotations
@@ -13,11 +22,15 @@ import dataclasses
 import hashlib
 import json
 import os
+import re
 import shutil
+import stat
+import sys
 import tempfile
+import warnings
 from collections import Counter
 from pathlib import Path
-from typing import Any, Dict, Iterator, Optional, Union
+from typing import Any, Dict, Iterable, Iterator, Optional, Union
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -25,17 +38,212 @@ from mlx.utils import tree_flatten, tree_map_with_path
 
 from . import __version__
 from .layers import ActQuantizedLinear, is_fake_quant
+from .validate import check_config_values, check_regular_file, read_json_file
 
 MANIFEST = "mlxqat.json"
+FORMAT_VERSION = 2
+# keys of mlxqat.json that the writer owns; ``info`` cannot set them
+RESERVED_KEYS = ("format", "format_version", "kind", "mlxqat_version", "files", "manifest_sha256")
 ACTIVATION_FILE = "activation_scales.safetensors"
 MASTER_FILE = "master_weights.safetensors"
 MAX_SHARD_BYTES = 5 << 30
+MAX_MANIFEST_BYTES = 64 << 20
 
 PathLike = Union[str, os.PathLike]
 
 
 class IntegrityError(ValueError):
     """A file of a saved model does not match its manifest."""
+
+
+class DestinationError(ValueError):
+    """An output path that mlxqat must not write: it holds something that is not mlxqat's."""
+
+
+# ---------------------------------------------------------------------------
+# The destination rule
+# ---------------------------------------------------------------------------
+
+
+def _walk_entries(root: Path) -> Iterator[tuple]:
+    """``(relative posix name, lstat)`` of everything under ``root`` (links are not followed)."""
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
+        for name in dirnames + filenames:
+            full = os.path.join(dirpath, name)
+            yield Path(full).relative_to(root).as_posix(), os.lstat(full)
+
+
+def _gguf_writer(path: Path) -> Optional[str]:
+    """``general.quantized_by`` of a GGUF file, or None (not a readable GGUF)."""
+    try:
+        with open(path, "rb") as f:
+            if f.read(4) != b"GGUF":
+                return None
+        from .validate import read_gguf
+
+        field = read_gguf(path).get_field("general.quantized_by")
+        return field.contents() if field is not None else None
+    except Exception:  # any damage means "not one of ours"
+        return None
+
+
+def is_mlxqat_output(path: PathLike) -> bool:
+    """True if ``path`` is something mlxqat wrote and may replace as a whole.
+
+    A directory qualifies when its ``mlxqat.json`` is an mlxqat manifest and
+    every file under it is listed there (an empty directory qualifies too:
+    nothing is lost by replacing it); a file when it is a GGUF whose
+    ``general.quantized_by`` names mlxqat.
+    """
+    path = Path(path)
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return False
+    if stat.S_ISREG(st.st_mode):
+        writer = _gguf_writer(path)
+        return isinstance(writer, str) and writer.startswith("mlxqat")
+    if not stat.S_ISDIR(st.st_mode):
+        return False
+    try:
+        entries = list(_walk_entries(path))
+    except OSError:
+        return False
+    if not entries:
+        return True
+    try:
+        manifest = json.loads((path / MANIFEST).read_bytes()) if (path / MANIFEST).is_file() else None
+    except (OSError, ValueError, RecursionError):
+        return False
+    if not isinstance(manifest, dict) or manifest.get("format") != "mlxqat":
+        return False
+    if manifest.get("kind") == "work":  # a training work directory: all of it is ours
+        return True
+    listed = _listed_files(path)
+    return all(stat.S_ISDIR(s.st_mode) or (stat.S_ISREG(s.st_mode) and n in listed) for n, s in entries)
+
+
+def _listed_files(path: Path) -> set:
+    """Names an mlxqat manifest in ``path`` lists (empty if there is none or it is unreadable)."""
+    try:
+        manifest = json.loads((path / MANIFEST).read_bytes())
+        return set(manifest.get("files") or {}) | {MANIFEST} if manifest.get("format") == "mlxqat" else set()
+    except (OSError, ValueError, RecursionError, AttributeError, TypeError):
+        return set()
+
+
+def _describe(path: Path, st: os.stat_result) -> str:
+    if stat.S_ISLNK(st.st_mode):
+        return "a symbolic link"
+    if stat.S_ISDIR(st.st_mode):
+        listed = _listed_files(path)
+        try:
+            names = sorted(n for n, s in _walk_entries(path) if not stat.S_ISDIR(s.st_mode) and n not in listed)
+        except OSError:
+            names = []
+        shown = ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
+        return f"a folder holding files mlxqat did not write ({shown})" if names else "a folder mlxqat did not write"
+    if stat.S_ISREG(st.st_mode):
+        return "a file mlxqat did not write"
+    return "a device or special file"
+
+
+def _inside(a: Path, b: Path) -> bool:
+    """True if ``a`` is ``b`` or lies under it."""
+    return a == b or b in a.parents
+
+
+def check_destination(dest: PathLike, *, sources: Iterable[PathLike] = (), kind: str = "dir") -> Path:
+    """Check that ``dest`` may be (re)written by mlxqat; return it as a Path.
+
+    Args:
+        dest: the output path.
+        sources: the inputs of the command (the model being read): ``dest`` may be
+            neither one of them, nor inside one, nor contain one.
+        kind: ``"dir"`` or ``"file"``: what will be written at ``dest``.
+
+    Raises:
+        DestinationError: naming the path, what is there and the fix.
+    """
+    if dest is None or str(dest).strip() == "":
+        raise DestinationError("the output path is empty; name a new directory or file, e.g. --out qat-out")
+    dest = Path(dest).expanduser()
+    recover_interrupted(dest)
+    resolved = dest.resolve()
+    fix = "choose a new path for the output"
+    if _inside(Path.cwd().resolve(), resolved):
+        raise DestinationError(
+            f"{dest} is the current directory or one of its parents; mlxqat writes its output as a "
+            f"new folder and would replace everything there: {fix} (e.g. --out qat-out)"
+        )
+    for src in sources:
+        if src is None:
+            continue
+        s = Path(src).expanduser().resolve()
+        if _inside(resolved, s) or _inside(s, resolved):
+            raise DestinationError(f"{dest} is (or holds, or lies inside) the source model {src}; {fix}")
+    try:
+        st = os.lstat(dest)
+    except FileNotFoundError:
+        parent = dest.parent
+        if parent.exists() and not parent.is_dir():
+            raise DestinationError(f"{parent} is not a directory, so {dest} cannot be created; {fix}") from None
+        return dest
+    wanted = stat.S_ISDIR if kind == "dir" else stat.S_ISREG
+    if wanted(st.st_mode) and is_mlxqat_output(dest):
+        return dest
+    what = "directory" if kind == "dir" else "file"
+    raise DestinationError(
+        f"{dest} already exists and is {_describe(dest, st)}; mlxqat only replaces its own earlier "
+        f"outputs, so nothing was written: {fix} (a new {what}), or move {dest} away yourself"
+    )
+
+
+def _backup_path(dest: Path) -> Path:
+    return dest.parent / f".{dest.name}.mlxqat-old"
+
+
+def recover_interrupted(dest: PathLike) -> Optional[str]:
+    """Finish or undo a replacement of ``dest`` that was killed between its two renames.
+
+    Returns:
+        ``"restored"`` (the old version is back at ``dest``), ``"cleaned"`` (the
+        new version was in place; the stale old copy was removed), or None.
+    """
+    dest = Path(dest)
+    backup = _backup_path(dest)
+    if not os.path.lexists(backup):
+        return None
+    if not os.path.lexists(dest):
+        os.rename(backup, dest)
+        print(f"note: restored {dest} from an interrupted replacement ({backup.name})", file=sys.stderr)
+        return "restored"
+    if is_mlxqat_output(backup):
+        _remove(backup)
+        return "cleaned"
+    return None
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    else:
+        path.unlink()
+
+
+def _replace(tmp: Path, dest: Path) -> None:
+    """Move the finished ``tmp`` to ``dest``, keeping the old ``dest`` until the new one is in place."""
+    if os.path.lexists(dest):
+        if not is_mlxqat_output(dest):  # changed since it was checked
+            raise DestinationError(f"{dest} changed while mlxqat was writing and is no longer its own output; nothing was replaced")
+        backup = _backup_path(dest)
+        os.rename(dest, backup)
+        os.rename(tmp, dest)
+        _fsync_dir(dest.parent)
+        _remove(backup)
+    else:
+        os.rename(tmp, dest)
+    _fsync_dir(dest.parent)
 
 
 # ---------------------------------------------------------------------------
@@ -61,50 +269,104 @@ def _fsync_tree(root: Path) -> None:
 
 
 @contextlib.contextmanager
-def atomic_dir(dest: PathLike) -> Iterator[Path]:
-    """Yield a temporary sibling directory that replaces ``dest`` on success.
+def _naming(dest: Path) -> Iterator[None]:
+    """Report an OS error while starting to write ``dest`` as an error about ``dest`` (not a temporary name)."""
+    try:
+        yield
+    except OSError as e:
+        raise OSError(e.errno, f"cannot create {dest} ({e.strerror})", str(dest)) from e
 
-    If the body raises (or the process dies), ``dest`` is untouched: it keeps
-    its previous content or stays absent, and the temporary directory is
-    removed (or, after a kill, left under a ``.name.tmp-*`` name).
+
+@contextlib.contextmanager
+def atomic_dir(dest: PathLike, *, sources: Iterable[PathLike] = ()) -> Iterator[Path]:
+    """Yield a temporary sibling directory that becomes ``dest`` when the body succeeds.
+
+    ``dest`` must pass :func:`check_destination`. If the body raises (or the
+    process dies), ``dest`` keeps its previous content or stays absent, and the
+    temporary directory is removed (after a kill, left as ``.NAME.tmp-*``).
     """
-    dest = Path(dest)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
+    dest = check_destination(dest, sources=sources, kind="dir")
+    with _naming(dest):
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
     try:
         yield tmp
         _fsync_tree(tmp)
-        if dest.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{dest.name}.old-", dir=dest.parent))
-            old.rmdir()
-            os.rename(dest, old)
-            os.rename(tmp, dest)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, dest)
-        _fsync_dir(dest.parent)
+        _replace(tmp, dest)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
 
 
 @contextlib.contextmanager
-def atomic_file(dest: PathLike, mode: str = "wb"):
-    """Open a temporary sibling of ``dest`` for writing; rename it into place on success."""
-    dest = Path(dest)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.tmp-", dir=dest.parent)
+def atomic_path(dest: PathLike, *, sources: Iterable[PathLike] = (), check: bool = True) -> Iterator[Path]:
+    """Yield a temporary sibling file path that becomes ``dest`` when the body succeeds.
+
+    For writers that open files by name (``gguf.GGUFWriter``). ``dest`` must
+    pass :func:`check_destination` (unless ``check=False``: a file inside a
+    directory mlxqat owns, such as a training work directory).
+    """
+    dest = check_destination(dest, sources=sources, kind="file") if check else Path(dest)
+    with _naming(dest):
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.tmp-", dir=dest.parent)
+    os.close(fd)
     try:
-        with os.fdopen(fd, mode) as f:
-            yield f
-            f.flush()
+        yield Path(tmp)
+        with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
+        if check and os.path.lexists(dest) and not is_mlxqat_output(dest):
+            raise DestinationError(f"{dest} changed while mlxqat was writing; nothing was replaced")
         os.replace(tmp, dest)
         _fsync_dir(dest.parent)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+@contextlib.contextmanager
+def atomic_file(dest: PathLike, mode: str = "wb", *, check: bool = True):
+    """Open a temporary sibling of ``dest`` for writing; it becomes ``dest`` on success (see :func:`atomic_path`)."""
+    with atomic_path(dest, check=check) as tmp:
+        with open(tmp, mode) as f:
+            yield f
+
+
+def check_work_dir(path: PathLike, *, sources: Iterable[PathLike] = ()) -> Path:
+    """Check that ``path`` may serve as an mlxqat working directory (see :func:`work_dir`); create nothing."""
+    path = Path(path)
+    if not (path / MANIFEST).is_file() or not is_mlxqat_output(path):
+        check_destination(path, sources=sources, kind="dir")
+    return path
+
+
+def work_dir(path: PathLike, *, sources: Iterable[PathLike] = ()) -> Path:
+    """Create (or reuse) a working directory that mlxqat owns, e.g. ``<out>.train/``.
+
+    It is marked by an ``mlxqat.json`` of kind ``work``; an existing path
+    without that mark (unless an empty folder) is refused like any destination.
+    """
+    path = check_work_dir(path, sources=sources)
+    path.mkdir(parents=True, exist_ok=True)
+    if not (path / MANIFEST).exists():
+        with atomic_file(path / MANIFEST, "w", check=False) as f:
+            json.dump({"format": "mlxqat", "kind": "work", "mlxqat_version": __version__,
+                       "note": "training work directory (checkpoints, log, teacher cache) written by mlxqat"}, f)
+    return path
+
+
+def remove_output(path: PathLike) -> None:
+    """Delete ``path`` only if it is an mlxqat output (e.g. an old checkpoint); refuse otherwise."""
+    path = Path(path)
+    if not is_mlxqat_output(path):
+        raise DestinationError(f"{path} is not an mlxqat output; it was not deleted")
+    _remove(path)
+
+
+# ---------------------------------------------------------------------------
+# The manifest
+# ---------------------------------------------------------------------------
 
 
 def sha256_file(path: PathLike, chunk: int = 1 << 20) -> str:
@@ -115,61 +377,144 @@ def sha256_file(path: PathLike, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
-def write_manifest(directory: PathLike, info: Dict[str, Any]) -> dict:
-    """Write ``mlxqat.json`` into ``directory`` with the sha256 of every other file."""
+def _manifest_text(manifest: dict) -> str:
+    """The exact text of ``mlxqat.json``: a manifest whose bytes differ from this was edited."""
+    return json.dumps(manifest, indent=2, allow_nan=False) + "\n"
+
+
+def _manifest_digest(manifest: dict) -> str:
+    body = {k: v for k, v in manifest.items() if k != "manifest_sha256"}
+    text = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+_SAFE_NAME = re.compile(r"^[^\x00-\x1f\\:]+$")
+
+
+def check_member_name(name: Any, directory: PathLike = ".") -> str:
+    """A file name inside a model directory: relative, no ``..``, no absolute or odd paths."""
+    parts = name.split("/") if isinstance(name, str) else []
+    if (not isinstance(name, str) or not _SAFE_NAME.match(name) or name.startswith("/")
+            or any(p in ("", ".", "..") for p in parts) or len(name) > 512):
+        raise IntegrityError(
+            f"{directory}: {name!r} is not a file name inside the directory (names are relative, "
+            "without '..'); the manifest or the call is wrong"
+        )
+    return name
+
+
+def write_manifest(directory: PathLike, info: Dict[str, Any], *, kind: str = "model") -> dict:
+    """Write ``mlxqat.json`` into ``directory``: ``info``, the sha256 of every other file, a self-digest.
+
+    Raises:
+        ValueError: ``info`` sets a reserved key, holds NaN/Inf, or the directory
+            holds something other than regular files and folders.
+    """
     directory = Path(directory)
+    clash = sorted(set(info) & set(RESERVED_KEYS))
+    if clash:
+        raise ValueError(f"info sets {clash}, which mlxqat.json reserves for itself; rename those entries")
     files = {}
-    for p in sorted(directory.rglob("*")):
-        if p.is_file() and p.name != MANIFEST:
-            files[p.relative_to(directory).as_posix()] = sha256_file(p)
-    manifest = {"format": "mlxqat", "format_version": 1, "mlxqat_version": __version__}
+    for name, st in sorted(_walk_entries(directory)):
+        if stat.S_ISDIR(st.st_mode) or name == MANIFEST:
+            continue
+        if not stat.S_ISREG(st.st_mode):
+            raise ValueError(f"{directory / name} is not a regular file; a model directory holds files only")
+        files[name] = sha256_file(directory / name)
+    manifest = {"format": "mlxqat", "format_version": FORMAT_VERSION, "kind": kind, "mlxqat_version": __version__}
     manifest.update(info)
     manifest["files"] = files
-    with open(directory / MANIFEST, "w") as f:
-        json.dump(manifest, f, indent=2, sort_keys=False)
+    try:
+        manifest["manifest_sha256"] = _manifest_digest(manifest)
+    except ValueError as e:
+        raise ValueError(f"the manifest of {directory} cannot hold NaN or Inf ({e}); leave such metrics out") from e
+    with atomic_file(directory / MANIFEST, "w", check=False) as f:
+        f.write(_manifest_text(manifest))
     return manifest
 
 
 def read_manifest(directory: PathLike) -> dict:
-    path = Path(directory) / MANIFEST
-    if not path.exists():
+    """Read and check ``mlxqat.json`` (format, file list, self-digest); the files are not hashed."""
+    directory = Path(directory)
+    path = directory / MANIFEST
+    if not os.path.lexists(path):
         raise FileNotFoundError(
-            f"{path} does not exist: {directory} was not saved by mlxqat (or the manifest "
-            "was removed); re-save it with mlxqat.save or `python -m mlxqat.export`"
+            f"{path} does not exist: {directory} was not saved by mlxqat (or the manifest was removed); "
+            f"if you trust its files, add one with `python -m mlxqat.verify --write {directory}`"
         )
+    if not stat.S_ISREG(os.lstat(path).st_mode):
+        raise IntegrityError(f"{path} is not a regular file (a link, folder or device); the manifest is damaged")
     try:
-        with open(path) as f:
-            return json.load(f)
-    except json.JSONDecodeError as e:
-        raise IntegrityError(f"{path} is not valid JSON ({e}); the manifest is damaged") from e
+        manifest = read_json_file(path, "the manifest", MAX_MANIFEST_BYTES)
+        raw = path.read_bytes()
+    except (OSError, ValueError) as e:
+        raise IntegrityError(f"{e}. The manifest is damaged") from e
+    if not isinstance(manifest, dict) or manifest.get("format") != "mlxqat":
+        raise IntegrityError(f"{path} is not an mlxqat manifest; the manifest is damaged")
+    version = manifest.get("format_version")
+    if version != FORMAT_VERSION:
+        raise IntegrityError(
+            f"{path} has format_version {version!r}; this mlxqat reads version {FORMAT_VERSION} (which also "
+            f"guards the manifest itself). If you trust the files, run `python -m mlxqat.verify --write {directory}`"
+        )
+    files = manifest.get("files")
+    if not isinstance(files, dict) or not all(
+        isinstance(v, str) and re.fullmatch(r"[0-9a-f]{64}", v) for v in files.values()
+    ):
+        raise IntegrityError(f"{path}: 'files' must map file names to sha256 digests; the manifest is damaged")
+    for name in files:
+        check_member_name(name, directory)
+    try:
+        digest = _manifest_digest(manifest)
+    except ValueError:
+        digest = None
+    try:
+        exact = _manifest_text(manifest).encode() == raw
+    except ValueError:
+        exact = False
+    if manifest.get("manifest_sha256") != digest or not exact:
+        raise IntegrityError(
+            f"{path} was edited after it was written (its manifest_sha256 does not match its content); "
+            "re-export the model, or re-create the manifest with `python -m mlxqat.verify --write` if you made the edit"
+        )
+    return manifest
 
 
 def verify(directory: PathLike) -> dict:
-    """Check every file listed in ``mlxqat.json`` against its sha256.
+    """Check a saved directory against ``mlxqat.json``: every file listed, unchanged, nothing else.
 
     Returns:
         The manifest.
 
     Raises:
-        FileNotFoundError: no manifest.
-        IntegrityError: a listed file is missing or its content changed.
+        FileNotFoundError: no directory or no manifest.
+        IntegrityError: the manifest was edited or damaged; a file is missing,
+            extra, changed, or not a regular file.
     """
     directory = Path(directory)
+    if not directory.is_dir():
+        raise FileNotFoundError(f"{directory} is not a directory: nothing to verify (expected a model directory with {MANIFEST})")
     manifest = read_manifest(directory)
+    files = manifest["files"]
     problems = []
-    for name, expected in manifest.get("files", {}).items():
-        p = directory / name
-        if not p.exists():
-            problems.append(f"{name}: missing")
+    present = {}
+    for name, st in _walk_entries(directory):
+        if stat.S_ISDIR(st.st_mode) or name == MANIFEST:
             continue
-        actual = sha256_file(p)
-        if actual != expected:
-            problems.append(f"{name}: sha256 {actual[:16]}... but the manifest says {expected[:16]}...")
+        if not stat.S_ISREG(st.st_mode):
+            problems.append(f"{name}: not a regular file")
+        elif name not in files:
+            problems.append(f"{name}: not in the manifest (an added file)")
+        present[name] = st
+    for name, expected in files.items():
+        if name not in present:
+            problems.append(f"{name}: missing")
+        elif stat.S_ISREG(present[name].st_mode) and sha256_file(directory / name) != expected:
+            problems.append(f"{name}: content changed")
     if problems:
         raise IntegrityError(
-            f"{directory} failed verification ({len(problems)} file(s)): "
-            + "; ".join(problems)
-            + ". The files changed after they were saved: re-export or re-download the model"
+            f"{directory} failed verification ({len(problems)} problem(s)): " + "; ".join(sorted(problems)[:5])
+            + ". The directory changed after it was saved: re-export or re-download the model"
         )
     return manifest
 
@@ -270,6 +615,7 @@ def save(
     extra_files: Optional[Dict[str, Union[str, bytes]]] = None,
     master_weights: Optional[Dict[str, mx.array]] = None,
     compact_scales: bool = True,
+    sources: Iterable[PathLike] = (),
 ) -> dict:
     """Write a converted model as an mlx-lm directory (``mlx_lm.load(path)`` opens it).
 
@@ -277,7 +623,8 @@ def save(
         model: a converted model (``mlxqat.convert``) or a full-precision one.
         tokenizer: the tokenizer (``mlx_lm`` TokenizerWrapper or a Hugging Face
             tokenizer); its files are saved beside the weights.
-        path: destination directory; replaced atomically if it exists.
+        path: destination directory: new, empty, or an earlier mlxqat output
+            (replaced atomically); anything else is refused (:func:`check_destination`).
         config: the model's config dict; default: built from ``model.args``.
         info: extra entries for ``mlxqat.json`` (training summary, metrics).
         max_shard_bytes: shard the weights above this size.
@@ -286,12 +633,16 @@ def save(
             (``master_weights.safetensors``, e.g. the trained QAT weights).
         compact_scales: store float32 scales/biases of linear layers as float16
             when that is lossless (the values are float16 numbers).
+        sources: the paths the model was read from; ``path`` may not be or hold one.
 
     Returns:
         The manifest written to ``mlxqat.json``.
 
     Raises:
-        ValueError: fake-quant layers still present, non-finite weights, no tokenizer.
+        ValueError: fake-quant layers still present, non-finite weights, no
+            tokenizer, a reserved ``info`` key or an ``extra_files`` name outside
+            the directory.
+        DestinationError: ``path`` holds something that is not an mlxqat output.
     """
     fq = [p for p, m in model.named_modules() if is_fake_quant(m)]
     if fq:
@@ -304,6 +655,14 @@ def save(
             "save() needs the tokenizer: mlx_lm.load reads tokenizer files from the "
             "model directory; pass the tokenizer returned by mlx_lm.load / mlxqat.load"
         )
+    clash = sorted(set(info or {}) & set(RESERVED_KEYS))
+    if clash:
+        raise ValueError(f"info sets {clash}, which mlxqat.json reserves for itself; rename those entries")
+    for name in extra_files or {}:
+        check_member_name(name)
+        if name == MANIFEST or name == "config.json" or name.startswith("model"):
+            raise ValueError(f"extra_files name {name!r} would replace a file of the model; choose another name")
+    check_destination(path, sources=sources)
     config = dict(config if config is not None else model_config(model))
     if "model_type" not in config:
         raise ValueError("config has no 'model_type'; mlx-lm cannot tell which architecture to build")
@@ -335,7 +694,7 @@ def save(
     manifest_info["activation_quantization"] = act_bits
     manifest_info.update(info or {})
 
-    with atomic_dir(path) as tmp:
+    with atomic_dir(path, sources=sources) as tmp:
         _write_weights(tmp, weights, max_shard_bytes)
         if master_weights:
             mx.save_safetensors(str(tmp / MASTER_FILE), master_weights, metadata={"format": "mlx"})
@@ -346,6 +705,7 @@ def save(
         tokenizer.save_pretrained(str(tmp))
         for name, content in (extra_files or {}).items():
             mode = "wb" if isinstance(content, bytes) else "w"
+            (tmp / name).parent.mkdir(parents=True, exist_ok=True)
             with open(tmp / name, mode) as f:
                 f.write(content)
         manifest = write_manifest(tmp, manifest_info)
@@ -353,10 +713,24 @@ def save(
 
 
 def _restore_activation_quant(model: nn.Module, directory: Path, manifest: dict) -> None:
+    from .validate import safetensors_header
+
     act_bits = manifest.get("activation_quantization") or {}
     if not act_bits:
         return
+    if not isinstance(act_bits, dict) or not all(
+        isinstance(v, int) and not isinstance(v, bool) and 2 <= v <= 16 for v in act_bits.values()
+    ):
+        raise ValueError(f"{directory}/{MANIFEST}: activation_quantization must map layer paths to bit widths")
+    header = safetensors_header(directory / ACTIVATION_FILE)
     scales = mx.load(str(directory / ACTIVATION_FILE))
+    modules = dict(model.named_modules())
+    for path in act_bits:
+        if not isinstance(modules.get(path), nn.QuantizedLinear) or header.get(f"{path}.act_scale", (None, ()))[1] != ():
+            raise ValueError(
+                f"{directory}: activation quantization of {path!r} does not match the model "
+                f"(no such quantized layer, or no scalar {path}.act_scale in {ACTIVATION_FILE})"
+            )
 
     def swap(path, m):
         if path in act_bits and isinstance(m, nn.QuantizedLinear):
@@ -374,54 +748,117 @@ def _restore_activation_quant(model: nn.Module, directory: Path, manifest: dict)
 
 
 def check_config(directory: PathLike) -> dict:
-    """Read ``config.json`` and check the keys mlx-lm needs; clear errors if not."""
+    """Read ``config.json`` and check its types and bounds (:mod:`mlxqat.validate`); clear errors if not."""
     directory = Path(directory)
     cfg_path = directory / "config.json"
     if not directory.is_dir():
         raise FileNotFoundError(f"model directory {directory} does not exist")
-    if not cfg_path.exists():
+    if not os.path.lexists(cfg_path):
         raise FileNotFoundError(f"{cfg_path} does not exist: {directory} is not an mlx-lm model directory")
-    with open(cfg_path) as f:
-        try:
-            cfg = json.load(f)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{cfg_path} is not valid JSON: {e}") from e
+    cfg = read_json_file(cfg_path, "config.json")
+    check_config_values(cfg, str(cfg_path))
     if "model_type" not in cfg:
         raise ValueError(f"{cfg_path} has no 'model_type'; add the architecture name (e.g. \"llama\")")
     return cfg
 
 
-def load(path: PathLike, *, verify_files: bool = True, kernel: str = "mlx"):
-    """Load a model directory saved by :func:`save` (or any local mlx-lm directory).
+_warned_unverified: set = set()
 
-    Verifies the sha256 manifest when there is one, loads with ``mlx_lm.load``,
-    and restores static activation quantization.
+
+def _resolve_model_path(path: PathLike) -> Path:
+    """A local directory, or a Hugging Face id resolved to its local snapshot (downloading it)."""
+    p = Path(path).expanduser()
+    recover_interrupted(p)
+    if os.path.lexists(p):
+        return p
+    text = str(path)
+    if text.startswith((".", "/", "~")) or text.count("/") != 1 or p.suffix:
+        raise FileNotFoundError(f"{path}: no such directory (the path does not exist), and not a Hugging Face id owner/name")
+    from mlx_lm.utils import _download
+
+    try:
+        return Path(_download(text))
+    except Exception as e:  # hub errors (offline, unknown repo) have many types
+        raise FileNotFoundError(
+            f"{path}: not a local directory, and fetching it from the Hugging Face hub failed "
+            f"({type(e).__name__}: {e}); check the path or the repository id"
+        ) from e
+
+
+def load(
+    path: PathLike,
+    *,
+    verify_files: bool = True,
+    kernel: str = "mlx",
+    lazy: bool = False,
+    return_config: bool = False,
+):
+    """Load a model directory saved by :func:`save`, any mlx-lm directory, or a Hugging Face id.
+
+    Before MLX reads anything: the manifest is verified when there is one (a
+    directory without one loads with a warning), ``config.json`` and every
+    safetensors header are checked, and the quantized layers' shapes are
+    checked against each other; then the weights are read (unless ``lazy``) and
+    must be finite. The tokenizer never runs code from the directory.
 
     Returns:
-        ``(model, tokenizer)``.
+        ``(model, tokenizer)``, or ``(model, tokenizer, config)`` with ``return_config``.
 
     Raises:
         IntegrityError: a file does not match the manifest.
-        ValueError / FileNotFoundError: a missing or incomplete directory or config.
+        ValueError / FileNotFoundError: a missing, malformed or inconsistent file,
+            named in the message.
     """
-    from mlx_lm import load as mlx_lm_load
+    from mlx_lm.utils import load_model, load_tokenizer
 
-    directory = Path(path)
-    check_config(directory)
+    from .validate import (check_directory_entries, check_finite, check_module_parameters, check_quantized_tensors,
+                           check_weight_files)
+
+    directory = _resolve_model_path(path)
+    if not directory.is_dir():
+        raise FileNotFoundError(f"{directory} is not a directory; pass the model's directory (with config.json)")
     manifest = {}
-    if (directory / MANIFEST).exists():
+    if os.path.lexists(directory / MANIFEST):
         manifest = verify(directory) if verify_files else read_manifest(directory)
+    elif str(directory) not in _warned_unverified:
+        _warned_unverified.add(str(directory))
+        warnings.warn(
+            f"{directory} has no {MANIFEST}, so changes to its files cannot be detected; if you trust "
+            f"them, add one with `python -m mlxqat.verify --write {directory}`",
+            stacklevel=2,
+        )
+    check_directory_entries(directory)
+    config = check_config(directory)
+    check_quantized_tensors(check_weight_files(directory), config, str(directory))
     try:
-        model, tokenizer = mlx_lm_load(str(directory))
-    except TypeError as e:
-        raise ValueError(f"{directory}/config.json is incomplete for its architecture: {e}") from e
+        model, config = load_model(directory, lazy=True)
+    except FileNotFoundError:
+        raise
+    except ValueError as e:
+        raise ValueError(f"{directory}: the weights do not fit config.json ({e})") from e
+    except Exception as e:  # a config the architecture cannot be built from
+        raise ValueError(f"{directory}/config.json does not describe a loadable {config.get('model_type')} model "
+                         f"({type(e).__name__}: {e}); restore it from the original model") from e
+    check_module_parameters(model, str(directory))
     _restore_activation_quant(model, directory, manifest)
+    if not lazy:
+        mx.eval(model.parameters())
+        check_finite(model, str(directory))
+    try:
+        tokenizer = load_tokenizer(directory, {"trust_remote_code": False}, eos_token_ids=config.get("eos_token_id"))
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{directory}: the tokenizer files could not be read ({e})") from e
+    except Exception as e:  # tokenizers raise their own exception types on damaged files
+        raise ValueError(f"{directory}: the tokenizer files could not be read ({type(e).__name__}: {e})") from e
     if manifest.get("recipe"):
         from .recipes import Recipe
 
-        model.mlxqat_recipe = Recipe.from_dict(manifest["recipe"])
+        try:
+            model.mlxqat_recipe = Recipe.from_dict(manifest["recipe"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise IntegrityError(f"{directory}/{MANIFEST}: the recipe entry is damaged ({e})") from e
     if kernel != "mlx":
         from .convert import use_kernel
 
         use_kernel(model, kernel)
-    return model, tokenizer
+    return (model, tokenizer, config) if return_config else (model, tokenizer)

@@ -45,7 +45,8 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from .generate import UsageError, _has_quantized, _open, apply_dtype, quantize_rtn
+from ._cli import ArgumentParser, UsageError, command, non_negative_int, positive_int
+from .generate import _has_quantized, _open, apply_dtype, quantize_rtn
 
 __all__ = [
     "profile_model", "time_generation", "format_table", "memory_table", "summary_table", "plot", "write_results", "main",
@@ -284,8 +285,12 @@ def profile_model(
     """
     from tqdm import tqdm
 
+    from .io import check_destination
+
     if baseline not in BASELINES:
         raise UsageError(f"--baseline {baseline!r} is not one of {', '.join(BASELINES)}")
+    if out is not None:
+        check_destination(out, sources=[p for p in (model, baseline_model) if p])  # before minutes of timing
     if isinstance(kernels, str):
         kernels = [k.strip() for k in kernels.split(",") if k.strip()]
     bad = [k for k in kernels if k not in ("mlx", "mlxqat")]
@@ -484,25 +489,31 @@ def plot(result: dict, path: Optional[str] = None):
 
 
 def write_results(result: dict, out: str) -> Dict[str, str]:
-    """Write ``profile.json`` and ``profile.png`` into ``out``; return their paths."""
-    from .io import atomic_file
+    """Write ``profile.json`` and ``profile.png`` as the directory ``out``; return their paths.
 
-    out_dir = Path(out)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    json_path, png_path = out_dir / "profile.json", out_dir / "profile.png"
-    with atomic_file(json_path, "w") as f:
-        json.dump(result, f, indent=1)
-    fig = plot(result)
-    with atomic_file(png_path, "wb") as f:
-        fig.savefig(f, format="png", dpi=110)
+    ``out`` follows mlxqat's destination rule: new, empty, or an earlier output
+    (replaced atomically, with a manifest like every mlxqat output).
+    """
     import matplotlib.pyplot as plt
 
-    plt.close(fig)
-    umask = os.umask(0)
-    os.umask(umask)
-    for path in (json_path, png_path):  # temporary files are created private; results are not
-        os.chmod(path, 0o666 & ~umask)
-    return {"json": str(json_path), "png": str(png_path)}
+    from .io import atomic_dir, write_manifest
+
+    out_dir = Path(out)
+    fig = plot(result)
+    try:
+        with atomic_dir(out_dir) as tmp:
+            with open(tmp / "profile.json", "w") as f:
+                json.dump(result, f, indent=1)
+            fig.savefig(tmp / "profile.png", format="png", dpi=110)
+            write_manifest(tmp, {}, kind="profile")
+            umask = os.umask(0)
+            os.umask(umask)
+            for path in tmp.iterdir():  # temporary files are created private; results are not
+                os.chmod(path, 0o666 & ~umask)
+            os.chmod(tmp, 0o777 & ~umask)
+    finally:
+        plt.close(fig)
+    return {"json": str(out_dir / "profile.json"), "png": str(out_dir / "profile.png")}
 
 
 # ---------------------------------------------------------------------------
@@ -511,7 +522,8 @@ def write_results(result: dict, out: str) -> Dict[str, str]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    """The flags of ``python -m mlxqat.profile`` (lengths and kernels are checked by :func:`profile_model`)."""
+    p = ArgumentParser(
         prog="python -m mlxqat.profile",
         description="Prefill/decode tokens/s, latency and memory: full precision vs int4 on MLX's kernel and ours.",
     )
@@ -524,17 +536,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Comma-separated prompt lengths in tokens (default: 32,128,512).")
     p.add_argument("--gen-lengths", default=",".join(map(str, DEFAULT_GEN_LENGTHS)),
                    help="Comma-separated generation lengths (default: 32,128).")
-    p.add_argument("--repeats", type=int, default=3, help="Timed runs per cell; medians are reported (default: 3).")
+    p.add_argument("--repeats", type=positive_int, default=3, help="Timed runs per cell; medians are reported (default: 3).")
     p.add_argument("--kernels", default="mlx,mlxqat", help="Quantized kernels to compare (default: mlx,mlxqat).")
-    p.add_argument("--seed", type=int, default=0, help="Seed of the random prompt tokens.")
+    p.add_argument("--seed", type=non_negative_int, default=0, help="Seed of the random prompt tokens.")
     p.add_argument("--out", default="profile-out", help="Directory for profile.json and profile.png.")
     p.add_argument("--quick", action="store_true", help="Prompt lengths 32,128, 16 generated tokens, 2 repeats.")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="No progress bar.")
     return p
 
 
+@command(interrupted="[interrupted: nothing written]")
 def main(argv: Optional[List[str]] = None) -> int:
-    """Entry point of ``python -m mlxqat.profile``; returns the exit status."""
+    """Entry point of ``python -m mlxqat.profile``; returns the exit status (2: bad input, 130: Ctrl-C)."""
     import matplotlib
 
     matplotlib.use("Agg")  # files only; no display needed
@@ -542,14 +555,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     kwargs = vars(args)
     if kwargs.pop("quick"):
         kwargs.update(QUICK)
-    try:
-        result = profile_model(**kwargs)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("\n[interrupted: nothing written]", file=sys.stderr)
-        return 130
+    result = profile_model(**kwargs)
     print(format_table(result))
     print()
     print(memory_table(result))

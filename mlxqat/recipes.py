@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import fnmatch
+import numbers
 import re
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Tuple
@@ -32,6 +33,8 @@ class LayerSpec:
     scale_init: str = "minmax"  # learned scales start from "minmax" or an "mse" clip search
 
     def __post_init__(self):
+        for f in dataclasses.fields(self):  # types first: 4.0 == 4 and "no" is truthy
+            object.__setattr__(self, f.name, _checked_type(f, getattr(self, f.name)))
         if self.bits not in SUPPORTED_BITS:
             raise ValueError(
                 f"bits={self.bits!r} is not supported; use one of {SUPPORTED_BITS}"
@@ -73,10 +76,40 @@ class LayerSpec:
         return self.bits + 32 / g
 
 
+_FIELD_TYPES = {"int": (numbers.Integral, "an integer"), "bool": (bool, "True or False"), "str": (str, "a string"),
+                "Optional[int]": (numbers.Integral, "an integer or None"),
+                "Optional[str]": (str, "a string or None")}
+
+
+def _checked_type(f: dataclasses.Field, value):
+    """``value`` if it has field ``f``'s type (NumPy ints become ints); ValueError otherwise.
+
+    Bools are not ints here, and 4.0 is not 4: ``bits=4.0`` and ``learn_scales="no"``
+    are mistakes to report, not values to coerce.
+    """
+    kind, what = _FIELD_TYPES[str(f.type)]
+    if value is None and str(f.type).startswith("Optional["):
+        return value
+    if not isinstance(value, kind) or (kind is not bool and isinstance(value, bool)):
+        raise ValueError(f"{f.name}={value!r} must be {what}, not {type(value).__name__}")
+    return int(value) if kind is numbers.Integral else value
+
+
 def _matches(pattern: str, path: str) -> bool:
     if pattern.startswith("re:"):
         return re.fullmatch(pattern[3:], path) is not None
     return fnmatch.fnmatchcase(path, pattern)
+
+
+def _check_pattern(pattern) -> None:
+    """Refuse a pattern that is not a string or, with ``re:``, not a valid regular expression."""
+    if not isinstance(pattern, str):
+        raise ValueError(f"pattern {pattern!r} must be a string (a glob, or 're:' and a regular expression)")
+    if pattern.startswith("re:"):
+        try:
+            re.compile(pattern[3:])
+        except re.error as e:
+            raise ValueError(f"pattern {pattern!r} is not a valid regular expression ({e})") from None
 
 
 @dataclass(frozen=True)
@@ -85,7 +118,8 @@ class Recipe:
 
     ``overrides`` is a sequence of ``(pattern, spec)``; the first matching
     pattern wins. A layer whose path matches a ``skip`` pattern stays in full
-    precision.
+    precision. Both are sequences (a tuple or a list); ``skip="lm_head"`` is
+    refused, since a string is not a sequence of patterns: write ``skip=("lm_head",)``.
     """
 
     name: str
@@ -95,11 +129,25 @@ class Recipe:
     description: str = ""
 
     def __post_init__(self):
+        if not isinstance(self.name, str):
+            raise ValueError(f"name={self.name!r} must be a string")
+        if not isinstance(self.default, LayerSpec):
+            raise ValueError(f"default={self.default!r} must be a LayerSpec, e.g. LayerSpec(bits=4, group_size=64)")
+        for attr, example in (("overrides", "(('*.mlp.*', LayerSpec(8, 64)),)"), ("skip", "('lm_head',)")):
+            value = getattr(self, attr)
+            if isinstance(value, (str, bytes)) or not isinstance(value, (tuple, list)):
+                raise ValueError(
+                    f"{attr}={value!r} must be a tuple or list, e.g. {attr}={example} "
+                    "(a single string is not a list of patterns)"
+                )
+            object.__setattr__(self, attr, tuple(value))  # lists become tuples: hashable, comparable
         for item in self.overrides:
             if not (isinstance(item, tuple) and len(item) == 2 and isinstance(item[1], LayerSpec)):
                 raise ValueError(
                     f"override {item!r} must be a (pattern, LayerSpec) pair"
                 )
+        for pattern in [p for p, _ in self.overrides] + list(self.skip):
+            _check_pattern(pattern)
 
     def spec_for(self, path: str) -> Optional[LayerSpec]:
         """The spec of the layer at ``path``, or ``None`` if it is skipped."""

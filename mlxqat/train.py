@@ -30,32 +30,24 @@ from . import recipes as recipes_mod
 from .convert import calibrate, convert, prepare
 from .data import build_dataset, check_seq_len, generate_windows, model_context, pack, tokenize_documents, Document
 from .evaluate import evaluate, format_table, gap_recovered
-from .io import atomic_file, save
+from .io import check_destination, check_work_dir, save
+from .stdlib_data import embedded_model_path
 from .layers import FakeQuantEmbedding, FakeQuantLinear
 from ._callable import callable_module
-from .trainer import TrainingArgs, train
+from ._cli import ArgumentParser, command, non_negative_int, positive_int
+from .trainer import TrainingArgs, resume_point, train
 
 __all__ = ["run", "main", "train", "TrainingArgs"]
 
 
 def load_model(path: Optional[str]):
-    """``(model, tokenizer, config)`` from a local directory, a Hugging Face id, or the embedded model."""
-    from mlx_lm.utils import load as mlx_lm_load
+    """``(model, tokenizer, config)`` of a full-precision model: a local directory, a Hugging Face id,
+    or the embedded model (``None``), through :func:`mlxqat.io.load`."""
+    from .io import load
 
     if path is None:
-        from .stdlib_data import embedded_model_path
-
         path = str(embedded_model_path())
-    p = Path(path)
-    if not p.exists() and (path.startswith((".", "/", "~")) or p.suffix):
-        raise FileNotFoundError(f"model path {path} does not exist")
-    if p.exists():
-        from .io import check_config, verify, MANIFEST
-
-        check_config(p)
-        if (p / MANIFEST).exists():
-            verify(p)
-    model, tokenizer, config = mlx_lm_load(str(path), return_config=True)
+    model, tokenizer, config = load(path, return_config=True)
     quantized = [k for k, _ in tree_flatten(model.leaf_modules(), is_leaf=nn.Module.is_module)
                  if isinstance(_, (nn.QuantizedLinear, nn.QuantizedEmbedding))]
     if quantized:
@@ -171,6 +163,12 @@ def run(
     recipe_obj = recipes_mod.get(recipe, **opts)
     if data is not None and self_generate:
         raise ValueError("give either --data or --self-generate, not both")
+    # refuse a destination that is not ours now, not after an hour of training
+    sources = [model if model is not None else embedded_model_path(), data]
+    check_destination(out, sources=sources)
+    work = check_work_dir(str(Path(out)) + ".train", sources=sources)
+    if resume:
+        resume_point(work, args, recipe_obj.to_dict())  # a checkpoint that fits these settings, or refuse now
 
     teacher, tokenizer, config = load_model(model)
     train_w, val_w = _dataset(data, tokenizer, teacher, args.seq_len, args, eval_windows, self_generate, args.seed)
@@ -189,8 +187,6 @@ def run(
     del rtn
     _prepared(student, recipe_obj, train_w)
 
-    work = Path(str(Path(out)) + ".train")
-    work.mkdir(parents=True, exist_ok=True)
     summary = train(student, teacher, train_w, None, args, out_dir=work, resume=resume, progress=progress,
                     callback=callback)
     if scale_dtype is not None:
@@ -217,7 +213,7 @@ def run(
     }
     extra = {"train_log.jsonl": (work / "train_log.jsonl").read_text()} if (work / "train_log.jsonl").exists() else {}
     extra["README.md"] = _model_card(recipe_obj, rows)
-    save(student, tokenizer, out, config=config, info=info, extra_files=extra, master_weights=master)
+    save(student, tokenizer, out, config=config, info=info, extra_files=extra, master_weights=master, sources=sources)
     print(f"saved {out} ({time.perf_counter() - t_start:.0f} s in all)", flush=True)
     return {"table": rows, "gap_recovered": gap, "kl_reduction_vs_rtn": kl_reduction, "training": summary, "out": str(out)}
 
@@ -233,7 +229,8 @@ def _model_card(recipe, rows) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    """The flags of ``python -m mlxqat.train``: :func:`run`'s options plus every :class:`TrainingArgs` field."""
+    p = ArgumentParser(
         prog="python -m mlxqat.train",
         description="Quantization-aware training of an mlx-lm model, distilled from its full-precision self.",
     )
@@ -248,8 +245,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Start learned scales from min/max or from a per-group clip search that minimises the "
                         "reconstruction error (mse; implies --learn-scales; helps most at 2-3 bits).")
     p.add_argument("--scale-dtype", default="float16", help="Round scales/biases to this dtype ('none' to keep float32).")
-    p.add_argument("--self-generate", type=int, default=0, help="Train on N windows sampled from the teacher (no data needed).")
-    p.add_argument("--eval-windows", type=int, default=128, help="Validation windows for the before/after table.")
+    p.add_argument("--self-generate", type=non_negative_int, default=0,
+                   help="Train on N windows sampled from the teacher (no data needed).")
+    p.add_argument("--eval-windows", type=positive_int, default=128, help="Validation windows for the before/after table.")
     p.add_argument("--no-save-master", dest="save_master", action="store_false", help="Don't save the full-precision trained weights.")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="No progress bar.")
     for f in dataclasses.fields(TrainingArgs):
@@ -257,25 +255,21 @@ def build_parser() -> argparse.ArgumentParser:
         help_ = f.metadata.get("help", "") + f" (default: {f.default})"
         if f.type in ("bool", bool):
             p.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=f.default, help=help_)
-        else:
-            typ = {"int": int, "float": float, "str": str, "Optional[float]": float}.get(str(f.type), str)
-            p.add_argument(flag, dest=f.name, type=typ, default=f.default, help=help_)
+        else:  # the field's own check: one range, enforced here and in TrainingArgs.__post_init__
+            typ = f.metadata.get("check") or {"int": int, "float": float, "Optional[float]": float}.get(str(f.type), str)
+            p.add_argument(flag, dest=f.name, type=typ, choices=f.metadata.get("choices"), default=f.default,
+                           help=help_)
     return p
 
 
+@command(interrupted="interrupted; resume with --resume (checkpoints are in <out>.train/)")
 def main(argv=None) -> int:
+    """Entry point of ``python -m mlxqat.train``; returns the exit status (2: bad input, 130: Ctrl-C)."""
     args = build_parser().parse_args(argv)
     kwargs = vars(args)
     if isinstance(kwargs.get("scale_dtype"), str) and kwargs["scale_dtype"].lower() == "none":
         kwargs["scale_dtype"] = None
-    try:
-        run(**kwargs)
-    except (ValueError, FileNotFoundError, FloatingPointError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("\ninterrupted; resume with --resume (checkpoints are in <out>.train/)", file=sys.stderr)
-        return 130
+    run(**kwargs)
     return 0
 
 

@@ -10,10 +10,11 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Callable, Dict, Optional
+from typing import Callable, Dict, List, Optional
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -21,57 +22,85 @@ import mlx.optimizers as optim
 import numpy as np
 from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
-from .data import Dataset, iterate_batches
+from ._cli import (Number, finite_float, non_negative_float, non_negative_int, positive_float, positive_int,
+                   unit_float)
+from .data import MIN_SEQ_LEN, Dataset, iterate_batches
 from .evaluate import kl_divergence
-from .io import atomic_dir, atomic_file
-from .layers import FakeQuantEmbedding, FakeQuantLinear, freeze_codes, set_fake_quant
+from .io import IntegrityError, atomic_dir, atomic_file, read_manifest, remove_output, verify, work_dir, write_manifest
+from .layers import FakeQuantEmbedding, FakeQuantLinear, freeze_codes, is_fake_quant, set_fake_quant
 from .lora import QALoRALinear, apply_lora
 
 TRAINABLE = ("all", "scales", "lora")
+SCHEDULES = ("cosine", "linear", "constant")
+
+
+def _arg(default, help: str, check: Optional[Number] = None, choices: Optional[tuple] = None):
+    """A :class:`TrainingArgs` field: ``check`` / ``choices`` are enforced in ``__post_init__``
+    and, for ``python -m mlxqat.train``, at parse time (its flags are built from these fields)."""
+    meta = {"help": help}
+    if check is not None:
+        meta["check"] = check
+    if choices is not None:
+        meta["choices"] = choices
+    return field(default=default, metadata=meta)
 
 
 @dataclass
 class TrainingArgs:
-    steps: int = field(default=100, metadata={"help": "Optimizer steps."})
-    batch_size: int = field(default=8, metadata={"help": "Windows per optimizer step (all processes together)."})
-    seq_len: int = field(default=256, metadata={"help": "Tokens per window."})
-    learning_rate: float = field(default=1e-5, metadata={"help": "Peak learning rate of the weights."})
-    scale_learning_rate: Optional[float] = field(
-        default=None, metadata={"help": "Peak learning rate of learned scales/biases (default: learning_rate / 10; scales are small numbers and Adam steps are absolute)."}
-    )
-    lora_learning_rate: float = field(default=1e-3, metadata={"help": "Peak learning rate of LoRA adapters."})
-    schedule: str = field(default="cosine", metadata={"help": "cosine, linear or constant (after warmup)."})
-    warmup_steps: int = field(default=10, metadata={"help": "Linear warmup steps."})
-    min_lr_ratio: float = field(default=0.1, metadata={"help": "Final learning rate / peak, for cosine and linear."})
-    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay."})
-    grad_clip: float = field(default=1.0, metadata={"help": "Clip the global gradient norm (0: off)."})
-    grad_accum: int = field(default=1, metadata={"help": "Micro-batches per optimizer step."})
-    grad_checkpoint: bool = field(default=False, metadata={"help": "Recompute block activations in the backward pass."})
-    temperature: float = field(default=1.0, metadata={"help": "Distillation temperature."})
-    reverse_kl: float = field(default=0.0, metadata={"help": "Weight of reverse KL in the KL mix (0: forward KL)."})
-    ce_weight: float = field(default=0.0, metadata={"help": "Weight of next-token cross-entropy added to the KL."})
-    trainable: str = field(default="all", metadata={"help": "all (full QAT), scales (scales/biases only) or lora."})
-    lora_rank: int = field(default=8, metadata={"help": "LoRA rank."})
-    lora_scale: float = field(default=1.0, metadata={"help": "LoRA output multiplier."})
-    quant_delay: int = field(default=0, metadata={"help": "First steps trained without fake quantization."})
-    teacher_top_k: int = field(default=0, metadata={"help": "Cache the teacher's top-k logits once and drop the teacher (0: run the teacher every step)."})
-    log_every: int = field(default=10, metadata={"help": "Steps between log lines."})
-    checkpoint_every: int = field(default=0, metadata={"help": "Steps between checkpoints (0: none)."})
-    seed: int = field(default=0, metadata={"help": "Seed of the data order and adapters."})
+    """Settings of :func:`train`; each field is also a flag of ``python -m mlxqat.train``.
+
+    Raises:
+        ValueError: a value outside its range (named, with the range), or settings that
+            contradict each other.
+    """
+
+    steps: int = _arg(100, "Optimizer steps.", positive_int)
+    batch_size: int = _arg(8, "Windows per optimizer step (all processes together).", positive_int)
+    seq_len: int = _arg(256, "Tokens per window.", Number(int, low=MIN_SEQ_LEN))
+    learning_rate: float = _arg(1e-5, "Peak learning rate of the weights.", positive_float)
+    scale_learning_rate: Optional[float] = _arg(
+        None, "Peak learning rate of learned scales/biases (default: learning_rate / 10; scales are small "
+        "numbers and Adam steps are absolute).", positive_float)
+    lora_learning_rate: float = _arg(1e-3, "Peak learning rate of LoRA adapters.", positive_float)
+    schedule: str = _arg("cosine", "cosine, linear or constant (after warmup).", choices=SCHEDULES)
+    warmup_steps: int = _arg(10, "Linear warmup steps.", non_negative_int)
+    min_lr_ratio: float = _arg(0.1, "Final learning rate / peak, for cosine and linear.", unit_float)
+    weight_decay: float = _arg(0.0, "AdamW weight decay.", non_negative_float)
+    grad_clip: float = _arg(1.0, "Clip the global gradient norm (0: off).", non_negative_float)
+    grad_accum: int = _arg(1, "Micro-batches per optimizer step.", positive_int)
+    grad_checkpoint: bool = _arg(False, "Recompute block activations in the backward pass.")
+    temperature: float = _arg(1.0, "Distillation temperature.", positive_float)
+    reverse_kl: float = _arg(0.0, "Weight of reverse KL in the KL mix (0: forward KL).", unit_float)
+    ce_weight: float = _arg(0.0, "Weight of next-token cross-entropy added to the KL.", non_negative_float)
+    trainable: str = _arg("all", "all (full QAT), scales (scales/biases only) or lora.", choices=TRAINABLE)
+    lora_rank: int = _arg(8, "LoRA rank.", positive_int)
+    lora_scale: float = _arg(1.0, "LoRA output multiplier.", finite_float)
+    quant_delay: int = _arg(0, "First steps trained without fake quantization (fewer than --steps).",
+                            non_negative_int)
+    teacher_top_k: int = _arg(0, "Cache the teacher's top-k logits once and drop the teacher (0: run the "
+                              "teacher every step).", non_negative_int)
+    log_every: int = _arg(10, "Steps between log lines.", positive_int)
+    checkpoint_every: int = _arg(0, "Steps between checkpoints (0: none).", non_negative_int)
+    keep_checkpoints: int = _arg(3, "Newest checkpoints kept; older ones are deleted (0: keep all).",
+                                 non_negative_int)
+    seed: int = _arg(0, "Seed of the data order and adapters.", non_negative_int)
 
     def __post_init__(self):
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.type in ("bool", bool) and not isinstance(value, bool):
+                raise ValueError(f"{f.name}={value!r} must be True or False")
+            if "check" in f.metadata and value is not None:
+                f.metadata["check"].check(value, f.name)
+            if "choices" in f.metadata and value not in f.metadata["choices"]:
+                raise ValueError(f"{f.name}={value!r} is not supported; use one of {f.metadata['choices']}")
         checks = [
-            (self.steps >= 1, f"steps={self.steps} must be at least 1"),
-            (self.batch_size >= 1, f"batch_size={self.batch_size} must be at least 1"),
-            (self.grad_accum >= 1 and self.batch_size % self.grad_accum == 0,
+            (self.batch_size % self.grad_accum == 0,
              f"grad_accum={self.grad_accum} must divide batch_size={self.batch_size}"),
-            (self.learning_rate > 0, f"learning_rate={self.learning_rate} must be positive"),
-            (self.schedule in ("cosine", "linear", "constant"), f"schedule={self.schedule!r}: use cosine, linear or constant"),
-            (self.trainable in TRAINABLE, f"trainable={self.trainable!r}: use one of {TRAINABLE}"),
-            (self.temperature > 0, f"temperature={self.temperature} must be positive"),
-            (0 <= self.reverse_kl <= 1, f"reverse_kl={self.reverse_kl} must be in [0, 1]"),
-            (self.ce_weight >= 0, f"ce_weight={self.ce_weight} must be >= 0"),
             (not (self.teacher_top_k and self.reverse_kl), "reverse_kl needs the full teacher; set teacher_top_k=0"),
+            (self.quant_delay < self.steps,
+             f"quant_delay={self.quant_delay} is not below steps={self.steps}: no step would train through "
+             f"the quantizer; use a quant_delay below {self.steps} (0: quantize from the first step)"),
         ]
         for ok, msg in checks:
             if not ok:
@@ -226,9 +255,25 @@ class TeacherTargets:
 # Checkpoints
 # ---------------------------------------------------------------------------
 
+CHECKPOINT_NAME = re.compile(r"step_(\d{7,})")
+LATEST = "latest.json"
+# Settings a resumed run must share with its checkpoint: they decide the parameters,
+# the batches and what a step means. (Learning rates, logging etc. may change.)
+RESUME_MUST_MATCH = ("seq_len", "batch_size", "trainable", "lora_rank", "lora_scale", "seed")
+
+
+def _recipe_dict(student: nn.Module) -> Optional[dict]:
+    recipe = getattr(student, "mlxqat_recipe", None)
+    return recipe.to_dict() if recipe is not None else None
+
 
 def save_checkpoint(directory: Path, student: nn.Module, optimizer, step: int, args: TrainingArgs) -> Path:
-    """Atomically write trainable parameters, optimizer state and position at ``step``."""
+    """Atomically write trainable parameters, optimizer state and position at ``step``.
+
+    The checkpoint directory carries a sha256 manifest (``mlxqat.json``, kind
+    ``"checkpoint"``), written last; ``latest.json`` then points at it, and
+    checkpoints beyond the newest ``args.keep_checkpoints`` are deleted.
+    """
     directory = Path(directory)
     dest = directory / f"step_{step:07d}"
     with atomic_dir(dest) as tmp:
@@ -237,41 +282,220 @@ def save_checkpoint(directory: Path, student: nn.Module, optimizer, step: int, a
         with open(tmp / "state.json", "w") as f:
             # The data order is a function of (seed, step) and nothing else draws
             # random numbers after set-up, so (seed, step) is the whole RNG state.
-            json.dump({"step": step, "args": asdict(args), "rng": {"seed": args.seed, "data_step": step}}, f)
-    with atomic_file(directory / "latest.json", "w") as f:
+            json.dump({"step": step, "args": asdict(args), "recipe": _recipe_dict(student),
+                       "rng": {"seed": args.seed, "data_step": step}}, f)
+        write_manifest(tmp, {"step": step}, kind="checkpoint")
+    with atomic_file(directory / LATEST, "w", check=False) as f:  # inside our work directory
         json.dump({"checkpoint": dest.name, "step": step}, f)
+    prune_checkpoints(directory, args.keep_checkpoints)
     return dest
 
 
 def latest_checkpoint(directory: Path) -> Optional[Path]:
-    p = Path(directory) / "latest.json"
+    """The checkpoint ``latest.json`` names, or ``None`` when there is no ``latest.json``.
+
+    Raises:
+        ValueError: ``latest.json`` is damaged or names a checkpoint that is not there.
+    """
+    directory = Path(directory)
+    p = directory / LATEST
     if not p.exists():
         return None
-    with open(p) as f:
-        return Path(directory) / json.load(f)["checkpoint"]
+    fix = f"delete {directory} to start over, or run without --resume"
+    try:
+        name = json.loads(p.read_text(encoding="utf-8"))["checkpoint"]
+    except (ValueError, KeyError, TypeError) as e:  # bad JSON or UTF-8, not {"checkpoint": ...}
+        raise ValueError(f"{p} is damaged ({type(e).__name__}: {e}); {fix}") from None
+    if not isinstance(name, str) or not CHECKPOINT_NAME.fullmatch(name):
+        raise ValueError(f"{p} names {name!r}, not a checkpoint directory like 'step_0000100'; {fix}")
+    if not (directory / name).is_dir():
+        raise ValueError(f"{p} names {name}, but {directory / name} does not exist; {fix}")
+    return directory / name
 
 
-def load_checkpoint(path: Path, student: nn.Module, optimizer, seed: Optional[int] = None) -> int:
-    """Restore a checkpoint written by :func:`save_checkpoint`; returns its step."""
+def _is_our_checkpoint(path: Path) -> bool:
+    if path.is_symlink() or not path.is_dir() or not CHECKPOINT_NAME.fullmatch(path.name):
+        return False
+    try:
+        return read_manifest(path).get("kind") == "checkpoint"
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def prune_checkpoints(directory: Path, keep: int) -> List[Path]:
+    """Delete all but the newest ``keep`` checkpoints under ``directory`` (``keep=0``: none).
+
+    Only directories this module wrote are touched (named ``step_NNNNNNN`` with a
+    manifest of kind ``"checkpoint"``), and never the one ``latest.json`` names.
+
+    Returns:
+        The deleted directories.
+    """
+    directory = Path(directory)
+    if keep <= 0:
+        return []
+    try:
+        current = latest_checkpoint(directory)
+    except ValueError:
+        return []  # no trustworthy pointer: delete nothing
+    ours = sorted((int(CHECKPOINT_NAME.fullmatch(p.name).group(1)), p)
+                  for p in directory.iterdir() if _is_our_checkpoint(p))
+    deleted = []
+    for _, p in ours[:-keep]:
+        if current is not None and p.name == current.name:
+            continue
+        remove_output(p)
+        deleted.append(p)
+    return deleted
+
+
+def _recipe_difference(old: dict, new: dict) -> str:
+    """``"recipe 'int4' vs 'int3'"`` or the spec fields that differ (``learn_scales=True vs False``)."""
+    if old.get("name") != new.get("name"):
+        return f"recipe {old.get('name')!r}, this run has recipe {new.get('name')!r}"
+    a, b = old.get("default") or {}, new.get("default") or {}
+    diffs = [f"{k}={a.get(k)!r} (now {b.get(k)!r})" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+    return f"recipe {old.get('name')!r} with " + (", ".join(diffs) or "other overrides or skip patterns")
+
+
+def _check_resumable(path: Path, state: dict, args: TrainingArgs, recipe: Optional[dict]) -> None:
+    """Refuse to continue a checkpoint with settings that would make another run of it."""
+    fix = "or run without --resume to start over"
+    saved = state.get("args") or {}
+    for name in RESUME_MUST_MATCH:
+        if name in saved and saved[name] != getattr(args, name):
+            flag = "--" + name.replace("_", "-")
+            raise ValueError(
+                f"checkpoint {path} was written with {name}={saved[name]!r}, this run has "
+                f"{name}={getattr(args, name)!r}; resume with {flag} {saved[name]}, {fix}"
+            )
+    old_recipe = state.get("recipe")
+    if old_recipe is not None and recipe is not None and old_recipe != recipe:
+        raise ValueError(
+            f"checkpoint {path} was written with {_recipe_difference(old_recipe, recipe)}; resume with "
+            f"the same --recipe and --learn-scales/--scale-init/--scale-dtype, {fix}"
+        )
+    if args.steps < state["step"]:
+        raise ValueError(
+            f"--steps {args.steps} is below the step of checkpoint {path} ({state['step']}); "
+            f"use --steps {state['step']} or more, {fix}"
+        )
+
+
+def check_checkpoint(path: Path, args: Optional[TrainingArgs] = None, recipe: Optional[dict] = None) -> dict:
+    """Verify a checkpoint's files and, given ``args`` / ``recipe``, that it can be resumed with them.
+
+    Returns:
+        Its ``state.json``.
+
+    Raises:
+        ValueError: the checkpoint is damaged (its files do not match its manifest),
+            or ``args`` / ``recipe`` differ from the ones it was written with.
+    """
     path = Path(path)
+    fix = f"delete {path.parent} to start over, or run without --resume"
+    try:
+        verify(path)
+        state = json.loads((path / "state.json").read_text(encoding="utf-8"))
+        int(state["step"])
+    except FileNotFoundError as e:
+        raise ValueError(f"checkpoint {path} is incomplete ({e}); {fix}") from None
+    except IntegrityError as e:
+        detail = "; ".join(getattr(e, "problems", None) or [str(e)])
+        raise ValueError(f"checkpoint {path} is damaged, its files do not match its manifest ({detail}); {fix}") from None
+    except (ValueError, KeyError, TypeError) as e:  # bad JSON in state.json
+        raise ValueError(f"checkpoint {path} is damaged ({e}); {fix}") from None
+    if args is not None:
+        _check_resumable(path, state, args, recipe)
+    return state
+
+
+def resume_point(out_dir: Path, args: TrainingArgs, recipe: Optional[dict] = None) -> Path:
+    """The checkpoint ``--resume`` would continue from, checked against ``args`` (before any work).
+
+    Raises:
+        FileNotFoundError: no checkpoint under ``out_dir``.
+        ValueError: see :func:`check_checkpoint`.
+    """
+    ckpt_dir = Path(out_dir) / "checkpoints"
+    latest = latest_checkpoint(ckpt_dir)
+    if latest is None:
+        raise FileNotFoundError(f"--resume: no checkpoint under {ckpt_dir}; run without --resume first")
+    check_checkpoint(latest, args, recipe)
+    return latest
+
+
+def load_checkpoint(path: Path, student: nn.Module, optimizer, args: Optional[TrainingArgs] = None) -> int:
+    """Restore a checkpoint written by :func:`save_checkpoint`; returns its step.
+
+    Raises:
+        ValueError: see :func:`check_checkpoint`; or its tensors do not fit the student.
+    """
+    path = Path(path)
+    state = check_checkpoint(path, args, _recipe_dict(student))
     params = mx.load(str(path / "trainable.safetensors"))
-    student.load_weights(list(params.items()), strict=False)
     expected = {k for k, _ in tree_flatten(student.trainable_parameters())}
     if set(params) != expected:
         raise ValueError(
             f"checkpoint {path} does not match this model/recipe "
             f"({len(set(params) ^ expected)} parameter names differ); resume with the same settings"
         )
+    student.load_weights(list(params.items()), strict=False)
     optimizer.init(student.trainable_parameters())
     optimizer.state = tree_unflatten(list(mx.load(str(path / "optimizer.safetensors")).items()))
-    with open(path / "state.json") as f:
-        state = json.load(f)
-    if seed is not None and state["rng"]["seed"] != seed:
-        raise ValueError(
-            f"checkpoint {path} was written with seed={state['rng']['seed']}; resume with "
-            f"--seed {state['rng']['seed']} (now {seed}) to see the same batches"
-        )
     return int(state["step"])
+
+
+# ---------------------------------------------------------------------------
+# Checks before training
+# ---------------------------------------------------------------------------
+
+
+def _vocab_rows(model: nn.Module) -> Optional[int]:
+    """Rows of the model's input embedding table (its vocabulary), if it has one."""
+    for _, m in model.named_modules():
+        if isinstance(m, (nn.Embedding, FakeQuantEmbedding, nn.QuantizedEmbedding)):
+            return int(m.weight.shape[0])
+    return None
+
+
+def _check_token_ids(windows: Optional[np.ndarray], vocab: Optional[int], what: str) -> None:
+    if windows is None or vocab is None or windows.size == 0:
+        return
+    lo, hi = int(windows.min()), int(windows.max())
+    if lo < 0 or hi >= vocab:
+        bad = lo if lo < 0 else hi
+        raise ValueError(
+            f"{what} data holds token id {bad}, outside the student's vocabulary of {vocab} tokens "
+            f"(ids 0..{vocab - 1}; the data's ids span {lo}..{hi}); tokenize with this model's own tokenizer"
+        )
+
+
+def _check_inputs(student: nn.Module, train_data: np.ndarray, val_data, args: TrainingArgs, world: int) -> None:
+    """Refuse what would train nothing, crash mid-run or index outside the vocabulary."""
+    if not any(is_fake_quant(m) for _, m in student.named_modules()):
+        raise ValueError(
+            f"the student ({type(student).__name__}) has no fake-quant layers, so there is nothing to "
+            "train through a quantizer (the loss would be 0); call mlxqat.prepare(student, recipe) first"
+        )
+    if args.batch_size % (world * args.grad_accum):
+        raise ValueError(
+            f"batch_size={args.batch_size} is not divisible by processes x grad_accum = "
+            f"{world} x {args.grad_accum}; pick a multiple"
+        )
+    if train_data.ndim != 2 or train_data.shape[1] != args.seq_len + 1:
+        raise ValueError(
+            f"training windows have shape {train_data.shape}; expected (n, seq_len + 1) "
+            f"with seq_len={args.seq_len}"
+        )
+    if not np.issubdtype(train_data.dtype, np.integer):
+        raise ValueError(f"training windows are {train_data.dtype}; expected integer token ids")
+    vocab = _vocab_rows(student)
+    _check_token_ids(train_data, vocab, "training")
+    _check_token_ids(None if val_data is None else np.asarray(val_data), vocab, "validation")
+    if vocab is not None and args.teacher_top_k > vocab:
+        raise ValueError(f"teacher_top_k={args.teacher_top_k} exceeds the vocabulary of {vocab} tokens; "
+                         f"use at most {vocab}")
 
 
 # ---------------------------------------------------------------------------
@@ -300,78 +524,35 @@ def _grad_checkpoint(model: nn.Module) -> None:
     cls._mlxqat_checkpointed = True
 
 
-def train(
-    student: nn.Module,
-    teacher: Optional[nn.Module],
-    train_data,
-    val_data: Optional[np.ndarray] = None,
-    args: Optional[TrainingArgs] = None,
-    *,
-    out_dir: Optional[Path] = None,
-    resume: bool = False,
-    callback: Optional[Callable[[dict], None]] = None,
-    progress: bool = True,
-    teacher_targets: Optional[TeacherTargets] = None,
-) -> dict:
-    """Fine-tune a prepared ``student`` towards ``teacher`` on ``dataset.train``.
+def _open_log(path: Optional[Path], resume_step: Optional[int]):
+    """The training log, open for appending; a resumed run first drops records past its checkpoint.
 
-    Args:
-        student: a model prepared with :func:`mlxqat.prepare` (float32 compute
-            recommended on CPU; its parameters are the fp32 master copies).
-        teacher: the full-precision model (frozen; not modified).
-        train_data: packed windows (n, seq_len + 1), or a
-            :class:`~mlxqat.data.Dataset` (then ``val_data`` defaults to its ``val``).
-        val_data: windows to evaluate on at the end (loss, KL, top-1 in the summary).
-        args: :class:`TrainingArgs` (default: ``TrainingArgs()``).
-        out_dir: where checkpoints (``checkpoints/``) and ``train_log.jsonl`` go.
-        resume: continue from the newest checkpoint in ``out_dir``.
-        callback: called with every logged record (dict).
-
-    Returns:
-        A summary: steps, tokens, wall time, final loss, peak memory.
-
-    Raises:
-        FloatingPointError: the loss became NaN/Inf (training stops, nothing saved).
+    Steps between the last checkpoint and an interruption are trained again, so
+    their records would otherwise appear twice.
     """
-    from tqdm import tqdm
+    if path is None:
+        return None
+    if resume_step is None:
+        return open(path, "w")
+    kept = []
+    if path.exists():
+        for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+            try:
+                rec = json.loads(line)
+                if rec["step"] <= resume_step:
+                    kept.append(line + "\n")
+            except (ValueError, KeyError, TypeError):  # a line cut off by the interruption
+                continue
+    with atomic_file(path, "w", check=False) as f:  # inside our work directory
+        f.writelines(kept)
+    return open(path, "a")
 
-    args = args or TrainingArgs()
-    if isinstance(train_data, Dataset):
-        val_data = train_data.val if val_data is None else val_data
-        train_data = train_data.train
-    train_data = np.asarray(train_data)
-    group = mx.distributed.init()
-    rank, world = group.rank(), group.size()
-    if args.batch_size % (world * args.grad_accum):
-        raise ValueError(
-            f"batch_size={args.batch_size} is not divisible by processes x grad_accum = "
-            f"{world} x {args.grad_accum}; pick a multiple"
-        )
-    if train_data.ndim != 2 or train_data.shape[1] != args.seq_len + 1:
-        raise ValueError(
-            f"training windows have shape {train_data.shape}; expected (n, seq_len + 1) "
-            f"with seq_len={args.seq_len}"
-        )
-    if teacher is not None:
-        teacher.freeze()
-    targets_fn = teacher_targets or TeacherTargets(teacher, args.teacher_top_k, Path(out_dir) / "teacher_cache" if out_dir and args.teacher_top_k else None)
 
-    set_trainable(student, args)
-    student.train()
-    if args.grad_checkpoint:
-        _grad_checkpoint(student)
-    optimizer = make_optimizer(args)
-    optimizer.init(student.trainable_parameters())
-    ckpt_dir = Path(out_dir) / "checkpoints" if out_dir else None
-    start = 0
-    if resume:
-        if ckpt_dir is None or latest_checkpoint(ckpt_dir) is None:
-            raise FileNotFoundError(f"--resume: no checkpoint under {ckpt_dir}; run without --resume first")
-        start = load_checkpoint(latest_checkpoint(ckpt_dir), student, optimizer, args.seed)
+def _make_step(student, optimizer, targets_fn, args: TrainingArgs, rank: int, world: int) -> Callable:
+    """``step_fn(batch, step) -> loss``: one optimizer step over this process's share of ``batch``."""
 
     def loss_fn(model, inputs, targets, teacher_out):
-        logits = model(inputs)
-        return distillation_loss(logits, teacher_out, targets, args)
+        return distillation_loss(model(inputs), teacher_out, targets, args)
 
     value_and_grad = nn.value_and_grad(student, loss_fn)
     micro = args.batch_size // (world * args.grad_accum)
@@ -397,18 +578,112 @@ def train(
         optimizer.update(student, grads)
         return loss
 
+    return step_fn
+
+
+def train(
+    student: nn.Module,
+    teacher: Optional[nn.Module],
+    train_data,
+    val_data: Optional[np.ndarray] = None,
+    args: Optional[TrainingArgs] = None,
+    *,
+    out_dir: Optional[Path] = None,
+    resume: bool = False,
+    callback: Optional[Callable[[dict], None]] = None,
+    progress: bool = True,
+    teacher_targets: Optional[TeacherTargets] = None,
+) -> dict:
+    """Fine-tune a prepared ``student`` towards ``teacher`` on ``dataset.train``.
+
+    Args:
+        student: a model prepared with :func:`mlxqat.prepare` (float32 compute
+            recommended on CPU; its parameters are the fp32 master copies).
+        teacher: the full-precision model (frozen; not modified).
+        train_data: packed windows (n, seq_len + 1), or a
+            :class:`~mlxqat.data.Dataset` (then ``val_data`` defaults to its ``val``).
+        val_data: windows to evaluate on at the end (loss, KL, top-1 in the summary).
+        args: :class:`TrainingArgs` (default: ``TrainingArgs()``).
+        out_dir: where checkpoints (``checkpoints/``) and ``train_log.jsonl`` go.
+        resume: continue from the newest checkpoint in ``out_dir``; it must have been
+            written with the same recipe, seq_len, batch_size, trainable mode and seed.
+        callback: called with every logged record (dict).
+
+    Returns:
+        A summary: steps, tokens, wall time, final loss, peak memory.
+
+    Raises:
+        ValueError: an unprepared student, token ids outside its vocabulary, windows
+            of the wrong shape, a damaged checkpoint or one written with other settings.
+        FloatingPointError: the loss became NaN/Inf (training stops, nothing saved).
+    """
+    args = args or TrainingArgs()
+    if isinstance(train_data, Dataset):
+        val_data = train_data.val if val_data is None else val_data
+        train_data = train_data.train
+    train_data = np.asarray(train_data)
+    group = mx.distributed.init()
+    rank, world = group.rank(), group.size()
+    _check_inputs(student, train_data, val_data, args, world)
+    if teacher is not None:
+        teacher.freeze()
+    targets_fn = teacher_targets or TeacherTargets(teacher, args.teacher_top_k, Path(out_dir) / "teacher_cache" if out_dir and args.teacher_top_k else None)
+
+    set_trainable(student, args)
+    student.train()
+    if args.grad_checkpoint:
+        _grad_checkpoint(student)
+    optimizer = make_optimizer(args)
+    optimizer.init(student.trainable_parameters())
+    ckpt_dir = Path(out_dir) / "checkpoints" if out_dir else None
+    start = 0
+    if resume:
+        if out_dir is None:
+            raise FileNotFoundError("--resume needs out_dir, where the checkpoints are")
+        start = load_checkpoint(resume_point(out_dir, args, _recipe_dict(student)), student, optimizer, args)
+    step_fn = _make_step(student, optimizer, targets_fn, args, rank, world)
+
     if out_dir:
-        Path(out_dir).mkdir(parents=True, exist_ok=True)
+        work_dir(out_dir)  # ours, or refused: never a folder of the user's
     log_path = Path(out_dir) / "train_log.jsonl" if out_dir and rank == 0 else None
-    log_f = open(log_path, "a" if resume else "w") if log_path else None
+    log_f = _open_log(log_path, start if resume else None)
+    try:
+        losses, tokens, t0 = _loop(student, optimizer, step_fn, train_data, args, start, ckpt_dir, log_f,
+                                   callback, progress, rank)
+    finally:
+        if log_f:
+            log_f.close()
+    set_fake_quant(student, True)
+    student.eval()
+    summary = {
+        "steps": args.steps,
+        "resumed_from": start,
+        "tokens": tokens,
+        "wall_s": time.perf_counter() - t0,
+        "final_loss": losses[-1] if losses else None,
+        "losses": losses,
+        "peak_memory_gb": mx.get_peak_memory() / 1e9,
+        "processes": world,
+    }
+    if val_data is not None and teacher is not None:
+        from .evaluate import evaluate
+
+        summary["val"] = evaluate(student, np.asarray(val_data), teacher)
+    return summary
+
+
+def _loop(student, optimizer, step_fn, train_data, args: TrainingArgs, start: int, ckpt_dir, log_f,
+          callback, progress: bool, rank: int):
+    """Steps ``start .. args.steps - 1``: log, call back, checkpoint. Returns ``(losses, tokens, t0)``."""
+    from tqdm import tqdm
+
     losses = []
     t0 = time.perf_counter()
     tokens = 0
     bar = tqdm(total=args.steps, initial=start, desc="QAT", disable=not progress or rank != 0, dynamic_ncols=True)
     last_t, last_tokens = t0, 0
     try:
-        batches = iterate_batches(train_data, args.batch_size, args.seed, start_step=start)
-        for step, batch in batches:
+        for step, batch in iterate_batches(train_data, args.batch_size, args.seed, start_step=start):
             if step >= args.steps:
                 break
             set_fake_quant(student, step >= args.quant_delay)
@@ -444,25 +719,7 @@ def train(
                 save_checkpoint(ckpt_dir, student, optimizer, done, args)
     finally:
         bar.close()
-        if log_f:
-            log_f.close()
-    set_fake_quant(student, True)
-    student.eval()
-    summary = {
-        "steps": args.steps,
-        "resumed_from": start,
-        "tokens": tokens,
-        "wall_s": time.perf_counter() - t0,
-        "final_loss": losses[-1] if losses else None,
-        "losses": losses,
-        "peak_memory_gb": mx.get_peak_memory() / 1e9,
-        "processes": world,
-    }
-    if val_data is not None and teacher is not None:
-        from .evaluate import evaluate
-
-        summary["val"] = evaluate(student, np.asarray(val_data), teacher)
-    return summary
+    return losses, tokens, t0
 
 
 def args_from_dict(d: dict) -> TrainingArgs:

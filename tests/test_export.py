@@ -111,8 +111,8 @@ def test_tampered_export_fails_verify_and_load(tmp_path, tokenizer, capsys):
     path.write_bytes(bytes(data))
     assert verify_cli.main([str(out)]) == 2
     err = capsys.readouterr().err
-    assert "FAILED" in err and "model.safetensors: sha256" in err and "re-export or re-download" in err
-    with pytest.raises(mlxqat.IntegrityError, match=r"model\.safetensors: sha256"):
+    assert err.startswith("error: ") and "model.safetensors: content changed" in err and "re-export or re-download" in err
+    with pytest.raises(mlxqat.IntegrityError, match=r"model\.safetensors: content changed"):
         mlxqat.load(out)
     proc = _run("-m", "mlxqat.verify", str(out))
     assert proc.returncode == 2 and "model.safetensors" in proc.stderr
@@ -259,3 +259,65 @@ def test_killed_export_leaves_nothing_at_the_destination(tmp_path, tokenizer, fm
     assert not (dest / name).exists()
     leftovers = [p.name for p in dest.iterdir() if p.name != "started"]
     assert all(p.startswith(f".{name}.tmp-") for p in leftovers), leftovers
+
+
+# ---------------------------------------------------------------------------
+# Destinations: only mlxqat's own earlier outputs are replaced
+# ---------------------------------------------------------------------------
+
+
+def _tree(root):
+    return {p.relative_to(root).as_posix(): (p.read_bytes() if p.is_file() else None) for p in sorted(root.rglob("*"))}
+
+
+@pytest.mark.parametrize("fmt", ["mlx", "fp16", "gguf"])
+def test_export_never_replaces_user_files(tmp_path, tokenizer, capsys, fmt):
+    src, *_ = _src(tmp_path, tokenizer)
+    user = tmp_path / "user"
+    (user / "sub").mkdir(parents=True)
+    (user / "notes.txt").write_text("mine")
+    (tmp_path / "plain.gguf").write_bytes(b"GGUF not really")
+    before = _tree(tmp_path)
+    main = importlib.import_module("mlxqat.export").main
+    for out, message in [(user, "folder holding files mlxqat did not write"), (src, "source model"),
+                         (tmp_path / "plain.gguf", "a file mlxqat did not write"), (src / "x", "source model")]:
+        assert main([str(src), "--format", fmt, "--out", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and err.count("\n") == 1 and message in err, err
+    assert _tree(tmp_path) == before
+
+
+def test_gguf_export_replaces_only_its_own_file(tmp_path, tokenizer):
+    src, *_ = _src(tmp_path, tokenizer)
+    out = tmp_path / "m.gguf"
+    ex.export_gguf(src, out, "q4_0", exact=True, verbose=False)
+    first = out.read_bytes()
+    ex.export_gguf(src, out, "q4_0", exact=True, verbose=False)  # our own file: replaced
+    assert out.read_bytes() == first
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.gguf", "src"]
+    (tmp_path / "folder.gguf").mkdir()
+    with pytest.raises(ValueError, match="folder.gguf already exists and is a folder"):
+        ex.export_gguf(src, tmp_path / "folder.gguf", "q4_0", exact=True, verbose=False)
+
+
+def test_damaged_gguf_is_a_clear_error(tmp_path, tokenizer):
+    src, *_ = _src(tmp_path, tokenizer)
+    out = tmp_path / "m.gguf"
+    ex.export_gguf(src, out, "q4_0", exact=True, verbose=False)
+    data = bytearray(out.read_bytes())
+    data[8:16] = (2**60).to_bytes(8, "little")  # tensor count
+    out.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match="claims 1152921504606846976 tensors"):
+        ex.memory_report(out)
+    out.write_bytes(bytes(data[:100]))
+    with pytest.raises(ValueError, match="m.gguf"):
+        ex.memory_report(out)
+
+
+def test_an_unwritable_destination_is_one_error_line(tmp_path, tokenizer, capsys):
+    src, *_ = _src(tmp_path, tokenizer)
+    main = importlib.import_module("mlxqat.export").main
+    for fmt, out in [("mlx", "/proc/mlxqat-export-test"), ("gguf", "/proc/mlxqat-export-test.gguf")]:
+        assert main([str(src), "--format", fmt, "--out", out]) == 2  # /proc refuses new files, even to root
+        last = capsys.readouterr().err.splitlines()[-1]
+        assert last.startswith(f"error: {out}: [Errno ") and f"cannot create {out}" in last, last

@@ -1,6 +1,9 @@
 """Saving to mlx-lm directories: mlx_lm.load opens them, hashes guard them, writes are atomic."""
 
+import importlib
 import json
+import os
+from pathlib import Path
 
 import mlx.core as mx
 import pytest
@@ -9,7 +12,11 @@ from mlx_lm import load as mlx_lm_load
 
 import mlxqat
 import tiny
+from mlxqat import io
+from mlxqat.export import export_mlx
 from mlxqat.recipes import LayerSpec, Recipe
+
+verify_cli = importlib.import_module("mlxqat.verify")  # the module (mlxqat.verify is also the function)
 
 MIXED = Recipe(
     "mixed-test",
@@ -94,7 +101,7 @@ def test_tampered_file_is_refused(tmp_path, tokenizer):
     data = bytearray(path.read_bytes())
     data[len(data) // 2] ^= 0x01
     path.write_bytes(bytes(data))
-    with pytest.raises(mlxqat.IntegrityError, match=r"model\.safetensors: sha256 .* but the manifest says"):
+    with pytest.raises(mlxqat.IntegrityError, match=r"model\.safetensors: content changed"):
         mlxqat.verify(out)
     with pytest.raises(mlxqat.IntegrityError, match="re-export or re-download"):
         mlxqat.load(out)
@@ -160,10 +167,240 @@ def test_load_a_plain_mlx_lm_directory_and_quantize_it(tmp_path, tokenizer):
     """The user's path: mlx_lm.load a full-precision model, prepare, convert, save."""
     model, config = tiny.make_model("gemma3_text", 0)
     src = tiny.save_fp_model(model, config, tokenizer, tmp_path / "fp")
-    fp, tok = mlxqat.load(src)
+    with pytest.warns(UserWarning, match="no mlxqat.json"):
+        fp, tok = mlxqat.load(src)
     mlxqat.prepare(fp, "q4_0")
     mlxqat.convert(fp)
     mlxqat.save(fp, tok, tmp_path / "q", config=config)
     again, _ = mlx_lm_load(str(tmp_path / "q"))
     x = mx.arange(9)[None]
     assert mx.array_equal(again(x), fp(x)).item()
+
+
+# ---------------------------------------------------------------------------
+# The destination rule: nothing the user owns is replaced
+# ---------------------------------------------------------------------------
+
+
+def _snapshot(root):
+    """Every path under ``root`` with its bytes (None for folders)."""
+    return {p.relative_to(root).as_posix(): (p.read_bytes() if p.is_file() else None) for p in sorted(root.rglob("*"))}
+
+
+@pytest.fixture(scope="module")
+def int4_model():
+    return _converted("llama", "int4")
+
+
+def test_a_folder_of_user_files_is_never_replaced(tmp_path, tokenizer, int4_model):
+    model, config = int4_model
+    d = tmp_path / "d"
+    (d / "sub").mkdir(parents=True)
+    (d / "notes.txt").write_text("mine")
+    before = _snapshot(tmp_path)
+    with pytest.raises(io.DestinationError, match=r"d already exists and is a folder holding files mlxqat did not write \(notes\.txt\)"):
+        mlxqat.save(model, tokenizer, d, config=config)
+    assert _snapshot(tmp_path) == before
+
+
+@pytest.mark.parametrize("what", ["cwd", "parent of cwd", "plain file", "symlink", "device", "empty string"])
+def test_destinations_that_are_refused(tmp_path, tokenizer, int4_model, monkeypatch, what):
+    model, config = int4_model
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "keep.txt").write_text("keep")
+    monkeypatch.chdir(work)
+    (tmp_path / "plain.txt").write_text("plain")
+    (tmp_path / "target").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "target")
+    dest = {
+        "cwd": work, "parent of cwd": tmp_path, "plain file": tmp_path / "plain.txt",
+        "symlink": tmp_path / "link", "device": "/dev/null", "empty string": "",
+    }[what]
+    before = _snapshot(tmp_path)
+    message = {
+        "cwd": "current directory", "parent of cwd": "current directory", "plain file": "a file mlxqat did not write",
+        "symlink": "a symbolic link", "device": "a device or special file", "empty string": "output path is empty",
+    }[what]
+    with pytest.raises(io.DestinationError, match=message):
+        mlxqat.save(model, tokenizer, dest, config=config)
+    assert _snapshot(tmp_path) == before
+    assert os.path.exists("/dev/null") and not os.path.isdir("/dev/null")
+
+
+def test_source_model_is_never_the_destination(tmp_path, tokenizer, int4_model):
+    model, config = int4_model
+    src = tmp_path / "src"
+    mlxqat.save(model, tokenizer, src, config=config)
+    before = _snapshot(tmp_path)
+    for dest in (src, src / "inside", tmp_path):
+        with pytest.raises(io.DestinationError, match="source model"):
+            mlxqat.save(model, tokenizer, dest, config=config, sources=[src])
+    with pytest.raises(io.DestinationError, match="source model"):
+        export_mlx(src, src)
+    assert _snapshot(tmp_path) == before
+    mlxqat.verify(src)
+
+
+def test_own_outputs_and_empty_folders_are_replaced_atomically(tmp_path, tokenizer, int4_model):
+    model, config = int4_model
+    out = tmp_path / "out"
+    out.mkdir()  # an empty folder made by the user holds nothing to lose
+    first = mlxqat.save(model, tokenizer, out, config=config, info={"run": 1})
+    second = mlxqat.save(model, tokenizer, out, config=config, info={"run": 2})
+    assert first["run"] == 1 and second["run"] == 2 and mlxqat.verify(out)["run"] == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no temporary or backup left
+    # a user file added to an mlxqat output makes it the user's: refused
+    (out / "my-notes.md").write_text("mine")
+    with pytest.raises(io.DestinationError, match="my-notes.md"):
+        mlxqat.save(model, tokenizer, out, config=config)
+    assert (out / "my-notes.md").read_text() == "mine"
+
+
+KILL_BETWEEN_RENAMES = """
+import os, sys
+sys.path.insert(0, {tests!r})
+import mlxqat, tiny
+from mlxqat import io
+from mlx_lm.tokenizer_utils import load as load_tokenizer
+model, config = tiny.make_model("llama", 0)
+mlxqat.prepare(model, "int4"); mlxqat.convert(model)
+from pathlib import Path
+tok = load_tokenizer(Path({tok!r}))
+mlxqat.save(model, tok, {out!r}, config=config, info={{"run": "old"}})
+real = os.rename
+def rename(a, b):
+    real(a, b)
+    if str(b).endswith(".mlxqat-old"):
+        os._exit(9)  # killed between the two renames
+io.os.rename = rename
+mlxqat.save(model, tok, {out!r}, config=config, info={{"run": "new"}})
+"""
+
+
+def test_a_kill_between_the_two_renames_is_repaired(tmp_path, tokenizer_dir):
+    import subprocess
+    import sys
+
+    out = tmp_path / "out"
+    script = KILL_BETWEEN_RENAMES.format(tests=str(Path(__file__).parent), tok=str(tokenizer_dir), out=str(out))
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 9, proc.stderr
+    assert not out.exists() and (tmp_path / ".out.mlxqat-old").is_dir()  # the old version is findable
+    model, _ = mlxqat.load(out)  # ... and the next run restores it
+    assert mlxqat.verify(out)["run"] == "old"
+    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith(".out.tmp-")) == ["out"]
+
+
+def test_recover_finishes_a_replacement_whose_new_version_is_in_place(tmp_path, tokenizer, int4_model):
+    model, config = int4_model
+    out, stale = tmp_path / "out", tmp_path / ".out.mlxqat-old"
+    mlxqat.save(model, tokenizer, out, config=config, info={"run": "new"})
+    mlxqat.save(model, tokenizer, tmp_path / "old", config=config, info={"run": "old"})
+    os.rename(tmp_path / "old", stale)  # killed after the second rename, before the clean-up
+    assert io.recover_interrupted(out) == "cleaned"
+    assert not stale.exists() and mlxqat.verify(out)["run"] == "new"
+
+
+def test_save_refuses_names_outside_the_directory_and_reserved_keys(tmp_path, tokenizer, int4_model):
+    model, config = int4_model
+    for bad in ("../x", "/etc/x", "a/../../x", ""):
+        with pytest.raises(ValueError, match="not a file name inside the directory"):
+            mlxqat.save(model, tokenizer, tmp_path / "o", config=config, extra_files={bad: "x"})
+    with pytest.raises(ValueError, match="would replace a file of the model"):
+        mlxqat.save(model, tokenizer, tmp_path / "o", config=config, extra_files={"config.json": "{}"})
+    with pytest.raises(ValueError, match=r"info sets \['files', 'format'\]"):
+        mlxqat.save(model, tokenizer, tmp_path / "o", config=config, info={"format": "x", "files": {}})
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+# ---------------------------------------------------------------------------
+# The manifest covers every file and itself
+# ---------------------------------------------------------------------------
+
+
+@pytest.fixture
+def saved(tmp_path, tokenizer, int4_model):
+    model, config = int4_model
+    out = tmp_path / "m"
+    mlxqat.save(model, tokenizer, out, config=config)
+    return out
+
+
+def _rewrite_manifest(out, edit, redigest=True):
+    m = json.loads((out / "mlxqat.json").read_text())
+    edit(m)
+    if redigest:  # as a careful editor would: digest and layout as mlxqat writes them
+        m["manifest_sha256"] = io._manifest_digest(m)
+        (out / "mlxqat.json").write_text(io._manifest_text(m))
+    else:
+        (out / "mlxqat.json").write_text(json.dumps(m))
+
+
+def test_an_added_weight_file_is_refused(saved, int4_model):
+    model, _ = int4_model
+    mx.save_safetensors(str(saved / "model-zz-extra.safetensors"), {"lm_head.weight": model.lm_head.weight})
+    for fn in (mlxqat.verify, mlxqat.load):
+        with pytest.raises(mlxqat.IntegrityError, match=r"model-zz-extra\.safetensors: not in the manifest"):
+            fn(saved)
+    assert verify_cli.main([str(saved)]) == 2
+
+
+def test_an_edited_manifest_is_refused(saved):
+    _rewrite_manifest(saved, lambda m: m.update(recipe={"name": "evil"}), redigest=False)
+    with pytest.raises(mlxqat.IntegrityError, match="was edited after it was written"):
+        mlxqat.load(saved)
+
+
+def test_a_removed_entry_with_a_changed_file_is_refused(saved):
+    (saved / "tokenizer_config.json").write_text("{}")
+    _rewrite_manifest(saved, lambda m: m["files"].pop("tokenizer_config.json"))
+    with pytest.raises(mlxqat.IntegrityError, match=r"tokenizer_config\.json: not in the manifest"):
+        mlxqat.verify(saved)
+
+
+@pytest.mark.parametrize("name", ["/etc/hostname", "../../x", "/dev/zero", "sub/../../x", "a\\b"])
+def test_manifest_paths_are_confined(saved, name, capsys):
+    _rewrite_manifest(saved, lambda m: m["files"].update({name: "0" * 64}))
+    with pytest.raises(mlxqat.IntegrityError, match="not a file name inside the directory"):
+        mlxqat.verify(saved)
+    assert verify_cli.main([str(saved)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and io.sha256_file("/etc/hostname")[:8] not in err
+
+
+def test_fifos_and_links_in_a_model_directory_are_refused_without_hanging(saved):
+    os.mkfifo(saved / "model-00002.safetensors")
+    with pytest.raises(mlxqat.IntegrityError, match="not a regular file"):
+        mlxqat.verify(saved)
+    os.unlink(saved / "model-00002.safetensors")
+    (saved / "tokenizer.json").unlink()
+    (saved / "tokenizer.json").symlink_to("/dev/zero")
+    with pytest.raises(mlxqat.IntegrityError, match="tokenizer.json: not a regular file"):
+        mlxqat.load(saved)
+
+
+def test_a_directory_without_manifest_warns_once_and_verify_write_adds_one(saved):
+    (saved / "mlxqat.json").unlink()
+    with pytest.warns(UserWarning, match=r"has no mlxqat\.json.*python -m mlxqat\.verify --write"):
+        mlxqat.load(saved)
+    with pytest.raises(FileNotFoundError, match="verify --write"):
+        mlxqat.verify(saved)
+    assert verify_cli.main(["--write", str(saved)]) == 0
+    mlxqat.verify(saved)
+    (saved / "extra.txt").write_text("added later")
+    with pytest.raises(mlxqat.IntegrityError, match="extra.txt"):
+        mlxqat.load(saved)
+
+
+def test_a_reformatted_manifest_is_refused(saved):
+    m = json.loads((saved / "mlxqat.json").read_text())
+    (saved / "mlxqat.json").write_text(json.dumps(m, indent=4))  # same content, other bytes
+    with pytest.raises(mlxqat.IntegrityError, match="was edited after it was written"):
+        mlxqat.verify(saved)
+
+
+def test_an_old_format_manifest_says_how_to_upgrade(saved):
+    _rewrite_manifest(saved, lambda m: (m.update(format_version=1), m.pop("manifest_sha256")), redigest=False)
+    with pytest.raises(mlxqat.IntegrityError, match="format_version 1.*verify --write"):
+        mlxqat.load(saved)

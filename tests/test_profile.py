@@ -127,3 +127,17 @@ def test_cli_writes_json_and_png(dirs, tmp_path):
     assert "| int4 (mlxqat kernel) | 8 | 3 |" in r.stdout and "bits per weight" in r.stdout
     assert len(json.loads((tmp_path / "profile.json").read_text())["results"]) == 3
     assert (tmp_path / "profile.png").stat().st_size > 10_000
+
+
+def test_out_that_is_a_file_or_a_users_folder_is_refused_before_profiling(tmp_path, capsys):
+    main = prof.main
+    (tmp_path / "results.txt").write_text("mine")
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "folder" / "notes.md").write_text("mine too")
+    for out, what in [(tmp_path / "results.txt", "a file mlxqat did not write"),
+                      (tmp_path / "folder", "folder holding files mlxqat did not write (notes.md)")]:
+        assert main(["--quick", "--out", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and err.count("\n") == 1 and what in err, err
+    assert (tmp_path / "results.txt").read_text() == "mine"
+    assert sorted(p.name for p in (tmp_path / "folder").iterdir()) == ["notes.md"]

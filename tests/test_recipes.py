@@ -53,3 +53,37 @@ def test_with_options_applies_everywhere_and_rejects_unknown():
 def test_bad_override_shape():
     with pytest.raises(ValueError, match="must be a \\(pattern, LayerSpec\\) pair"):
         Recipe("t", overrides=(("*", 4),))
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(bits=4.0), r"bits=4\.0 must be an integer, not float"),
+        (dict(bits=True), r"bits=True must be an integer, not bool"),
+        (dict(group_size="64"), r"group_size='64' must be an integer, not str"),
+        (dict(learn_scales="no"), r"learn_scales='no' must be True or False, not str"),
+        (dict(learn_scales=1), r"learn_scales=1 must be True or False, not int"),
+        (dict(act_bits=8.0), r"act_bits=8\.0 must be an integer or None, not float"),
+        (dict(mode=None), r"mode=None must be a string, not NoneType"),
+    ],
+)
+def test_spec_fields_of_the_wrong_type_are_refused(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        LayerSpec(**kwargs)
+
+
+def test_skip_and_overrides_must_be_sequences_of_patterns():
+    with pytest.raises(ValueError, match=r"skip='lm_head' must be a tuple or list, e.g\. skip=\('lm_head',\)"):
+        Recipe("t", skip="lm_head")
+    with pytest.raises(ValueError, match=r"overrides='\*' must be a tuple or list"):
+        Recipe("t", overrides="*")
+    with pytest.raises(ValueError, match=r"pattern 3 must be a string"):
+        Recipe("t", skip=(3,))
+    with pytest.raises(ValueError, match=r"pattern 're:\(' is not a valid regular expression"):
+        Recipe("t", overrides=(("re:(", LayerSpec()),))
+    with pytest.raises(ValueError, match=r"default=4 must be a LayerSpec"):
+        Recipe("t", default=4)
+    r = Recipe("t", skip=["lm_head"], overrides=[("*.v_proj", LayerSpec(8, 64))])  # lists are fine
+    assert r.skip == ("lm_head",) and r.spec_for("lm_head") is None
+    assert r.spec_for("model.layers.0.self_attn.v_proj").bits == 8 and hash(r)
+    assert Recipe.from_dict(r.to_dict()) == r

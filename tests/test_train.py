@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -152,7 +153,7 @@ def test_cli_bad_input_fails_before_training(tmp_path, fp_model_dir, capsys):
         (["--data", str(chat)], "no chat template"),
         (["--data", str(text), "--recipe", "int5"], "unknown recipe 'int5'"),
         (["--data", str(text), "--seq-len", "128"], "longer than the model's context of 64"),
-        (["--data", str(text), "--learning-rate", "-1"], "learning_rate=-1.0 must be positive"),
+        (["--data", str(text), "--learning-rate", "-1"], "--learning-rate -1: must be a finite number > 0"),
         (["--data", str(text), "--recipe", "q4_0", "--scale-init", "mse"], "needs learn_scales=True and mode='affine'"),
     ]
     for extra, msg in cases:
@@ -161,7 +162,7 @@ def test_cli_bad_input_fails_before_training(tmp_path, fp_model_dir, capsys):
         assert code == 2, (extra, err)
         assert msg in err, (extra, err)
         assert "Traceback" not in err
-        assert not Path(out).exists() and not Path(out + ".train").exists() or not any(Path(out + ".train").iterdir())
+        assert not Path(out).exists() and not Path(out + ".train").exists()
 
 
 def test_cli_end_to_end_on_a_model_directory(tmp_path, fp_model_dir, capsys):
@@ -223,3 +224,146 @@ def test_quant_delay_trains_in_full_precision_first():
     assert delayed[0] < 1e-6  # the student starts equal to the teacher: KL 0
     assert delayed[2] > 1e-3  # then the quantizer switches on
     assert ref[0] > 1e-3
+
+
+# ---------------------------------------------------------------------------
+# Bad input to the library: vocabulary, unprepared student, checkpoints (issue 11)
+# ---------------------------------------------------------------------------
+
+
+def _windows(seq_len=16, n=16, seed=0):
+    return np.random.default_rng(seed).integers(0, tiny.VOCAB, size=(n, seq_len + 1)).astype(np.int32)
+
+
+def _run(out, steps=4, resume=False, recipe="int3", windows=None, val=None, prepare=True, **kw):
+    """A tiny QAT run writing checkpoints and a log under ``out``; returns its summary."""
+    teacher, _ = tiny.make_model("llama", 0)
+    student, _ = tiny.make_model("llama", 0)
+    if prepare:
+        mlxqat.prepare(student, recipe)
+    kw = dict(dict(batch_size=4, seq_len=16, learning_rate=1e-3, warmup_steps=0, log_every=1, checkpoint_every=2), **kw)
+    windows = _windows(kw["seq_len"]) if windows is None else windows
+    return train(student, teacher, windows, val, TrainingArgs(steps=steps, **kw), out_dir=out, resume=resume,
+                 progress=False)
+
+
+def test_token_ids_outside_the_vocabulary_are_refused():
+    w = _windows()
+    w[3, 5] = tiny.VOCAB
+    with pytest.raises(ValueError, match=r"^training data holds token id 512, outside the student's vocabulary of "
+                                         r"512 tokens \(ids 0\.\.511; the data's ids span \d+\.\.512\); tokenize with"):
+        _run(None, windows=w)
+    w[3, 5] = -1
+    with pytest.raises(ValueError, match=r"^training data holds token id -1, outside"):
+        _run(None, windows=w)
+    with pytest.raises(ValueError, match=r"^validation data holds token id 9999"):
+        _run(None, val=np.full((2, 17), 9999, dtype=np.int32))
+    with pytest.raises(ValueError, match=r"teacher_top_k=513 exceeds the vocabulary of 512 tokens; use at most 512"):
+        _run(None, teacher_top_k=513)
+
+
+def test_an_unprepared_student_is_refused():
+    with pytest.raises(ValueError, match=r"has no fake-quant layers.*call mlxqat\.prepare\(student, recipe\) first"):
+        _run(None, prepare=False)
+
+
+def test_resume_refuses_other_settings(tmp_path):
+    _run(tmp_path)  # a checkpoint at step 2
+    ckpt = tmp_path / "checkpoints" / "step_0000002"
+    cases = [
+        (dict(seq_len=8), "was written with seq_len=16, this run has seq_len=8; resume with --seq-len 16, "
+                          "or run without --resume to start over"),
+        (dict(batch_size=2), "was written with batch_size=4, this run has batch_size=2; resume with --batch-size 4"),
+        (dict(trainable="lora"), "was written with trainable='all', this run has trainable='lora'"),
+        (dict(seed=3), "was written with seed=0, this run has seed=3; resume with --seed 0"),
+        (dict(recipe="int2"), "was written with recipe 'int3', this run has recipe 'int2'; resume with the same --recipe"),
+        (dict(recipe=mlxqat.recipes.get("int3", learn_scales=True)),
+         "was written with recipe 'int3' with learn_scales=False (now True)"),
+        (dict(steps=1), f"--steps 1 is below the step of checkpoint {ckpt} (2); use --steps 2 or more"),
+    ]
+    for kw, message in cases:
+        with pytest.raises(ValueError) as e:
+            _run(tmp_path, resume=True, **kw)
+        assert message in str(e.value), (kw, str(e.value))
+        assert str(e.value).startswith("--steps" if "steps" in kw else f"checkpoint {ckpt} was written with")
+    assert _run(tmp_path, resume=True, steps=6)["resumed_from"] == 2  # the same settings (and more steps) resume
+
+
+def test_damaged_checkpoint_or_latest_json_names_the_file_and_the_fix(tmp_path):
+    _run(tmp_path)
+    ckpts = tmp_path / "checkpoints"
+    weights = ckpts / "step_0000002" / "trainable.safetensors"
+    good = weights.read_bytes()
+    weights.write_bytes(good[:-1] + bytes([good[-1] ^ 1]))
+    fix = f"delete {ckpts} to start over, or run without --resume"
+    with pytest.raises(ValueError, match=r"^checkpoint .*step_0000002 is damaged, its files do not match its manifest "
+                                         r"\(.*trainable\.safetensors: content changed.*\); " + re.escape(fix)):
+        _run(tmp_path, resume=True)
+    weights.write_bytes(good)
+    latest = ckpts / "latest.json"
+    for text, message in [
+        ("{", r"latest\.json is damaged \(JSONDecodeError: "),
+        ("[]", r"latest\.json is damaged \(TypeError: "),
+        ('{"checkpoint": "step_0000009"}', r"latest\.json names step_0000009, but .*step_0000009 does not exist"),
+        ('{"checkpoint": "../../etc"}', r"latest\.json names '\.\./\.\./etc', not a checkpoint directory"),
+    ]:
+        latest.write_text(text)
+        with pytest.raises(ValueError, match=f"^{re.escape(str(ckpts))}/{message}.*{re.escape(fix)}$"):
+            _run(tmp_path, resume=True)
+    latest.write_text('{"checkpoint": "step_0000002", "step": 2}')
+    (ckpts / "step_0000002" / "mlxqat.json").unlink()
+    with pytest.raises(ValueError, match=r"^checkpoint .*step_0000002 is incomplete \(.*mlxqat\.json does not exist"):
+        _run(tmp_path, resume=True)
+
+
+def test_keep_checkpoints_deletes_only_our_older_checkpoints(tmp_path):
+    from mlxqat.io import work_dir
+
+    work_dir(tmp_path)  # a work directory mlxqat made, where someone then put other things
+    ckpts = tmp_path / "checkpoints"
+    foreign = ckpts / "step_0000000"  # the right name, but not written by mlxqat
+    foreign.mkdir(parents=True)
+    (foreign / "notes.txt").write_text("mine")
+    (ckpts / "step_best").mkdir()
+    _run(tmp_path, steps=8, checkpoint_every=1, keep_checkpoints=3)
+    assert sorted(p.name for p in ckpts.iterdir()) == [
+        "latest.json", "step_0000000", "step_0000005", "step_0000006", "step_0000007", "step_best"]
+    assert (foreign / "notes.txt").read_text() == "mine"
+    assert json.loads((ckpts / "latest.json").read_text())["checkpoint"] == "step_0000007"
+    everything = tmp_path / "all"
+    _run(everything, steps=5, checkpoint_every=1, keep_checkpoints=0)
+    assert len(list((everything / "checkpoints").glob("step_*"))) == 4
+
+
+def test_a_users_folder_is_never_a_work_directory(tmp_path):
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(ValueError, match=r"folder holding files mlxqat did not write \(notes\.txt\)"):
+        _run(tmp_path, steps=2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
+
+
+def test_a_resumed_log_has_each_step_once(tmp_path):
+    _run(tmp_path, steps=5, checkpoint_every=3)  # checkpoint at 3, log records 1..5
+    log = tmp_path / "train_log.jsonl"
+    with open(log, "a") as f:
+        f.write('{"step": 6, "lo')  # a record cut off by a kill
+    _run(tmp_path, steps=5, checkpoint_every=3, resume=True)  # steps 4 and 5 run again
+    steps = [json.loads(line)["step"] for line in log.read_text().splitlines()]
+    assert steps == [1, 2, 3, 4, 5]
+
+
+def test_cli_resume_with_other_settings_or_a_damaged_checkpoint(tmp_path, fp_model_dir, capsys):
+    text = tmp_path / "t.txt"
+    text.write_text(tiny.CORPUS * 4)
+    out = tmp_path / "q"
+    base = ["--model", str(fp_model_dir), "--data", str(text), "--out", str(out), "--steps", "4", "--batch-size", "2",
+            "--eval-windows", "2", "--no-progress", "--log-every", "1", "--checkpoint-every", "2"]
+    assert train_main(base + ["--seq-len", "16"]) == 0
+    capsys.readouterr()
+    code, err = _err(capsys, base + ["--seq-len", "8", "--resume"])
+    assert code == 2 and "was written with seq_len=16, this run has seq_len=8; resume with --seq-len 16" in err
+    weights = Path(str(out) + ".train") / "checkpoints" / "step_0000002" / "trainable.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-4])
+    code, err = _err(capsys, base + ["--seq-len", "16", "--resume"])
+    assert code == 2 and "step_0000002 is damaged" in err and "or run without --resume" in err
+    assert "Traceback" not in err
