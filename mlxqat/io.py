@@ -442,7 +442,8 @@ def read_manifest(directory: PathLike) -> dict:
             f"{path} does not exist: {directory} was not saved by mlxqat (or the manifest was removed); "
             f"if you trust its files, add one with `python -m mlxqat.verify --write {directory}`"
         )
-    if not stat.S_ISREG(os.lstat(path).st_mode):
+    st = os.lstat(path)
+    if not (stat.S_ISREG(st.st_mode) or _is_hub_blob_link(directory, MANIFEST, st)):
         raise IntegrityError(f"{path} is not a regular file (a link, folder or device); the manifest is damaged")
     try:
         manifest = read_json_file(path, "the manifest", MAX_MANIFEST_BYTES)
@@ -480,6 +481,15 @@ def read_manifest(directory: PathLike) -> dict:
     return manifest
 
 
+def _is_hub_blob_link(directory: Path, name: str, st: os.stat_result) -> bool:
+    """A Hugging Face cache snapshot's link to a regular file in the repository's ``blobs/``."""
+    if not stat.S_ISLNK(st.st_mode) or directory.resolve().parent.name != "snapshots":
+        return False
+    blobs = directory.resolve().parent.parent / "blobs"
+    target = (directory / name).resolve()
+    return blobs in target.parents and target.is_file()
+
+
 def verify(directory: PathLike) -> dict:
     """Check a saved directory against ``mlxqat.json``: every file listed, unchanged, nothing else.
 
@@ -496,20 +506,20 @@ def verify(directory: PathLike) -> dict:
         raise FileNotFoundError(f"{directory} is not a directory: nothing to verify (expected a model directory with {MANIFEST})")
     manifest = read_manifest(directory)
     files = manifest["files"]
-    problems = []
-    present = {}
+    problems, present, bad = [], set(), set()
     for name, st in _walk_entries(directory):
         if stat.S_ISDIR(st.st_mode) or name == MANIFEST:
             continue
-        if not stat.S_ISREG(st.st_mode):
+        if not (stat.S_ISREG(st.st_mode) or _is_hub_blob_link(directory, name, st)):
             problems.append(f"{name}: not a regular file")
+            bad.add(name)
         elif name not in files:
             problems.append(f"{name}: not in the manifest (an added file)")
-        present[name] = st
+        present.add(name)
     for name, expected in files.items():
         if name not in present:
             problems.append(f"{name}: missing")
-        elif stat.S_ISREG(present[name].st_mode) and sha256_file(directory / name) != expected:
+        elif name not in bad and sha256_file(directory / name) != expected:
             problems.append(f"{name}: content changed")
     if problems:
         raise IntegrityError(
@@ -726,7 +736,8 @@ def _restore_activation_quant(model: nn.Module, directory: Path, manifest: dict)
     scales = mx.load(str(directory / ACTIVATION_FILE))
     modules = dict(model.named_modules())
     for path in act_bits:
-        if not isinstance(modules.get(path), nn.QuantizedLinear) or header.get(f"{path}.act_scale", (None, ()))[1] != ():
+        entry = header.get(f"{path}.act_scale")
+        if not isinstance(modules.get(path), nn.QuantizedLinear) or entry is None or entry != (entry[0], ()) or entry[0] not in ("F16", "BF16", "F32"):
             raise ValueError(
                 f"{directory}: activation quantization of {path!r} does not match the model "
                 f"(no such quantized layer, or no scalar {path}.act_scale in {ACTIVATION_FILE})"
@@ -763,6 +774,36 @@ def check_config(directory: PathLike) -> dict:
 
 
 _warned_unverified: set = set()
+
+
+def _smoke_test(model: nn.Module, directory: Path) -> None:
+    """Run two tokens through the model: a config the architecture code cannot run is refused at load time."""
+    try:
+        mx.eval(model(mx.array([[0, 0]], dtype=mx.int32)))
+    except Exception as e:  # the architecture's own code raising on an inconsistent config
+        raise ValueError(
+            f"{directory}: the model does not run with its config.json ({type(e).__name__}: {e}); "
+            "restore config.json from the original model"
+        ) from e
+
+
+def _checked_classes(tensors: dict, where: str):
+    """mlx-lm's model classes, with the built model checked against the files before it is quantized."""
+    from mlx_lm.utils import _get_classes
+
+    from .validate import check_layers_against_files
+
+    def get(config: dict):
+        model_class, args_class = _get_classes(config)
+
+        def build(args):
+            model = model_class(args)
+            check_layers_against_files(model, tensors, config, where)
+            return model
+
+        return build, args_class
+
+    return get
 
 
 def _resolve_model_path(path: PathLike) -> Path:
@@ -829,12 +870,15 @@ def load(
         )
     check_directory_entries(directory)
     config = check_config(directory)
-    check_quantized_tensors(check_weight_files(directory), config, str(directory))
+    tensors = check_weight_files(directory)
+    check_quantized_tensors(tensors, config, str(directory))
     try:
-        model, config = load_model(directory, lazy=True)
+        model, config = load_model(directory, lazy=True, get_model_classes=_checked_classes(tensors, str(directory)))
     except FileNotFoundError:
         raise
     except ValueError as e:
+        if str(e).startswith(str(directory)):  # one of our own checks: already names the directory
+            raise
         raise ValueError(f"{directory}: the weights do not fit config.json ({e})") from e
     except Exception as e:  # a config the architecture cannot be built from
         raise ValueError(f"{directory}/config.json does not describe a loadable {config.get('model_type')} model "
@@ -844,6 +888,7 @@ def load(
     if not lazy:
         mx.eval(model.parameters())
         check_finite(model, str(directory))
+        _smoke_test(model, directory)
     try:
         tokenizer = load_tokenizer(directory, {"trust_remote_code": False}, eos_token_ids=config.get("eos_token_id"))
     except (OSError, ValueError) as e:

@@ -162,8 +162,10 @@ def check_config_values(cfg, where: str = "config.json") -> None:
     if _is_int(hidden) and _is_int(heads) and cfg.get("head_dim") is None and hidden % heads:
         raise ValueError(f"{where}: hidden_size={hidden} is not a multiple of num_attention_heads={heads}; set head_dim")
     for key in ("quantization", "quantization_config"):
-        if cfg.get(key) is not None and (key == "quantization" or "quant_method" not in cfg[key]):
-            _check_quant_entry(cfg[key], f"{where}: {key}", per_layer_ok=True)
+        value = cfg.get(key)
+        if value is None or (key == "quantization_config" and isinstance(value, dict) and "quant_method" in value):
+            continue
+        _check_quant_entry(value, f"{where}: {key}", per_layer_ok=True)
     if isinstance(cfg.get("text_config"), dict):
         check_config_values(cfg["text_config"], f"{where}: text_config")
 
@@ -311,30 +313,105 @@ def check_quantized_tensors(tensors: Dict[str, Tuple[str, Tuple[int, ...]]], con
 # ---------------------------------------------------------------------------
 
 
-def read_gguf(path: Path):
-    """A ``gguf.GGUFReader`` for ``path``, after checking the header's counts against the file size.
+# GGUF value types -> bytes (8: string, 9: array are variable)
+_GGUF_SCALARS = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
+_GGUF_MAX_DIMS = 4
 
-    The reader trusts the header: a tensor or key count of 2**60 makes it loop
-    for hours, and damaged fields raise whatever numpy or struct raise. Here any
-    of that is a ValueError naming the file.
+
+class _GGUFWalker:
+    """Walks a GGUF header, checking that every length and count fits in the file."""
+
+    def __init__(self, path: Path, data: bytes):
+        self.path, self.data, self.pos = path, data, 0
+
+    def fail(self, what: str):
+        raise ValueError(f"{self.path}: {what} at byte {self.pos} does not fit the file; the file is damaged or truncated")
+
+    def take(self, fmt: str):
+        size = struct.calcsize(fmt)
+        if self.pos + size > len(self.data):
+            self.fail(f"a field ({fmt})")
+        value = struct.unpack_from(fmt, self.data, self.pos)
+        self.pos += size
+        return value[0] if len(value) == 1 else value
+
+    def string(self, what: str) -> bytes:
+        n = self.take("<Q")
+        if n > len(self.data) - self.pos:
+            self.fail(f"{what} of {n} bytes")
+        self.pos += n
+        return self.data[self.pos - n : self.pos]
+
+    def value(self, vtype: int, depth: int = 0) -> None:
+        if vtype in _GGUF_SCALARS:
+            self.take(f"<{_GGUF_SCALARS[vtype]}s")
+        elif vtype == 8:
+            self.string("a string")
+        elif vtype == 9 and depth < 2:
+            itype, count = self.take("<I"), self.take("<Q")
+            least = _GGUF_SCALARS.get(itype, 8)  # a string or array item takes at least its 8-byte length
+            if itype not in _GGUF_SCALARS and itype not in (8, 9):
+                self.fail(f"an array of unknown type {itype}")
+            if count * least > len(self.data) - self.pos:
+                self.fail(f"an array of {count} items")
+            if itype in _GGUF_SCALARS:
+                self.pos += count * least
+            else:
+                for _ in range(count):
+                    self.value(itype, depth + 1)
+        else:
+            self.fail(f"a value of unknown type {vtype}")
+
+
+def check_gguf_structure(path: Path) -> None:
+    """Check a GGUF file's header, metadata and tensor descriptions against its size.
+
+    ``gguf.GGUFReader`` trusts the header: a count of 2**60 or a value type
+    changed from string to array makes it loop for hours. After this check
+    every loop it runs is bounded by the file.
+
+    Raises:
+        ValueError: naming the file and the first field that does not fit.
     """
-    import gguf
-
     check_regular_file(path)
     size = os.stat(path).st_size
     with open(path, "rb") as f:
         head = f.read(24)
-    if len(head) < 24 or head[:4] != b"GGUF":
-        raise ValueError(f"{path} is not a GGUF file (no GGUF header); check the path")
-    version, n_tensors, n_kv = struct.unpack("<IQQ", head[4:24])
-    if version not in (2, 3):
-        raise ValueError(f"{path}: GGUF version {version} is not supported (2 or 3)")
-    # each key/value takes at least 12 bytes, each tensor description at least 24
-    if n_kv * 12 + n_tensors * 24 > size:
-        raise ValueError(
-            f"{path}: the header claims {n_tensors} tensors and {n_kv} metadata entries, more than "
-            f"{size} bytes can hold; the file is damaged or truncated"
-        )
+        if len(head) < 24 or head[:4] != b"GGUF":
+            raise ValueError(f"{path} is not a GGUF file (no GGUF header); check the path")
+        version, n_tensors, n_kv = struct.unpack("<IQQ", head[4:24])
+        if version not in (2, 3):
+            raise ValueError(f"{path}: GGUF version {version} is not supported (2 or 3)")
+        # each key/value takes at least 12 bytes, each tensor description at least 24
+        if n_kv * 12 + n_tensors * 24 > size:
+            raise ValueError(
+                f"{path}: the header claims {n_tensors} tensors and {n_kv} metadata entries, more than "
+                f"{size} bytes can hold; the file is damaged or truncated"
+            )
+        data = head + f.read()
+    w = _GGUFWalker(path, data)
+    w.pos = 24
+    for _ in range(n_kv):
+        w.string("a metadata key")
+        w.value(w.take("<I"))
+    for _ in range(n_tensors):
+        w.string("a tensor name")
+        n_dims = w.take("<I")
+        if not 1 <= n_dims <= _GGUF_MAX_DIMS:
+            w.fail(f"a tensor with {n_dims} dimensions")
+        dims = [w.take("<Q") for _ in range(n_dims)]
+        w.take("<I")  # type: the reader checks it against its table
+        offset = w.take("<Q")
+        if offset > size or math.prod(dims) > 8 * size:
+            w.fail(f"a tensor of shape {dims} at offset {offset}")
+
+
+def read_gguf(path: Path):
+    """A ``gguf.GGUFReader`` for ``path`` after :func:`check_gguf_structure`; any reader error is a ValueError."""
+    import gguf
+
+    path = Path(path)
+    check_gguf_structure(path)
     try:
         return gguf.GGUFReader(str(path))
     except Exception as e:  # numpy / struct / gguf errors on damaged fields
@@ -344,6 +421,42 @@ def read_gguf(path: Path):
 # ---------------------------------------------------------------------------
 # A model built from the files, before any tensor is read
 # ---------------------------------------------------------------------------
+
+
+def check_layers_against_files(model: nn.Module, tensors: Dict[str, Tuple[str, Tuple[int, ...]]],
+                               config: dict, where: str) -> None:
+    """Before quantized layers are built: each layer the files or config.json quantize fits its settings.
+
+    ``model`` is the freshly built (float) model; a layer whose input size is
+    not a multiple of its group size stops MLX with a signal when quantized,
+    and a stored weight of another shape than config.json implies is refused
+    here by name.
+    """
+    q = config.get("quantization") if isinstance(config.get("quantization"), dict) else {}
+    for path, m in model.named_modules():
+        if not isinstance(m, (nn.Linear, nn.Embedding)) or "weight" not in m:
+            continue
+        out_dims, in_dims = m.weight.shape
+        spec = q.get(path, q) if q else None
+        quantized = f"{path}.scales" in tensors or isinstance(q.get(path), dict)
+        stored = tensors.get(f"{path}.weight")
+        if quantized and isinstance(spec, dict) and spec.get("mode", "affine") == "affine":
+            bits, gs = spec["bits"], spec["group_size"]
+            if in_dims % gs:
+                raise ValueError(
+                    f"{where}: {path} has {in_dims} inputs (from config.json), not a multiple of its group size "
+                    f"{gs}; config.json does not match the weights"
+                )
+            expected = (out_dims, in_dims * bits // 32)
+        elif quantized:
+            continue  # another mode: MLX checks it
+        else:
+            expected = (out_dims, in_dims)
+        if stored is not None and tuple(stored[1]) != expected:
+            raise ValueError(
+                f"{where}: {path}.weight is stored with shape {list(stored[1])} but config.json makes it "
+                f"{list(expected)}; config.json does not match the weights"
+            )
 
 
 def check_module_parameters(model: nn.Module, where: str) -> None:

@@ -321,3 +321,22 @@ def test_an_unwritable_destination_is_one_error_line(tmp_path, tokenizer, capsys
         assert main([str(src), "--format", fmt, "--out", out]) == 2  # /proc refuses new files, even to root
         last = capsys.readouterr().err.splitlines()[-1]
         assert last.startswith(f"error: {out}: [Errno ") and f"cannot create {out}" in last, last
+
+
+def test_a_gguf_value_type_changed_to_array_is_refused_at_once(tmp_path, tokenizer):
+    """A string's type id 8 -> 9 (array) made gguf's reader loop for hours on a count read from text."""
+    import time
+
+    src, *_ = _src(tmp_path, tokenizer)
+    out = tmp_path / "m.gguf"
+    ex.export_gguf(src, out, "q4_0", exact=True, verbose=False)
+    data = bytearray(out.read_bytes())
+    key = b"general.architecture"
+    at = data.index(key) + len(key)
+    assert int.from_bytes(data[at : at + 4], "little") == 8
+    data[at : at + 4] = (9).to_bytes(4, "little")
+    out.write_bytes(bytes(data))
+    t0 = time.perf_counter()
+    with pytest.raises(ValueError, match=r"m\.gguf: an array of \d+ items at byte \d+ does not fit the file"):
+        ex.memory_report(out)
+    assert time.perf_counter() - t0 < 5

@@ -217,3 +217,50 @@ def test_any_config_value_loads_or_is_a_value_error(plain_dir, tmp_path_factory,
         assert str(e)
     shutil.rmtree(d)
     assert os.path.exists(plain_dir / "config.json")
+
+
+def test_a_layer_size_that_does_not_fit_its_group_is_refused_not_a_signal(model_dir):
+    """intermediate_size=1 made MLX quantize a 1-input down_proj at group 64: SIGFPE."""
+    _edit_config(model_dir, intermediate_size=1)
+    with pytest.raises(ValueError, match=r"config\.json does not match the weights"):
+        _load(model_dir)
+
+
+@pytest.mark.parametrize("value", [0.5, float("inf"), 3, "fp8"])
+def test_quantization_config_of_the_wrong_type(model_dir, value):
+    _edit_config(model_dir, quantization_config=value)
+    with pytest.raises(ValueError, match="quantization_config"):
+        _load(model_dir)
+
+
+def test_a_config_the_architecture_cannot_run_is_refused_at_load(tmp_path, tokenizer):
+    model, config = tiny.make_model("gemma3_text", 0)
+    d = tiny.save_fp_model(model, config, tokenizer, tmp_path / "g")
+    cfg = json.loads((d / "config.json").read_text())
+    del cfg["sliding_window_pattern"]  # mlx-lm's default (6) is more than the 2 layers
+    (d / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="does not run with its config.json"):
+        _load(d)
+
+
+def test_a_hugging_face_cache_snapshot_of_links_verifies(tmp_path, tokenizer):
+    """Hub downloads are links into blobs/: allowed there, and only there."""
+    import shutil
+
+    model, config = tiny.make_model("llama", 0)
+    mlxqat.prepare(model, "int4")
+    mlxqat.convert(model)
+    src = tmp_path / "saved"
+    mlxqat.save(model, tokenizer, src, config=config)
+    repo = tmp_path / "models--me--qat"
+    snap, blobs = repo / "snapshots" / "abc123", repo / "blobs"
+    snap.mkdir(parents=True)
+    blobs.mkdir()
+    for f in src.iterdir():
+        shutil.copy(f, blobs / f.name)
+        (snap / f.name).symlink_to(os.path.relpath(blobs / f.name, snap))
+    assert mlxqat.verify(snap)["files"] and _load(snap) is not None
+    (snap / "tokenizer.json").unlink()
+    (snap / "tokenizer.json").symlink_to("/etc/hostname")
+    with pytest.raises(mlxqat.IntegrityError, match="tokenizer.json: not a regular file"):
+        mlxqat.verify(snap)
