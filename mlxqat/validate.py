@@ -314,7 +314,7 @@ def check_quantized_tensors(tensors: Dict[str, Tuple[str, Tuple[int, ...]]], con
 
 
 # GGUF value types -> bytes (8: string, 9: array are variable)
-_GGUF_SCALARS = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
+GGUF_SCALAR_BYTES = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
 _GGUF_MAX_DIMS = 4
 
 
@@ -343,18 +343,18 @@ class _GGUFWalker:
         return self.data[self.pos - n : self.pos]
 
     def value(self, vtype: int, depth: int = 0) -> None:
-        if vtype in _GGUF_SCALARS:
-            self.take(f"<{_GGUF_SCALARS[vtype]}s")
+        if vtype in GGUF_SCALAR_BYTES:
+            self.take(f"<{GGUF_SCALAR_BYTES[vtype]}s")
         elif vtype == 8:
             self.string("a string")
         elif vtype == 9 and depth < 2:
             itype, count = self.take("<I"), self.take("<Q")
-            least = _GGUF_SCALARS.get(itype, 8)  # a string or array item takes at least its 8-byte length
-            if itype not in _GGUF_SCALARS and itype not in (8, 9):
+            least = GGUF_SCALAR_BYTES.get(itype, 8)  # a string or array item takes at least its 8-byte length
+            if itype not in GGUF_SCALAR_BYTES and itype not in (8, 9):
                 self.fail(f"an array of unknown type {itype}")
             if count * least > len(self.data) - self.pos:
                 self.fail(f"an array of {count} items")
-            if itype in _GGUF_SCALARS:
+            if itype in GGUF_SCALAR_BYTES:
                 self.pos += count * least
             else:
                 for _ in range(count):
