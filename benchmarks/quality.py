@@ -41,9 +41,9 @@ import platform
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -55,11 +55,12 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import mlxqat  # noqa: E402
+import mlxqat.qat  # noqa: E402
 from mlxqat import mixed, quant  # noqa: E402
+from mlxqat.convert import prepare_calibrated  # noqa: E402
 from mlxqat.evaluate import evaluate, gap_recovered  # noqa: E402
-from mlxqat.layers import FakeQuantLinear  # noqa: E402
-from mlxqat.recipes import LayerSpec, Recipe  # noqa: E402
-from mlxqat.trainer import TrainingArgs, train  # noqa: E402
+from mlxqat.qat import RECIPE_DEFAULTED  # noqa: E402
+from mlxqat.recipes import QAT_DEFAULTS, LayerSpec, Recipe  # noqa: E402
 
 DEFAULT_OUT = ROOT / "benchmarks" / "results" / "quality"
 
@@ -108,24 +109,16 @@ NOT_APPLICABLE = {
     ("QAT LoRA", "mobile"): "QA-LoRA's per-group bias deltas would break channel-wise quantization",
 }
 
-# The QAT recipe per mode (TrainingArgs fields; steps/batch/seq come from the budget).
+# The QAT modes (TrainingArgs fields; steps/batch/seq come from the budget). Learning rates,
+# warmup and learned-scale settings are the library's defaults by bit width
+# (mlxqat.recipes.QAT_DEFAULTS, applied by mlxqat.qat.quantize_qat, as python -m mlxqat.train does).
 QAT_ARGS = {
-    "QAT": dict(trainable="all", temperature=1.0, schedule="cosine", warmup_steps=5),
-    "QAT scales": dict(trainable="scales", learning_rate=1e-5, temperature=1.0, schedule="cosine", warmup_steps=5),
-    "QAT LoRA": dict(trainable="lora", learning_rate=1e-5, lora_learning_rate=1e-3, temperature=1.0,
-                     schedule="cosine", warmup_steps=5),
+    "QAT": dict(trainable="all"),
+    "QAT scales": dict(trainable="scales"),
+    "QAT LoRA": dict(trainable="lora", learning_rate=1e-5, lora_learning_rate=1e-3),
 }
-# Learning rates by the narrowest bit width of the recipe, chosen by sweeps on the
-# reference model at 100 steps (int4: 1e-5..1e-4, int2: 3e-5..3e-4; int3 is interpolated,
-# not swept): (weights, learned scales/biases).
-# Learned scales move by absolute Adam steps, so their rate sits well below the weights'.
-QAT_LR = {8: (2e-5, 2e-6), 6: (2e-5, 2e-6), 5: (2e-5, 2e-6), 4: (2e-5, 2e-6), 3: (4e-5, 4e-6), 2: (1e-4, 1e-5)}
-# Scales-only mode: the scales/biases are all it trains.
+# Scales-only mode: the scales/biases are all it trains, at a rate of their own.
 QAT_SCALES_LR = {8: 1e-5, 6: 1e-5, 5: 1e-5, 4: 1e-5, 3: 3e-5, 2: 1e-4}
-# Where learned scales start (LayerSpec.scale_init).
-QAT_SCALE_INIT = "mse"
-# Learned scales/biases in the all-weights mode where the format keeps them.
-QAT_LEARN_SCALES = True
 # DWQ's learning rate per bit width (constant, Adam, as mlx_lm.quant.dwq's main):
 # the best of 1e-6 / 1e-5 / 1e-4 measured on the reference model (DESIGN.md notes).
 DWQ_LR = {4: 1e-5, 3: 1e-5, 2: 1e-4}
@@ -354,14 +347,8 @@ def quantize_rtn(model: nn.Module, setting: Setting, recipe: Optional[Recipe], c
     if setting.uniform_affine:
         nn.quantize(model, group_size=setting.group_size, bits=setting.bits)
         return model
-    mlxqat.prepare(model, recipe)
-    calibrate_if_needed(model, calib)
+    prepare_calibrated(model, recipe, calib)
     return mlxqat.convert(model)
-
-
-def calibrate_if_needed(model: nn.Module, windows: np.ndarray, batch: int = 4) -> None:
-    if any(isinstance(m, FakeQuantLinear) and m.spec.act_bits for _, m in model.named_modules()):
-        mlxqat.calibrate(model, [mx.array(windows[i : i + batch, :-1]) for i in range(0, len(windows), batch)])
 
 
 def _gptq_pack(w, bits, scales, biases):
@@ -425,80 +412,23 @@ def quantize_dwq(model, setting: Setting, recipe: Optional[Recipe], data: dict, 
     return model
 
 
-class BestStep:
-    """Training callback: every few steps, KL on the selection windows; keep the best parameters."""
-
-    def __init__(self, model, windows, teacher):
-        self.model, self.windows, self.teacher = model, windows, teacher
-        self.history: List[Tuple[int, float]] = []
-        self.best: Optional[Tuple[float, int, dict]] = None
-        self.check(0)
-
-    def check(self, step: int) -> None:
-        self.model.eval()
-        kl = evaluate(self.model, self.windows, self.teacher)["kl"]
-        self.model.train()
-        self.history.append((step, kl))
-        if self.best is None or kl < self.best[0]:
-            self.best = (kl, step, dict(tree_flatten(self.model.trainable_parameters())))
-
-    def __call__(self, record: dict) -> None:
-        self.check(record["step"])
-
-    def restore(self) -> int:
-        self.model.update(tree_unflatten(list(self.best[2].items())), strict=False)
-        return self.best[1]
-
-
 def quantize_qat(model, recipe: Recipe, mode: str, data: dict, teacher: CachedTeacher, budget: Budget,
-                 seq_len: int, progress: bool, args_override: Optional[dict] = None,
-                 init: Optional[Callable] = None) -> Tuple[nn.Module, dict]:
-    bits = min(spec.bits for spec in [recipe.default] + [sp for _, sp in recipe.overrides])
-    lr, scale_lr = QAT_LR[bits]
-    defaults = dict(learning_rate=lr, scale_learning_rate=scale_lr, scale_init=QAT_SCALE_INIT)
+                 seq_len: int, progress: bool, args_override: Optional[dict] = None) -> Tuple[nn.Module, dict]:
+    """The product's QAT (mlxqat.qat.quantize_qat, what python -m mlxqat.train runs) in ``mode``."""
+    kw = dict(QAT_ARGS[mode], **(args_override or {}))
     if mode == "QAT scales":
-        defaults["scale_learning_rate"] = QAT_SCALES_LR[bits]
-    kw = dict(defaults, **QAT_ARGS[mode])
-    kw.update(args_override or {})
-    learn = kw.pop("learn_scales", QAT_LEARN_SCALES if kw["trainable"] == "all" else kw["trainable"] == "scales")
-    scale_init = kw.pop("scale_init", "minmax")
-    if learn and _keeps_format(recipe):
-        recipe = recipe.with_options(learn_scales=True, scale_init=scale_init)
-    mlxqat.prepare(model, recipe)
-    calibrate_if_needed(model, data["train"][:CALIBRATION_WINDOWS])
-    if init is not None:
-        init(model)
-    # Optionally end with a phase that trains only scales/biases on frozen codes
-    # (on the last windows of the same budget).
-    tail = kw.pop("scales_phase_steps", 0) if learn else 0
-    tail_lr = kw.pop("scales_phase_lr", None)
-    kw.pop("scales_phase_steps", None)
-    phases = [(budget.steps - tail, kw)]
-    if tail:
-        phases.append((tail, dict(kw, trainable="scales", scale_learning_rate=tail_lr or kw.get("scale_learning_rate"))))
-    info = {"phases": [], "best_step": []}
-    start = 0
-    for steps, pkw in phases:
-        windows = data["train"][start * budget.batch_size : (start + steps) * budget.batch_size]
-        args = TrainingArgs(steps=steps, batch_size=budget.batch_size, seq_len=seq_len,
-                            log_every=min(budget.select_every, steps), **pkw)
-        model.train()
-        selector = BestStep(model, data["select"], teacher)
-        summary = train(model, teacher, windows, None, args, callback=selector, progress=progress)
-        info["best_step"].append(start + selector.restore())
-        info["phases"].append({"args": {k: v for k, v in dataclasses.asdict(args).items()
-                                        if k in pkw or k in ("steps", "batch_size", "seq_len")},
-                               "selection_kl": [(start + s, k) for s, k in selector.history],
-                               "final_loss": summary["final_loss"]})
-        start += steps
+        kw.setdefault("scale_learning_rate", QAT_SCALES_LR[min(s.bits for s in recipe.specs())])
+    windows = data["train"][: budget.steps * budget.batch_size]
+    summary = mlxqat.qat.quantize_qat(
+        model, teacher, windows, recipe, select_windows=data["select"], steps=budget.steps,
+        batch_size=budget.batch_size, seq_len=seq_len, log_every=min(budget.select_every, budget.steps),
+        progress=progress, **kw,
+    )
     mlxqat.convert(model)
+    info = {"args": {k: v for k, v in summary["args"].items() if k in kw or k in RECIPE_DEFAULTED + ("steps", "batch_size", "seq_len")},
+            "best_step": summary["best_step"], "selection_kl": summary["selection_kl"],
+            "final_loss": summary["final_loss"]}
     return model, info
-
-
-def _keeps_format(recipe: Recipe) -> bool:
-    """Learned per-group scales and biases fit affine, group-wise specs only."""
-    specs = [recipe.default] + [s for _, s in recipe.overrides]
-    return all(s.mode == "affine" and s.group_size != quant.CHANNELWISE for s in specs)
 
 
 # ---------------------------------------------------------------------------
@@ -662,9 +592,8 @@ def run(model: Optional[str] = None, data: Optional[str] = None, quick: bool = F
                  "tokens_eval": int(len(data_sets["eval"]) * seq_len), "tokens_ood": int(len(data_sets["ood"]) * seq_len)},
         "teacher_logits_seconds": teacher_seconds,
         "qat_args": QAT_ARGS,
-        "qat_lr": {str(k): v for k, v in QAT_LR.items()},
+        "qat_defaults": {str(k): dataclasses.asdict(v) for k, v in QAT_DEFAULTS.items()},
         "qat_scales_lr": {str(k): v for k, v in QAT_SCALES_LR.items()},
-        "qat_scale_init": QAT_SCALE_INIT,
         "dwq_lr": {str(k): v for k, v in DWQ_LR.items()},
         "fast_cpu_matmul": mx.default_device() == mx.cpu,
         "mixed": sensitivity_report,

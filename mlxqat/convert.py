@@ -142,6 +142,16 @@ def calibrate(model: nn.Module, batches: Iterable[mx.array]) -> dict:
     return scales
 
 
+
+def prepare_calibrated(model: nn.Module, recipe, windows, n_windows: int = 16, batch_size: int = 4) -> nn.Module:
+    """:func:`prepare`, then :func:`calibrate` the static activation scales on the first
+    ``n_windows`` token windows ``(n, seq_len + 1)`` when the recipe quantizes activations."""
+    prepare(model, recipe)
+    if any(getattr(getattr(m, "spec", None), "act_bits", None) for _, m in model.named_modules()):
+        windows = windows[:n_windows]
+        calibrate(model, [mx.array(windows[k : k + batch_size, :-1]) for k in range(0, len(windows), batch_size)])
+    return model
+
 def convert(model: nn.Module, *, kernel: str = "mlx") -> nn.Module:
     """Replace fake-quant layers with real quantized layers, in place.
 

@@ -53,7 +53,9 @@ PathLike = Union[str, os.PathLike]
 
 
 class IntegrityError(ValueError):
-    """A file of a saved model does not match its manifest."""
+    """A file of a saved model does not match its manifest (``problems``: one line per file, when known)."""
+
+    problems: list = []
 
 
 class DestinationError(ValueError):
@@ -522,10 +524,12 @@ def verify(directory: PathLike) -> dict:
         elif name not in bad and sha256_file(directory / name) != expected:
             problems.append(f"{name}: content changed")
     if problems:
-        raise IntegrityError(
+        error = IntegrityError(
             f"{directory} failed verification ({len(problems)} problem(s)): " + "; ".join(sorted(problems)[:5])
             + ". The directory changed after it was saved: re-export or re-download the model"
         )
+        error.problems = sorted(problems)
+        raise error
     return manifest
 
 
@@ -834,7 +838,7 @@ def load(
     lazy: bool = False,
     return_config: bool = False,
 ):
-    """Load a model directory saved by :func:`save`, any mlx-lm directory, or a Hugging Face id.
+    """Load a model directory saved by :func:`save`, any mlx-lm directory, a Hugging Face id, or a GGUF file.
 
     Before MLX reads anything: the manifest is verified when there is one (a
     directory without one loads with a warning), ``config.json`` and every
@@ -854,7 +858,15 @@ def load(
 
     from .validate import (check_directory_entries, check_finite, check_module_parameters, check_quantized_tensors,
                            check_weight_files)
+    from .gguf_import import is_gguf_file, load_gguf
 
+    if is_gguf_file(path):  # a GGUF file: dequantized in memory, tokenizer rebuilt (mlxqat.gguf_import)
+        model, tokenizer, config = load_gguf(path)
+        if kernel != "mlx":
+            from .convert import use_kernel
+
+            use_kernel(model, kernel)
+        return (model, tokenizer, config) if return_config else (model, tokenizer)
     directory = _resolve_model_path(path)
     if not directory.is_dir():
         raise FileNotFoundError(f"{directory} is not a directory; pass the model's directory (with config.json)")

@@ -113,6 +113,28 @@ def _check_pattern(pattern) -> None:
 
 
 @dataclass(frozen=True)
+class QATDefaults:
+    """The QAT settings that measured best for a bit width (``python -m mlxqat.train`` uses them).
+
+    Weights and learned scales/biases train together (where the format keeps
+    learned scales), the scales starting from a per-group clip search.
+    """
+
+    learning_rate: float  # peak learning rate of the weights
+    scale_learning_rate: float  # of learned scales/biases: Adam steps are absolute, scales are small
+    warmup_steps: int = 5
+    scale_init: str = "mse"
+
+
+# By the narrowest bit width of a recipe. Swept at 100 steps x 8 x 256 tokens on the embedded model
+# (int4: 1e-5..1e-4, int2: 3e-5..3e-4; int3 interpolated, 5-8 bits as int4): see benchmarks/quality.py.
+QAT_DEFAULTS: Dict[int, QATDefaults] = {
+    8: QATDefaults(2e-5, 2e-6), 6: QATDefaults(2e-5, 2e-6), 5: QATDefaults(2e-5, 2e-6),
+    4: QATDefaults(2e-5, 2e-6), 3: QATDefaults(4e-5, 4e-6), 2: QATDefaults(1e-4, 1e-5),
+}
+
+
+@dataclass(frozen=True)
 class Recipe:
     """A default :class:`LayerSpec`, per-path overrides and a skip list.
 
@@ -171,6 +193,42 @@ class Recipe:
             default=dataclasses.replace(self.default, **changes),
             overrides=tuple((p, dataclasses.replace(s, **changes)) for p, s in self.overrides),
         )
+
+    def specs(self) -> List[LayerSpec]:
+        """The default spec and every override's."""
+        return [self.default] + [spec for _, spec in self.overrides]
+
+    def keeps_learned_scales(self) -> bool:
+        """Whether learned per-group scales and biases fit the format: affine, group-wise specs only
+        (Q4_0's biases are tied to its scales; channel-wise scales are shared across groups)."""
+        return all(s.mode == "affine" and s.group_size != CHANNELWISE for s in self.specs())
+
+    def qat_defaults(self) -> QATDefaults:
+        """The QAT settings measured best for this recipe's narrowest bit width (:data:`QAT_DEFAULTS`)."""
+        return QAT_DEFAULTS[min(s.bits for s in self.specs())]
+
+    def for_qat(self, trainable: str = "all", learn_scales: Optional[bool] = None,
+                scale_init: Optional[str] = None) -> "Recipe":
+        """The recipe QAT trains: learned scales from :meth:`qat_defaults`'s start where the format keeps them.
+
+        Args:
+            trainable: ``"all"`` (weights, plus learned scales by default), ``"scales"``
+                (learned scales only: required) or ``"lora"`` (none by default).
+            learn_scales, scale_init: explicit choices that win over the defaults.
+        """
+        if learn_scales is None:  # an explicit scale_init asks for learned scales
+            learn_scales = (trainable == "scales" or scale_init not in (None, "minmax")
+                            or (trainable == "all" and self.keeps_learned_scales()))
+        if not learn_scales:
+            return self.with_options(learn_scales=False) if any(s.learn_scales for s in self.specs()) else self
+        if scale_init is None:
+            scale_init = self.qat_defaults().scale_init if self.keeps_learned_scales() else "minmax"
+        return self.with_options(learn_scales=True, scale_init=scale_init)
+
+    def plain(self) -> "Recipe":
+        """Plain round-to-nearest of the same bits and groups: min/max scales, nothing learned
+        (what ``mlx_lm.convert -q`` computes; the baseline every "gap recovered" is measured from)."""
+        return self.with_options(learn_scales=False, scale_init="minmax")
 
     def to_dict(self) -> dict:
         return {

@@ -19,7 +19,7 @@ import shutil
 import sys
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Tuple
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -27,7 +27,7 @@ import numpy as np
 from mlx.utils import tree_flatten
 
 from . import recipes as recipes_mod
-from .convert import calibrate, convert, prepare
+from .convert import convert, prepare_calibrated
 from .data import build_dataset, check_seq_len, generate_windows, model_context, pack, tokenize_documents, Document
 from .evaluate import evaluate, format_table, gap_recovered
 from .io import check_destination, check_work_dir, save
@@ -35,9 +35,12 @@ from .stdlib_data import embedded_model_path
 from .layers import FakeQuantEmbedding, FakeQuantLinear
 from ._callable import callable_module
 from ._cli import ArgumentParser, command, non_negative_int, positive_int
+from .qat import RECIPE_DEFAULTED, qat_args, quantize_qat
 from .trainer import TrainingArgs, resume_point, train
 
 __all__ = ["run", "main", "train", "TrainingArgs"]
+
+SELECT_WINDOWS = 16  # validation windows the best step is picked on (apart from the table's)
 
 
 def load_model(path: Optional[str]):
@@ -58,17 +61,6 @@ def load_model(path: Optional[str]):
     return model, tokenizer, config
 
 
-def _calibration_batches(windows: np.ndarray, n: int = 4, batch: int = 4):
-    return [mx.array(windows[i : i + batch, :-1]) for i in range(0, min(len(windows), n * batch), batch)]
-
-
-def _prepared(model, recipe, calib_windows):
-    prepare(model, recipe)
-    if any(isinstance(m, FakeQuantLinear) and m.spec.act_bits for _, m in model.named_modules()):
-        calibrate(model, _calibration_batches(calib_windows))
-    return model
-
-
 def _round_learned_scales(model: nn.Module, dtype) -> None:
     """Snap learned scales/biases to ``dtype`` values so they are stored losslessly."""
     for _, m in model.named_modules():
@@ -87,13 +79,23 @@ def _master_weights(model: nn.Module) -> dict:
     return out
 
 
-def _dataset(data, tokenizer, teacher, seq_len, args, eval_windows, self_generate, seed):
+def _split_selection(windows: np.ndarray, n_select: int) -> Tuple[np.ndarray, Optional[np.ndarray]]:
+    """``(evaluation, selection)`` windows: ``n_select`` of them, spread evenly, set aside to pick the best step."""
+    if n_select <= 0 or len(windows) < 2 * n_select:
+        return windows, None
+    chosen = np.zeros(len(windows), dtype=bool)
+    chosen[np.linspace(0, len(windows) - 1, n_select).astype(int)] = True
+    return windows[~chosen], windows[chosen]
+
+
+def _dataset(data, tokenizer, teacher, seq_len, args, n_val, self_generate, seed):
+    """``(train, validation)`` windows; ``n_val`` validation windows (evaluation and selection together)."""
     need = args.steps * args.batch_size
     ctx = model_context(teacher)
     check_seq_len(seq_len, ctx)
     if self_generate:
-        print(f"sampling {self_generate} + {eval_windows} windows of {seq_len} tokens from the teacher ...", flush=True)
-        gen = generate_windows(teacher, tokenizer, self_generate + eval_windows, seq_len, seed=seed)
+        print(f"sampling {self_generate} + {n_val} windows of {seq_len} tokens from the teacher ...", flush=True)
+        gen = generate_windows(teacher, tokenizer, self_generate + n_val, seq_len, seed=seed)
         return gen[:self_generate], gen[self_generate:]
     if data is None:
         from .stdlib_data import read_split_text
@@ -102,9 +104,9 @@ def _dataset(data, tokenizer, teacher, seq_len, args, eval_windows, self_generat
         train_tok = tokenize_documents([Document("train", read_split_text("train", max_chars=chars))], tokenizer)
         val_all = pack(tokenize_documents([Document("val", read_split_text("validation"))], tokenizer), seq_len)
         # evenly spaced over the whole split: the first files alone are not typical
-        pick = np.linspace(0, len(val_all) - 1, min(eval_windows, len(val_all))).astype(int)
+        pick = np.linspace(0, len(val_all) - 1, min(n_val, len(val_all))).astype(int)
         return pack(train_tok, seq_len), val_all[pick]
-    ds = build_dataset(data, tokenizer, seq_len, max_context=ctx, max_val_windows=eval_windows)
+    ds = build_dataset(data, tokenizer, seq_len, max_context=ctx, max_val_windows=n_val)
     return ds.train, ds.val
 
 
@@ -119,12 +121,13 @@ def run(
     scale_dtype: Optional[str] = "float16",
     self_generate: int = 0,
     eval_windows: int = 128,
+    select_windows: int = SELECT_WINDOWS,
     save_master: bool = True,
     progress: bool = True,
     callback=None,
     **training_kwargs,
 ) -> dict:
-    """Run QAT end to end and save the converted model to ``out``.
+    """Run QAT end to end (:func:`mlxqat.qat.quantize_qat`) and save the converted model to ``out``.
 
     Args:
         model: model directory or Hugging Face id (default: the embedded stdlib model).
@@ -132,35 +135,28 @@ def run(
         data: text file, folder or JSONL (default: the Python standard library source).
         out: output mlx-lm directory; training artifacts go to ``<out>.train/``.
         resume: continue from the newest checkpoint in ``<out>.train/``.
-        learn_scales: override the recipe's ``learn_scales``.
+        learn_scales: override the recipe's choice (learned scales where the format keeps them).
         scale_init: where learned scales start: ``"minmax"`` or ``"mse"`` (a per-group
-            clip search; implies ``learn_scales`` unless that is set to False).
+            clip search; the default where scales are learned).
         scale_dtype: round scales/biases to this dtype's values so they are stored
             as float16 without loss (``None``: keep the compute dtype).
         self_generate: train on this many windows sampled from the teacher instead of data.
         eval_windows: validation windows for the before/after table.
+        select_windows: further validation windows the best step is picked on (0: keep the last step).
         save_master: also save the trained full-precision weights (``master_weights.safetensors``).
         progress: show a progress bar.
         callback: called with every logged training record (e.g. to plot the loss live).
-        training_kwargs: :class:`~mlxqat.trainer.TrainingArgs` fields.
+        training_kwargs: :class:`~mlxqat.trainer.TrainingArgs` fields; the learning rates and
+            warmup default to the recipe's measured values (:func:`mlxqat.qat.qat_args`).
 
     Returns:
-        ``{"table": {...}, "training": {...}, "out": path}``.
+        ``{"table": {...}, "gap_recovered", "kl_reduction_vs_rtn", "training": {...}, "out": path}``;
+        the gap and the KL reduction are measured from plain round-to-nearest.
     """
     t_start = time.perf_counter()
-    args = TrainingArgs(**training_kwargs)
-    opts = {}
-    if learn_scales is not None:
-        opts["learn_scales"] = learn_scales
-    if scale_dtype is not None:
-        opts["scale_dtype"] = scale_dtype
-    if args.trainable == "scales" and learn_scales is None:
-        opts["learn_scales"] = True
-    if scale_init is not None:
-        opts["scale_init"] = scale_init
-        if scale_init != "minmax" and learn_scales is None:
-            opts["learn_scales"] = True
-    recipe_obj = recipes_mod.get(recipe, **opts)
+    base = recipes_mod.get(recipe, **({"scale_dtype": scale_dtype} if scale_dtype is not None else {}))
+    args = qat_args(base, **training_kwargs)
+    trained = base.for_qat(args.trainable, learn_scales, scale_init)  # checks the combination now
     if data is not None and self_generate:
         raise ValueError("give either --data or --self-generate, not both")
     # refuse a destination that is not ours now, not after an hour of training
@@ -168,34 +164,30 @@ def run(
     check_destination(out, sources=sources)
     work = check_work_dir(str(Path(out)) + ".train", sources=sources)
     if resume:
-        resume_point(work, args, recipe_obj.to_dict())  # a checkpoint that fits these settings, or refuse now
+        resume_point(work, args, trained.to_dict())  # a checkpoint that fits these settings, or refuse now
 
     teacher, tokenizer, config = load_model(model)
-    train_w, val_w = _dataset(data, tokenizer, teacher, args.seq_len, args, eval_windows, self_generate, args.seed)
-    print(f"data: {len(train_w)} training windows, {len(val_w)} validation windows of {args.seq_len} tokens", flush=True)
+    train_w, val_all = _dataset(data, tokenizer, teacher, args.seq_len, args, eval_windows + select_windows,
+                                self_generate, args.seed)
+    val_w, select_w = _split_selection(val_all, select_windows)
+    print(f"data: {len(train_w)} training windows, {len(val_w)} validation windows"
+          + (f" (+{len(select_w)} to pick the best step on)" if select_w is not None else "")
+          + f" of {args.seq_len} tokens", flush=True)
     student, _, _ = load_model(model)
-    rtn, _, _ = load_model(model)
-    for m in (teacher, student, rtn):
+    for m in (teacher, student):
         m.set_dtype(mx.float32)  # fp32 compute and master copies (fast BLAS path on CPU)
     teacher.freeze()
+    rows = _baselines(model, teacher, base, train_w, val_w, progress)
 
-    _prepared(rtn, recipe_obj, train_w)
-    rows = {
-        "full precision": evaluate(teacher, val_w, teacher),
-        "round-to-nearest": evaluate(rtn, val_w, teacher),
-    }
-    del rtn
-    _prepared(student, recipe_obj, train_w)
-
-    summary = train(student, teacher, train_w, None, args, out_dir=work, resume=resume, progress=progress,
-                    callback=callback)
+    summary = quantize_qat(student, teacher, train_w, base, select_windows=select_w, learn_scales=learn_scales,
+                           scale_init=scale_init, out_dir=work, resume=resume, progress=progress,
+                           callback=callback, **dataclasses.asdict(args))
     if scale_dtype is not None:
         _round_learned_scales(student, getattr(mx, scale_dtype))
-    rows["QAT"] = evaluate(student, val_w, teacher)
+    rows["QAT"] = _evaluate("QAT", student, val_w, teacher, progress)
 
     ppl_fp, ppl_rtn = rows["full precision"]["ppl"], rows["round-to-nearest"]["ppl"]
-    table = format_table(rows, ppl_fp, ppl_rtn)
-    print("\n" + table + "\n", flush=True)
+    print("\n" + format_table(rows, ppl_fp, ppl_rtn) + "\n", flush=True)
     gap = gap_recovered(ppl_rtn, rows["QAT"]["ppl"], ppl_fp)
     gap = None if gap != gap else gap  # NaN (no RTN gap to recover) is not JSON
     kl_reduction = 1 - rows["QAT"]["kl"] / rows["round-to-nearest"]["kl"] if rows["round-to-nearest"]["kl"] > 0 else None
@@ -204,18 +196,33 @@ def run(
     convert(student)
     info = {
         "training": {
-            "args": dataclasses.asdict(args),
             "base_model": model or "embedded:stdlib-llama",
             "data": data or ("self-generated" if self_generate else "python-stdlib"),
-            **{k: v for k, v in summary.items() if k not in ("losses", "val")},
+            **{k: v for k, v in summary.items() if k not in ("losses", "val", "recipe")},
         },
         "metrics": {**rows, "gap_recovered": gap, "kl_reduction_vs_rtn": kl_reduction},
     }
     extra = {"train_log.jsonl": (work / "train_log.jsonl").read_text()} if (work / "train_log.jsonl").exists() else {}
-    extra["README.md"] = _model_card(recipe_obj, rows)
+    extra["README.md"] = _model_card(trained, rows)
     save(student, tokenizer, out, config=config, info=info, extra_files=extra, master_weights=master, sources=sources)
     print(f"saved {out} ({time.perf_counter() - t_start:.0f} s in all)", flush=True)
     return {"table": rows, "gap_recovered": gap, "kl_reduction_vs_rtn": kl_reduction, "training": summary, "out": str(out)}
+
+
+def _evaluate(name: str, model, windows, teacher, progress: bool) -> dict:
+    if progress:
+        print(f"evaluating {name} on {len(windows)} windows ...", flush=True)
+    return evaluate(model, windows, teacher)
+
+
+def _baselines(model_path, teacher, recipe, train_w, val_w, progress: bool) -> dict:
+    """Full precision and plain round-to-nearest (min/max scales) of the same bits and groups."""
+    rows = {"full precision": _evaluate("full precision", teacher, val_w, teacher, progress)}
+    rtn, _, _ = load_model(model_path)
+    rtn.set_dtype(mx.float32)
+    prepare_calibrated(rtn, recipe.plain(), train_w)
+    rows["round-to-nearest"] = _evaluate("round-to-nearest", rtn, val_w, teacher, progress)
+    return rows
 
 
 def _model_card(recipe, rows) -> str:
@@ -226,6 +233,12 @@ def _model_card(recipe, rows) -> str:
         f"Recipe: `{json.dumps(recipe.to_dict())}`\n\n"
         f"{format_table(rows, rows['full precision']['ppl'], rows['round-to-nearest']['ppl'])}\n"
     )
+
+
+def _by_bits(name: str) -> str:
+    """``"by the recipe's bit width: 2 bits 0.0001, 3 bits 4e-05, 4 bits 2e-05, ..."``"""
+    values = ", ".join(f"{bits} bits {getattr(d, name):g}" for bits, d in sorted(recipes_mod.QAT_DEFAULTS.items()))
+    return f"by the recipe's narrowest bit width: {values}"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -248,10 +261,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--self-generate", type=non_negative_int, default=0,
                    help="Train on N windows sampled from the teacher (no data needed).")
     p.add_argument("--eval-windows", type=positive_int, default=128, help="Validation windows for the before/after table.")
+    p.add_argument("--select-windows", type=non_negative_int, default=SELECT_WINDOWS,
+                   help=f"Further validation windows the best step is picked on, by KL to the teacher "
+                        f"(0: keep the last step; default: {SELECT_WINDOWS}).")
     p.add_argument("--no-save-master", dest="save_master", action="store_false", help="Don't save the full-precision trained weights.")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="No progress bar.")
     for f in dataclasses.fields(TrainingArgs):
         flag = "--" + f.name.replace("_", "-")
+        if f.name in RECIPE_DEFAULTED:  # the recipe's measured value for its bit width
+            p.add_argument(flag, dest=f.name, type=f.metadata["check"], default=None,
+                           help=f.metadata.get("help", "").split(" (default")[0] + f" (default: {_by_bits(f.name)})")
+            continue
         help_ = f.metadata.get("help", "") + f" (default: {f.default})"
         if f.type in ("bool", bool):
             p.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=f.default, help=help_)

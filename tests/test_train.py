@@ -367,3 +367,32 @@ def test_cli_resume_with_other_settings_or_a_damaged_checkpoint(tmp_path, fp_mod
     code, err = _err(capsys, base + ["--seq-len", "16", "--resume"])
     assert code == 2 and "step_0000002 is damaged" in err and "or run without --resume" in err
     assert "Traceback" not in err
+
+
+def test_cli_out_never_replaces_what_the_user_owns(tmp_path, fp_model_dir, capsys, monkeypatch):
+    """The commands that deleted user data: each is refused before any work, every byte left in place."""
+    work = tmp_path / "work"
+    (work / "d" / "sub").mkdir(parents=True)
+    (work / "d" / "notes.txt").write_text("x")
+    (work / "plain.txt").write_text("plain")
+    monkeypatch.chdir(work)
+
+    def tree():
+        return {p.relative_to(tmp_path).as_posix(): p.read_bytes() if p.is_file() else None
+                for p in sorted(tmp_path.rglob("*"))}
+
+    before = tree()
+    cases = [
+        ("d", "folder holding files mlxqat did not write"),
+        (str(work), "current directory"),
+        (".", "current directory"),
+        (str(fp_model_dir), "source model"),
+        ("plain.txt", "a file mlxqat did not write"),
+        ("/dev/null", "a device or special file"),
+        ("", "output path is empty"),
+    ]
+    for out, message in cases:
+        code, err = _err(capsys, ["--model", str(fp_model_dir), "--out", out, "--steps", "2", "--no-progress"])
+        assert code == 2 and err.startswith("error: ") and err.count("\n") == 1 and message in err, (out, err)
+    assert tree() == before
+    assert os.path.exists("/dev/null") and not os.path.isdir("/dev/null")

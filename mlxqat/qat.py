@@ -1,0 +1,117 @@
+"""QAT as the product runs it: the recipe's measured defaults, training, and the best step kept.
+
+:func:`quantize_qat` is the one QAT pipeline: ``python -m mlxqat.train`` calls
+it, and so does ``benchmarks/quality.py``, so the figures the benchmark reports
+are the ones a user gets. It prepares the student with the recipe's QAT form
+(:meth:`Recipe.for_qat`: learned scales from a clip search where the format
+keeps them), fills the learning rates and warmup the recipe's bit width
+measured best at (:meth:`Recipe.qat_defaults`), trains, and, given selection
+windows, keeps the parameters of the step with the lowest KL to the teacher on
+them (step 0, the starting point, included: QAT never returns a model worse on
+them than the one it started from).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable, List, Optional, Tuple
+
+import mlx.nn as nn
+import numpy as np
+from mlx.utils import tree_flatten, tree_unflatten
+
+from . import recipes as recipes_mod
+from .convert import prepare_calibrated
+from .evaluate import evaluate
+from .trainer import TrainingArgs, train
+
+# TrainingArgs fields that default to the recipe's measured values when not given
+RECIPE_DEFAULTED = ("learning_rate", "scale_learning_rate", "warmup_steps")
+
+
+def qat_args(recipe, **overrides) -> TrainingArgs:
+    """:class:`TrainingArgs` with the recipe's QAT defaults for any of :data:`RECIPE_DEFAULTED` not given
+    (or given as ``None``)."""
+    recipe = recipes_mod.get(recipe)
+    defaults = recipe.qat_defaults()
+    kw = {k: v for k, v in overrides.items() if v is not None or k not in RECIPE_DEFAULTED}
+    if "learning_rate" in kw and "scale_learning_rate" not in kw:
+        kw["scale_learning_rate"] = None  # follows the given learning rate (TrainingArgs.scale_lr)
+    for name in RECIPE_DEFAULTED:
+        kw.setdefault(name, getattr(defaults, name))
+    return TrainingArgs(**kw)
+
+
+class BestStep:
+    """A training callback: KL to the teacher on held-out windows at every log record; keeps the best."""
+
+    def __init__(self, model: nn.Module, windows: np.ndarray, teacher, then: Optional[Callable] = None):
+        self.model, self.windows, self.teacher, self.then = model, windows, teacher, then
+        self.history: List[Tuple[int, float]] = []
+        self.best: Optional[Tuple[float, int, dict]] = None
+        self.check(0)
+
+    def check(self, step: int) -> None:
+        self.model.eval()
+        kl = evaluate(self.model, self.windows, self.teacher)["kl"]
+        self.model.train()
+        self.history.append((step, kl))
+        if self.best is None or kl < self.best[0]:
+            self.best = (kl, step, dict(tree_flatten(self.model.trainable_parameters())))
+
+    def __call__(self, record: dict) -> None:
+        self.check(record["step"])
+        if self.then is not None:
+            self.then(dict(record, select_kl=self.history[-1][1]))
+
+    def restore(self) -> int:
+        """Put the best parameters back into the model; returns their step."""
+        self.model.update(tree_unflatten(list(self.best[2].items())), strict=False)
+        return self.best[1]
+
+
+def quantize_qat(
+    student: nn.Module,
+    teacher,
+    train_windows: np.ndarray,
+    recipe="int4",
+    *,
+    select_windows: Optional[np.ndarray] = None,
+    learn_scales: Optional[bool] = None,
+    scale_init: Optional[str] = None,
+    out_dir=None,
+    resume: bool = False,
+    progress: bool = True,
+    callback: Optional[Callable[[dict], None]] = None,
+    **training_kwargs,
+) -> dict:
+    """Prepare ``student`` with ``recipe``'s QAT form and train it towards ``teacher`` (not converted).
+
+    Args:
+        student: the full-precision model to quantize (float32 recommended on CPU).
+        teacher: the frozen full-precision model (or any callable giving its logits).
+        train_windows: token windows ``(n, seq_len + 1)``.
+        recipe: a recipe name or :class:`~mlxqat.recipes.Recipe`.
+        select_windows: held-out windows to pick the best step on (KL to the teacher,
+            checked at every ``log_every`` steps and at step 0); ``None``: keep the last step.
+        learn_scales, scale_init: override :meth:`Recipe.for_qat`'s choice.
+        out_dir, resume, progress, callback: as :func:`mlxqat.trainer.train`.
+        training_kwargs: :class:`~mlxqat.trainer.TrainingArgs` fields; learning rates and
+            warmup default to :meth:`Recipe.qat_defaults` (see :func:`qat_args`).
+
+    Returns:
+        The training summary, plus ``recipe`` (what was trained), ``args``,
+        ``best_step`` and ``selection_kl`` (``[(step, kl)]``) when selecting.
+    """
+    base = recipes_mod.get(recipe)
+    args = qat_args(base, **training_kwargs)
+    trained = base.for_qat(args.trainable, learn_scales, scale_init)
+    prepare_calibrated(student, trained, train_windows)
+    selector = BestStep(student, select_windows, teacher, callback) if select_windows is not None else None
+    summary = train(student, teacher, train_windows, None, args, out_dir=out_dir, resume=resume,
+                    progress=progress, callback=selector or callback)
+    summary.update(recipe=trained.to_dict(), args=dataclasses.asdict(args))
+    if selector is not None:
+        summary["best_step"] = selector.restore()
+        summary["selection_kl"] = selector.history
+    return summary
