@@ -460,16 +460,20 @@ def export_mlx(src_dir: PathLike, out_dir: PathLike, *, verbose: bool = True) ->
     """Write an mlx-lm directory (``mlx_lm.load`` opens it) with a model card and sha256 manifest.
 
     Args:
-        src_dir: a directory saved by :func:`mlxqat.save`, or any mlx-lm directory.
+        src_dir: a directory saved by :func:`mlxqat.save`, any mlx-lm directory, or a GGUF file
+            (dequantized to float32, :mod:`mlxqat.gguf_import`).
         out_dir: destination directory (replaced atomically).
 
     Returns:
         The manifest written to ``mlxqat.json``.
     """
+    from .gguf_import import is_gguf_file
+
     src = Path(src_dir)
-    config = check_config(src)
+    config = None if is_gguf_file(src) else check_config(src)  # a GGUF file: config from its metadata
     check_destination(out_dir, sources=[src])  # fail fast, before loading
-    model, tokenizer = load(src)
+    model, tokenizer, loaded_config = load(src, return_config=True)
+    config = loaded_config if config is None else config
     info = _source_manifest(src)
     memory = memory_report(model)
     recipe = info.get("recipe")

@@ -124,7 +124,8 @@ class Metadata:
         value = self._scalar(key, _FLOATS + _INTS, "a number", default)
         if value is default:
             return value
-        value = float(value)
+        # the shortest decimal of a float32 value (1e-05, not 9.999999747378752e-06): the same float32
+        value = float(str(value)) if isinstance(value, np.float32) else float(value)
         if not math.isfinite(value) or (positive and value <= 0):
             raise ValueError(f"{self.path}: metadata {key!r} = {value}; expected a finite positive number")
         return value
