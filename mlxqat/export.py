@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import re
 import sys
 import warnings
@@ -37,6 +36,7 @@ from . import __version__
 from . import gguf_export as ge
 from ._cli import ArgumentParser, command
 from .io import MANIFEST, RESERVED_KEYS, PathLike, atomic_path, check_config, check_destination, load, read_manifest, save
+from .gguf_import import is_gguf_file
 from .validate import read_gguf, safetensors_header
 
 MASTER_FILE = "master_weights.safetensors"  # the trainer's float master weights, if saved
@@ -294,6 +294,11 @@ def export_gguf(
     """
     src = Path(src_dir)
     out = Path(out_path)
+    if is_gguf_file(src):
+        raise ValueError(
+            f"{src} is already a GGUF file; to re-quantize it, write it as an mlx-lm directory first "
+            f"(python -m mlxqat.export {src} --format mlx --out DIR), then train or export DIR"
+        )
     config = check_config(src)
     check_destination(out, sources=[src], kind="file")  # fail fast, before any work
     ge.arch_spec(config["model_type"])  # fail fast, before loading weights
@@ -467,8 +472,6 @@ def export_mlx(src_dir: PathLike, out_dir: PathLike, *, verbose: bool = True) ->
     Returns:
         The manifest written to ``mlxqat.json``.
     """
-    from .gguf_import import is_gguf_file
-
     src = Path(src_dir)
     config = None if is_gguf_file(src) else check_config(src)  # a GGUF file: config from its metadata
     check_destination(out_dir, sources=[src])  # fail fast, before loading
@@ -504,9 +507,10 @@ def export_fp16(src_dir: PathLike, out_dir: PathLike, *, dtype: str = "float16",
     if dtype not in ("float16", "bfloat16", "float32"):
         raise ValueError(f"dtype={dtype!r} is not one of 'float16', 'bfloat16', 'float32'")
     src = Path(src_dir)
-    config = check_config(src)
+    config = None if is_gguf_file(src) else check_config(src)  # a GGUF file: config from its metadata
     check_destination(out_dir, sources=[src])  # fail fast, before loading
-    model, tokenizer = load(src)
+    model, tokenizer, loaded_config = load(src, return_config=True)
+    config = loaded_config if config is None else config
     info = _source_manifest(src)
     dequantize_layers(model, mx.float32)
     master = src / MASTER_FILE

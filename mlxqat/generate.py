@@ -160,12 +160,14 @@ def _open(model: Optional[str]):
 
         m, tok = load(path)
         return m, tok, f"{path.name} (embedded)"
-    p = Path(model).expanduser()
-    if p.exists() and not p.is_dir():
-        raise UsageError(f"--model {model} is a file; pass the model's directory (with config.json)")
+    from .gguf_import import is_gguf_file
     from .io import load
 
-    m, tok = load(model)  # a local directory, or a Hugging Face id
+    p = Path(model).expanduser()
+    if p.exists() and not p.is_dir() and not is_gguf_file(p):
+        raise UsageError(f"--model {model} is a file but not a GGUF file; pass the model's directory (with config.json)")
+
+    m, tok = load(model)  # a local directory, a GGUF file, or a Hugging Face id
     return m, tok, str(p) if p.exists() else model
 
 

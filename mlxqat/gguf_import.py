@@ -23,7 +23,6 @@ does.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import stat
@@ -254,7 +253,7 @@ def _rope_scaling(meta: Metadata, arch: str, tensors: dict, base: float, dims: i
     if kind == "none" and factor is None and f"{arch}.rope.scale_linear" in meta:
         kind, factor = "linear", meta.float(f"{arch}.rope.scale_linear")
     if "rope_freqs.weight" in tensors:
-        if arch != "llama" or kind not in ("none", "linear"):
+        if arch != "llama" or kind != "none" and not (kind == "linear" and factor in (None, 1.0)):
             raise ValueError(f"{meta.path}: rope_freqs.weight with a {arch} model and rope scaling {kind!r} is not "
                              "supported (only Llama 3 frequency scaling)")
         return _llama3_scaling(meta.path, _dequantize(tensors["rope_freqs.weight"], meta.path), base, dims)
@@ -322,8 +321,14 @@ def _dequantize(t, path: Path) -> np.ndarray:
         )
     shape = tuple(int(x) for x in reversed(t.shape.tolist()))
     try:
-        w = np.array(t.data, dtype=np.float32) if qtype == GT.F32 else gguf.quants.dequantize(t.data, qtype)
-        return w.reshape(shape)
+        if qtype == GT.F32:
+            return np.array(t.data, dtype=np.float32).reshape(shape)
+        data = t.data.reshape(-1, t.data.shape[-1])  # rows of raw values or blocks
+        out = np.empty((data.shape[0], math.prod(shape) // max(data.shape[0], 1)), np.float32)
+        step = max(1, (1 << 22) // max(out.shape[1], 1))  # ~16 MB of float32 at a time: few temporaries
+        for start in range(0, data.shape[0], step):
+            out[start:start + step] = gguf.quants.dequantize(data[start:start + step], qtype)
+        return out.reshape(shape)
     except (ValueError, TypeError, IndexError) as e:  # data shorter than the shape, misaligned blocks
         raise ValueError(f"{path}: tensor {t.name} ({qtype.name} {list(shape)}) cannot be read ({e}); "
                          "the file is damaged or truncated") from e

@@ -38,7 +38,7 @@ from mlx.utils import tree_flatten, tree_map_with_path
 
 from . import __version__
 from .layers import ActQuantizedLinear, is_fake_quant
-from .validate import check_config_values, check_regular_file, read_json_file
+from .validate import check_config_values, read_json_file
 
 MANIFEST = "mlxqat.json"
 FORMAT_VERSION = 2
@@ -348,14 +348,28 @@ def work_dir(path: PathLike, *, sources: Iterable[PathLike] = ()) -> Path:
 
     It is marked by an ``mlxqat.json`` of kind ``work``; an existing path
     without that mark (unless an empty folder) is refused like any destination.
+    The directory appears with its mark already inside (built as a temporary
+    sibling, then renamed), so processes of one distributed run that create it
+    at the same time all see a marked directory.
     """
     path = check_work_dir(path, sources=sources)
-    path.mkdir(parents=True, exist_ok=True)
-    if not (path / MANIFEST).exists():
-        with atomic_file(path / MANIFEST, "w", check=False) as f:
-            json.dump({"format": "mlxqat", "kind": "work", "mlxqat_version": __version__,
-                       "note": "training work directory (checkpoints, log, teacher cache) written by mlxqat"}, f)
-    return path
+    if (path / MANIFEST).is_file():
+        return path
+    with _naming(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    try:
+        (tmp / MANIFEST).write_text(json.dumps({
+            "format": "mlxqat", "kind": "work", "mlxqat_version": __version__,
+            "note": "training work directory (checkpoints, log, teacher cache) written by mlxqat"}))
+        try:
+            os.rename(tmp, path)  # replaces an empty folder; fails if another process got there first
+        except OSError:
+            if not (path / MANIFEST).is_file():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return check_work_dir(path, sources=sources)
 
 
 def remove_output(path: PathLike) -> None:

@@ -28,6 +28,7 @@ import pytest
 from gguf import GGMLQuantizationType as GT
 from gguf import GGUFValueType as VT
 from mlx.utils import tree_flatten, tree_unflatten
+from mlx_lm.models import qwen2
 
 import mlxqat
 import tiny
@@ -83,7 +84,7 @@ def _source(tmp_path, tokenizer, arch="llama", seed=0, hidden=None, **overrides)
     if hidden:
         config.update(hidden_size=hidden, intermediate_size=2 * hidden, head_dim=hidden // 4)
     config.update(overrides)
-    mod = {"qwen2": __import__("mlx_lm.models.qwen2", fromlist=["x"])}.get(model_type) or tiny._MODULES[arch]
+    mod = qwen2 if model_type == "qwen2" else tiny._MODULES[arch]
     mx.random.seed(seed)
     model = mod.Model(mod.ModelArgs.from_dict(config))
     params = tree_flatten(model.parameters())
@@ -156,7 +157,7 @@ def quantize_k(w: np.ndarray, qtype: GT) -> np.ndarray:
         ql = (q[:, :, :64] & 0xF) | ((q[:, :, 64:] & 0xF) << 4)
         qh4 = (q >> 4).reshape(n, 2, 4, 32)
         qh = qh4[:, :, 0] | (qh4[:, :, 1] << 2) | (qh4[:, :, 2] << 4) | (qh4[:, :, 3] << 6)
-        parts = [ql.reshape(n, 128), qh.reshape(n, 64), sc.astype(np.int8).view(np.uint8), d.view(np.uint8)]
+        parts = [ql.reshape(n, 128), qh.reshape(n, 64), sc.astype(np.int8).view(np.uint8), d.view(np.uint8).reshape(n, 2)]
         return np.concatenate(parts, axis=1).reshape(w.shape[0], -1)
     maxq = 15 if qtype == GT.Q4_K else 31
     sub = x.reshape(n, 8, 32)
@@ -221,18 +222,51 @@ class LlamaCpp:
     def detokenize(self, ids):
         return self._post("/detokenize", {"tokens": ids})["content"]
 
-    def greedy(self, ids, n):
-        r = self.server.handle_completions({"prompt": ids, "n_predict": n, "n_probs": 5, "temperature": 0.0,
-                                            "top_k": 1, "cache_prompt": False, "ignore_eos": True})
-        return r["choices"][0]["logprobs"]["content"]
+    def top5(self, ids, force):
+        """llama.cpp's 5 most likely next tokens after ``ids`` as ``[(id, logprob)]``. The printable token
+        ``force`` is sampled whatever the model says, so that the reply keeps the step's log-probs."""
+        r = self.server.handle_completions({"prompt": ids, "n_predict": 1, "n_probs": 5, "temperature": 0.0,
+                                            "top_k": 1, "cache_prompt": False, "ignore_eos": True,
+                                            "logit_bias": [[force, 1000.0]]})
+        return [(t["id"], t["logprob"]) for t in r["choices"][0]["logprobs"]["content"][0]["top_logprobs"]]
 
 
-def _logprob_diffs(model, ids, steps):
-    """|llama.cpp - model| of the top-5 log-probs along llama.cpp's greedy tokens."""
-    full = mx.array([list(ids) + [s["id"] for s in steps]])
-    lp = np.array(nn.log_softmax(model(full)[0].astype(mx.float32), axis=-1))
-    return np.array([abs(t["logprob"] - lp[len(ids) - 1 + i][t["id"]])
-                     for i, s in enumerate(steps) for t in s["top_logprobs"]])
+class Q8KInput(nn.Module):
+    """A linear layer whose input is first rounded as ggml's CPU K-quant kernels round it (Q8_K:
+    blocks of 256, int8 codes, scale -max/127 of the signed largest value, kept in float32)."""
+
+    def __init__(self, linear):
+        super().__init__()
+        self.linear = linear
+
+    def __call__(self, x):
+        xb = x.reshape(*x.shape[:-1], x.shape[-1] // 256, 256)
+        top = mx.take_along_axis(xb, mx.argmax(mx.abs(xb), axis=-1, keepdims=True), axis=-1)
+        safe = mx.where(top == 0, 1, top)
+        iscale = mx.where(top == 0, 0, -127 / safe)
+        q = mx.minimum(mx.round(iscale * xb), 127)
+        return self.linear((q * mx.where(top == 0, 0, 1 / mx.where(iscale == 0, 1, iscale))).reshape(x.shape))
+
+
+def _ggml_k_like(model):
+    for layer in model.layers:
+        for block in (layer.self_attn, layer.mlp):
+            block.update_modules({k: Q8KInput(v) for k, v in block.children().items() if isinstance(v, nn.Linear)})
+    return model
+
+
+def _compare_next_tokens(model, cpp, tokenizer, n_prompts=8):
+    """Over prefixes of the test corpus: (same most likely token everywhere, top-5 |dlogprob| array)."""
+    ids = tokenizer.encode(tiny.CORPUS[:200])
+    force = tokenizer.encode("a")[0]
+    same, diffs = True, []
+    for end in np.linspace(8, len(ids) - 1, n_prompts).astype(int):
+        prefix = ids[:end]
+        lp = np.array(nn.log_softmax(model(mx.array([prefix]))[0, -1].astype(mx.float32)))
+        top = cpp.top5(prefix, force)
+        same &= top[0][0] == int(lp.argmax())
+        diffs += [abs(v - lp[t]) for t, v in top]
+    return same, np.array(diffs)
 
 
 # ---------------------------------------------------------------------------
@@ -303,13 +337,32 @@ def test_export_mlx_from_gguf_and_every_loader_agree(tmp_path, tokenizer):
         assert tok.encode(text) == saved_tok.encode(text) == plain_tok.encode(text) == tokenizer.encode(text)
 
 
+def test_every_command_takes_a_gguf_model(tmp_path, tokenizer, capsys):
+    """generate / profile (through generate's loader) and fp16 export open a GGUF; GGUF -> GGUF says what to do."""
+    from mlxqat import generate as gen
+
+    source, _, src = _source(tmp_path, tokenizer, "llama")
+    path = _f32_gguf(src, tmp_path / "m.gguf")
+    model, tok, info = gen.load_model(str(path), kernel="mlx")
+    x = mx.array([tokenizer.encode(tiny.CORPUS[:80])])
+    assert mx.array_equal(model(x), source(x)) and info["source"] == str(path)
+    assert ex.main([str(path), "--format", "fp16", "--dtype", "float32", "--out", str(tmp_path / "fp")]) == 0
+    fp, _ = mlxqat.load(tmp_path / "fp")
+    assert mx.array_equal(fp(x), source(x))
+    assert ex.main([str(path), "--format", "gguf", "--out", str(tmp_path / "again.gguf")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("error: ") and "is already a GGUF file" in err and "--format mlx" in err
+    assert not (tmp_path / "again.gguf").exists()
+
+
 # ---------------------------------------------------------------------------
 # Tensor types
 # ---------------------------------------------------------------------------
 
-# Mean KL(source || imported) measured on these models, with about 3x headroom; the order follows the bits.
-TYPE_KL = {GT.F16: 1e-6, GT.BF16: 1e-4, GT.Q8_0: 1e-4, GT.Q6_K: 1e-3, GT.Q5_1: 3e-3, GT.Q5_0: 3e-3,
-           GT.Q5_K: 3e-3, GT.Q4_1: 1e-2, GT.Q4_0: 1e-2, GT.Q4_K: 1e-2}
+# Mean KL(source || imported) in nats, measured on this model (F16 7.7e-7, BF16 4.6e-5, Q8_0 3.6e-4, Q6_K 5.3e-3,
+# Q5_1 1.9e-2, Q5_K 2.0e-2, Q5_0 2.4e-2, Q4_K 8.4e-2, Q4_1 8.5e-2, Q4_0 9.7e-2), with about 3x headroom.
+TYPE_KL = {GT.F16: 3e-6, GT.BF16: 2e-4, GT.Q8_0: 1.5e-3, GT.Q6_K: 2e-2, GT.Q5_1: 6e-2, GT.Q5_0: 6e-2,
+           GT.Q5_K: 6e-2, GT.Q4_1: 0.3, GT.Q4_0: 0.3, GT.Q4_K: 0.3}
 
 
 @pytest.mark.parametrize("qtype", list(TYPE_KL), ids=lambda t: t.name)
@@ -326,12 +379,12 @@ def test_quantized_types_dequantize_to_what_the_file_holds(tmp_path, tokenizer, 
     assert np.array_equal(np.array(model.layers[1].self_attn.q_proj.weight), want)
     kl = ex.measure_kl(source, model, ex._kl_inputs(source.args.vocab_size, tokenizer))
     print(f"\n{qtype.name}: KL(source || imported) = {kl:.2e}")
-    assert 0 <= kl <= 1.0
+    assert 0 <= kl <= TYPE_KL[qtype]
 
 
 def test_k_quants_compute_like_llama_cpp(tmp_path, tokenizer):
-    """llama.cpp reads our K-quant blocks as gguf's dequantizers do: same greedy tokens, and log-probs
-    within what its 8-bit activation rounding moves them (a wrong block layout moves them by nats)."""
+    """llama.cpp reads K-quant blocks as gguf's dequantizers (hence the import) do: with llama.cpp's 8-bit
+    rounding of activations emulated, the same log-probs to float precision (a wrong layout moves them by nats)."""
     _, _, src = _source(tmp_path, tokenizer, "llama", hidden=256, tie_word_embeddings=False)
     f32 = _f32_gguf(src, tmp_path / "f32.gguf")
     types = {"attn_q": GT.Q4_K, "attn_k": GT.Q5_K, "attn_v": GT.Q6_K, "attn_output": GT.Q4_K,
@@ -342,14 +395,15 @@ def test_k_quants_compute_like_llama_cpp(tmp_path, tokenizer):
         return (quantize_k(w, qtype), qtype) if qtype else None
 
     path = rewrite_gguf(f32, tmp_path / "k.gguf", tensor=convert)
-    model, tok = mlxqat.load(path)
+    model, _ = mlxqat.load(path)
     cpp = LlamaCpp(path)
-    ids = tokenizer.encode(tiny.CORPUS[:60])
-    steps = cpp.greedy(ids, 8)
-    assert [s["id"] for s in steps] == tiny.greedy(model, mx.array(ids), 8)
-    diffs = _logprob_diffs(model, ids, steps)
-    print(f"\nK-quants vs llama.cpp: top-5 |dlogprob| max {diffs.max():.2e}, median {np.median(diffs):.2e}")
-    assert diffs.max() < 0.05
+    _, plain = _compare_next_tokens(model, cpp, tokenizer)
+    same, emulated = _compare_next_tokens(_ggml_k_like(model), cpp, tokenizer)
+    print(f"\nK-quants vs llama.cpp: top-5 |dlogprob| max {plain.max():.2e} (median {np.median(plain):.2e}); "
+          f"with ggml's Q8_K input rounding emulated: max {emulated.max():.2e} (median {np.median(emulated):.2e})")
+    # measured: median 7e-7 emulated vs 3.6e-2 plain; a few entries move by ~1e-2 where float noise pushes
+    # an activation across a rounding boundary
+    assert same and np.median(emulated) <= 1e-5 < np.median(plain) and plain.max() <= 0.5
 
 
 @pytest.mark.parametrize("arch", ["llama", "gemma3_text"])
@@ -357,11 +411,10 @@ def test_float32_gguf_computes_like_llama_cpp(tmp_path, tokenizer, arch):
     model_src, _, src = _source(tmp_path, tokenizer, arch)
     path = _f32_gguf(src, tmp_path / "m.gguf")
     model, _ = mlxqat.load(path)
-    ids = tokenizer.encode(tiny.CORPUS[:80])
-    diffs = _logprob_diffs(model, ids, LlamaCpp(path).greedy(ids, 6))
+    same, diffs = _compare_next_tokens(model, LlamaCpp(path), tokenizer)
     tol = 1e-4 if arch == "llama" else 1e-2  # llama.cpp's GELU goes through a float16 table
     print(f"\n{arch} f32 vs llama.cpp: top-5 |dlogprob| max {diffs.max():.2e}")
-    assert diffs.max() <= tol
+    assert same and diffs.max() <= tol
 
 
 # ---------------------------------------------------------------------------
@@ -369,15 +422,19 @@ def test_float32_gguf_computes_like_llama_cpp(tmp_path, tokenizer, arch):
 # ---------------------------------------------------------------------------
 
 
-def _agree_with_llama_cpp(path, tok, texts):
+def _agree_with_llama_cpp(path, tok, texts, strip_prefix_space=False):
+    """Same token ids as llama.cpp's tokenizer, and the same text back. With ``strip_prefix_space`` (a
+    vocabulary that prefixes a space), the decoded text loses that space, as Hugging Face's SentencePiece
+    tokenizers and llama.cpp's ``llama_detokenize`` do (its server's /detokenize keeps it)."""
     cpp = LlamaCpp(path)
     for text in texts:
         assert tok.encode(text) == cpp.tokenize(text), text
         ids = tok.encode(text, add_special_tokens=False)
-        assert tok.decode(ids) == cpp.detokenize(ids), text
+        want = cpp.detokenize(ids)
+        assert tok.decode(ids) == (want[1:] if strip_prefix_space and want.startswith(" ") else want), text
 
 
-def test_smollm_pre_tokenizer_splits_digits_like_llama_cpp(tmp_path):
+def test_smollm_pre_tokenizer_splits_digits_like_llama_cpp(tmp_path, tokenizer):
     """SmolLM's BPE (every digit alone, then GPT-2's byte-level split) under llama.cpp's name for it."""
     from mlx_lm.tokenizer_utils import load as load_tokenizer
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -392,9 +449,20 @@ def test_smollm_pre_tokenizer_splits_digits_like_llama_cpp(tmp_path):
     hf.train_from_iterator([tiny.CORPUS + " 1234567 3.14159 2024"], trainer)
     PreTrainedTokenizerFast(tokenizer_object=hf, eos_token="<|im_end|>").save_pretrained(str(tmp_path / "tok"))
     source = load_tokenizer(tmp_path / "tok")
-    _, _, src = _source(tmp_path, source, "llama")
-    f32 = _f32_gguf(src, tmp_path / "gpt2.gguf")
-    path = rewrite_gguf(f32, tmp_path / "smollm.gguf", kv={"tokenizer.ggml.pre": ("smollm", VT.STRING)})
+    _, _, src = _source(tmp_path, tokenizer, "llama")
+    f32 = _f32_gguf(src, tmp_path / "gpt2.gguf")  # mlxqat's exporter refuses this pre-tokenizer: write it here
+    data = json.loads((tmp_path / "tok" / "tokenizer.json").read_text())
+    by_id = {i: (t, 1) for t, i in data["model"]["vocab"].items()}
+    by_id.update({a["id"]: (a["content"], 3) for a in data["added_tokens"]})
+    n_vocab = tiny.CONFIGS["llama"]["vocab_size"]
+    tokens = [by_id.get(i, (f"[PAD{i}]", 5)) for i in range(n_vocab)]
+    merges = [m if isinstance(m, str) else " ".join(m) for m in data["model"]["merges"]]
+    kv = {"tokenizer.ggml.pre": ("smollm", VT.STRING),
+          "tokenizer.ggml.tokens": ([t for t, _ in tokens], VT.ARRAY, VT.STRING),
+          "tokenizer.ggml.token_type": ([k for _, k in tokens], VT.ARRAY, VT.INT32),
+          "tokenizer.ggml.merges": (merges, VT.ARRAY, VT.STRING),
+          "tokenizer.ggml.eos_token_id": (2, VT.UINT32)}
+    path = rewrite_gguf(f32, tmp_path / "smollm.gguf", kv=kv)
     _, tok = mlxqat.load(path)
     texts = TEXTS + _texts(40, seed=1)
     for text in texts:
@@ -408,10 +476,11 @@ def _spm_vocab():
 
     trainer = SentencePieceBPETokenizer(add_prefix_space=True)
     trainer.train_from_iterator([tiny.CORPUS + " naïve café"], vocab_size=300, show_progress=False)
-    pieces = [t for t, _ in sorted(trainer.get_vocab().items(), key=lambda kv: kv[1])]
     control = ["<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<end_of_turn>"]
     user = ["\n", "\n\n", "\n\n\n", "  ", "   ", "    ", "<div>"]
     byte = [f"<0x{b:02X}>" for b in range(256)]
+    taken = set(control + user + byte)
+    pieces = [t for t, _ in sorted(trainer.get_vocab().items(), key=lambda kv: kv[1]) if t not in taken]
     tokens = control + user + byte + pieces
     types = [3, 3, 3, 2, 3, 3] + [4] * len(user) + [6] * 256 + [1] * len(pieces)
     scores = [-1000.0] * (len(control) + len(user)) + [0.0] * 256 + [-float(i) for i in range(len(pieces))]
@@ -441,7 +510,7 @@ def test_sentencepiece_vocabulary_tokenizes_like_llama_cpp(tmp_path, tokenizer, 
     _, tok = mlxqat.load(path)
     assert tok.encode("def")[0] == 2  # bos added, as the file says
     texts = TEXTS + _texts(40, seed=2) + ["<start_of_turn>user\nHi<end_of_turn>\n", "a<div>b   c\n\n\n\nd"]
-    _agree_with_llama_cpp(path, tok, texts)
+    _agree_with_llama_cpp(path, tok, texts, strip_prefix_space=space_prefix)
 
 
 @pytest.mark.slow
@@ -472,8 +541,7 @@ def test_malformed_and_unsupported_files_are_clear_value_errors(tmp_path, tokeni
             mlxqat.load(path)
 
     bad("arch", r"architecture 'olmo2' is not supported.*gemma3, llama, qwen2, qwen3",
-        kv={"general.architecture": ("olmo2", VT.STRING),
-            **{f"olmo2.{k}": v for k, v in [("block_count", (2, VT.UINT32))]}})
+        kv={"general.architecture": ("olmo2", VT.STRING)})
     bad("missing", r"'llama.embedding_length' is missing", kv={"llama.embedding_length": None})
     bad("typed", r"'llama.block_count' is STRING; expected an integer",
         kv={"llama.block_count": ("2", VT.STRING)})
@@ -481,7 +549,7 @@ def test_malformed_and_unsupported_files_are_clear_value_errors(tmp_path, tokeni
     bad("eps", r"layer_norm_rms_epsilon' = -1.0", kv={"llama.attention.layer_norm_rms_epsilon": (-1.0, VT.FLOAT32)})
     bad("hidden", r"token_embd.weight has shape \[512, 64\], not \(vocab, 32\)",
         kv={"llama.embedding_length": (32, VT.UINT32)})
-    bad("layers", r"blk.2.attn_norm.weight is missing", kv={"llama.block_count": (3, VT.UINT32)})
+    bad("layers", r"tensor blk.2.attn_q.weight is missing", kv={"llama.block_count": (3, VT.UINT32)})
     bad("pre", r"tokenizer.ggml.pre='tekken'.*supported: .*smollm",
         kv={"tokenizer.ggml.pre": ("tekken", VT.STRING)})
     bad("tokmodel", r"tokenizer.ggml.model='bert' is not supported", kv={"tokenizer.ggml.model": ("bert", VT.STRING)})
