@@ -35,6 +35,7 @@ from mlx.utils import tree_flatten, tree_map_with_path, tree_unflatten
 
 import mlxqat
 import tiny
+from llamacpp import LlamaCpp
 from mlxqat import export as ex
 from mlxqat import gguf_export as ge
 
@@ -272,40 +273,6 @@ def _ggml_like(model, q8_1):
 
     model.update_modules(tree_map_with_path(swap, model.leaf_modules(), is_leaf=nn.Module.is_module))
     return model
-
-
-class LlamaCpp:
-    """A llama.cpp server in-process (xllamacpp): greedy decoding with log-probabilities."""
-
-    def __init__(self, path):
-        xlc = pytest.importorskip("xllamacpp")
-        p = xlc.CommonParams()
-        p.model.path = str(path)
-        p.n_ctx = 256
-        p.cpuparams.n_threads = p.cpuparams_batch.n_threads = 2
-        p.sampling.temp, p.sampling.top_k = 0.0, 1
-        p.cache_type_k = p.cache_type_v = 0  # float32 KV cache: no float16 rounding of keys/values
-        p.flash_attn_type = 0
-        p.warmup = False
-        self.server = xlc.Server(p)
-
-    def complete(self, prompt, n=N_NEW, n_probs=5, force=None):
-        """Greedy continuation; ``force`` (a token id) is chosen whatever the model says: its
-        log-probs are still the model's own, and a printable token keeps them in the reply."""
-        request = {"prompt": prompt, "n_predict": n, "n_probs": n_probs, "temperature": 0.0, "top_k": 1,
-                   "cache_prompt": False, "ignore_eos": True}
-        if force is not None:
-            request["logit_bias"] = [[force, 1000.0]]
-        r = self.server.handle_completions(request)
-        assert "error" not in r, r
-        assert r["choices"][0]["logprobs"], r
-        steps = r["choices"][0]["logprobs"]["content"]
-        return {
-            "ids": [s["id"] for s in steps],
-            "logprobs": [(s["id"], s["logprob"], [(t["id"], t["logprob"]) for t in s["top_logprobs"]]) for s in steps],
-            "text": r["choices"][0]["text"],
-            "prompt_tokens": r["usage"]["prompt_tokens"],
-        }
 
 
 def _diffs(model, prompt_ids, out):

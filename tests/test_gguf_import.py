@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import os
 import random
-import urllib.request
 from pathlib import Path
 
 import gguf
@@ -32,6 +31,7 @@ from mlx_lm.models import qwen2
 
 import mlxqat
 import tiny
+from llamacpp import LlamaCpp
 from mlxqat import export as ex
 from mlxqat import gguf_import as gi
 
@@ -192,43 +192,6 @@ def _quantizer(qtype):
         return gguf.quants.quantize(w, qtype), qtype
 
     return convert
-
-
-class LlamaCpp:
-    """llama.cpp's server in-process (xllamacpp), asked over its loopback HTTP address."""
-
-    def __init__(self, path):
-        xlc = pytest.importorskip("xllamacpp")
-        p = xlc.CommonParams()
-        p.model.path = str(path)
-        p.n_ctx = 512
-        p.cpuparams.n_threads = p.cpuparams_batch.n_threads = 2
-        p.sampling.temp, p.sampling.top_k = 0.0, 1
-        p.cache_type_k = p.cache_type_v = 0  # float32 KV cache
-        p.flash_attn_type = 0
-        p.warmup = False
-        self.server = xlc.Server(p)
-        self.address = self.server.listening_address
-
-    def _post(self, route, body):
-        request = urllib.request.Request(self.address + route, data=json.dumps(body).encode(),
-                                         headers={"Content-Type": "application/json"})
-        with urllib.request.urlopen(request, timeout=60) as reply:
-            return json.loads(reply.read())
-
-    def tokenize(self, text):
-        return self._post("/tokenize", {"content": text, "add_special": True, "parse_special": True})["tokens"]
-
-    def detokenize(self, ids):
-        return self._post("/detokenize", {"tokens": ids})["content"]
-
-    def top5(self, ids, force):
-        """llama.cpp's 5 most likely next tokens after ``ids`` as ``[(id, logprob)]``. The printable token
-        ``force`` is sampled whatever the model says, so that the reply keeps the step's log-probs."""
-        r = self.server.handle_completions({"prompt": ids, "n_predict": 1, "n_probs": 5, "temperature": 0.0,
-                                            "top_k": 1, "cache_prompt": False, "ignore_eos": True,
-                                            "logit_bias": [[force, 1000.0]]})
-        return [(t["id"], t["logprob"]) for t in r["choices"][0]["logprobs"]["content"][0]["top_logprobs"]]
 
 
 class Q8KInput(nn.Module):
@@ -396,7 +359,7 @@ def test_k_quants_compute_like_llama_cpp(tmp_path, tokenizer):
 
     path = rewrite_gguf(f32, tmp_path / "k.gguf", tensor=convert)
     model, _ = mlxqat.load(path)
-    cpp = LlamaCpp(path)
+    cpp = LlamaCpp(path, n_ctx=512)
     _, plain = _compare_next_tokens(model, cpp, tokenizer)
     same, emulated = _compare_next_tokens(_ggml_k_like(model), cpp, tokenizer)
     print(f"\nK-quants vs llama.cpp: top-5 |dlogprob| max {plain.max():.2e} (median {np.median(plain):.2e}); "
@@ -411,7 +374,7 @@ def test_float32_gguf_computes_like_llama_cpp(tmp_path, tokenizer, arch):
     model_src, _, src = _source(tmp_path, tokenizer, arch)
     path = _f32_gguf(src, tmp_path / "m.gguf")
     model, _ = mlxqat.load(path)
-    same, diffs = _compare_next_tokens(model, LlamaCpp(path), tokenizer)
+    same, diffs = _compare_next_tokens(model, LlamaCpp(path, n_ctx=512), tokenizer)
     tol = 1e-4 if arch == "llama" else 1e-2  # llama.cpp's GELU goes through a float16 table
     print(f"\n{arch} f32 vs llama.cpp: top-5 |dlogprob| max {diffs.max():.2e}")
     assert same and diffs.max() <= tol
@@ -426,7 +389,7 @@ def _agree_with_llama_cpp(path, tok, texts, strip_prefix_space=False):
     """Same token ids as llama.cpp's tokenizer, and the same text back. With ``strip_prefix_space`` (a
     vocabulary that prefixes a space), the decoded text loses that space, as Hugging Face's SentencePiece
     tokenizers and llama.cpp's ``llama_detokenize`` do (its server's /detokenize keeps it)."""
-    cpp = LlamaCpp(path)
+    cpp = LlamaCpp(path, n_ctx=512)
     for text in texts:
         assert tok.encode(text) == cpp.tokenize(text), text
         ids = tok.encode(text, add_special_tokens=False)
