@@ -142,6 +142,17 @@ def test_python_dash_m_paths(tmp_path):
     assert r.returncode == 1 and "Traceback" in r.stderr and "IndexError" in r.stderr
 
 
+@pytest.mark.parametrize("command", ["train", "export", "verify", "generate", "profile"])
+def test_python_dash_m_mlxqat_runs_every_command(command):
+    """``python -m mlxqat CMD`` is ``python -m mlxqat.CMD`` (and the ``mlxqat`` script)."""
+    r = subprocess.run([sys.executable, "-m", "mlxqat", command, "--help"], cwd=ROOT, capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout.startswith(f"usage: python -m mlxqat.{command}"), r
+    r = subprocess.run([sys.executable, "-m", "mlxqat", "no-such-command"], cwd=ROOT, capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 2 and "unknown command 'no-such-command'" in r.stderr
+
+
 # ---------------------------------------------------------------------------
 # Numbers: checked at parse time, named with the range
 # ---------------------------------------------------------------------------
