@@ -457,7 +457,12 @@ def _pre_tokenizer_name(tok: dict, where: Path) -> str:
             )
         return "gpt-2"
     if pre.get("type") == "Sequence":
-        splits = [p for p in pre.get("pretokenizers", []) if p.get("type") == "Split"]
+        parts = pre.get("pretokenizers", [])
+        if (len(parts) == 2 and parts[0].get("type") == "Digits" and parts[0].get("individual_digits")
+                and parts[1].get("type") == "ByteLevel" and parts[1].get("use_regex", True)
+                and not parts[1].get("add_prefix_space")):
+            return "smollm"  # SmolLM: every digit alone, then GPT-2's byte-level split
+        splits = [p for p in parts if p.get("type") == "Split"]
         if len(splits) == 1:
             name = _PRE_TOKENIZERS.get(splits[0].get("pattern", {}).get("Regex"))
             if name == "llama-bpe" and not (tok.get("model") or {}).get("ignore_merges"):
@@ -469,7 +474,7 @@ def _pre_tokenizer_name(tok: dict, where: Path) -> str:
                 return name
     raise GGUFExportError(
         f"{where}: pre-tokenizer {json.dumps(pre)[:200]} is not one llama.cpp is known to "
-        "reproduce (supported: GPT-2 byte-level, Llama 3, Qwen 2); the GGUF would tokenize "
+        "reproduce (supported: GPT-2 byte-level, SmolLM, Llama 3, Qwen 2); the GGUF would tokenize "
         "text differently from the model's tokenizer"
     )
 

@@ -383,6 +383,23 @@ def _split_tokenizer(directory, pattern, ignore_merges, nfc):
     return load_tokenizer(directory)
 
 
+def _digits_tokenizer(directory):
+    """SmolLM's pre-tokenizer: every digit alone, then GPT-2's byte-level split."""
+    from mlx_lm.tokenizer_utils import load as load_tokenizer
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
+                                                 pre_tokenizers.ByteLevel(add_prefix_space=False)])
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<|endoftext|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator([tiny.CORPUS + "1234567 don't 3.14159 naïve café 2024"], trainer)
+    PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>").save_pretrained(str(directory))
+    return load_tokenizer(directory)
+
+
 TRICKY = [
     "def f(x):\n\treturn x  +  1\n\n\n",
     "don't it's we'll THEY'RE",
@@ -393,11 +410,14 @@ TRICKY = [
 ]
 
 
-@pytest.mark.parametrize("kind", ["gpt-2", "llama-bpe", "qwen2"])
+@pytest.mark.parametrize("kind", ["gpt-2", "smollm", "llama-bpe", "qwen2"])
 def test_embedded_tokenizer_splits_text_like_the_model_tokenizer(tmp_path, tokenizer, trained, kind):
     if kind == "gpt-2":  # the byte-level BPE of tests/tiny.py
         model, config = trained("llama")
         tok = tokenizer
+    elif kind == "smollm":
+        tok = _digits_tokenizer(tmp_path / "tok")
+        model, config = _random_model("qwen3", seed=5)
     else:
         tok = _split_tokenizer(tmp_path / "tok", LLAMA3_SPLIT if kind == "llama-bpe" else QWEN2_SPLIT,
                                ignore_merges=kind == "llama-bpe", nfc=kind == "qwen2")
@@ -416,6 +436,7 @@ def test_embedded_tokenizer_splits_text_like_the_model_tokenizer(tmp_path, token
         assert by_text["prompt_tokens"] == len(ids), text
         # same tokens in, same numbers out: any different id would change the log-probs
         assert by_text["logprobs"] == by_ids["logprobs"], text
+        assert cpp.tokenize(text) == ids, text
     if kind == "llama-bpe":
         data = json.loads((src / "tokenizer.json").read_text())
         data["model"]["ignore_merges"] = False
