@@ -58,6 +58,7 @@ import mlxqat  # noqa: E402
 import mlxqat.qat  # noqa: E402
 from mlxqat import mixed, quant  # noqa: E402
 from mlxqat.convert import prepare_calibrated  # noqa: E402
+from mlxqat.data import spread, stdlib_windows  # noqa: E402
 from mlxqat.evaluate import evaluate, gap_recovered  # noqa: E402
 from mlxqat.qat import RECIPE_DEFAULTED  # noqa: E402
 from mlxqat.recipes import QAT_DEFAULTS, LayerSpec, Recipe  # noqa: E402
@@ -250,13 +251,6 @@ class CachedTeacher:
 # ---------------------------------------------------------------------------
 
 
-def spread(windows: np.ndarray, n: int) -> np.ndarray:
-    """``n`` windows evenly spaced over ``windows`` (all of them if fewer)."""
-    if len(windows) <= n:
-        return windows
-    return windows[np.linspace(0, len(windows) - 1, n).round().astype(int)]
-
-
 def ood_text() -> Tuple[str, str]:
     """Out-of-domain text every Python has: the documentation topics of ``pydoc_data``."""
     from pydoc_data.topics import topics
@@ -274,15 +268,10 @@ def load_data(tokenizer, data: Optional[str], budget: Budget, seq_len: int, max_
     def windows_of(text, name):
         return pack(tokenize_documents([Document(name, text)], tokenizer), seq_len)
 
-    if data is None:
-        from mlxqat.stdlib_data import read_split_text
-
-        # Every k-th window of the train split, so the steps see many files, not the first few.
-        chars = max(n_train * 4, 64) * seq_len * 4
-        train_all = windows_of(read_split_text("train", max_chars=chars), "train")
-        train_w = spread(train_all, n_train)
-        select_w = spread(windows_of(read_split_text("validation"), "validation"), budget.select_windows)
-        eval_w = spread(windows_of(read_split_text("test"), "test"), budget.eval_windows)
+    if data is None:  # the windows python -m mlxqat.train trains on (mlxqat.data.stdlib_windows)
+        train_w = stdlib_windows(tokenizer, "train", seq_len, n_train, oversample=4)
+        select_w = stdlib_windows(tokenizer, "validation", seq_len, budget.select_windows)
+        eval_w = stdlib_windows(tokenizer, "test", seq_len, budget.eval_windows)
         source = "CPython standard library source (mlxqat.stdlib_data splits: train / validation / test)"
     else:
         ds = build_dataset(data, tokenizer, seq_len, max_context=max_context)

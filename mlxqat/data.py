@@ -248,6 +248,27 @@ def tokenize_documents(docs: Sequence[Document], tokenizer) -> np.ndarray:
     return np.asarray(out, dtype=np.int32)
 
 
+def spread(windows: np.ndarray, n: int) -> np.ndarray:
+    """``n`` windows evenly spaced over ``windows`` (all of them if there are fewer)."""
+    if len(windows) <= n:
+        return windows
+    return windows[np.linspace(0, len(windows) - 1, n).round().astype(int)]
+
+
+def stdlib_windows(tokenizer, split: str, seq_len: int, n: int, oversample: Optional[int] = None) -> np.ndarray:
+    """``n`` windows of a standard-library split (:mod:`mlxqat.stdlib_data`), spread over it.
+
+    With ``oversample`` only the first ``oversample * n`` windows' worth of text is read
+    (the training split is large); every k-th is kept either way, so the windows come from
+    many files, not the first few.
+    """
+    from .stdlib_data import read_split_text
+
+    chars = max(n * oversample, 64) * seq_len * 4 if oversample else None  # ~4 characters per token
+    text = read_split_text(split, max_chars=chars)
+    return spread(pack(tokenize_documents([Document(split, text)], tokenizer), seq_len), n)
+
+
 def pack(tokens: np.ndarray, seq_len: int) -> np.ndarray:
     """Cut a token stream into (n, seq_len + 1) windows (inputs + shifted targets)."""
     n = (len(tokens) - 1) // seq_len

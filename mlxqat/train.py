@@ -27,7 +27,7 @@ from mlx.utils import tree_flatten
 
 from . import recipes as recipes_mod
 from .convert import convert, prepare_calibrated
-from .data import build_dataset, check_seq_len, generate_windows, model_context, pack, tokenize_documents, Document
+from .data import build_dataset, check_seq_len, generate_windows, model_context, stdlib_windows
 from .evaluate import evaluate, format_table, gap_recovered
 from .io import check_destination, check_work_dir, save
 from .stdlib_data import embedded_model_path
@@ -96,15 +96,9 @@ def _dataset(data, tokenizer, teacher, seq_len, args, n_val, self_generate, seed
         print(f"sampling {self_generate} + {n_val} windows of {seq_len} tokens from the teacher ...", flush=True)
         gen = generate_windows(teacher, tokenizer, self_generate + n_val, seq_len, seed=seed)
         return gen[:self_generate], gen[self_generate:]
-    if data is None:
-        from .stdlib_data import read_split_text
-
-        chars = (need + 64) * seq_len * 4  # ~4 characters per token is plenty for code
-        train_tok = tokenize_documents([Document("train", read_split_text("train", max_chars=chars))], tokenizer)
-        val_all = pack(tokenize_documents([Document("val", read_split_text("validation"))], tokenizer), seq_len)
-        # evenly spaced over the whole split: the first files alone are not typical
-        pick = np.linspace(0, len(val_all) - 1, min(n_val, len(val_all))).astype(int)
-        return pack(train_tok, seq_len), val_all[pick]
+    if data is None:  # windows spread over the splits: many files, not the first few
+        return (stdlib_windows(tokenizer, "train", seq_len, need, oversample=4),
+                stdlib_windows(tokenizer, "validation", seq_len, n_val))
     ds = build_dataset(data, tokenizer, seq_len, max_context=ctx, max_val_windows=n_val)
     return ds.train, ds.val
 

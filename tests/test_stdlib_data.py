@@ -173,3 +173,16 @@ def test_shipped_model_perplexity_matches_training_json(shipped, training):
     ppl = math.exp(nll / (windows * seq_len))
     assert ppl == pytest.approx(ref["ppl"], rel=0.10)
     assert ppl < 200, "the shipped model has not learned the corpus"
+
+
+def test_windows_are_spread_over_the_split(shipped):
+    from mlxqat.data import pack, spread, stdlib_windows, tokenize_documents, Document
+
+    w = np.arange(10 * 3).reshape(10, 3)
+    assert np.array_equal(spread(w, 4), w[[0, 3, 6, 9]]) and spread(w, 20) is w
+    tok = shipped[1]
+    first = pack(tokenize_documents([Document("train", read_split_text("train", max_chars=4 * 16 * 64 * 4))], tok), 64)
+    got = stdlib_windows(tok, "train", 64, 16, oversample=4)
+    assert got.shape == (16, 65)
+    # every 4th window of a 4x longer stretch: the last window lies far past the first 16 windows
+    assert np.array_equal(got[0], first[0]) and np.array_equal(got[-1], first[-1]) and len(first) >= 60
