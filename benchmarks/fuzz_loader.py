@@ -98,14 +98,13 @@ def reseal(root: Path) -> str:
     """Rewrite mlxqat.json for the mutated files (keeping its other entries, edited or not), as
     someone who changed the files on purpose would: reaches the code behind the manifest check."""
     try:
-        from mlxqat.io import RESERVED_KEYS, write_manifest
+        from mlxqat.io import Manifest
 
         doc = {}
         with contextlib.suppress(OSError, ValueError):
             if stat.S_ISREG(os.stat(root / MANIFEST).st_mode):  # never open a FIFO or /dev/zero
                 doc = json.loads((root / MANIFEST).read_text())
-        info = {k: v for k, v in doc.items() if k not in RESERVED_KEYS} if isinstance(doc, dict) else {}
-        write_manifest(root, info)
+        Manifest.for_files(root, Manifest.info_of(doc)).write(root)
         return "reseal mlxqat.json"
     except Exception as e:  # noqa: BLE001 - the mutated directory cannot get a manifest
         return f"reseal failed ({type(e).__name__}: {str(e)[:80]})"

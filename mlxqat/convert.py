@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import warnings
+from collections import Counter
 from typing import Iterable, Optional
 
 import mlx.core as mx
@@ -15,7 +16,7 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_map_with_path
 
 from . import quant
-from .layers import FakeQuantEmbedding, FakeQuantLinear, is_fake_quant
+from .layers import FakeQuantEmbedding, FakeQuantLinear, carry_spec, is_fake_quant
 from .recipes import Recipe, get as get_recipe
 
 
@@ -45,6 +46,14 @@ def _check_layer(path: str, weight: mx.array, spec) -> Optional[str]:
     return None
 
 
+def _spec_for(recipe: Recipe, path: str, m: nn.Module):
+    """The spec ``recipe`` gives the layer ``m`` at ``path`` (embeddings take no activation bits)."""
+    spec = recipe.spec_for(path)
+    if spec is not None and spec.act_bits is not None and isinstance(m, (nn.Embedding, nn.QuantizedEmbedding, FakeQuantEmbedding)):
+        spec = dataclasses.replace(spec, act_bits=None)
+    return spec
+
+
 def prepare(model: nn.Module, recipe="int4", *, strict: bool = False) -> nn.Module:
     """Swap ``nn.Linear`` / ``nn.Embedding`` leaves for fake-quant layers, in place.
 
@@ -69,7 +78,7 @@ def prepare(model: nn.Module, recipe="int4", *, strict: bool = False) -> nn.Modu
             return m
         if not isinstance(m, (nn.Linear, nn.Embedding)):
             return m
-        spec = recipe.spec_for(path)
+        spec = _spec_for(recipe, path, m)
         if spec is None:
             return m
         quant.check_finite(m.weight, f"{path}.weight")
@@ -80,10 +89,8 @@ def prepare(model: nn.Module, recipe="int4", *, strict: bool = False) -> nn.Modu
             skipped.append(problem)
             return m
         if isinstance(m, nn.Embedding):
-            if spec.act_bits is not None:
-                spec = dataclasses.replace(spec, act_bits=None)
-            return FakeQuantEmbedding.from_embedding(m, spec)
-        return FakeQuantLinear.from_linear(m, spec)
+            return FakeQuantEmbedding.from_embedding(m, spec, recipe)
+        return FakeQuantLinear.from_linear(m, spec, recipe)
 
     n = _swap(model, swap)
     if n == 0:
@@ -93,7 +100,6 @@ def prepare(model: nn.Module, recipe="int4", *, strict: bool = False) -> nn.Modu
         )
     for problem in skipped:
         warnings.warn(f"left in full precision: {problem}", stacklevel=2)
-    model.mlxqat_recipe = recipe
     return model
 
 
@@ -205,13 +211,14 @@ def use_kernel(model: nn.Module, kernel: str = "mlxqat") -> nn.Module:
     def swap(path, m):
         if kernel == "mlxqat":
             if type(m) is nn.QuantizedLinear and is_supported(m):
-                return KernelQuantizedLinear.from_quantized(m)
+                return carry_spec(m, KernelQuantizedLinear.from_quantized(m))
         elif isinstance(m, KernelQuantizedLinear):
             ql = nn.QuantizedLinear.__new__(nn.QuantizedLinear)
             nn.Module.__init__(ql)
             ql.group_size, ql.bits, ql.mode = m.group_size, m.bits, m.mode
             for k, v in m.items():  # the same arrays, shared
                 setattr(ql, k, v)
+            carry_spec(m, ql)
             ql.freeze()
             return ql
         return m
@@ -220,23 +227,120 @@ def use_kernel(model: nn.Module, kernel: str = "mlxqat") -> nn.Module:
     return model
 
 
-def dequantize(model: nn.Module) -> nn.Module:
-    """Replace fake-quant layers by plain layers holding their master (unquantized) weights."""
+def _float_dtype(model: nn.Module) -> mx.Dtype:
+    """The dtype the model computes in: that of its unquantized floating parameters."""
+    quantized = {p for p, m in model.named_modules() if quant.is_quantized(m)}
+    for path, v in tree_flatten(model.parameters()):
+        if path.rpartition(".")[0] not in quantized and mx.issubdtype(v.dtype, mx.floating):
+            return v.dtype
+    return mx.float32
+
+
+def dequantize(model: nn.Module, dtype: Optional[mx.Dtype] = None) -> nn.Module:
+    """Replace quantized and fake-quant layers by plain ``nn.Linear`` / ``nn.Embedding``, in place.
+
+    A fake-quant layer gives back its master (unquantized) weight. A real
+    quantized layer gives its dequantized weight (:func:`mlxqat.quant.dequantized_weight`,
+    float32) cast to ``dtype`` (default: the dtype of the model's unquantized
+    parameters, e.g. its norms); static activation quantization is dropped.
+
+    Returns:
+        The same model, for chaining.
+    """
+    dtype = dtype or _float_dtype(model)
 
     def swap(path, m):
-        if isinstance(m, FakeQuantLinear):
-            lin = nn.Linear(m.weight.shape[1], m.weight.shape[0], bias="bias" in m)
-            lin.weight = m.weight
+        if is_fake_quant(m):
+            w = m.weight
+        elif quant.is_quantized(m):
+            w = quant.dequantized_weight(m).astype(dtype)
+        else:
+            return m
+        if isinstance(m, (FakeQuantEmbedding, nn.QuantizedEmbedding)):
+            out = nn.Embedding(*w.shape)
+        else:
+            out = nn.Linear(w.shape[1], w.shape[0], bias="bias" in m)
             if "bias" in m:
-                lin.bias = m.bias
-            return lin
-        if isinstance(m, FakeQuantEmbedding):
-            emb = nn.Embedding(*m.weight.shape)
-            emb.weight = m.weight
-            return emb
-        return m
+                out.bias = m.bias
+        out.weight = w
+        return out
 
     _swap(model, swap)
+    return model
+
+
+def _layer_specs(model: nn.Module) -> dict:
+    """``{path: layer}`` of the layers that carry a spec (fake-quant, converted or loaded), LoRA-wrapped
+    bases under their wrapper's path."""
+    from .lora import QALoRALinear
+
+    out, bases = {}, set()
+    for path, m in model.named_modules():
+        if isinstance(m, QALoRALinear):
+            out[path] = m.base
+            bases.add(f"{path}.base")
+        elif getattr(m, "spec", None) is not None and (is_fake_quant(m) or quant.is_quantized(m)):
+            out[path] = m
+    return {p: m for p, m in out.items() if p not in bases}
+
+
+def recipe_of(model: nn.Module) -> Optional[Recipe]:
+    """The recipe the model's layers were quantized with, read from the layers' own specs.
+
+    When every layer came from one recipe and that recipe describes the model
+    exactly (each quantized layer has the spec it gives, each full-precision
+    ``Linear``/``Embedding`` is one it skips), that recipe is returned, patterns
+    and name intact. Otherwise a recipe naming every layer by its exact path
+    is built: the most common spec as default, the others as overrides, the
+    full-precision layers as skips.
+
+    Returns:
+        The :class:`~mlxqat.recipes.Recipe`, or None when no layer carries a spec.
+    """
+    layers = _layer_specs(model)
+    if not layers:
+        return None
+    specs = {p: m.spec for p, m in layers.items()}
+    full = {
+        p: m for p, m in tree_flatten(model.leaf_modules(), is_leaf=nn.Module.is_module)
+        if isinstance(m, (nn.Linear, nn.Embedding)) and p not in specs
+    }
+    origins = {id(m.recipe): m.recipe for m in layers.values()}
+    origin = next(iter(origins.values())) if len(origins) == 1 else None
+    if origin is not None and all(_spec_for(origin, p, layers[p]) == s for p, s in specs.items()) and all(
+        origin.spec_for(p) is None for p in full
+    ):
+        return origin
+    default = Counter(specs[p] for p in sorted(specs)).most_common(1)[0][0]
+    named = {r.name for r in origins.values() if r is not None}
+    # An exact path is a glob matching only itself (module paths hold no * ? [ ]).
+    return Recipe(
+        named.pop() if len(named) == 1 else "custom",
+        default,
+        overrides=tuple((p, s) for p, s in sorted(specs.items()) if s != default),
+        skip=tuple(sorted(full)),
+        description="per-layer specs as quantized",
+    )
+
+
+def attach_recipe(model: nn.Module, recipe: Recipe) -> nn.Module:
+    """Give each quantized layer of a loaded model its spec under ``recipe`` (the saved one).
+
+    Raises:
+        ValueError: a quantized layer the recipe skips, or whose bits or group
+            size differ from its spec (the recipe does not describe these weights).
+    """
+    for path, m in model.named_modules():
+        if not quant.is_quantized(m):
+            continue
+        spec = _spec_for(recipe, path, m)
+        in_features = m.weight.shape[-1] * 32 // m.bits
+        if spec is None or spec.bits != m.bits or quant.storage_group_size(spec.group_size, in_features) != m.group_size:
+            raise ValueError(
+                f"{path}: the recipe gives {spec} but the layer holds {m.bits}-bit codes in groups of "
+                f"{m.group_size}; the recipe does not describe these weights"
+            )
+        m.spec, m.recipe = spec, recipe
     return model
 
 
@@ -244,6 +348,6 @@ def layer_specs(model: nn.Module) -> dict:
     """``{path: quantization dict}`` of the quantized leaves, as mlx-lm's config stores them."""
     out = {}
     for path, m in tree_flatten(model.leaf_modules(), is_leaf=nn.Module.is_module):
-        if isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding)):
+        if quant.is_quantized(m):
             out[path] = {"group_size": m.group_size, "bits": m.bits, "mode": m.mode}
     return out

@@ -30,12 +30,13 @@ from typing import Dict, List, Optional, Union
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
-from mlx.utils import tree_flatten, tree_map, tree_map_with_path
+from mlx.utils import tree_flatten, tree_map
 
-from . import __version__
 from . import gguf_export as ge
+from . import quant
 from ._cli import ArgumentParser, command
-from .io import MANIFEST, RESERVED_KEYS, PathLike, atomic_path, check_config, check_destination, load, read_manifest, save
+from .convert import dequantize, recipe_of
+from .io import MANIFEST, Manifest, PathLike, atomic_path, format_size, check_config, check_destination, load, save
 from .gguf_import import is_gguf_file
 from .validate import read_gguf, safetensors_header
 
@@ -67,10 +68,10 @@ class MemoryReport:
         return 2 * self.n_weights
 
     def __str__(self) -> str:
-        disk = f"{_mb(self.bytes_on_disk)} on disk, " if self.bytes_on_disk is not None else ""
+        disk = f"{format_size(self.bytes_on_disk)} on disk, " if self.bytes_on_disk is not None else ""
         return (
-            f"{disk}weights {_mb(self.weight_bytes)}: {self.bits_per_weight:.3f} bits per weight, "
-            f"{self.ratio_to_bf16:.3f}x bf16 ({_mb(self.bf16_bytes)} for {self.n_weights:,} values)"
+            f"{disk}weights {format_size(self.weight_bytes)}: {self.bits_per_weight:.3f} bits per weight, "
+            f"{self.ratio_to_bf16:.3f}x bf16 ({format_size(self.bf16_bytes)} for {self.n_weights:,} values)"
         )
 
     def to_dict(self) -> dict:
@@ -79,26 +80,24 @@ class MemoryReport:
         return d
 
 
-def _mb(n: int) -> str:
-    return f"{n / 1e6:.3f} MB" if n >= 100_000 else f"{n:,} B"
-
-
-def _model_memory(model: nn.Module) -> MemoryReport:
-    quantized = {
-        p: m for p, m in model.named_modules() if isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding))
-    }
+def _model_memory(model: nn.Module, params: Optional[dict] = None) -> MemoryReport:
+    params = params if params is not None else dict(tree_flatten(model.parameters()))
+    quantized = {p: m for p, m in model.named_modules() if quant.is_quantized(m)}
     matrix_bits = matrix_values = total_bytes = total_values = 0
-    for path, v in tree_flatten(model.parameters()):
+    for path, m in quantized.items():  # codes + scales + biases: the rule of quant.bits_per_weight
+        scales = params.get(f"{path}.scales", m.scales)
+        bits, n = quant.layer_storage(m, scale_bits=8 * scales.itemsize)
+        matrix_bits += bits
+        matrix_values += n
+    for path, v in params.items():
         prefix, _, leaf = path.rpartition(".")
         m = quantized.get(prefix)
+        total_bytes += v.nbytes
         if m is not None and leaf in ("scales", "biases"):
-            matrix_bits += v.nbytes * 8
-            total_bytes += v.nbytes
             continue
         n = v.size * 32 // m.bits if m is not None and leaf == "weight" else v.size  # codes per uint32
-        total_bytes += v.nbytes
         total_values += n
-        if v.ndim == 2 and leaf == "weight":
+        if m is None and v.ndim == 2 and leaf == "weight":
             matrix_bits += v.nbytes * 8
             matrix_values += n
     return MemoryReport(
@@ -129,17 +128,21 @@ def _gguf_memory(path: Path) -> MemoryReport:
     )
 
 
-def memory_report(model_or_path: Union[nn.Module, PathLike]) -> MemoryReport:
+def memory_report(model_or_path: Union[nn.Module, PathLike], params: Optional[dict] = None) -> MemoryReport:
     """Bytes on disk, bits per weight and size relative to bf16.
+
+    Bits per weight of quantized layers follow :func:`mlxqat.quant.bits_per_weight`.
 
     Args:
         model_or_path: an MLX model, an mlx-lm model directory, or a ``.gguf`` file.
+        params: for a model, ``{path: array}`` as it will be stored (e.g. scales
+            compacted to float16 by :func:`mlxqat.save`); default: its parameters.
 
     Returns:
         A :class:`MemoryReport`; ``str(report)`` is a one-line summary.
     """
     if isinstance(model_or_path, nn.Module):
-        return _model_memory(model_or_path)
+        return _model_memory(model_or_path, params)
     path = Path(model_or_path)
     if path.is_file():
         return _gguf_memory(path)
@@ -152,43 +155,6 @@ def memory_report(model_or_path: Union[nn.Module, PathLike]) -> MemoryReport:
 # ---------------------------------------------------------------------------
 # Helpers
 # ---------------------------------------------------------------------------
-
-
-def _float_dtype(model: nn.Module) -> mx.Dtype:
-    """The dtype the model computes in: that of its unquantized floating parameters."""
-    quantized = {p for p, m in model.named_modules() if isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding))}
-    for path, v in tree_flatten(model.parameters()):
-        if path.rpartition(".")[0] not in quantized and mx.issubdtype(v.dtype, mx.floating):
-            return v.dtype
-    return mx.float32
-
-
-def dequantize_layers(model: nn.Module, dtype: Optional[mx.Dtype] = None) -> nn.Module:
-    """Replace quantized layers by float layers holding their dequantized weights, in place.
-
-    Weights are dequantized in float32 and cast to ``dtype`` (default: the
-    dtype of the model's unquantized parameters, e.g. its norms). Static
-    activation quantization (``ActQuantizedLinear``) is dropped: the float
-    layer is plain.
-    """
-    dtype = dtype or _float_dtype(model)
-
-    def swap(path, m):
-        if isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding)):
-            w = ge.dequantized_weight(m).astype(dtype)
-            if isinstance(m, nn.QuantizedEmbedding):
-                out = nn.Embedding(*w.shape)
-            else:
-                out = nn.Linear(w.shape[1], w.shape[0], bias="bias" in m)
-                if "bias" in m:
-                    out.bias = m.bias
-            out.weight = w
-            return out
-        return m
-
-    leaves = tree_map_with_path(swap, model.leaf_modules(), is_leaf=nn.Module.is_module)
-    model.update_modules(leaves)
-    return model
 
 
 def _kl_inputs(vocab_size: int, tokenizer=None, n_seq: int = 4, length: int = 64) -> List[mx.array]:
@@ -218,11 +184,14 @@ def measure_kl(reference: nn.Module, candidate: nn.Module, inputs: List[mx.array
     return total / max(count, 1)
 
 
-def _source_manifest(src: Path) -> dict:
+def _source_info(src: Path) -> dict:
+    """The source's manifest entries to carry over (training, metrics, ...); the recipe is read from the
+    loaded layers instead (:func:`mlxqat.convert.recipe_of`)."""
     if not (src / MANIFEST).exists():
         return {}
-    m = read_manifest(src)
-    return {k: v for k, v in m.items() if k not in RESERVED_KEYS}
+    info = dict(Manifest.read(src).info)
+    info.pop("recipe", None)
+    return info
 
 
 def _say(verbose: bool, msg: str) -> None:
@@ -246,7 +215,7 @@ def _auto_qtype(plan_model: nn.Module) -> str:
     """The GGUF type that holds most of the model's quantized weights exactly."""
     counts: Dict[str, int] = {}
     for _, m in plan_model.named_modules():
-        if isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding)) and getattr(m, "mode", "affine") == "affine":
+        if quant.is_quantized(m) and getattr(m, "mode", "affine") == "affine":
             scales, biases = np.array(m.scales.astype(mx.float32)), np.array(m.biases.astype(mx.float32))
             for name in ("q4_0", "q8_0", "q4_1"):
                 blocks, _ = ge.exact_blocks(np.array(m.weight), scales, biases, m.bits, m.group_size, ge.QTYPES[name])
@@ -365,7 +334,7 @@ def export_gguf(
 def _requantization_kl(src: Path, model: nn.Module, tokenizer, plan: List[ge.GGUFTensor]) -> float:
     """KL between the MLX model and an MLX model running the GGUF's weights."""
     candidate, _ = load(src)
-    dequantize_layers(candidate)
+    dequantize(candidate)
     params = dict(tree_flatten(candidate.parameters()))
     updates = []
     for t in plan:
@@ -378,87 +347,6 @@ def _requantization_kl(src: Path, model: nn.Module, tokenizer, plan: List[ge.GGU
 # ---------------------------------------------------------------------------
 # mlx-lm directories
 # ---------------------------------------------------------------------------
-
-
-def model_card(
-    title: str,
-    recipe: Optional[dict],
-    memory: MemoryReport,
-    metrics: Optional[dict] = None,
-    *,
-    source: str = "",
-    notes: str = "",
-) -> str:
-    """The README.md of an exported model directory.
-
-    Args:
-        title: heading (the model's name).
-        recipe: the recipe dictionary from ``mlxqat.json`` (``None``: not quantized by mlxqat).
-        memory: its :class:`MemoryReport`.
-        metrics: measured figures (perplexity, KL, ...) from training or evaluation.
-        source: where the weights came from.
-        notes: extra paragraphs.
-    """
-    lines = [f"# {title}", ""]
-    lines.append(f"Exported by mlxqat {__version__}" + (f" from `{source}`." if source else "."))
-    lines += ["", "## Quantization", ""]
-    if recipe:
-        d = recipe.get("default", {})
-        lines.append(
-            f"Recipe `{recipe.get('name')}`: {recipe.get('description') or 'custom'}. "
-            f"Default layer: {d.get('bits')}-bit, group {d.get('group_size')}, {d.get('mode')}"
-            + (", learned scales" if d.get("learn_scales") else "")
-            + (f", {d.get('act_bits')}-bit activations" if d.get("act_bits") else "")
-            + "."
-        )
-        for pattern, spec in recipe.get("overrides", []):
-            lines.append(f"- `{pattern}`: {spec.get('bits')}-bit, group {spec.get('group_size')}, {spec.get('mode')}")
-        for pattern in recipe.get("skip", []):
-            lines.append(f"- `{pattern}`: full precision")
-    else:
-        lines.append("No mlxqat recipe recorded for these weights.")
-    lines += [
-        "",
-        "## Size",
-        "",
-        "| weights | bits per weight | size vs bf16 | values |",
-        "|---|---|---|---|",
-        f"| {_mb(memory.weight_bytes)} | {memory.bits_per_weight:.3f} | {memory.ratio_to_bf16:.3f}x "
-        f"| {memory.n_weights:,} |",
-        "",
-        "## Measured",
-        "",
-    ]
-    if metrics:
-        lines += ["| metric | value |", "|---|---|"]
-        for k, v in metrics.items():
-            lines.append(f"| {k} | {v:.6g} |" if isinstance(v, float) else f"| {k} | {v} |")
-    else:
-        lines.append("No metrics were recorded with this model.")
-    if notes:
-        lines += ["", notes]
-    lines += [
-        "",
-        "## Use",
-        "",
-        "```python",
-        "from mlx_lm import load, generate",
-        'model, tokenizer = load("path/to/this/folder")',
-        'print(generate(model, tokenizer, "def fibonacci(n):", max_tokens=64))',
-        "```",
-        "",
-        "`python -m mlxqat.verify path/to/this/folder` checks every file against the sha256 in `mlxqat.json`.",
-        "",
-    ]
-    return "\n".join(lines)
-
-
-def _metrics(info: dict) -> dict:
-    m = dict(info.get("metrics") or {})
-    for k, v in (info.get("training") or {}).items():
-        if isinstance(v, (int, float, str)):
-            m.setdefault(f"training.{k}", v)
-    return m
 
 
 def export_mlx(src_dir: PathLike, out_dir: PathLike, *, verbose: bool = True) -> dict:
@@ -477,12 +365,9 @@ def export_mlx(src_dir: PathLike, out_dir: PathLike, *, verbose: bool = True) ->
     check_destination(out_dir, sources=[src])  # fail fast, before loading
     model, tokenizer, loaded_config = load(src, return_config=True)
     config = loaded_config if config is None else config
-    info = _source_manifest(src)
-    memory = memory_report(model)
-    recipe = info.get("recipe")
-    card = model_card(src.resolve().name, recipe, memory, _metrics(info), source=str(src))
-    info.update({"exported_from": str(src), "memory": memory.to_dict()})
-    manifest = save(model, tokenizer, out_dir, config=config, info=info, extra_files={"README.md": card}, sources=[src])
+    info = _source_info(src)
+    info.update({"exported_from": str(src), "memory": memory_report(model).to_dict()})
+    manifest = save(model, tokenizer, out_dir, config=config, info=info, sources=[src], title=src.resolve().name)
     _say(verbose, f"wrote {out_dir}: {len(manifest['files'])} files; {memory_report(out_dir)}")
     return manifest
 
@@ -511,8 +396,10 @@ def export_fp16(src_dir: PathLike, out_dir: PathLike, *, dtype: str = "float16",
     check_destination(out_dir, sources=[src])  # fail fast, before loading
     model, tokenizer, loaded_config = load(src, return_config=True)
     config = loaded_config if config is None else config
-    info = _source_manifest(src)
-    dequantize_layers(model, mx.float32)
+    source_recipe = recipe_of(model)
+    source_recipe = source_recipe.to_dict() if source_recipe is not None else None
+    info = _source_info(src)
+    dequantize(model, mx.float32)
     master = src / MASTER_FILE
     if master.exists():
         safetensors_header(master)
@@ -531,21 +418,15 @@ def export_fp16(src_dir: PathLike, out_dir: PathLike, *, dtype: str = "float16",
         what = "the dequantized QAT weights (exactly what the quantized model computes with)"
     target = getattr(mx, dtype)
     model.update(tree_map(lambda v: v.astype(target) if mx.issubdtype(v.dtype, mx.floating) else v, model.parameters()))
-    for attr in ("mlxqat_recipe",):
-        if hasattr(model, attr):
-            delattr(model, attr)
     config = {k: v for k, v in config.items() if k not in ("quantization", "quantization_config")}
     config["torch_dtype"] = dtype
-    memory = memory_report(model)
-    source_recipe = info.pop("recipe", None)
-    info.update({"weights": what, "source_recipe": source_recipe, "exported_from": str(src), "memory": memory.to_dict()})
-    card = model_card(
-        f"{src.resolve().name} ({dtype})", None, memory, _metrics(info), source=str(src),
-        notes=f"These are {what}, in {dtype}"
-        + (f", from a model quantized with recipe `{source_recipe.get('name')}`." if source_recipe else "."),
-    )
+    info.update({"weights": what, "source_recipe": source_recipe, "exported_from": str(src),
+                 "memory": memory_report(model).to_dict()})
+    notes = f"These are {what}, in {dtype}" + (
+        f", from a model quantized with recipe `{source_recipe.get('name')}`." if source_recipe else ".")
     _say(verbose, f"fp16 export: writing {what} as {dtype}")
-    manifest = save(model, tokenizer, out_dir, config=config, info=info, extra_files={"README.md": card}, sources=[src])
+    manifest = save(model, tokenizer, out_dir, config=config, info=info, sources=[src],
+                    title=f"{src.resolve().name} ({dtype})", notes=notes)
     _say(verbose, f"wrote {out_dir}: {len(manifest['files'])} files; {memory_report(out_dir)}")
     return manifest
 

@@ -178,6 +178,7 @@ def quantize_rtn(model: nn.Module, recipe: str) -> nn.Module:
     float16 values (what ``python -m mlxqat.train`` saves), and the linear
     layers keep them in float16, so the model's memory is that of the saved files.
     """
+    from . import quant
     from .convert import convert, prepare
     from .recipes import get as get_recipe
 
@@ -191,8 +192,8 @@ def quantize_rtn(model: nn.Module, recipe: str) -> nn.Module:
     convert(model)
     updates = []
     for path, m in model.named_modules():
-        if _is_quantized_linear(m) and m.scales.dtype == mx.float32:
-            updates += [(f"{path}.scales", m.scales.astype(mx.float16)), (f"{path}.biases", m.biases.astype(mx.float16))]
+        if _is_quantized_linear(m) and (halves := quant.compact(m.scales, m.biases)) is not None:
+            updates += [(f"{path}.scales", halves[0]), (f"{path}.biases", halves[1])]
     model.update(tree_unflatten(updates))
     apply_dtype(model, str(loaded).replace("mlx.core.", ""))  # the rest back to the dtype it was loaded in
     return model

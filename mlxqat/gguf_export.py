@@ -38,7 +38,7 @@ import numpy as np
 from gguf import GGMLQuantizationType as GT
 from mlx.utils import tree_flatten
 
-from . import __version__
+from . import __version__, quant
 
 #: ``--type`` names and their GGUF tensor types.
 QTYPES: Dict[str, GT] = {
@@ -132,19 +132,6 @@ def permute_rows(w: np.ndarray, n_head: int, inverse: bool = False) -> np.ndarra
     return out.reshape(w.shape)
 
 
-def unpack_codes(words: np.ndarray, bits: int) -> np.ndarray:
-    """MLX's packed uint32 words (..., K*bits/32) -> codes (..., K) as uint8 (bits 4 or 8)."""
-    per_word = 32 // bits
-    shifts = np.arange(per_word, dtype=np.uint32) * bits
-    codes = (words.astype(np.uint32)[..., None] >> shifts) & np.uint32((1 << bits) - 1)
-    return codes.reshape(*words.shape[:-1], -1).astype(np.uint8)
-
-
-def _fp16_exact(x: np.ndarray) -> bool:
-    with np.errstate(over="ignore"):
-        return bool(np.array_equal(x.astype(np.float16).astype(np.float32), x))
-
-
 def _f16_bytes(x: np.ndarray) -> np.ndarray:
     return x.astype(np.float16)[..., None].view(np.uint8)  # (..., 2)
 
@@ -167,10 +154,10 @@ def exact_blocks(
         return None, f"{qtype.name} is not a block type"
     if bits != want or group_size != 32:
         return None, f"{bits}-bit group {group_size} has no exact {qtype.name} form ({want}-bit group 32)"
-    if not _fp16_exact(scales):
+    if not quant.holds_exactly(mx.float16, scales):
         return None, "scales are not float16 values (use a recipe with scale_dtype='float16')"
     n, n_groups = scales.shape
-    codes = unpack_codes(words, bits).reshape(n, n_groups, 32)
+    codes = quant.unpack_numpy(words, bits).reshape(n, n_groups, 32)
     d = _f16_bytes(scales)
     if qtype == GT.Q8_0:
         if not np.array_equal(biases, -128.0 * scales):
@@ -182,27 +169,9 @@ def exact_blocks(
         if not np.array_equal(biases, -8.0 * scales):
             return None, "biases are not -8*scales (Q4_0 is symmetric; use recipe q4_0)"
         return np.concatenate([d, nibbles], axis=-1).reshape(n, -1), ""
-    if not _fp16_exact(biases):
+    if not quant.holds_exactly(mx.float16, biases):
         return None, "biases are not float16 values (use recipe q4_1)"
     return np.concatenate([d, _f16_bytes(biases), nibbles], axis=-1).reshape(n, -1), ""
-
-
-def dequantized_weight(m: nn.Module) -> mx.array:
-    """The float32 weight of a quantized layer: ``scale * code + bias`` evaluated in float32.
-
-    This is what ``quantized_matmul`` computes with for float32 activations,
-    whatever dtype the scales are stored in (mlxqat stores float16-valued
-    scales as float16).
-    """
-    biases = m.get("biases")
-    return mx.dequantize(
-        m.weight,
-        m.scales.astype(mx.float32),
-        None if biases is None else biases.astype(mx.float32),
-        group_size=m.group_size,
-        bits=m.bits,
-        mode=getattr(m, "mode", "affine"),
-    )
 
 
 def _np32(a: mx.array) -> np.ndarray:
@@ -214,12 +183,13 @@ def _float_tensor(w: mx.array, qtype: GT) -> Tuple[np.ndarray, GT, bool]:
     w32 = _np32(w)
     if qtype == GT.F32:
         return w32, GT.F32, True
+    w = w.astype(mx.float32)
     if qtype == GT.F16:
         with np.errstate(over="ignore"):
             h = w32.astype(np.float16)
-        return h, GT.F16, bool(np.array_equal(h.astype(np.float32), w32))
+        return h, GT.F16, quant.holds_exactly(mx.float16, w)
     b = np.array(w.astype(mx.bfloat16).view(mx.uint16)).view(np.uint8)
-    return b, GT.BF16, bool(np.array_equal(_np32(w.astype(mx.bfloat16)), w32))
+    return b, GT.BF16, quant.holds_exactly(mx.bfloat16, w)
 
 
 def _dtype_type(dtype: mx.Dtype) -> GT:
@@ -358,7 +328,7 @@ def _quantized_tensor(name, path, m, qtype, heads) -> GGUFTensor:
         note = reasons[0]
     elif mode != "affine":
         note = f"mode={mode!r} has no GGUF block form"
-    w = dequantized_weight(m)
+    w = quant.dequantized_weight(m)
     if qtype in _FLOAT_TYPES:
         t = _matrix_tensor(name, path, w, qtype, heads, True)
         t.note = f"dequantized to {t.qtype.name}" + ("" if t.exact else " (values not exact in that type)")
@@ -607,6 +577,5 @@ __all__ = [
     "plan_tensors",
     "read_gguf_tensors",
     "read_tokenizer",
-    "unpack_codes",
     "write_gguf",
 ]

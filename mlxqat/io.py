@@ -113,11 +113,8 @@ def is_mlxqat_output(path: PathLike) -> bool:
         return False
     if not entries:
         return True
-    try:
-        manifest = json.loads((path / MANIFEST).read_bytes()) if (path / MANIFEST).is_file() else None
-    except (OSError, ValueError, RecursionError):
-        return False
-    if not isinstance(manifest, dict) or manifest.get("format") != "mlxqat":
+    manifest = Manifest.peek(path)
+    if manifest is None:
         return False
     if manifest.get("kind") == "work":  # a training work directory: all of it is ours
         return True
@@ -127,10 +124,10 @@ def is_mlxqat_output(path: PathLike) -> bool:
 
 def _listed_files(path: Path) -> set:
     """Names an mlxqat manifest in ``path`` lists (empty if there is none or it is unreadable)."""
+    manifest = Manifest.peek(path)
     try:
-        manifest = json.loads((path / MANIFEST).read_bytes())
-        return set(manifest.get("files") or {}) | {MANIFEST} if manifest.get("format") == "mlxqat" else set()
-    except (OSError, ValueError, RecursionError, AttributeError, TypeError):
+        return set(manifest.get("files") or {}) | {MANIFEST} if manifest is not None else set()
+    except (AttributeError, TypeError):
         return set()
 
 
@@ -359,9 +356,7 @@ def work_dir(path: PathLike, *, sources: Iterable[PathLike] = ()) -> Path:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
     try:
-        (tmp / MANIFEST).write_text(json.dumps({
-            "format": "mlxqat", "kind": "work", "mlxqat_version": __version__,
-            "note": "training work directory (checkpoints, log, teacher cache) written by mlxqat"}))
+        (tmp / MANIFEST).write_text(Manifest.work_mark())
         try:
             os.rename(tmp, path)  # replaces an empty folder; fails if another process got there first
         except OSError:
@@ -393,17 +388,6 @@ def sha256_file(path: PathLike, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
-def _manifest_text(manifest: dict) -> str:
-    """The exact text of ``mlxqat.json``: a manifest whose bytes differ from this was edited."""
-    return json.dumps(manifest, indent=2, allow_nan=False) + "\n"
-
-
-def _manifest_digest(manifest: dict) -> str:
-    body = {k: v for k, v in manifest.items() if k != "manifest_sha256"}
-    text = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False)
-    return hashlib.sha256(text.encode()).hexdigest()
-
-
 _SAFE_NAME = re.compile(r"^[^\x00-\x1f\\:]+$")
 
 
@@ -419,6 +403,201 @@ def check_member_name(name: Any, directory: PathLike = ".") -> str:
     return name
 
 
+def _raise_damaged(path: Path, what: str) -> None:
+    raise IntegrityError(f"{path}: {what}; the manifest is damaged")
+
+
+@dataclasses.dataclass
+class Manifest:
+    """``mlxqat.json``: the one owner of its schema.
+
+    On disk (format version 2) it is a JSON object with, in this order:
+    ``format`` ("mlxqat"), ``format_version``, ``kind`` ("model", "checkpoint",
+    "profile"), ``mlxqat_version``, the ``info`` entries (recipe, training
+    summary, metrics, ...), ``files`` (``{name: sha256}`` of every other file)
+    and ``manifest_sha256``, a digest of all the rest; the file is exactly
+    :meth:`text`, so any edit is detected.
+    """
+
+    kind: str = "model"
+    info: Dict[str, Any] = dataclasses.field(default_factory=dict)  # the entries below the header
+    files: Dict[str, str] = dataclasses.field(default_factory=dict)  # name -> sha256, every other file
+    mlxqat_version: str = __version__
+    format_version: int = FORMAT_VERSION
+
+    def __post_init__(self):
+        clash = sorted(set(self.info) & set(RESERVED_KEYS))
+        if clash:
+            raise ValueError(f"info sets {clash}, which mlxqat.json reserves for itself; rename those entries")
+
+    # -- the document ------------------------------------------------------
+
+    def _body(self) -> dict:
+        body = {"format": "mlxqat", "format_version": self.format_version, "kind": self.kind,
+                "mlxqat_version": self.mlxqat_version}
+        body.update(self.info)
+        body["files"] = self.files
+        return body
+
+    @staticmethod
+    def _digest_of(body: dict) -> str:
+        text = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False)
+        return hashlib.sha256(text.encode()).hexdigest()
+
+    def digest(self) -> str:
+        """``manifest_sha256``: the sha256 of the canonical JSON of every other entry."""
+        return self._digest_of(self._body())
+
+    def to_dict(self) -> dict:
+        """The manifest as written, ``manifest_sha256`` included."""
+        d = self._body()
+        d["manifest_sha256"] = self.digest()
+        return d
+
+    def text(self) -> str:
+        """The exact text of ``mlxqat.json``: a manifest whose bytes differ from this was edited."""
+        return json.dumps(self.to_dict(), indent=2, allow_nan=False) + "\n"
+
+    @staticmethod
+    def peek(directory: PathLike) -> Optional[dict]:
+        """The document of ``directory/mlxqat.json`` if it is an mlxqat manifest of any kind (not verified), else None."""
+        try:
+            path = Path(directory) / MANIFEST
+            doc = json.loads(path.read_bytes()) if path.is_file() else None
+        except (OSError, ValueError, RecursionError):
+            return None
+        return doc if isinstance(doc, dict) and doc.get("format") == "mlxqat" else None
+
+    @staticmethod
+    def work_mark() -> str:
+        """The text of the ``mlxqat.json`` that marks a training work directory (kind ``work``, no file list)."""
+        return json.dumps({
+            "format": "mlxqat", "kind": "work", "mlxqat_version": __version__,
+            "note": "training work directory (checkpoints, log, teacher cache) written by mlxqat"})
+
+    @staticmethod
+    def info_of(doc: Any) -> dict:
+        """The non-reserved entries of a manifest document (a dict read from JSON; anything else: none)."""
+        return {k: v for k, v in doc.items() if k not in RESERVED_KEYS} if isinstance(doc, dict) else {}
+
+    @classmethod
+    def from_bytes(cls, raw: bytes, path: PathLike = MANIFEST) -> "Manifest":
+        """Parse and check a manifest's bytes: format, version, file list, self-digest, exact text.
+
+        Raises:
+            IntegrityError: naming ``path`` and what is wrong.
+        """
+        path = Path(path)
+        try:
+            doc = json.loads(raw.decode("utf-8"))
+        except (UnicodeDecodeError, ValueError, RecursionError) as e:
+            raise IntegrityError(f"{path} is not valid JSON ({e}). The manifest is damaged") from None
+        if not isinstance(doc, dict) or doc.get("format") != "mlxqat":
+            raise IntegrityError(f"{path} is not an mlxqat manifest; the manifest is damaged")
+        version = doc.get("format_version")
+        if version != FORMAT_VERSION:
+            raise IntegrityError(
+                f"{path} has format_version {version!r}; this mlxqat reads version {FORMAT_VERSION} (which also "
+                f"guards the manifest itself). If you trust the files, run `python -m mlxqat.verify --write {path.parent}`"
+            )
+        files = doc.get("files")
+        if not isinstance(files, dict) or not all(
+            isinstance(v, str) and re.fullmatch(r"[0-9a-f]{64}", v) for v in files.values()
+        ):
+            _raise_damaged(path, "'files' must map file names to sha256 digests")
+        for name in files:
+            check_member_name(name, path.parent)
+        kind, version_str = doc.get("kind"), doc.get("mlxqat_version")
+        if not isinstance(kind, str) or not isinstance(version_str, str):
+            _raise_damaged(path, "'kind' and 'mlxqat_version' must be strings")
+        manifest = cls(kind=kind, info=cls.info_of(doc), files=files, mlxqat_version=version_str)
+        try:
+            exact = manifest.text().encode() == raw and doc.get("manifest_sha256") == manifest.digest()
+        except ValueError:  # NaN/Inf in an edited file
+            exact = False
+        if not exact:
+            raise IntegrityError(
+                f"{path} was edited after it was written (its manifest_sha256 does not match its content); "
+                "re-export the model, or re-create the manifest with `python -m mlxqat.verify --write` if you made the edit"
+            )
+        return manifest
+
+    # -- a directory -------------------------------------------------------
+
+    @classmethod
+    def for_files(cls, directory: PathLike, info: Optional[Dict[str, Any]] = None, *, kind: str = "model") -> "Manifest":
+        """The manifest of ``directory`` as it is now: ``info`` plus the sha256 of every other file.
+
+        Raises:
+            ValueError: ``info`` sets a reserved key, or the directory holds
+                something other than regular files and folders.
+        """
+        directory = Path(directory)
+        manifest = cls(kind=kind, info=dict(info or {}))
+        for name, st in sorted(_walk_entries(directory)):
+            if stat.S_ISDIR(st.st_mode) or name == MANIFEST:
+                continue
+            if not stat.S_ISREG(st.st_mode):
+                raise ValueError(f"{directory / name} is not a regular file; a model directory holds files only")
+            manifest.files[name] = sha256_file(directory / name)
+        return manifest
+
+    def write(self, directory: PathLike) -> dict:
+        """Write ``mlxqat.json`` into ``directory`` (atomically); returns :meth:`to_dict`.
+
+        Raises:
+            ValueError: an entry holds NaN or Inf.
+        """
+        directory = Path(directory)
+        try:
+            text = self.text()
+        except ValueError as e:
+            raise ValueError(f"the manifest of {directory} cannot hold NaN or Inf ({e}); leave such metrics out") from e
+        with atomic_file(directory / MANIFEST, "w", check=False) as f:
+            f.write(text)
+        return self.to_dict()
+
+    @classmethod
+    def read(cls, directory: PathLike) -> "Manifest":
+        """Read and check ``directory/mlxqat.json`` (see :meth:`from_bytes`); the files are not hashed."""
+        directory = Path(directory)
+        path = directory / MANIFEST
+        if not os.path.lexists(path):
+            raise FileNotFoundError(
+                f"{path} does not exist: {directory} was not saved by mlxqat (or the manifest was removed); "
+                f"if you trust its files, add one with `python -m mlxqat.verify --write {directory}`"
+            )
+        st = os.lstat(path)
+        if not (stat.S_ISREG(st.st_mode) or _is_hub_blob_link(directory, MANIFEST, st)):
+            raise IntegrityError(f"{path} is not a regular file (a link, folder or device); the manifest is damaged")
+        try:
+            read_json_file(path, "the manifest", MAX_MANIFEST_BYTES)  # size, encoding and JSON checks
+            raw = path.read_bytes()
+        except (OSError, ValueError) as e:
+            raise IntegrityError(f"{e}. The manifest is damaged") from e
+        return cls.from_bytes(raw, path)
+
+    def problems(self, directory: PathLike) -> list:
+        """One line per file of ``directory`` that is missing, extra, changed or not a regular file."""
+        directory = Path(directory)
+        problems, present, bad = [], set(), set()
+        for name, st in _walk_entries(directory):
+            if stat.S_ISDIR(st.st_mode) or name == MANIFEST:
+                continue
+            if not (stat.S_ISREG(st.st_mode) or _is_hub_blob_link(directory, name, st)):
+                problems.append(f"{name}: not a regular file")
+                bad.add(name)
+            elif name not in self.files:
+                problems.append(f"{name}: not in the manifest (an added file)")
+            present.add(name)
+        for name, expected in self.files.items():
+            if name not in present:
+                problems.append(f"{name}: missing")
+            elif name not in bad and sha256_file(directory / name) != expected:
+                problems.append(f"{name}: content changed")
+        return sorted(problems)
+
+
 def write_manifest(directory: PathLike, info: Dict[str, Any], *, kind: str = "model") -> dict:
     """Write ``mlxqat.json`` into ``directory``: ``info``, the sha256 of every other file, a self-digest.
 
@@ -426,75 +605,12 @@ def write_manifest(directory: PathLike, info: Dict[str, Any], *, kind: str = "mo
         ValueError: ``info`` sets a reserved key, holds NaN/Inf, or the directory
             holds something other than regular files and folders.
     """
-    directory = Path(directory)
-    clash = sorted(set(info) & set(RESERVED_KEYS))
-    if clash:
-        raise ValueError(f"info sets {clash}, which mlxqat.json reserves for itself; rename those entries")
-    files = {}
-    for name, st in sorted(_walk_entries(directory)):
-        if stat.S_ISDIR(st.st_mode) or name == MANIFEST:
-            continue
-        if not stat.S_ISREG(st.st_mode):
-            raise ValueError(f"{directory / name} is not a regular file; a model directory holds files only")
-        files[name] = sha256_file(directory / name)
-    manifest = {"format": "mlxqat", "format_version": FORMAT_VERSION, "kind": kind, "mlxqat_version": __version__}
-    manifest.update(info)
-    manifest["files"] = files
-    try:
-        manifest["manifest_sha256"] = _manifest_digest(manifest)
-    except ValueError as e:
-        raise ValueError(f"the manifest of {directory} cannot hold NaN or Inf ({e}); leave such metrics out") from e
-    with atomic_file(directory / MANIFEST, "w", check=False) as f:
-        f.write(_manifest_text(manifest))
-    return manifest
+    return Manifest.for_files(directory, info, kind=kind).write(directory)
 
 
 def read_manifest(directory: PathLike) -> dict:
     """Read and check ``mlxqat.json`` (format, file list, self-digest); the files are not hashed."""
-    directory = Path(directory)
-    path = directory / MANIFEST
-    if not os.path.lexists(path):
-        raise FileNotFoundError(
-            f"{path} does not exist: {directory} was not saved by mlxqat (or the manifest was removed); "
-            f"if you trust its files, add one with `python -m mlxqat.verify --write {directory}`"
-        )
-    st = os.lstat(path)
-    if not (stat.S_ISREG(st.st_mode) or _is_hub_blob_link(directory, MANIFEST, st)):
-        raise IntegrityError(f"{path} is not a regular file (a link, folder or device); the manifest is damaged")
-    try:
-        manifest = read_json_file(path, "the manifest", MAX_MANIFEST_BYTES)
-        raw = path.read_bytes()
-    except (OSError, ValueError) as e:
-        raise IntegrityError(f"{e}. The manifest is damaged") from e
-    if not isinstance(manifest, dict) or manifest.get("format") != "mlxqat":
-        raise IntegrityError(f"{path} is not an mlxqat manifest; the manifest is damaged")
-    version = manifest.get("format_version")
-    if version != FORMAT_VERSION:
-        raise IntegrityError(
-            f"{path} has format_version {version!r}; this mlxqat reads version {FORMAT_VERSION} (which also "
-            f"guards the manifest itself). If you trust the files, run `python -m mlxqat.verify --write {directory}`"
-        )
-    files = manifest.get("files")
-    if not isinstance(files, dict) or not all(
-        isinstance(v, str) and re.fullmatch(r"[0-9a-f]{64}", v) for v in files.values()
-    ):
-        raise IntegrityError(f"{path}: 'files' must map file names to sha256 digests; the manifest is damaged")
-    for name in files:
-        check_member_name(name, directory)
-    try:
-        digest = _manifest_digest(manifest)
-    except ValueError:
-        digest = None
-    try:
-        exact = _manifest_text(manifest).encode() == raw
-    except ValueError:
-        exact = False
-    if manifest.get("manifest_sha256") != digest or not exact:
-        raise IntegrityError(
-            f"{path} was edited after it was written (its manifest_sha256 does not match its content); "
-            "re-export the model, or re-create the manifest with `python -m mlxqat.verify --write` if you made the edit"
-        )
-    return manifest
+    return Manifest.read(directory).to_dict()
 
 
 def _is_hub_blob_link(directory: Path, name: str, st: os.stat_result) -> bool:
@@ -520,31 +636,16 @@ def verify(directory: PathLike) -> dict:
     directory = Path(directory)
     if not directory.is_dir():
         raise FileNotFoundError(f"{directory} is not a directory: nothing to verify (expected a model directory with {MANIFEST})")
-    manifest = read_manifest(directory)
-    files = manifest["files"]
-    problems, present, bad = [], set(), set()
-    for name, st in _walk_entries(directory):
-        if stat.S_ISDIR(st.st_mode) or name == MANIFEST:
-            continue
-        if not (stat.S_ISREG(st.st_mode) or _is_hub_blob_link(directory, name, st)):
-            problems.append(f"{name}: not a regular file")
-            bad.add(name)
-        elif name not in files:
-            problems.append(f"{name}: not in the manifest (an added file)")
-        present.add(name)
-    for name, expected in files.items():
-        if name not in present:
-            problems.append(f"{name}: missing")
-        elif name not in bad and sha256_file(directory / name) != expected:
-            problems.append(f"{name}: content changed")
+    manifest = Manifest.read(directory)
+    problems = manifest.problems(directory)
     if problems:
         error = IntegrityError(
-            f"{directory} failed verification ({len(problems)} problem(s)): " + "; ".join(sorted(problems)[:5])
+            f"{directory} failed verification ({len(problems)} problem(s)): " + "; ".join(problems[:5])
             + ". The directory changed after it was saved: re-export or re-download the model"
         )
-        error.problems = sorted(problems)
+        error.problems = problems
         raise error
-    return manifest
+    return manifest.to_dict()
 
 
 # ---------------------------------------------------------------------------
@@ -619,17 +720,104 @@ def _compact_scales(model: nn.Module, weights: Dict[str, mx.array]) -> None:
     dtype, so a float32 model computes the same numbers. Embeddings keep their
     dtype because their output dtype would follow it.
     """
+    from .quant import compact
+
     for path, m in model.named_modules():
         if type(m).__name__ == "QuantizedEmbedding" or not isinstance(m, nn.QuantizedLinear):
             continue
-        keys = [f"{path}.scales", f"{path}.biases"]
-        arrs = [weights.get(k) for k in keys]
-        if any(a is None or a.dtype != mx.float32 for a in arrs):
+        scales, biases = weights.get(f"{path}.scales"), weights.get(f"{path}.biases")
+        if scales is None or scales.dtype != mx.float32:
             continue
-        halves = [a.astype(mx.float16) for a in arrs]
-        if all(mx.array_equal(h.astype(mx.float32), a).item() for h, a in zip(halves, arrs)):
-            for k, h in zip(keys, halves):
-                weights[k] = h
+        halves = compact(scales, biases, mx.float16)
+        if halves is not None:
+            weights[f"{path}.scales"], weights[f"{path}.biases"] = halves
+
+
+def format_size(n: int) -> str:
+    """``"1.234 MB"``, or ``"12,345 B"`` below 100 kB."""
+    return f"{n / 1e6:.3f} MB" if n >= 100_000 else f"{n:,} B"
+
+
+def _card_metrics(info: dict) -> dict:
+    """The measured figures of a manifest: ``metrics``, then the training summary's scalars."""
+    m = dict(info.get("metrics") or {})
+    for k, v in (info.get("training") or {}).items():
+        if isinstance(v, (int, float, str)):
+            m.setdefault(f"training.{k}", v)
+    return m
+
+
+def _card_value(v) -> str:
+    if isinstance(v, float):
+        return f"{v:.6g}"
+    if isinstance(v, dict):  # a row of figures, e.g. {"ppl": 12.3, "kl": 0.01}
+        return ", ".join(f"{k} {_card_value(x)}" for k, x in v.items())
+    return str(v)
+
+
+def model_card(title: str, info: Dict[str, Any], memory: Optional[dict] = None, *, notes: str = "") -> str:
+    """The README.md of a saved model directory (one card for :func:`save`, the exports and training).
+
+    Args:
+        title: heading (the model's name).
+        info: the manifest entries: ``recipe`` (a recipe dictionary, or None: not
+            quantized by mlxqat), ``metrics``, ``training``, ``exported_from``.
+        memory: a memory report dictionary (:meth:`mlxqat.export.MemoryReport.to_dict`).
+        notes: extra paragraphs.
+    """
+    source = info.get("exported_from") or ""
+    lines = [f"# {title}", ""]
+    lines.append(f"Made by mlxqat {__version__}" + (f" from `{source}`." if source else "."))
+    lines += ["", "## Quantization", ""]
+    recipe = info.get("recipe")
+    if recipe:
+        d = recipe.get("default", {})
+        lines.append(
+            f"Recipe `{recipe.get('name')}`: {recipe.get('description') or 'custom'}. "
+            f"Default layer: {d.get('bits')}-bit, group {d.get('group_size')}, {d.get('mode')}"
+            + (", learned scales" if d.get("learn_scales") else "")
+            + (f", {d.get('act_bits')}-bit activations" if d.get("act_bits") else "")
+            + "."
+        )
+        for pattern, spec in recipe.get("overrides", []):
+            lines.append(f"- `{pattern}`: {spec.get('bits')}-bit, group {spec.get('group_size')}, {spec.get('mode')}")
+        for pattern in recipe.get("skip", []):
+            lines.append(f"- `{pattern}`: full precision")
+    else:
+        lines.append("No mlxqat recipe recorded for these weights.")
+    if memory:
+        lines += [
+            "",
+            "## Size",
+            "",
+            "| weights | bits per weight | size vs bf16 | values |",
+            "|---|---|---|---|",
+            f"| {format_size(memory['weight_bytes'])} | {memory['bits_per_weight']:.3f} | {memory['ratio_to_bf16']:.3f}x "
+            f"| {memory['n_weights']:,} |",
+        ]
+    lines += ["", "## Measured", ""]
+    metrics = _card_metrics(info)
+    if metrics:
+        lines += ["| metric | value |", "|---|---|"]
+        lines += [f"| {k} | {_card_value(v)} |" for k, v in metrics.items()]
+    else:
+        lines.append("No metrics were recorded with this model.")
+    if notes:
+        lines += ["", notes]
+    lines += [
+        "",
+        "## Use",
+        "",
+        "```python",
+        "from mlx_lm import load, generate",
+        'model, tokenizer = load("path/to/this/folder")',
+        'print(generate(model, tokenizer, "def fibonacci(n):", max_tokens=64))',
+        "```",
+        "",
+        "`python -m mlxqat.verify path/to/this/folder` checks every file against the sha256 in `mlxqat.json`.",
+        "",
+    ]
+    return "\n".join(lines)
 
 
 def save(
@@ -644,6 +832,8 @@ def save(
     master_weights: Optional[Dict[str, mx.array]] = None,
     compact_scales: bool = True,
     sources: Iterable[PathLike] = (),
+    title: Optional[str] = None,
+    notes: str = "",
 ) -> dict:
     """Write a converted model as an mlx-lm directory (``mlx_lm.load(path)`` opens it).
 
@@ -654,7 +844,8 @@ def save(
         path: destination directory: new, empty, or an earlier mlxqat output
             (replaced atomically); anything else is refused (:func:`check_destination`).
         config: the model's config dict; default: built from ``model.args``.
-        info: extra entries for ``mlxqat.json`` (training summary, metrics).
+        info: extra entries for ``mlxqat.json`` (training summary, metrics). The
+            recipe is read from the model's layers (:func:`mlxqat.convert.recipe_of`).
         max_shard_bytes: shard the weights above this size.
         extra_files: ``{name: text or bytes}`` written into the directory.
         master_weights: unquantized weights to keep beside the model
@@ -662,6 +853,8 @@ def save(
         compact_scales: store float32 scales/biases of linear layers as float16
             when that is lossless (the values are float16 numbers).
         sources: the paths the model was read from; ``path`` may not be or hold one.
+        title, notes: the heading (default: the directory's name) and extra text of
+            the model card ``README.md`` (:func:`model_card`) written beside the weights.
 
     Returns:
         The manifest written to ``mlxqat.json``.
@@ -715,12 +908,17 @@ def save(
     if compact_scales:
         _compact_scales(model, weights)
 
-    manifest_info = {"recipe": None}
-    recipe = getattr(model, "mlxqat_recipe", None)
-    if recipe is not None:
-        manifest_info["recipe"] = recipe.to_dict()
+    from .convert import recipe_of
+    from .export import memory_report
+
+    recipe = recipe_of(model)
+    manifest_info = {"recipe": recipe.to_dict() if recipe is not None else None}
     manifest_info["activation_quantization"] = act_bits
     manifest_info.update(info or {})
+    extra_files = dict(extra_files or {})
+    if "README.md" not in extra_files:
+        memory = memory_report(model, params=weights).to_dict()
+        extra_files["README.md"] = model_card(title or Path(path).name, manifest_info, memory, notes=notes)
 
     with atomic_dir(path, sources=sources) as tmp:
         _write_weights(tmp, weights, max_shard_bytes)
@@ -731,13 +929,27 @@ def save(
         with open(tmp / "config.json", "w") as f:
             json.dump(dict(sorted(config.items())), f, indent=2)
         tokenizer.save_pretrained(str(tmp))
-        for name, content in (extra_files or {}).items():
+        for name, content in extra_files.items():
             mode = "wb" if isinstance(content, bytes) else "w"
             (tmp / name).parent.mkdir(parents=True, exist_ok=True)
             with open(tmp / name, mode) as f:
                 f.write(content)
         manifest = write_manifest(tmp, manifest_info)
     return manifest
+
+
+def _attach_recipe(model: nn.Module, manifest: dict, directory: Path) -> None:
+    """Give the loaded quantized layers their specs from the manifest's recipe (:func:`mlxqat.convert.recipe_of`
+    then reads it back from them)."""
+    if not manifest.get("recipe"):
+        return
+    from .convert import attach_recipe
+    from .recipes import Recipe
+
+    try:
+        attach_recipe(model, Recipe.from_dict(manifest["recipe"]))
+    except (KeyError, TypeError, ValueError) as e:
+        raise IntegrityError(f"{directory}/{MANIFEST}: the recipe entry is damaged ({e})") from e
 
 
 def _restore_activation_quant(model: nn.Module, directory: Path, manifest: dict) -> None:
@@ -921,13 +1133,7 @@ def load(
         raise ValueError(f"{directory}: the tokenizer files could not be read ({e})") from e
     except Exception as e:  # tokenizers raise their own exception types on damaged files
         raise ValueError(f"{directory}: the tokenizer files could not be read ({type(e).__name__}: {e})") from e
-    if manifest.get("recipe"):
-        from .recipes import Recipe
-
-        try:
-            model.mlxqat_recipe = Recipe.from_dict(manifest["recipe"])
-        except (KeyError, TypeError, ValueError) as e:
-            raise IntegrityError(f"{directory}/{MANIFEST}: the recipe entry is damaged ({e})") from e
+    _attach_recipe(model, manifest, directory)
     if kernel != "mlx":
         from .convert import use_kernel
 

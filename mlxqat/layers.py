@@ -18,8 +18,9 @@ from . import quant
 from .recipes import LayerSpec
 
 
-def _init_quant_state(layer: nn.Module, weight: mx.array, spec: LayerSpec) -> None:
+def _init_quant_state(layer: nn.Module, weight: mx.array, spec: LayerSpec, recipe=None) -> None:
     layer.spec = spec
+    layer.recipe = recipe  # the Recipe the spec came from (None: the layer was built by hand)
     layer.fake_quant_enabled = True
     layer.group_size = quant.storage_group_size(spec.group_size, weight.shape[-1])
     if spec.learn_scales:
@@ -30,23 +31,23 @@ def _init_quant_state(layer: nn.Module, weight: mx.array, spec: LayerSpec) -> No
             s, b = quant.mse_clip_params(weight, spec.bits, spec.group_size)
             if spec.scale_dtype is not None:
                 dt = getattr(mx, spec.scale_dtype)
-                s, b = s.astype(dt).astype(weight.dtype), b.astype(dt).astype(weight.dtype)
+                s, b = quant.snap_to(dt, s), quant.snap_to(dt, b)
             layer.scales, layer.biases = s, b
 
 
+def _fake_quant(spec: LayerSpec, group_size: int, w: mx.array, codes=None, scales=None, biases=None) -> mx.array:
+    """The fake-quant weight of rows ``w`` given the layer's state (frozen codes, learned or derived scales)."""
+    if codes is not None:
+        return quant.dequantize_frozen(codes, scales, biases, spec.bits, group_size)
+    if spec.learn_scales:
+        return quant.fake_quant(w, spec.bits, spec.group_size, spec.mode, scales, biases)
+    return quant.fake_quant(w, spec.bits, spec.group_size, spec.mode, scale_dtype=spec.scale_dtype)
+
+
 def _dequantized(layer: nn.Module, weight: mx.array) -> mx.array:
-    spec = layer.spec
     if not layer.fake_quant_enabled:  # a fake-quant delay: full precision for now
         return weight
-    if "codes" in layer:
-        return quant.dequantize_frozen(layer.codes, layer.scales, layer.biases, spec.bits, layer.group_size)
-    if spec.learn_scales:
-        return quant.fake_quant(
-            weight, spec.bits, spec.group_size, spec.mode, layer.scales, layer.biases
-        )
-    return quant.fake_quant(
-        weight, spec.bits, spec.group_size, spec.mode, scale_dtype=spec.scale_dtype
-    )
+    return _fake_quant(layer.spec, layer.group_size, weight, layer.get("codes"), layer.get("scales"), layer.get("biases"))
 
 
 def _quantized_params(layer: nn.Module):
@@ -83,21 +84,21 @@ class FakeQuantLinear(nn.Module):
         spec: how to quantize (see :class:`mlxqat.recipes.LayerSpec`).
     """
 
-    def __init__(self, weight: mx.array, bias: Optional[mx.array], spec: LayerSpec):
+    def __init__(self, weight: mx.array, bias: Optional[mx.array], spec: LayerSpec, recipe=None):
         super().__init__()
         self.weight = weight
         if bias is not None:
             self.bias = bias
-        _init_quant_state(self, weight, spec)
+        _init_quant_state(self, weight, spec, recipe)
         if spec.act_bits is not None:
             # Set by mlxqat.calibrate(); None until then.
             self.act_scale = None
         self._act_max = None  # running max |x| while calibrating
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, spec: LayerSpec) -> "FakeQuantLinear":
-        """Wrap an ``nn.Linear`` (weights shared, not copied)."""
-        return cls(linear.weight, linear.get("bias"), spec)
+    def from_linear(cls, linear: nn.Linear, spec: LayerSpec, recipe=None) -> "FakeQuantLinear":
+        """Wrap an ``nn.Linear`` (weights shared, not copied); ``recipe``: the one ``spec`` came from."""
+        return cls(linear.weight, linear.get("bias"), spec, recipe)
 
     def _extra_repr(self) -> str:
         out_dims, in_dims = self.weight.shape
@@ -151,6 +152,7 @@ class FakeQuantLinear(nn.Module):
                 )
             ql.act_bits = spec.act_bits
             ql.act_scale = self.act_scale
+        carry_spec(self, ql)
         ql.freeze()
         return ql
 
@@ -162,7 +164,7 @@ class FakeQuantEmbedding(nn.Module):
     table equals fake-quantizing the looked-up rows; only those are computed.
     """
 
-    def __init__(self, weight: mx.array, spec: LayerSpec):
+    def __init__(self, weight: mx.array, spec: LayerSpec, recipe=None):
         super().__init__()
         if spec.act_bits is not None:
             raise ValueError(
@@ -170,11 +172,11 @@ class FakeQuantEmbedding(nn.Module):
                 "without act_bits (e.g. an override for '*embed_tokens')"
             )
         self.weight = weight
-        _init_quant_state(self, weight, spec)
+        _init_quant_state(self, weight, spec, recipe)
 
     @classmethod
-    def from_embedding(cls, emb: nn.Embedding, spec: LayerSpec) -> "FakeQuantEmbedding":
-        return cls(emb.weight, spec)
+    def from_embedding(cls, emb: nn.Embedding, spec: LayerSpec, recipe=None) -> "FakeQuantEmbedding":
+        return cls(emb.weight, spec, recipe)
 
     def _extra_repr(self) -> str:
         n, d = self.weight.shape
@@ -190,19 +192,10 @@ class FakeQuantEmbedding(nn.Module):
         flat = rows.reshape(-1, rows.shape[-1])
         if not self.fake_quant_enabled:
             dq = flat
-        elif "codes" in self:
-            codes = self.codes[ids].reshape(flat.shape[0], -1)
-            s = self.scales[ids].reshape(flat.shape[0], -1)
-            b = self.biases[ids].reshape(flat.shape[0], -1)
-            dq = quant.dequantize_frozen(codes, s, b, spec.bits, self.group_size)
-        elif spec.learn_scales:
-            s = self.scales[ids].reshape(flat.shape[0], -1)
-            b = self.biases[ids].reshape(flat.shape[0], -1)
-            dq = quant.fake_quant(flat, spec.bits, spec.group_size, spec.mode, s, b)
         else:
-            dq = quant.fake_quant(
-                flat, spec.bits, spec.group_size, spec.mode, scale_dtype=spec.scale_dtype
-            )
+            n = flat.shape[0]
+            state = [self[k][ids].reshape(n, -1) if k in self else None for k in ("codes", "scales", "biases")]
+            dq = _fake_quant(spec, self.group_size, flat, *state)
         return dq.reshape(rows.shape)
 
     def as_linear(self, x: mx.array) -> mx.array:
@@ -214,6 +207,7 @@ class FakeQuantEmbedding(nn.Module):
         n, d = self.weight.shape
         qe = nn.QuantizedEmbedding(n, d, self.group_size, self.spec.bits)
         qe.weight, qe.scales, qe.biases = packed, scales, biases
+        carry_spec(self, qe)
         qe.freeze()
         return qe
 
@@ -236,6 +230,18 @@ class ActQuantizedLinear(nn.QuantizedLinear):
     def __call__(self, x: mx.array) -> mx.array:
         x = quant.fake_quant_activation(x, self.act_scale, self.act_bits)
         return super().__call__(x)
+
+
+def carry_spec(source: nn.Module, target: nn.Module) -> nn.Module:
+    """Give ``target`` (the layer replacing ``source``) the spec and recipe ``source`` was quantized with.
+
+    A converted or loaded layer knows how it was quantized, so the recipe saved
+    with a model is read from its layers (:func:`mlxqat.convert.recipe_of`).
+    """
+    if getattr(source, "spec", None) is not None:
+        target.spec = source.spec
+        target.recipe = getattr(source, "recipe", None)
+    return target
 
 
 def is_fake_quant(module: nn.Module) -> bool:

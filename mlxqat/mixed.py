@@ -197,22 +197,13 @@ def layer_sizes(model: nn.Module, options: Sequence[LayerSpec] = ()) -> Dict[str
     return {p: (int(m.weight.size), int(m.weight.shape[-1])) for p, m in quantizable_layers(model, options).items()}
 
 
-def spec_bits_per_weight(spec: LayerSpec, in_features: int) -> float:
-    """Stored bits per weight of ``spec`` on a layer with ``in_features`` inputs.
-
-    Channel-wise scales are stored repeated per storage group (MLX's format),
-    so they cost what the storage group size costs.
-    """
-    return spec.bits + 32 / quant.storage_group_size(spec.group_size, in_features)
-
-
 def _size(entry) -> Tuple[int, Optional[int]]:
     return (entry, None) if isinstance(entry, (int, np.integer)) else (int(entry[0]), int(entry[1]))
 
 
 def _cost(entry, spec: LayerSpec) -> float:
     n, k = _size(entry)
-    return n * (spec.bits_per_weight if k is None else spec_bits_per_weight(spec, k))
+    return n * spec.bits_per_weight(k)
 
 
 def allocate_bits(
@@ -235,7 +226,7 @@ def allocate_bits(
             (the second counts channel-wise scales at their real storage group).
         options: the specs the costs refer to, in the same order.
         budget_bpw: average bits per weight allowed, scales and biases included
-            (:attr:`LayerSpec.bits_per_weight`).
+            (:meth:`LayerSpec.bits_per_weight`).
 
     Returns:
         ``{path: chosen spec}``.

@@ -25,6 +25,7 @@ import math
 from typing import Optional, Tuple
 
 import mlx.core as mx
+import mlx.nn as nn
 
 SUPPORTED_BITS = (2, 3, 4, 5, 6, 8)
 SUPPORTED_GROUP_SIZES = (32, 64, 128)
@@ -55,6 +56,53 @@ def storage_group_size(group_size: int, in_features: int) -> int:
         f"in_features={in_features} is not a multiple of 32, so it cannot be "
         "stored in MLX's quantized format; skip this layer in the recipe"
     )
+
+
+def bits_per_weight(bits: int, group_size: int, in_features: int, scale_bits: int = 16) -> float:
+    """Stored bits per weight: the code plus one scale and one bias per storage group.
+
+    The one rule for every report (``LayerSpec.bits_per_weight``, the bit
+    allocation of :mod:`mlxqat.mixed`, :func:`mlxqat.export.memory_report`).
+    Channel-wise layers store their per-row scale once per storage group
+    (:func:`storage_group_size`), so they cost what that group size costs.
+
+    Args:
+        bits: code bits.
+        group_size: 32, 64, 128, or -1 (channel-wise).
+        in_features: the layer's input width (decides a channel-wise storage group).
+        scale_bits: bits of one stored scale (and of one bias): 16 for the
+            float16/bfloat16 files mlxqat writes, 32 for float32 scales.
+    """
+    return bits + 2 * scale_bits / storage_group_size(group_size, in_features)
+
+
+def snap_to(dtype: mx.Dtype, x: mx.array) -> mx.array:
+    """``x`` rounded to the nearest ``dtype`` values, kept in ``x.dtype``.
+
+    Scales and biases snapped to float16 are stored losslessly in float16
+    files and GGUF block headers; the codes must then be computed from the
+    snapped values (as :func:`init_params` does).
+    """
+    return x.astype(dtype).astype(x.dtype)
+
+
+def holds_exactly(dtype: mx.Dtype, x) -> bool:
+    """Whether every value of ``x`` (an MLX or NumPy array) is a ``dtype`` value (casting loses nothing)."""
+    x = mx.array(x) if not isinstance(x, mx.array) else x
+    return bool(mx.array_equal(snap_to(dtype, x), x).item())
+
+
+def compact(scales: mx.array, biases: mx.array, dtype: mx.Dtype = mx.float16) -> Optional[Tuple[mx.array, mx.array]]:
+    """``(scales, biases)`` stored as ``dtype`` when that loses nothing, else None.
+
+    Float32 scales snapped to float16 (``scale_dtype="float16"``) take half
+    the bytes this way and keep every value.
+    """
+    if scales.dtype == dtype or biases is None or biases.dtype != scales.dtype:
+        return None
+    if not (holds_exactly(dtype, scales) and holds_exactly(dtype, biases)):
+        return None
+    return scales.astype(dtype), biases.astype(dtype)
 
 
 def _grouped(w: mx.array, group_size: int) -> mx.array:
@@ -106,8 +154,7 @@ def init_params(
     else:
         raise ValueError(f"mode={mode!r} is not one of {MODES}")
     if scale_dtype is not None:
-        scales = scales.astype(getattr(mx, scale_dtype)).astype(w.dtype)
-        biases = biases.astype(getattr(mx, scale_dtype)).astype(w.dtype)
+        scales, biases = snap_to(getattr(mx, scale_dtype), scales), snap_to(getattr(mx, scale_dtype), biases)
     codes = quantize_codes(w, scales, biases, bits, g)
     return pack(codes, bits), scales, biases
 
@@ -122,7 +169,7 @@ def _symmetric_scales(w, bits, group_size, g):
     # lands exactly on code 0, so the whole range [-half, half-1] is used.
     idx = mx.argmax(mx.abs(wg), axis=-1, keepdims=True)
     signed_max = mx.take_along_axis(wg, idx, axis=-1)[..., 0].astype(mx.float32)
-    scales = (signed_max / -half).astype(mx.float16).astype(w.dtype)
+    scales = snap_to(mx.float16, signed_max / -half).astype(w.dtype)  # GGUF stores float16
     if group_size == CHANNELWISE:
         scales = mx.repeat(scales, w.shape[-1] // g, axis=-1)
     biases = scales * -half
@@ -265,11 +312,53 @@ def unpack(packed: mx.array, bits: int) -> mx.array:
     return mx.sum(bits_ * weights, axis=-1).astype(mx.uint32)
 
 
+def unpack_numpy(words, bits: int):
+    """:func:`unpack` for NumPy arrays: uint32 words (..., W) -> uint8 codes (..., W*32/bits)."""
+    import numpy as np
+
+    return np.array(unpack(mx.array(np.asarray(words, dtype=np.uint32)), bits)).astype(np.uint8)
+
+
 def dequantize(
-    packed: mx.array, scales: mx.array, biases: mx.array, bits: int, group_size: int
+    packed: mx.array, scales: mx.array, biases: mx.array, bits: int, group_size: int, mode: str = "affine"
 ) -> mx.array:
     """``scale * code + bias`` through MLX's own kernel (the converted layer's numerics)."""
-    return mx.dequantize(packed, scales, biases, group_size=group_size, bits=bits)
+    return mx.dequantize(packed, scales, biases, group_size=group_size, bits=bits, mode=mode)
+
+
+def is_quantized(module: nn.Module) -> bool:
+    """Whether ``module`` is a real quantized layer (MLX's ``QuantizedLinear`` / ``QuantizedEmbedding`` or a subclass)."""
+    return isinstance(module, (nn.QuantizedLinear, nn.QuantizedEmbedding))
+
+
+def dequantized_weight(layer: nn.Module) -> mx.array:
+    """The float32 weight of a quantized layer: ``scale * code + bias`` evaluated in float32.
+
+    This is what ``quantized_matmul`` computes with for float32 activations,
+    whatever dtype the scales are stored in (mlxqat stores float16-valued
+    scales as float16).
+    """
+    biases = layer.get("biases")
+    return dequantize(
+        layer.weight, layer.scales.astype(mx.float32), None if biases is None else biases.astype(mx.float32),
+        layer.bits, layer.group_size, getattr(layer, "mode", "affine"),
+    )
+
+
+def layer_storage(layer: nn.Module, scale_bits: Optional[int] = None) -> Tuple[int, int]:
+    """``(stored bits, number of weights)`` of a quantized layer's matrix: codes, scales and biases.
+
+    ``scale_bits``: bits of one stored scale (default: those of the layer's ``scales`` dtype).
+    """
+    n_weights = layer.weight.size * 32 // layer.bits
+    scale_bits = scale_bits or 8 * layer.scales.itemsize
+    in_features = layer.weight.shape[-1] * 32 // layer.bits
+    # The shared rule, with the layer's own storage group and scale dtype; an array
+    # count would give the same number (tests/test_export.py holds them equal).
+    bits = bits_per_weight(layer.bits, layer.group_size, in_features, scale_bits) * n_weights
+    if layer.get("biases") is None:  # modes without biases (MLX's mxfp4 and friends)
+        bits -= scale_bits * n_weights // layer.group_size
+    return int(round(bits)), n_weights
 
 
 def quantize_learned(

@@ -15,6 +15,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Tuple
 
+from . import quant
 from .quant import CHANNELWISE, MODES, SCALE_INITS, SUPPORTED_BITS, SUPPORTED_GROUP_SIZES
 
 ACT_BITS = (4, 8)
@@ -69,11 +70,22 @@ class LayerSpec:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
-    @property
-    def bits_per_weight(self) -> float:
-        """Storage cost per weight: code bits plus a 16-bit scale and bias per group."""
-        g = 128 if self.group_size == CHANNELWISE else self.group_size
-        return self.bits + 32 / g
+    def bits_per_weight(self, in_features: Optional[int] = None) -> float:
+        """Stored bits per weight on a layer with ``in_features`` inputs: the code plus a 16-bit
+        scale and bias per storage group (:func:`mlxqat.quant.bits_per_weight`).
+
+        Raises:
+            ValueError: a channel-wise spec without ``in_features`` (its storage group
+                depends on the layer: 128 when that divides ``in_features``, else 64 or 32).
+        """
+        if in_features is None:
+            if self.group_size == CHANNELWISE:
+                raise ValueError(
+                    "a channel-wise spec's bits per weight depend on the layer; pass in_features, "
+                    "e.g. spec.bits_per_weight(layer.weight.shape[-1])"
+                )
+            in_features = self.group_size
+        return quant.bits_per_weight(self.bits, self.group_size, in_features)
 
 
 _FIELD_TYPES = {"int": (numbers.Integral, "an integer"), "bool": (bool, "True or False"), "str": (str, "a string"),

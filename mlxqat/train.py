@@ -25,7 +25,7 @@ import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten
 
-from . import recipes as recipes_mod
+from . import quant, recipes as recipes_mod
 from .convert import convert, prepare_calibrated
 from .data import build_dataset, check_seq_len, generate_windows, model_context, stdlib_windows
 from .evaluate import evaluate, format_table, gap_recovered
@@ -64,8 +64,7 @@ def _round_learned_scales(model: nn.Module, dtype) -> None:
     """Snap learned scales/biases to ``dtype`` values so they are stored losslessly."""
     for _, m in model.named_modules():
         if isinstance(m, (FakeQuantLinear, FakeQuantEmbedding)) and m.spec.learn_scales:
-            m.scales = m.scales.astype(dtype).astype(m.scales.dtype)
-            m.biases = m.biases.astype(dtype).astype(m.biases.dtype)
+            m.scales, m.biases = quant.snap_to(dtype, m.scales), quant.snap_to(dtype, m.biases)
 
 
 def _master_weights(model: nn.Module) -> dict:

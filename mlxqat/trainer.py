@@ -263,7 +263,9 @@ RESUME_MUST_MATCH = ("seq_len", "batch_size", "trainable", "lora_rank", "lora_sc
 
 
 def _recipe_dict(student: nn.Module) -> Optional[dict]:
-    recipe = getattr(student, "mlxqat_recipe", None)
+    from .convert import recipe_of  # read from the layers' own specs
+
+    recipe = recipe_of(student)
     return recipe.to_dict() if recipe is not None else None
 
 

@@ -18,7 +18,7 @@ from typing import List, Optional
 
 from ._callable import callable_module
 from ._cli import run_main
-from .io import MANIFEST, RESERVED_KEYS, check_config, read_manifest, verify, write_manifest
+from .io import MANIFEST, Manifest, check_config, verify
 
 
 def write(directory) -> dict:
@@ -37,11 +37,10 @@ def write(directory) -> dict:
     info = {}
     if os.path.lexists(directory / MANIFEST):
         try:
-            info = {k: v for k, v in read_manifest(directory).items()
-                    if k not in RESERVED_KEYS}
+            info = Manifest.read(directory).info
         except ValueError:
             info = {}
-    return write_manifest(directory, info)
+    return Manifest.for_files(directory, info).write(directory)
 
 
 def main(argv: Optional[List[str]] = None) -> int:

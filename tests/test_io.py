@@ -14,6 +14,7 @@ import mlxqat
 import tiny
 from mlxqat import io
 from mlxqat.export import export_mlx
+from mlxqat.convert import recipe_of
 from mlxqat.recipes import LayerSpec, Recipe
 
 verify_cli = importlib.import_module("mlxqat.verify")  # the module (mlxqat.verify is also the function)
@@ -61,9 +62,12 @@ def test_round_trip_through_mlx_lm(tmp_path, tokenizer, arch, recipe):
     assert a == b and len(a) > 0
     ids = mx.array(tokenizer.encode(prompt))
     assert mx.array_equal(model(ids[None]), loaded(ids[None])).item()
-    # and our own loader verifies and restores the recipe
+    # and our own loader verifies and restores the recipe: each layer carries its spec again
     ours, _ = mlxqat.load(out)
-    assert ours.mlxqat_recipe.name == (recipe if isinstance(recipe, str) else recipe.name)
+    declared = mlxqat.recipes.get(recipe)
+    assert recipe_of(ours) == declared and recipe_of(model) == declared
+    assert ours.model.layers[0].mlp.down_proj.spec == declared.spec_for("model.layers.0.mlp.down_proj")
+    assert json.loads((out / "mlxqat.json").read_text())["recipe"] == declared.to_dict()
 
 
 def test_activation_scales_survive_save_and_load(tmp_path, tokenizer):
@@ -331,8 +335,8 @@ def _rewrite_manifest(out, edit, redigest=True):
     m = json.loads((out / "mlxqat.json").read_text())
     edit(m)
     if redigest:  # as a careful editor would: digest and layout as mlxqat writes them
-        m["manifest_sha256"] = io._manifest_digest(m)
-        (out / "mlxqat.json").write_text(io._manifest_text(m))
+        rewritten = io.Manifest(kind=m["kind"], info=io.Manifest.info_of(m), files=m["files"])
+        (out / "mlxqat.json").write_text(rewritten.text())
     else:
         (out / "mlxqat.json").write_text(json.dumps(m))
 

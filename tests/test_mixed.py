@@ -30,7 +30,7 @@ def test_allocation_is_the_exact_optimum_within_budget():
         assert mixed.bits_per_weight(got, sizes) <= budget + 1e-9
         best = None
         for combo in itertools.product(range(3), repeat=len(sizes)):
-            cost = sum(sizes[p] * G64[j].bits_per_weight for p, j in zip(sizes, combo)) / total
+            cost = sum(sizes[p] * G64[j].bits_per_weight() for p, j in zip(sizes, combo)) / total
             if cost <= budget:
                 val = sum(sens[p][j] for p, j in zip(sizes, combo))
                 best = val if best is None else min(best, val)
@@ -45,8 +45,11 @@ def test_allocation_rejects_an_impossible_budget():
 
 def test_channelwise_cost_uses_the_storage_group():
     # in_features=64 stores channel-wise scales per 64 inputs: 2 + 32/64 bits
-    assert mixed.spec_bits_per_weight(LayerSpec(2, -1), 64) == 2.5
-    assert mixed.spec_bits_per_weight(LayerSpec(2, -1), 256) == 2.25
+    assert LayerSpec(2, -1).bits_per_weight(64) == 2.5
+    assert LayerSpec(2, -1).bits_per_weight(256) == 2.25
+    assert LayerSpec(2, -1).bits_per_weight(96) == 3.0  # stored per 32 inputs
+    with pytest.raises(ValueError, match="pass in_features"):
+        LayerSpec(2, -1).bits_per_weight()
 
 
 def test_sensitivity_orders_bits_and_restores_the_model():

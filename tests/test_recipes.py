@@ -24,7 +24,7 @@ def test_builtins():
     assert recipes.get("int4").default == LayerSpec(4, 64, "affine")
     q = recipes.get("q4_0").default
     assert (q.bits, q.group_size, q.mode) == (4, 32, "symmetric")
-    assert recipes.get("int2").default.bits_per_weight == 2.5
+    assert recipes.get("int2").default.bits_per_weight() == 2.5
     with pytest.raises(ValueError, match=r"unknown recipe 'int5'; built-in recipes are \["):
         recipes.get("int5")
 
