@@ -876,9 +876,7 @@ def save(
             "save() needs the tokenizer: mlx_lm.load reads tokenizer files from the "
             "model directory; pass the tokenizer returned by mlx_lm.load / mlxqat.load"
         )
-    clash = sorted(set(info or {}) & set(RESERVED_KEYS))
-    if clash:
-        raise ValueError(f"info sets {clash}, which mlxqat.json reserves for itself; rename those entries")
+    Manifest(info=dict(info or {}))  # a reserved key in info is refused now, before any work
     for name in extra_files or {}:
         check_member_name(name)
         if name == MANIFEST or name == "config.json" or name.startswith("model"):

@@ -305,11 +305,18 @@ def unpack(packed: mx.array, bits: int) -> mx.array:
     """Inverse of :func:`pack`: uint32 words (..., W) -> uint32 codes (..., W*32/bits)."""
     lead = packed.shape[:-1]
     w = packed.astype(mx.uint32)
-    bytes_ = (w[..., None] >> (mx.arange(4, dtype=mx.uint32) * 8)) & 0xFF
-    bits_ = (bytes_[..., None] >> mx.arange(8, dtype=mx.uint32)) & 1
-    bits_ = bits_.reshape(*lead, -1, bits)  # (..., K, bits)
-    weights = mx.left_shift(mx.array(1, mx.uint32), mx.arange(bits, dtype=mx.uint32))
-    return mx.sum(bits_ * weights, axis=-1).astype(mx.uint32)
+    mask = (1 << bits) - 1
+    if 32 % bits == 0:
+        shifts = mx.arange(32 // bits, dtype=mx.uint32) * bits
+        return ((w[..., None] >> shifts) & mask).reshape(*lead, -1).astype(mx.uint32)
+    # 3, 5, 6 bits: bytes of the stream regrouped into chunks that hold whole codes (as in pack).
+    per_chunk = 8 // math.gcd(bits, 8)
+    n_bytes = per_chunk * bits // 8
+    stream = (w[..., None] >> (mx.arange(4, dtype=mx.uint32) * 8)) & 0xFF  # (..., W, 4)
+    stream = stream.reshape(*lead, -1, n_bytes).astype(mx.uint64)  # (..., n_chunks, n_bytes)
+    chunk = mx.sum(stream << (mx.arange(n_bytes, dtype=mx.uint64) * 8), axis=-1)  # (..., n_chunks)
+    codes = (chunk[..., None] >> (mx.arange(per_chunk, dtype=mx.uint64) * bits)) & mask
+    return codes.reshape(*lead, -1).astype(mx.uint32)
 
 
 def unpack_numpy(words, bits: int):

@@ -340,3 +340,33 @@ def test_a_gguf_value_type_changed_to_array_is_refused_at_once(tmp_path, tokeniz
     with pytest.raises(ValueError, match=r"m\.gguf: an array of \d+ items at byte \d+ does not fit the file"):
         ex.memory_report(out)
     assert time.perf_counter() - t0 < 5
+
+
+def test_one_bits_per_weight_rule_for_channelwise_layers():
+    """The recipe's cost, the bit allocator's and the memory report give the same number for
+    channel-wise layers, and it is the stored bits over the weights."""
+    import mlx.nn as nn
+
+    from mlxqat import mixed
+
+    class TwoLayers(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Linear(64, 16, bias=False)  # channel-wise scales stored per 64 inputs
+            self.b = nn.Linear(96, 16, bias=False)  # 96 = 3 x 32: stored per 32 inputs
+
+        def __call__(self, x):
+            return self.b(mx.concatenate([self.a(x), x[..., :80]], axis=-1))
+
+    model = TwoLayers()
+    model.set_dtype(mx.float16)  # scales and biases follow the weights: 16 bits each
+    spec = LayerSpec(2, -1)
+    mlxqat.prepare(model, Recipe("channel-wise", spec))
+    mlxqat.convert(model)
+    stored = sum(8 * (m.weight.nbytes + m.scales.nbytes + m.biases.nbytes) for m in (model.a, model.b))
+    n = 16 * 64 + 16 * 96
+    real = stored / n
+    assert real == (16 * 64 * (2 + 32 / 64) + 16 * 96 * (2 + 32 / 32)) / n  # 2.8, not 2 + 32/128
+    assert (16 * 64 * spec.bits_per_weight(64) + 16 * 96 * spec.bits_per_weight(96)) / n == real
+    assert mixed.bits_per_weight({"a": spec, "b": spec}, {"a": (16 * 64, 64), "b": (16 * 96, 96)}) == real
+    assert ex.memory_report(model).bits_per_weight == real

@@ -145,7 +145,7 @@ def test_requantized_export_warns_with_the_kl_of_the_written_file(tmp_path, toke
     # The number in the warning is the KL of the weights in the file, recomputed from the file.
     reference, tok = mlxqat.load(src)
     candidate, _ = mlxqat.load(src)
-    ex.dequantize_layers(candidate)
+    mlxqat.dequantize(candidate)  # the quantized layers, dequantized (mlxqat.quant)
     tensors = ge.read_gguf_tensors(tmp_path / "m.gguf")
     updates = []
     for t in result["tensors"]:

@@ -408,3 +408,57 @@ def test_an_old_format_manifest_says_how_to_upgrade(saved):
     _rewrite_manifest(saved, lambda m: (m.update(format_version=1), m.pop("manifest_sha256")), redigest=False)
     with pytest.raises(mlxqat.IntegrityError, match="format_version 1.*verify --write"):
         mlxqat.load(saved)
+
+
+def test_manifest_bytes_are_the_version_2_format(tmp_path):
+    """The on-disk form: header keys, info, files, then a sha256 of the canonical JSON of the rest."""
+    import hashlib
+
+    (tmp_path / "config.json").write_text("{}")
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "a.txt").write_bytes(b"abc")
+    written = io.write_manifest(tmp_path, {"recipe": None, "metrics": {"ppl": 1.5}}, kind="model")
+    body = {"format": "mlxqat", "format_version": 2, "kind": "model", "mlxqat_version": mlxqat.__version__,
+            "recipe": None, "metrics": {"ppl": 1.5},
+            "files": {"config.json": hashlib.sha256(b"{}").hexdigest(), "sub/a.txt": hashlib.sha256(b"abc").hexdigest()}}
+    canonical = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+    body["manifest_sha256"] = hashlib.sha256(canonical.encode()).hexdigest()
+    raw = (tmp_path / "mlxqat.json").read_bytes()
+    assert raw == (json.dumps(body, indent=2) + "\n").encode() and written == body
+    m = io.Manifest.from_bytes(raw, tmp_path / "mlxqat.json")
+    assert (m.kind, m.info, m.files) == ("model", {"recipe": None, "metrics": {"ppl": 1.5}}, body["files"])
+    assert m.text().encode() == raw and io.read_manifest(tmp_path) == body == io.verify(tmp_path)
+    with pytest.raises(ValueError, match=r"reserves for itself"):
+        io.Manifest(info={"files": {}})
+
+
+def test_recipe_of_reads_the_layers_when_the_recipe_does_not_describe_them(tmp_path, tokenizer):
+    """Layers prepared in two passes: the saved recipe names every layer, and it rebuilds the same specs."""
+    model, config = tiny.make_model("llama", 0)
+    mlxqat.prepare(model, Recipe("attn", LayerSpec(8, 32), skip=("*mlp*", "*embed_tokens", "lm_head")))
+    mlxqat.prepare(model, Recipe("mlp", LayerSpec(3, 64), skip=("*embed_tokens",)))
+    got = recipe_of(model)
+    specs = {p: m.spec for p, m in model.named_modules() if hasattr(m, "to_quantized") and hasattr(m, "spec")}
+    assert got.name == "custom" and {got.spec_for(p) for p in specs} == {LayerSpec(8, 32), LayerSpec(3, 64)}
+    assert all(got.spec_for(p) == s for p, s in specs.items())
+    assert got.spec_for("model.embed_tokens") is None
+    again, _ = tiny.make_model("llama", 0)
+    mlxqat.prepare(again, got)
+    assert {p: m.spec for p, m in again.named_modules() if hasattr(m, "to_quantized") and hasattr(m, "spec")} == specs
+    mlxqat.convert(model)
+    assert recipe_of(model) == got  # converted layers keep their specs
+    manifest = mlxqat.save(model, tokenizer, tmp_path / "m", config=config)
+    assert Recipe.from_dict(manifest["recipe"]) == got
+    loaded, _ = mlxqat.load(tmp_path / "m")
+    assert recipe_of(loaded) == got
+    assert recipe_of(tiny.make_model("llama", 0)[0]) is None  # nothing quantized
+
+
+def test_save_writes_the_model_card(tmp_path, tokenizer):
+    model, config = _converted("llama", MIXED)
+    mlxqat.save(model, tokenizer, tmp_path / "m", config=config, info={"metrics": {"QAT": {"ppl": 2.5, "kl": 0.125}}})
+    card = (tmp_path / "m" / "README.md").read_text()
+    report = mlxqat.export.memory_report(tmp_path / "m")
+    assert card.startswith("# m\n") and "Recipe `mixed-test`" in card and "`lm_head`: full precision" in card
+    assert f"| {report.bits_per_weight:.3f} | {report.ratio_to_bf16:.3f}x |" in card
+    assert "| QAT | ppl 2.5, kl 0.125 |" in card

@@ -1,6 +1,7 @@
 """Quantization numerics: exact agreement with MLX, packing, gradients."""
 
 import mlx.core as mx
+import mlx.nn as nn
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -243,3 +244,32 @@ def test_scale_init_options_are_validated():
         LayerSpec(2, 64, scale_init="mse")
     with pytest.raises(ValueError, match="min_ratio"):
         quant.mse_clip_params(mx.ones((2, 64)), 2, 64, min_ratio=0.0)
+
+
+def test_snapping_to_float16_is_lossless_storage():
+    x = mx.array([0.1, 1.0, 3.14159, 65504.0, 1e-8], dtype=mx.float32)
+    s = quant.snap_to(mx.float16, x)
+    assert s.dtype == mx.float32 and quant.holds_exactly(mx.float16, s)
+    assert not quant.holds_exactly(mx.float16, x)
+    assert mx.array_equal(s.astype(mx.float16).astype(mx.float32), s).item()
+    assert quant.holds_exactly(mx.float16, np.array(s)) and not quant.holds_exactly(mx.float16, np.array([1e6], np.float32))
+    assert quant.compact(s, -8 * s) is None  # -8 * 65504 overflows float16
+    halves = quant.compact(s[:3], -8 * s[:3])
+    assert halves[0].dtype == mx.float16 and mx.array_equal(halves[0].astype(mx.float32), s[:3]).item()
+    assert quant.compact(x[:3], -8 * x[:3]) is None  # not float16 values: kept as they are
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 5, 6, 8])
+def test_unpack_and_dequantize_a_layer_match_mlx(bits):
+    w = mx.random.normal((8, 128), key=mx.random.key(bits))
+    layer = nn.QuantizedLinear.from_linear(nn.Linear(128, 8), group_size=32, bits=bits)
+    layer.weight, layer.scales, layer.biases = mx.quantize(w, 32, bits)
+    codes = quant.unpack_numpy(np.array(layer.weight), bits)
+    assert codes.dtype == np.uint8 and codes.shape == (8, 128) and codes.max() < 2**bits
+    s = np.repeat(np.array(layer.scales), 32, axis=-1)
+    b = np.repeat(np.array(layer.biases), 32, axis=-1)
+    want = mx.dequantize(layer.weight, layer.scales, layer.biases, group_size=32, bits=bits)
+    assert np.allclose(codes * s + b, np.array(want), atol=1e-6)
+    assert mx.array_equal(quant.dequantized_weight(layer), want).item()
+    bits_stored, n = quant.layer_storage(layer)
+    assert n == 8 * 128 and bits_stored == 8 * (layer.weight.nbytes + layer.scales.nbytes + layer.biases.nbytes)
