@@ -3,28 +3,19 @@
     tools/with-blas python benchmarks/quality.py            # the embedded reference model, full table
     tools/with-blas python benchmarks/quality.py --model PATH_OR_HF_ID --data corpus/ --quick
 
-For every setting (int4 g64, q4_0, int3 g64, int2 g64, a sensitivity-allocated
-``mixed`` recipe and the ``mobile`` schema) every applicable method quantizes
-the same full-precision model with the same calibration data and the same
-number of optimizer steps:
+For every setting (int4 g64, q4_0, int3 g64, int2 g64, a sensitivity-allocated ``mixed`` recipe
+and the ``mobile`` schema) every applicable method quantizes the same full-precision model with
+the same calibration data and the same number of optimizer steps: round-to-nearest
+(``mlxqat.generate.quantize_rtn``), mlx-lm's GPTQ, AWQ and DWQ (``mlx_lm.quant`` as libraries),
+and mlxqat QAT in its three modes (``mlxqat.qat.quantize_qat``, what ``python -m mlxqat.train``
+runs, with the recipe's defaults): all weights, scales only, and QA-LoRA.
 
-* round-to-nearest (``mlxqat.generate.quantize_rtn``; ``prepare_calibrated`` +
-  ``convert`` where the recipe rounds activations with calibrated scales);
-* mlx-lm's GPTQ, AWQ and DWQ, called as libraries from ``mlx_lm.quant``;
-* mlxqat QAT in its three modes (``mlxqat.qat.quantize_qat``, what
-  ``python -m mlxqat.train`` runs, with the recipe's defaults from
-  ``mlxqat.recipes.QAT_DEFAULTS``): all weights, scales only, and QA-LoRA.
-
-Each result is measured on held-out text (perplexity, KL to the full-precision
-model, top-1 agreement), on out-of-domain text (the Python documentation in
-``pydoc_data``, prose that no training split contains), and by its storage (bits
-per weight, bytes on disk). ``gap recovered`` is
-``(ppl_RTN - ppl_method) / (ppl_RTN - ppl_full)`` at the same setting.
-
-On a CPU every quantized model computes through the same product,
-``mlxqat.kernels.use_dequantized_matmul`` (dequantize + BLAS: the numbers of
-``mx.quantized_matmul``, whose CPU kernel is naive at these shapes). Writes
-``<out>.md``, ``<out>.json`` and ``<out>.png`` (default ``benchmarks/results/quality``).
+Each result is measured on held-out text (perplexity, KL to the full-precision model, top-1
+agreement), on out-of-domain text (``pydoc_data``'s documentation prose) and by its storage (bits
+per weight, bytes). ``gap recovered`` is ``(ppl_RTN - ppl_method) / (ppl_RTN - ppl_full)`` at the
+same setting. On a CPU every quantized model computes through the same product
+(``mlxqat.kernels.use_dequantized_matmul``). Writes ``<out>.md``, ``<out>.json`` and ``<out>.png``
+(default ``benchmarks/results/quality``; ``quality_report.py`` writes them).
 """
 
 from __future__ import annotations
@@ -146,19 +137,6 @@ QUICK = Budget(steps=12, batch_size=4, seq_len=128, eval_windows=12, ood_windows
                select_every=6, sensitivity_windows=4, awq_windows=8, gptq_windows=16, settings=("int4", "int2", "mixed", "mobile"))
 
 
-# ---------------------------------------------------------------------------
-# Data and storage
-# ---------------------------------------------------------------------------
-
-
-def ood_text() -> Tuple[str, str]:
-    """Out-of-domain text every Python has: the documentation topics of ``pydoc_data``."""
-    from pydoc_data.topics import topics
-
-    text = "\n\n".join(topics[k] for k in sorted(topics))
-    return text, "Python documentation prose (pydoc_data.topics, not in any stdlib split)"
-
-
 def load_data(tokenizer, data: Optional[str], budget: Budget, seq_len: int, max_context) -> dict:
     """Training, selection, held-out and out-of-domain windows, each (n, seq_len + 1)."""
     n_train = budget.steps * budget.batch_size
@@ -179,9 +157,12 @@ def load_data(tokenizer, data: Optional[str], budget: Budget, seq_len: int, max_
         select_w = ds.train[np.sort(order[n_train : n_train + budget.select_windows])]
         eval_w = spread(ds.val, budget.eval_windows)
         source = f"{data} (hash split: 95% train / 5% held out)"
-    text, ood_source = ood_text()
-    ood_w = spread(pack(tokenize_documents([Document("ood", text)], tokenizer), seq_len), budget.ood_windows)
-    return dict(train=train_w, select=select_w, eval=eval_w, ood=ood_w, source=source, ood_source=ood_source)
+    from pydoc_data.topics import topics  # out-of-domain text every Python has
+
+    ood = Document("ood", "\n\n".join(topics[k] for k in sorted(topics)))
+    ood_w = spread(pack(tokenize_documents([ood], tokenizer), seq_len), budget.ood_windows)
+    return dict(train=train_w, select=select_w, eval=eval_w, ood=ood_w, source=source,
+                ood_source="Python documentation prose (pydoc_data.topics, not in any stdlib split)")
 
 
 def stored(model: nn.Module, dtype) -> dict:
@@ -308,11 +289,6 @@ def build_recipe(setting: Setting, fp_model, data, budget, progress, report) -> 
     return recipe
 
 
-# ---------------------------------------------------------------------------
-# The run
-# ---------------------------------------------------------------------------
-
-
 def make_budget(quick: bool, steps=None, settings=None, methods=None, overrides=None, budget=None) -> Budget:
     """The run's budget: FULL or QUICK with ``--steps`` / ``--settings`` / ``--methods`` / ``--budget`` applied."""
     budget = copy.deepcopy(budget or (QUICK if quick else FULL))
@@ -339,6 +315,8 @@ def run(model: Optional[str] = None, data: Optional[str] = None, quick: bool = F
         settings: Optional[List[str]] = None, methods: Optional[List[str]] = None, steps: Optional[int] = None,
         budget_overrides: Optional[List[str]] = None, progress: bool = True, budget: Optional[Budget] = None) -> dict:
     """Run the benchmark; write ``<out>.md``, ``<out>.json`` and ``<out>.png``; return the JSON dict."""
+    from mlx_lm.quant.awq import AWQ_MODEL_CONFIGS
+
     t_start = time.perf_counter()
     budget = make_budget(quick, steps, settings, methods, budget_overrides, budget)
 
@@ -397,11 +375,8 @@ def run(model: Optional[str] = None, data: Optional[str] = None, quick: bool = F
             why = NOT_APPLICABLE.get((method, sname))
             if why is None and (method, sname) in budget.leave_out:
                 why = f"left out of the default run for time (`--methods \"{method}\"` runs it)"
-            if method == "AWQ" and why is None:
-                from mlx_lm.quant.awq import AWQ_MODEL_CONFIGS
-
-                if model_type not in AWQ_MODEL_CONFIGS:
-                    why = f"mlx-lm AWQ has no configuration for model_type={model_type!r}"
+            if method == "AWQ" and why is None and model_type not in AWQ_MODEL_CONFIGS:
+                why = f"mlx-lm AWQ has no configuration for model_type={model_type!r}"
             if why:
                 skipped.append({"setting": sname, "method": method, "why": why})
                 continue
@@ -422,7 +397,8 @@ def run(model: Optional[str] = None, data: Optional[str] = None, quick: bool = F
         "model": model or "embedded:stdlib-llama (mlxqat/assets/stdlib-llama)",
         "model_type": model_type,
         "parameters": n_params,
-        "machine": machine(),
+        "machine": f"{platform.system()} {platform.machine()}, {os.cpu_count()} cores ({chip_name()}), "
+                   f"mlx {mx.__version__} on {mx.default_device()}",
         "budget": dataclasses.asdict(budget),
         "seq_len": seq_len,
         "data": {"train": data_sets["source"], "out_of_domain": data_sets["ood_source"],
@@ -446,11 +422,6 @@ def run(model: Optional[str] = None, data: Optional[str] = None, quick: bool = F
 
 def _finite(x: float) -> Optional[float]:
     return x if x == x and math.isfinite(x) else None
-
-
-def machine() -> str:
-    return (f"{platform.system()} {platform.machine()}, {os.cpu_count()} cores ({chip_name()}), "
-            f"mlx {mx.__version__} on {mx.default_device()}")
 
 
 def main(argv=None) -> int:
