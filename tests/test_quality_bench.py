@@ -139,3 +139,15 @@ def test_bad_arguments_are_one_clear_line(args, message, tmp_path):
     assert p.returncode == 2
     assert p.stderr.strip().splitlines()[-1].startswith(f"error: {message}")
     assert not (tmp_path / "q.json").exists()
+
+
+@pytest.mark.parametrize("recipe, bits", [("int4", 4), ("int3", 3), ("int2", 2), ("mixed", 3)])
+def test_scales_only_rate_is_the_recipes(recipe, bits):
+    """The benchmark's "QAT scales" rows and `python -m mlxqat.train --trainable scales` share one rate."""
+    from mlxqat.qat import qat_args
+    from mlxqat.recipes import QAT_DEFAULTS
+
+    d = QAT_DEFAULTS[bits]
+    assert qat_args(recipe, trainable="scales").scale_lr == d.scales_only_learning_rate != d.scale_learning_rate
+    assert qat_args(recipe, trainable="all").scale_lr == d.scale_learning_rate
+    assert qat_args(recipe, trainable="scales", scale_learning_rate=3e-6).scale_lr == 3e-6  # a given rate wins
