@@ -1,13 +1,16 @@
 """Quality metrics of a (quantized) model against its full-precision teacher.
 
 Perplexity on held-out windows, KL(teacher || model) per token and top-1
-agreement (how often both models put the same token first).
+agreement (how often both models put the same token first). Every KL in the
+package is computed here: the distillation loss (:func:`kl_divergence`,
+:func:`top_k_kl_divergence`), the per-layer sensitivity of mixed precision and
+the export checks (:func:`mean_kl`).
 """
 
 from __future__ import annotations
 
 import math
-from typing import Dict, Optional
+from typing import Dict, List, Optional, Sequence, Union
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -21,6 +24,58 @@ def kl_divergence(teacher_logits: mx.array, student_logits: mx.array, temperatur
     log_p = t - mx.logsumexp(t, axis=-1, keepdims=True)
     log_q = s - mx.logsumexp(s, axis=-1, keepdims=True)
     return mx.sum(mx.exp(log_p) * (log_p - log_q), axis=-1)
+
+
+def top_k_kl_divergence(teacher_values: mx.array, teacher_ids: mx.array, student_logits: mx.array,
+                        temperature: float = 1.0) -> mx.array:
+    """Per-token KL(teacher || student) over the teacher's top-k tokens only (natural log).
+
+    ``teacher_values`` / ``teacher_ids`` (``(..., k)``) are the teacher's largest
+    logits and their token ids (:func:`mlxqat.teacher.top_k_logits`); the teacher's
+    distribution is renormalised over them, the student's is its full softmax
+    read at those ids.
+    """
+    t = teacher_values.astype(mx.float32) / temperature
+    s = student_logits.astype(mx.float32) / temperature
+    log_p = t - mx.logsumexp(t, axis=-1, keepdims=True)
+    log_q_all = s - mx.logsumexp(s, axis=-1, keepdims=True)
+    log_q = mx.take_along_axis(log_q_all, teacher_ids.astype(mx.int32), axis=-1)
+    return mx.sum(mx.exp(log_p) * (log_p - log_q), axis=-1)
+
+
+def mean_kl(reference: Union[nn.Module, Sequence[mx.array]], candidate: nn.Module,
+            inputs: Sequence[mx.array]) -> float:
+    """Mean per-token KL(reference || candidate) in nats over batches of token ids.
+
+    Args:
+        reference: the reference model (run on each batch), or its logits for
+            each batch of ``inputs``, computed before.
+        candidate: the model compared with it.
+        inputs: token id arrays ``(B, T)``, one per forward pass.
+    """
+    total, count = 0.0, 0
+    for i, x in enumerate(inputs):
+        ref = reference[i] if isinstance(reference, (list, tuple)) else reference(x)
+        kl = kl_divergence(ref, candidate(x))
+        total += float(mx.sum(kl).item())
+        count += kl.size
+    return total / max(count, 1)
+
+
+def kl_probe_inputs(vocab_size: int, tokenizer=None, n_seq: int = 4, length: int = 64) -> List[mx.array]:
+    """Fixed token sequences ``(1, length)`` to compare two models on: seeded random ids, plus a
+    tokenized sample of code and prose when a ``tokenizer`` is given."""
+    rng = np.random.default_rng(1234)
+    seqs = [mx.array(rng.integers(0, vocab_size, (1, length)), dtype=mx.int32) for _ in range(n_seq)]
+    if tokenizer is not None:
+        text = (
+            "def mean(values):\n    return sum(values) / len(values)\n"
+            "The model was trained on a small corpus and exported for llama.cpp.\n"
+        )
+        ids = [i for i in tokenizer.encode(text) if i < vocab_size][:length]
+        if len(ids) > 1:
+            seqs.append(mx.array([ids], dtype=mx.int32))
+    return seqs
 
 
 def evaluate(

@@ -36,6 +36,7 @@ from . import gguf_export as ge
 from . import quant
 from ._cli import ArgumentParser, command
 from .convert import dequantize, recipe_of
+from .evaluate import kl_probe_inputs, mean_kl
 from .io import MANIFEST, Manifest, PathLike, atomic_path, format_size, check_config, check_destination, load, save
 from .gguf_import import is_gguf_file
 from .validate import read_gguf, safetensors_header
@@ -155,33 +156,6 @@ def memory_report(model_or_path: Union[nn.Module, PathLike], params: Optional[di
 # ---------------------------------------------------------------------------
 # Helpers
 # ---------------------------------------------------------------------------
-
-
-def _kl_inputs(vocab_size: int, tokenizer=None, n_seq: int = 4, length: int = 64) -> List[mx.array]:
-    """Fixed token sequences for measuring KL: seeded random ids plus a tokenized sample text."""
-    rng = np.random.default_rng(1234)
-    seqs = [mx.array(rng.integers(0, vocab_size, (1, length)), dtype=mx.int32) for _ in range(n_seq)]
-    if tokenizer is not None:
-        text = (
-            "def mean(values):\n    return sum(values) / len(values)\n"
-            "The model was trained on a small corpus and exported for llama.cpp.\n"
-        )
-        ids = [i for i in tokenizer.encode(text) if i < vocab_size][:length]
-        if len(ids) > 1:
-            seqs.append(mx.array([ids], dtype=mx.int32))
-    return seqs
-
-
-def measure_kl(reference: nn.Module, candidate: nn.Module, inputs: List[mx.array]) -> float:
-    """Mean per-token KL(reference || candidate) in nats over ``inputs`` (token arrays (1, L))."""
-    total, count = 0.0, 0
-    for x in inputs:
-        lp = nn.log_softmax(reference(x).astype(mx.float32), axis=-1)
-        lq = nn.log_softmax(candidate(x).astype(mx.float32), axis=-1)
-        kl = mx.sum(mx.exp(lp) * (lp - lq), axis=-1)
-        total += float(mx.sum(kl).item())
-        count += kl.size
-    return total / max(count, 1)
 
 
 def _source_info(src: Path) -> dict:
@@ -341,7 +315,7 @@ def _requantization_kl(src: Path, model: nn.Module, tokenizer, plan: List[ge.GGU
         if not t.exact and t.source in params:
             updates.append((t.source, mx.array(t.dequantized()).astype(params[t.source].dtype)))
     candidate.load_weights(updates, strict=False)
-    return measure_kl(model, candidate, _kl_inputs(model.args.vocab_size, tokenizer))
+    return mean_kl(model, candidate, kl_probe_inputs(model.args.vocab_size, tokenizer))
 
 
 # ---------------------------------------------------------------------------

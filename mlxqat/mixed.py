@@ -32,7 +32,7 @@ import numpy as np
 from mlx.utils import tree_flatten
 
 from . import quant
-from .evaluate import kl_divergence
+from .evaluate import mean_kl
 from .recipes import LayerSpec, Recipe
 
 # Options of the `mixed` allocation: g64 affine at these widths (bits per weight
@@ -77,15 +77,6 @@ def _inputs(windows) -> mx.array:
     return mx.array(np.asarray(windows)[:, :-1])
 
 
-def _mean_kl(model, inputs: mx.array, teacher_logits: List[mx.array], batch_size: int) -> float:
-    total, n = 0.0, 0
-    for i, t in zip(range(0, inputs.shape[0], batch_size), teacher_logits):
-        kl = kl_divergence(t, model(inputs[i : i + batch_size]))
-        total += mx.sum(kl).item()
-        n += kl.size
-    return total / n
-
-
 def layer_sensitivity(
     model: nn.Module,
     windows,
@@ -108,7 +99,8 @@ def layer_sensitivity(
     from tqdm import tqdm
 
     inputs = _inputs(windows)
-    teacher = [mx.stop_gradient(model(inputs[i : i + batch_size])) for i in range(0, inputs.shape[0], batch_size)]
+    batches = [inputs[i : i + batch_size] for i in range(0, inputs.shape[0], batch_size)]
+    teacher = [mx.stop_gradient(model(x)) for x in batches]
     mx.eval(teacher)
     layers = quantizable_layers(model, options)
     out = {}
@@ -117,7 +109,7 @@ def layer_sensitivity(
         row = []
         for spec in options:
             layer.weight = rtn_weight(original, spec)
-            row.append(_mean_kl(model, inputs, teacher, batch_size))
+            row.append(mean_kl(teacher, model, batches))
         layer.weight = original
         out[path] = row
     return out

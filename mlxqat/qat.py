@@ -31,10 +31,12 @@ RECIPE_DEFAULTED = ("learning_rate", "scale_learning_rate", "warmup_steps")
 
 def qat_args(recipe, **overrides) -> TrainingArgs:
     """:class:`TrainingArgs` with the recipe's QAT defaults for any of :data:`RECIPE_DEFAULTED` not given
-    (or given as ``None``)."""
+    (or given as ``None``); with ``trainable="scales"`` the scales' rate is the recipe's scales-only one."""
     recipe = recipes_mod.get(recipe)
     defaults = recipe.qat_defaults()
     kw = {k: v for k, v in overrides.items() if v is not None or k not in RECIPE_DEFAULTED}
+    if kw.get("trainable") == "scales" and defaults.scales_only_learning_rate is not None:
+        kw.setdefault("scale_learning_rate", defaults.scales_only_learning_rate)
     if "learning_rate" in kw and "scale_learning_rate" not in kw:
         kw["scale_learning_rate"] = None  # follows the given learning rate (TrainingArgs.scale_lr)
     for name in RECIPE_DEFAULTED:

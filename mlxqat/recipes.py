@@ -136,13 +136,19 @@ class QATDefaults:
     scale_learning_rate: float  # of learned scales/biases: Adam steps are absolute, scales are small
     warmup_steps: int = 5
     scale_init: str = "mse"
+    # trainable="scales": the scales/biases are all that trains, at a rate of their own
+    scales_only_learning_rate: Optional[float] = None
 
 
 # By the narrowest bit width of a recipe. Swept at 100 steps x 8 x 256 tokens on the embedded model
 # (int4: 1e-5..1e-4, int2: 3e-5..3e-4; int3 interpolated, 5-8 bits as int4): see benchmarks/quality.py.
 QAT_DEFAULTS: Dict[int, QATDefaults] = {
-    8: QATDefaults(2e-5, 2e-6), 6: QATDefaults(2e-5, 2e-6), 5: QATDefaults(2e-5, 2e-6),
-    4: QATDefaults(2e-5, 2e-6), 3: QATDefaults(4e-5, 4e-6), 2: QATDefaults(1e-4, 1e-5),
+    8: QATDefaults(2e-5, 2e-6, scales_only_learning_rate=1e-5),
+    6: QATDefaults(2e-5, 2e-6, scales_only_learning_rate=1e-5),
+    5: QATDefaults(2e-5, 2e-6, scales_only_learning_rate=1e-5),
+    4: QATDefaults(2e-5, 2e-6, scales_only_learning_rate=1e-5),
+    3: QATDefaults(4e-5, 4e-6, scales_only_learning_rate=3e-5),
+    2: QATDefaults(1e-4, 1e-5, scales_only_learning_rate=1e-4),
 }
 
 

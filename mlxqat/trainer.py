@@ -9,12 +9,11 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Callable, Dict, List, Optional
+from typing import Callable, List, Optional
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -25,10 +24,11 @@ from mlx.utils import tree_flatten, tree_map, tree_unflatten
 from ._cli import (Number, finite_float, non_negative_float, non_negative_int, positive_float, positive_int,
                    unit_float)
 from .data import MIN_SEQ_LEN, Dataset, iterate_batches
-from .evaluate import kl_divergence
+from .evaluate import kl_divergence, top_k_kl_divergence
 from .io import IntegrityError, atomic_dir, atomic_file, read_manifest, remove_output, verify, work_dir, write_manifest
 from .layers import FakeQuantEmbedding, FakeQuantLinear, freeze_codes, is_fake_quant, set_fake_quant
 from .lora import QALoRALinear, apply_lora
+from .teacher import TeacherTargets
 
 TRAINABLE = ("all", "scales", "lora")
 SCHEDULES = ("cosine", "linear", "constant")
@@ -146,12 +146,7 @@ def distillation_loss(
     T = args.temperature
     s = student_logits.astype(mx.float32)
     if isinstance(teacher, tuple):
-        t_vals, t_ids = teacher
-        t = t_vals.astype(mx.float32) / T
-        log_p = t - mx.logsumexp(t, axis=-1, keepdims=True)
-        log_q_all = s / T - mx.logsumexp(s / T, axis=-1, keepdims=True)
-        log_q = mx.take_along_axis(log_q_all, t_ids.astype(mx.int32), axis=-1)
-        kl = mx.sum(mx.exp(log_p) * (log_p - log_q), axis=-1)
+        kl = top_k_kl_divergence(*teacher, s, T)
     else:
         kl = kl_divergence(teacher, s, T)
         if args.reverse_kl:
@@ -206,49 +201,6 @@ def make_optimizer(args: TrainingArgs) -> optim.Optimizer:
         [adamw(args.scale_lr), adamw(args.lora_learning_rate), adamw(args.learning_rate)],
         [_is_scale, _is_lora],
     )
-
-
-# ---------------------------------------------------------------------------
-# Teacher cache
-# ---------------------------------------------------------------------------
-
-
-class TeacherTargets:
-    """The teacher's logits for a micro-batch: computed live, or top-k cached.
-
-    With ``top_k`` the teacher runs once per micro-batch and only its ``top_k``
-    largest logits (and their token ids) are kept, in memory and under
-    ``cache_dir`` when given; later epochs, resumed runs and re-runs read them
-    back instead of running the teacher.
-    """
-
-    def __init__(self, teacher: nn.Module, top_k: int = 0, cache_dir: Optional[Path] = None):
-        self.teacher, self.top_k, self.cache_dir = teacher, top_k, cache_dir
-        self._mem: Dict[str, tuple] = {}
-
-    def __call__(self, key: str, inputs: mx.array):
-        if not self.top_k:
-            return mx.stop_gradient(self.teacher(inputs))
-        if key in self._mem:
-            return self._mem[key]
-        path = self.cache_dir / f"{key}.safetensors" if self.cache_dir else None
-        if path is not None and path.exists():
-            d = mx.load(str(path))
-            out = (d["values"], d["ids"])
-        else:
-            logits = mx.stop_gradient(self.teacher(inputs))
-            ids = mx.argpartition(-logits, kth=self.top_k - 1, axis=-1)[..., : self.top_k]
-            vals = mx.take_along_axis(logits, ids, axis=-1)
-            ids = ids.astype(mx.int32)
-            mx.eval(vals, ids)
-            out = (vals, ids)
-            if path is not None:
-                path.parent.mkdir(parents=True, exist_ok=True)
-                tmp = path.with_name(f".{path.stem}.tmp.safetensors")
-                mx.save_safetensors(str(tmp), {"values": vals, "ids": ids})
-                os.replace(tmp, path)
-        self._mem[key] = out
-        return out
 
 
 # ---------------------------------------------------------------------------

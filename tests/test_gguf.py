@@ -38,6 +38,7 @@ import tiny
 from llamacpp import LlamaCpp
 from mlxqat import export as ex
 from mlxqat import gguf_export as ge
+from mlxqat.evaluate import kl_probe_inputs, mean_kl
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # llama.cpp's OpenMP threads: don't spin between calls
 GEMMA = dict(num_hidden_layers=6, sliding_window_pattern=6, sliding_window=16)  # llama.cpp fixes the pattern at 6
@@ -154,7 +155,7 @@ def test_requantized_export_warns_with_the_kl_of_the_written_file(tmp_path, toke
             assert qtype == gguf.GGMLQuantizationType.Q4_0
             updates.append((t["source"], mx.array(gguf.quants.dequantize(data, qtype).reshape(shape))))
     candidate.load_weights(updates, strict=False)
-    kl = ex.measure_kl(reference, candidate, ex._kl_inputs(reference.args.vocab_size, tok))
+    kl = mean_kl(reference, candidate, kl_probe_inputs(reference.args.vocab_size, tok))
     assert kl == pytest.approx(result["kl"], rel=1e-4)
     # 8-bit costs far less than 4-bit
     model8, _ = _random_model("qwen3", seed=3)

@@ -34,6 +34,7 @@ import tiny
 from llamacpp import LlamaCpp
 from mlxqat import export as ex
 from mlxqat import gguf_import as gi
+from mlxqat.evaluate import kl_probe_inputs, mean_kl
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 GEMMA = dict(num_hidden_layers=6, sliding_window_pattern=6, sliding_window=16)  # what llama.cpp's Gemma 3 fixes
@@ -340,7 +341,7 @@ def test_quantized_types_dequantize_to_what_the_file_holds(tmp_path, tokenizer, 
     want = gguf.quants.dequantize(t.data, GT(t.tensor_type)).reshape(256, 256)
     want = mlxqat.gguf_export.permute_rows(want, 4, inverse=True)
     assert np.array_equal(np.array(model.layers[1].self_attn.q_proj.weight), want)
-    kl = ex.measure_kl(source, model, ex._kl_inputs(source.args.vocab_size, tokenizer))
+    kl = mean_kl(source, model, kl_probe_inputs(source.args.vocab_size, tokenizer))
     print(f"\n{qtype.name}: KL(source || imported) = {kl:.2e}")
     assert 0 <= kl <= TYPE_KL[qtype]
 

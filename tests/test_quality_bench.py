@@ -1,24 +1,31 @@
-"""The quality benchmark end to end on a tiny model: every setting and method, table + JSON + PNG."""
+"""benchmarks/quality.py run as a user runs it (a subprocess) on a tiny model: every setting and method,
+table + JSON + PNG. The package pieces it calls are tested on their own (test_teacher.py,
+test_evaluate.py, test_dequantized_matmul.py, test_qat.py)."""
 
 import json
 import math
+import os
+import subprocess
 import sys
 from pathlib import Path
 
-import mlx.core as mx
-import mlx.nn as nn
 import numpy as np
 import pytest
 
 import tiny
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "benchmarks"))
+SCRIPT = ROOT / "benchmarks" / "quality.py"
+SETTINGS = ("int4", "q4_0", "int3", "int2", "mixed", "mobile")
+METHODS = ("RTN", "GPTQ", "AWQ", "DWQ", "QAT", "QAT scales", "QAT LoRA")
+TINY = ("steps=3", "batch_size=2", "seq_len=32", "eval_windows=4", "ood_windows=2", "select_windows=2",
+        "select_every=2", "sensitivity_windows=2", "awq_windows=2", "gptq_windows=4")
 
-import quality  # noqa: E402
 
-TINY = quality.Budget(steps=3, batch_size=2, seq_len=32, eval_windows=4, ood_windows=2, select_windows=2,
-                      select_every=2, sensitivity_windows=2, awq_windows=2, gptq_windows=4)
+def bench(*args, cwd=ROOT) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    return subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True, env=env, cwd=cwd,
+                          timeout=1500)
 
 
 @pytest.fixture(scope="module")
@@ -37,34 +44,38 @@ def model_and_data(tmp_path_factory, tokenizer):
 @pytest.fixture(scope="module")
 def result(model_and_data):
     model_dir, data, root = model_and_data
-    return quality.run(model=str(model_dir), data=str(data), out=str(root / "out" / "quality"), progress=False,
-                       budget=TINY), root / "out" / "quality"
+    out = root / "out" / "quality"
+    p = bench("--model", str(model_dir), "--data", str(data), "--out", str(out), "--no-progress",
+              "--methods", *METHODS, "--budget", *TINY)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    return json.loads(Path(str(out) + ".json").read_text()), out, p.stdout
 
 
 def test_outputs_written(result):
-    res, out = result
+    res, out, stdout = result
     for suffix in (".md", ".json", ".png"):
         assert Path(str(out) + suffix).stat().st_size > 0
-    assert json.loads(Path(str(out) + ".json").read_text())["rows"] == json.loads(json.dumps(res["rows"]))
     md = Path(str(out) + ".md").read_text()
-    assert "| setting | method | ppl |" in md
+    assert "| setting | method | ppl | ppl / fp | KL to fp | top-1 | gap recovered | OOD ppl |" in md
     assert md.count("\n| ") == len(res["rows"]) + 1  # header + one line per row
+    assert "wrote " in stdout and res["budget"]["steps"] == 3 and res["seq_len"] == 32
+    assert res["fast_cpu_matmul"] is True  # CPU: every quantized model ran dequantize + matmul
 
 
 def test_rows_cover_every_applicable_method(result):
-    res, _ = result
+    res, _, _ = result
     got = {(r["setting"], r["method"]) for r in res["rows"]}
     skipped = {(s["setting"], s["method"]) for s in res["not_applicable"]}
     assert ("fp", "full precision") in got
-    for s in quality.SETTINGS:
-        for m in quality.METHODS:
+    for s in SETTINGS:
+        for m in METHODS:
             assert ((s, m) in got) != ((s, m) in skipped), (s, m)
     assert ("int4", "DWQ") in got and ("int3", "GPTQ") in got and ("int2", "AWQ") in got
-    assert ("mixed", "QAT LoRA") in got and ("mobile", "QAT") in got
+    assert ("mixed", "QAT LoRA") in got and ("mobile", "QAT") in got and ("mobile", "RTN") in got
 
 
 def test_values_finite_and_consistent(result):
-    res, _ = result
+    res, _, _ = result
     cols = ("ppl", "kl", "top1", "ood_ppl", "ood_kl", "bpw", "bytes", "ratio_bf16", "wall_s")
     fp = next(r for r in res["rows"] if r["setting"] == "fp")
     assert fp["kl"] == pytest.approx(0, abs=1e-6) and fp["top1"] == 1.0 and fp["ratio_bf16"] == pytest.approx(1, abs=0.01)
@@ -82,8 +93,22 @@ def test_values_finite_and_consistent(result):
     assert all(r["bpw"] <= 2.6 + 1e-6 for r in res["rows"] if r["setting"] == "mobile")
 
 
+def test_qat_rows_use_the_recipe_defaults(result):
+    """The QAT rows train with mlxqat.recipes.QAT_DEFAULTS, as python -m mlxqat.train does."""
+    from mlxqat.recipes import QAT_DEFAULTS
+
+    res, _, _ = result
+    for r in res["rows"]:
+        if r["method"] in ("QAT", "QAT scales") and r["setting"] in ("int4", "int3", "int2"):
+            d = QAT_DEFAULTS[int(r["setting"][3])]
+            args = r["info"]["args"]
+            assert args["learning_rate"] == d.learning_rate and args["warmup_steps"] == d.warmup_steps
+            want = d.scale_learning_rate if r["method"] == "QAT" else d.scales_only_learning_rate
+            assert args["scale_learning_rate"] == want, (r["setting"], r["method"])
+
+
 def test_gap_formula(result):
-    res, _ = result
+    res, _, _ = result
     fp = next(r for r in res["rows"] if r["setting"] == "fp")
     for r in res["rows"]:
         if r["setting"] == "fp":
@@ -96,36 +121,33 @@ def test_gap_formula(result):
 
 
 def test_mixed_report(result):
-    res, _ = result
+    res, _, _ = result
     for name in ("mixed", "mobile"):
         rep = res["mixed"][name]
         assert -1 <= rep["proxy_rank_correlation"] <= 1
         assert all(len(v) == len(rep["options"]) for v in rep["sensitivity_kl"].values())
 
 
-def test_fast_cpu_matmul_matches_quantized_matmul():
-    layer = nn.Linear(128, 96)
-    for bits in (2, 3, 4, 8):
-        q = layer.to_quantized(group_size=64, bits=bits)
-        x = mx.random.normal((5, 7, 128))
-        ref = q(x)
-        with quality.fast_cpu_matmul():
-            got = q(x)
-        assert mx.allclose(got, ref, atol=1e-4, rtol=1e-4).item(), bits
+@pytest.mark.parametrize("args, message", [
+    (("--settings", "int5"), "unknown settings ['int5']"),
+    (("--methods", "HQQ"), "unknown methods ['HQQ']"),
+    (("--budget", "steps=0"), "--budget 'steps=0': use FIELD=N"),
+    (("--budget", "windows=3"), "--budget 'windows=3': use FIELD=N"),
+])
+def test_bad_arguments_are_one_clear_line(args, message, tmp_path):
+    p = bench(*args, "--out", str(tmp_path / "q"))
+    assert p.returncode == 2
+    assert p.stderr.strip().splitlines()[-1].startswith(f"error: {message}")
+    assert not (tmp_path / "q.json").exists()
 
 
-def test_fast_cpu_matmul_gradients_reach_scales_and_biases():
-    q = nn.Linear(64, 32).to_quantized(group_size=32, bits=4)
-    x = mx.random.normal((3, 64))
+@pytest.mark.parametrize("recipe, bits", [("int4", 4), ("int3", 3), ("int2", 2), ("mixed", 3)])
+def test_scales_only_rate_is_the_recipes(recipe, bits):
+    """The benchmark's "QAT scales" rows and `python -m mlxqat.train --trainable scales` share one rate."""
+    from mlxqat.qat import qat_args
+    from mlxqat.recipes import QAT_DEFAULTS
 
-    def loss(params):
-        q.update(params)
-        return mx.sum(q(x) ** 2)
-
-    params = {"scales": q.scales, "biases": q.biases}
-    with quality.fast_cpu_matmul():
-        g = mx.grad(loss)(params)
-        eps = 1e-3
-        bumped = dict(params, biases=params["biases"] + eps * (mx.arange(params["biases"].size).reshape(params["biases"].shape) == 0))
-        fd = (loss(bumped) - loss(params)) / eps
-    assert abs(g["biases"][0, 0].item() - fd.item()) < 1e-2 * max(1.0, abs(fd.item()))
+    d = QAT_DEFAULTS[bits]
+    assert qat_args(recipe, trainable="scales").scale_lr == d.scales_only_learning_rate != d.scale_learning_rate
+    assert qat_args(recipe, trainable="all").scale_lr == d.scale_learning_rate
+    assert qat_args(recipe, trainable="scales", scale_learning_rate=3e-6).scale_lr == 3e-6  # a given rate wins
