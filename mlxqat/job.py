@@ -195,8 +195,7 @@ def _baselines(model_path, teacher, recipe, train_w, val_w, progress: bool) -> d
     """Full precision and plain round-to-nearest (:func:`mlxqat.convert.quantize_rtn`) of the same bits and groups."""
     rows = {"full precision": _evaluate("full precision", teacher, val_w, teacher, progress)}
     rtn, _ = load(model_path, full_precision=True)
-    rtn.set_dtype(mx.float32)
-    quantize_rtn(rtn, recipe, train_w, scale_dtype=None)  # the recipe's own scale dtype (--scale-dtype)
+    quantize_rtn(rtn, recipe, train_w, scale_dtype=None, fake_quant=True)  # the recipe's scale dtype (--scale-dtype)
     rows["round-to-nearest"] = _evaluate("round-to-nearest", rtn, val_w, teacher, progress)
     return rows
 
