@@ -6,7 +6,7 @@
 For every setting (int4 g64, q4_0, int3 g64, int2 g64, a sensitivity-allocated ``mixed`` recipe
 and the ``mobile`` schema) every applicable method quantizes the same full-precision model with
 the same calibration data and the same number of optimizer steps: round-to-nearest
-(``mlxqat.generate.quantize_rtn``), mlx-lm's GPTQ, AWQ and DWQ (``mlx_lm.quant`` as libraries),
+(``mlxqat.convert.quantize_rtn``), mlx-lm's GPTQ, AWQ and DWQ (``mlx_lm.quant`` as libraries),
 and mlxqat QAT in its three modes (``mlxqat.qat.quantize_qat``, what ``python -m mlxqat.train``
 runs, with the recipe's defaults): all weights, scales only, and QA-LoRA.
 
@@ -44,17 +44,16 @@ sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 
 import mlxqat  # noqa: E402
 from mlxqat import mixed, quant, recipes  # noqa: E402
-from mlxqat.convert import prepare_calibrated  # noqa: E402
+from mlxqat.convert import quantize_rtn  # noqa: E402
 from mlxqat.data import Document, build_dataset, model_context, pack, spread, stdlib_windows, tokenize_documents  # noqa: E402
 from mlxqat.evaluate import evaluate, gap_recovered  # noqa: E402
 from mlxqat.export import memory_report  # noqa: E402
-from mlxqat.generate import quantize_rtn  # noqa: E402
 from mlxqat.kernels import use_dequantized_matmul  # noqa: E402
 from mlxqat.profile import chip_name  # noqa: E402
 from mlxqat.qat import RECIPE_DEFAULTED, quantize_qat  # noqa: E402
 from mlxqat.recipes import QAT_DEFAULTS, LayerSpec, Recipe  # noqa: E402
 from mlxqat.teacher import CachedTeacher  # noqa: E402
-from mlxqat.train import load_model  # noqa: E402
+from mlxqat.io import load  # noqa: E402
 from quality_report import write_outputs  # noqa: E402  (beside this file)
 
 DEFAULT_OUT = ROOT / "benchmarks" / "results" / "quality"
@@ -193,10 +192,8 @@ class Job:
 
 
 def run_rtn(m, job: Job):
-    if any(s.act_bits for s in job.recipe.specs()):  # static activation scales need calibration windows
-        prepare_calibrated(m, job.recipe, job.data["train"][:CALIBRATION_WINDOWS])
-        return mlxqat.convert(m), None
-    return quantize_rtn(m, job.recipe), None
+    calib = job.data["train"][:CALIBRATION_WINDOWS] if any(s.act_bits for s in job.recipe.specs()) else None
+    return quantize_rtn(m, job.recipe, calib), None
 
 
 def _mlx_lm_gptq():
@@ -321,11 +318,11 @@ def run(model: Optional[str] = None, data: Optional[str] = None, quick: bool = F
     budget = make_budget(quick, steps, settings, methods, budget_overrides, budget)
 
     def fresh() -> nn.Module:  # the package's loader (python -m mlxqat.train's), computing in float32
-        m = load_model(model)[0]
+        m = load(model, full_precision=True)[0]
         m.set_dtype(mx.float32)
         return m
 
-    teacher_model, tokenizer, config = load_model(model)
+    teacher_model, tokenizer, config = load(model, return_config=True, full_precision=True)
     floats = {v.dtype for _, v in tree_flatten(teacher_model.parameters()) if mx.issubdtype(v.dtype, mx.floating)}
     storage = mx.bfloat16 if floats == {mx.bfloat16} else mx.float16  # what the model is saved in
     teacher_model.set_dtype(mx.float32)

@@ -7,14 +7,13 @@
     mlxqat.save(model, tokenizer, "out/")   # mlx_lm.load("out/") opens it
 """
 
-__version__ = "0.1.0"
-
-from . import quant, recipes  # noqa: E402
-from .convert import calibrate, convert, dequantize, prepare, use_kernel  # noqa: E402
-from .io import IntegrityError, load, save, verify  # noqa: E402
-from .layers import ActQuantizedLinear, FakeQuantEmbedding, FakeQuantLinear  # noqa: E402
-from .recipes import LayerSpec, Recipe  # noqa: E402
-from .trainer import TrainingArgs, train  # noqa: E402
+from ._version import __version__
+from . import quant, recipes
+from .convert import calibrate, convert, dequantize, prepare, use_kernel
+from .io import IntegrityError, load, save, verify
+from .layers import ActQuantizedLinear, FakeQuantEmbedding, FakeQuantLinear
+from .recipes import LayerSpec, Recipe
+from .trainer import TrainingArgs, train
 
 __all__ = [
     "ActQuantizedLinear",

@@ -8,23 +8,30 @@
 
 ``mlxqat SUBCOMMAND --help`` shows the flags of each; they are the flags of
 ``python -m mlxqat.SUBCOMMAND``.
+
+The ``verify`` command lives here too (:func:`verify_main`): it is a few lines
+over :func:`mlxqat.io.verify`, which is also ``mlxqat.verify``.
 """
 
 from __future__ import annotations
 
+import argparse
 import importlib
+import os
 import sys
+from pathlib import Path
 from typing import List, Optional
 
-from ._cli import command
+from ._cli import command, run_main
+from ._version import __version__
 
-# subcommand -> (module, one-line description)
+# subcommand -> ("module:function" of its main(argv), one-line description)
 COMMANDS = {
-    "train": ("mlxqat.train", "quantization-aware training, from a model directory to a quantized one"),
-    "export": ("mlxqat.export", "export to GGUF, an mlx-lm directory, or unquantized weights"),
-    "verify": ("mlxqat.verify", "check a model directory against its sha256 manifest"),
-    "generate": ("mlxqat.generate", "generate text; print tokens/s and peak memory"),
-    "profile": ("mlxqat.profile", "prefill/decode speed, latency and memory: full precision vs int4 kernels"),
+    "train": ("mlxqat.job:main", "quantization-aware training, from a model directory to a quantized one"),
+    "export": ("mlxqat.export:main", "export to GGUF, an mlx-lm directory, or unquantized weights"),
+    "verify": ("mlxqat.cli:verify_main", "check a model directory against its sha256 manifest"),
+    "generate": ("mlxqat.generate:main", "generate text; print tokens/s and peak memory"),
+    "profile": ("mlxqat.profile:main", "prefill/decode speed, latency and memory: full precision vs int4 kernels"),
 }
 
 
@@ -38,7 +45,7 @@ def usage() -> str:
 
 @command()
 def main(argv: Optional[List[str]] = None) -> int:
-    """Dispatch ``argv[0]`` to the ``main(argv)`` of its module; return the exit status.
+    """Dispatch ``argv[0]`` to the ``main(argv)`` of its command; return the exit status.
 
     Every failure, in the dispatcher or in a command, ends as :func:`mlxqat._cli.run_main`
     says: one ``error:`` line and status 2 for bad input, 130 for Ctrl-C, 1 for a bug.
@@ -49,16 +56,69 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 0
     name, rest = argv[0], argv[1:]
     if name in ("-V", "--version"):
-        from . import __version__
-
         print(f"mlxqat {__version__}")
         return 0
     if name not in COMMANDS:
         print(f"error: unknown command {name!r}; use one of {', '.join(COMMANDS)}\n\n{usage()}", file=sys.stderr)
         return 2
-    module = importlib.import_module(COMMANDS[name][0])
+    module, function = COMMANDS[name][0].split(":")
     sys.argv[0] = f"mlxqat {name}"
-    return int(module.main(rest) or 0)
+    return int(getattr(importlib.import_module(module), function)(rest) or 0)
+
+
+# ---------------------------------------------------------------------------
+# mlxqat verify
+# ---------------------------------------------------------------------------
+
+
+def add_manifest(directory) -> dict:
+    """Write (or rewrite) ``mlxqat.json`` in ``directory`` for its files as they are now.
+
+    For a model directory you trust (e.g. one made by ``mlx_lm.convert``): from
+    then on, ``load`` and ``verify`` refuse any change to it. An existing
+    manifest's recipe, training summary and metrics are kept when it is still
+    readable.
+
+    Returns:
+        The manifest written.
+
+    Raises:
+        FileNotFoundError / ValueError: not a model directory (no valid config.json).
+    """
+    from .io import MANIFEST, Manifest, check_config
+
+    directory = Path(directory)
+    check_config(directory)
+    info = {}
+    if os.path.lexists(directory / MANIFEST):
+        try:
+            info = Manifest.read(directory).info
+        except ValueError:
+            info = {}
+    return Manifest.for_files(directory, info).write(directory)
+
+
+def verify_main(argv: Optional[List[str]] = None) -> int:
+    """``python -m mlxqat.verify DIR`` (``OK <n> files``, status 0) or ``--write DIR``; status 2 and the
+    problem on stderr when a file listed in ``mlxqat.json`` is missing or changed, or another is there."""
+    from .io import MANIFEST, verify
+
+    parser = argparse.ArgumentParser(
+        prog="python -m mlxqat.verify",
+        description="Check every file of a model directory against the sha256 in its mlxqat.json.",
+    )
+    parser.add_argument("directory", help="a directory written by mlxqat.save or python -m mlxqat.export")
+    parser.add_argument("--write", action="store_true",
+                        help="write mlxqat.json for the directory's files as they are (for a directory you trust)")
+    args = parser.parse_args(argv)
+
+    def run() -> int:
+        manifest = add_manifest(args.directory) if args.write else verify(args.directory)
+        print(f"{'wrote' if args.write else 'OK'} {len(manifest['files'])} files"
+              + (f" into {Path(args.directory) / MANIFEST}" if args.write else ""))
+        return 0
+
+    return run_main(run)
 
 
 if __name__ == "__main__":

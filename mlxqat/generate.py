@@ -13,10 +13,10 @@ text is the text ``mlx_lm.generate`` gives.
 
 Models: without ``--model``, the embedded full-precision stdlib Llama
 (``mlxqat/assets/stdlib-llama``) runs as it is; ``--quantize RECIPE``
-quantizes any full-precision model with round-to-nearest on the fly. A local
-directory is opened with :func:`mlxqat.load`, which checks the sha256 manifest
-of directories written by mlxqat; other strings are Hugging Face ids, opened
-with ``mlx_lm.load``.
+quantizes any full-precision model with round-to-nearest on the fly
+(:func:`mlxqat.convert.quantize_rtn`). Every model (a local directory, a GGUF
+file, a Hugging Face id) is opened with :func:`mlxqat.load`, which checks the
+sha256 manifest of directories written by mlxqat.
 
 Kernels (``--kernel``): ``mlx`` runs 4-bit layers with MLX's
 ``quantized_matmul`` (``nn.QuantizedLinear``), ``mlxqat`` with this package's
@@ -42,7 +42,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import sys
-import time
 from pathlib import Path
 from typing import Callable, List, Optional, Tuple
 
@@ -55,12 +54,12 @@ from ._cli import (ArgumentParser, UsageError, command, non_negative_float, non_
 
 __all__ = [
     "GenerationStats",
-    "quantize_rtn",
     "apply_dtype",
     "check_prompt",
     "generate",
     "load_model",
     "main",
+    "model_label",
     "resolve_kernel",
 ]
 
@@ -141,62 +140,14 @@ def apply_dtype(model: nn.Module, dtype: str = "auto") -> Optional[mx.Dtype]:
     return target
 
 
-def _has_quantized(model: nn.Module) -> bool:
-    return any(isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding)) for _, m in model.named_modules())
-
-
-def _open(model: Optional[str]):
-    """``(model, tokenizer, source)`` from a local directory, a Hugging Face id, or the embedded model."""
+def model_label(model: Optional[str]) -> str:
+    """How a ``--model`` value is named in notes and results (``None``: the embedded model)."""
     if model is None:
         from .stdlib_data import embedded_model_path
 
-        path = embedded_model_path()
-        if not (path / "config.json").exists():
-            raise UsageError(
-                f"the embedded model is missing from this installation ({path}); pass --model DIR "
-                "(any mlx-lm model directory) or reinstall mlxqat"
-            )
-        from .io import load
-
-        m, tok = load(path)
-        return m, tok, f"{path.name} (embedded)"
-    from .gguf_import import is_gguf_file
-    from .io import load
-
+        return f"{embedded_model_path().name} (embedded)"
     p = Path(model).expanduser()
-    if p.exists() and not p.is_dir() and not is_gguf_file(p):
-        raise UsageError(f"--model {model} is a file but not a GGUF file; pass the model's directory (with config.json)")
-
-    m, tok = load(model)  # a local directory, a GGUF file, or a Hugging Face id
-    return m, tok, str(p) if p.exists() else model
-
-
-def quantize_rtn(model: nn.Module, recipe: str) -> nn.Module:
-    """Quantize a full-precision model in place with round-to-nearest, as a saved model stores it.
-
-    The weights are quantized from float32 with scales and biases rounded to
-    float16 values (what ``python -m mlxqat.train`` saves), and the linear
-    layers keep them in float16, so the model's memory is that of the saved files.
-    """
-    from . import quant
-    from .convert import convert, prepare
-    from .recipes import get as get_recipe
-
-    try:
-        spec = get_recipe(recipe, scale_dtype="float16")
-    except ValueError as e:
-        raise UsageError(f"--quantize / --recipe: {e}") from e
-    loaded = next((v.dtype for _, v in tree_flatten(model.parameters()) if mx.issubdtype(v.dtype, mx.floating)), mx.float32)
-    model.set_dtype(mx.float32)
-    prepare(model, spec)
-    convert(model)
-    updates = []
-    for path, m in model.named_modules():
-        if _is_quantized_linear(m) and (halves := quant.compact(m.scales, m.biases)) is not None:
-            updates += [(f"{path}.scales", halves[0]), (f"{path}.biases", halves[1])]
-    model.update(tree_unflatten(updates))
-    apply_dtype(model, str(loaded).replace("mlx.core.", ""))  # the rest back to the dtype it was loaded in
-    return model
+    return str(p) if p.exists() else model
 
 
 def load_model(
@@ -210,8 +161,9 @@ def load_model(
     """Open a model for generation.
 
     Args:
-        model: a local model directory (saved by mlxqat, or any mlx-lm directory),
-            a Hugging Face id, or ``None`` for the embedded stdlib model.
+        model: what :func:`mlxqat.load` opens: a local model directory (saved by mlxqat,
+            or any mlx-lm directory), a GGUF file, a Hugging Face id, or ``None`` for the
+            embedded stdlib model.
         quantize: a recipe name (e.g. ``"int4"``) to quantize a full-precision
             model with round-to-nearest after loading; ``None`` to run it as it is.
         kernel: ``auto``, ``mlx`` or ``mlxqat`` (see the module docstring).
@@ -223,16 +175,19 @@ def load_model(
         ``dtype``, ``quantized`` and ``kernel_layers`` (layers running our kernel).
 
     Raises:
-        UsageError: a missing model, a bad option, or ``quantize`` on a model
-            that is already quantized.
+        FileNotFoundError / ValueError: a missing or damaged model (see :func:`mlxqat.load`),
+            an unknown recipe.
+        UsageError: a bad option, or ``quantize`` on a model that is already quantized.
     """
-    from .convert import use_kernel
+    from .convert import layer_specs, quantize_rtn, use_kernel
+    from .io import load
     from .kernels import KernelQuantizedLinear
 
     kernel = resolve_kernel(kernel)
-    m, tok, source = _open(model)
+    m, tok = load(model)
+    source = model_label(model)
     if quantize:
-        if _has_quantized(m):
+        if layer_specs(m):
             raise UsageError(
                 f"--quantize {quantize}: {source} is already quantized; drop --quantize to run it as it is"
             )
@@ -243,7 +198,7 @@ def load_model(
     n_kernel = sum(isinstance(x, KernelQuantizedLinear) for _, x in m.named_modules())
     info = {
         "source": source,
-        "quantized": _has_quantized(m),
+        "quantized": bool(layer_specs(m)),
         "quantize": quantize,
         "kernel": kernel,
         "kernel_layers": n_kernel,

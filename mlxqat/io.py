@@ -36,7 +36,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_map_with_path
 
-from . import __version__
+from ._version import __version__
 from .layers import ActQuantizedLinear, is_fake_quant
 from .validate import check_config_values, read_json_file
 
@@ -1055,12 +1055,13 @@ def _resolve_model_path(path: PathLike) -> Path:
 
 
 def load(
-    path: PathLike,
+    path: Optional[PathLike] = None,
     *,
     verify_files: bool = True,
     kernel: str = "mlx",
     lazy: bool = False,
     return_config: bool = False,
+    full_precision: bool = False,
 ):
     """Load a model directory saved by :func:`save`, any mlx-lm directory, a Hugging Face id, or a GGUF file.
 
@@ -1070,14 +1071,38 @@ def load(
     checked against each other; then the weights are read (unless ``lazy``) and
     must be finite. The tokenizer never runs code from the directory.
 
+    Args:
+        path: the model; ``None`` is the full-precision stdlib Llama shipped with mlxqat.
+        full_precision: refuse a quantized model (for QAT's teacher and starting
+            point, or a full-precision baseline).
+
     Returns:
         ``(model, tokenizer)``, or ``(model, tokenizer, config)`` with ``return_config``.
 
     Raises:
         IntegrityError: a file does not match the manifest.
         ValueError / FileNotFoundError: a missing, malformed or inconsistent file,
-            named in the message.
+            named in the message; with ``full_precision``, a quantized model.
     """
+    if path is None:
+        from .stdlib_data import embedded_model_path
+
+        path = embedded_model_path()
+        if not (path / "config.json").exists():
+            raise FileNotFoundError(f"the embedded model is missing from this installation ({path}); pass a "
+                                    "model directory (--model DIR) or reinstall mlxqat")
+    model, tokenizer, config = _load(path, verify_files, kernel, lazy)
+    if full_precision:
+        from .convert import layer_specs
+
+        quantized = list(layer_specs(model))
+        if quantized:
+            raise ValueError(f"{path} is already quantized ({len(quantized)} quantized layers, e.g. {quantized[0]}); "
+                             "pass its full-precision original")
+    return (model, tokenizer, config) if return_config else (model, tokenizer)
+
+
+def _load(path: PathLike, verify_files: bool, kernel: str, lazy: bool):
     from mlx_lm.utils import load_model, load_tokenizer
 
     from .validate import (check_directory_entries, check_finite, check_module_parameters, check_quantized_tensors,
@@ -1090,10 +1115,11 @@ def load(
             from .convert import use_kernel
 
             use_kernel(model, kernel)
-        return (model, tokenizer, config) if return_config else (model, tokenizer)
+        return model, tokenizer, config
     directory = _resolve_model_path(path)
     if not directory.is_dir():
-        raise FileNotFoundError(f"{directory} is not a directory; pass the model's directory (with config.json)")
+        raise FileNotFoundError(f"{directory} is neither a directory nor a GGUF file; pass the model's "
+                                "directory (with config.json) or a GGUF file")
     manifest = {}
     if os.path.lexists(directory / MANIFEST):
         manifest = verify(directory) if verify_files else read_manifest(directory)
@@ -1102,7 +1128,7 @@ def load(
         warnings.warn(
             f"{directory} has no {MANIFEST}, so changes to its files cannot be detected; if you trust "
             f"them, add one with `python -m mlxqat.verify --write {directory}`",
-            stacklevel=2,
+            stacklevel=3,
         )
     check_directory_entries(directory)
     config = check_config(directory)
@@ -1136,4 +1162,4 @@ def load(
         from .convert import use_kernel
 
         use_kernel(model, kernel)
-    return (model, tokenizer, config) if return_config else (model, tokenizer)
+    return model, tokenizer, config

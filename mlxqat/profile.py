@@ -46,7 +46,9 @@ import mlx.nn as nn
 import numpy as np
 
 from ._cli import ArgumentParser, UsageError, command, non_negative_int, positive_int
-from .generate import _has_quantized, _open, apply_dtype, quantize_rtn
+from .convert import layer_specs, quantize_rtn, use_kernel
+from .generate import apply_dtype, model_label
+from .io import load
 
 __all__ = [
     "profile_model", "time_generation", "format_table", "memory_table", "summary_table", "plot", "write_results", "main",
@@ -156,14 +158,13 @@ def build_variants(
     kernels: Sequence[str],
 ) -> tuple:
     """``(variants, notes, meta)``: the models to time, and why any row is missing."""
-    from .convert import use_kernel
     from .kernels import KernelQuantizedLinear
 
     notes: List[str] = []
     meta: dict = {}
-    m, _, source = _open(model)
-    meta["model"] = source
-    quantized_given = _has_quantized(m)
+    m, _ = load(model)
+    source = meta["model"] = model_label(model)
+    quantized_given = bool(layer_specs(m))
     variants: List[Variant] = []
 
     fp = None
@@ -175,12 +176,10 @@ def build_variants(
                     "full-precision original) to measure them"
                 )
             else:
-                fp, _, fp_source = _open(baseline_model)
-                if _has_quantized(fp):
-                    raise UsageError(f"--baseline-model {baseline_model} is quantized; give the full-precision model")
-                meta["baseline_model"] = fp_source
+                fp, _ = load(baseline_model, full_precision=True)
+                meta["baseline_model"] = model_label(baseline_model)
         else:
-            fp, _, _ = _open(model)
+            fp, _ = load(model)
     if fp is not None:
         dtype, note = _baseline_dtype(baseline)
         fp.set_dtype(getattr(mx, dtype))
@@ -226,8 +225,6 @@ def _bits_label(model: nn.Module) -> str:
 def _ready(v: Variant) -> nn.Module:
     """The variant's model with its kernel switched in."""
     if v.kernel is not None:
-        from .convert import use_kernel
-
         use_kernel(v.model, v.kernel)
     return v.model
 

@@ -16,11 +16,13 @@ from __future__ import annotations
 import dataclasses
 from typing import Callable, List, Optional, Tuple
 
+import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
 
-from . import recipes as recipes_mod
+from . import quant, recipes as recipes_mod
+from .layers import is_fake_quant
 from .convert import prepare_calibrated
 from .evaluate import evaluate
 from .trainer import TrainingArgs, train
@@ -85,6 +87,7 @@ def quantize_qat(
     resume: bool = False,
     progress: bool = True,
     callback: Optional[Callable[[dict], None]] = None,
+    scale_dtype: Optional[str] = None,
     **training_kwargs,
 ) -> dict:
     """Prepare ``student`` with ``recipe``'s QAT form and train it towards ``teacher`` (not converted).
@@ -98,6 +101,8 @@ def quantize_qat(
             checked at every ``log_every`` steps and at step 0); ``None``: keep the last step.
         learn_scales, scale_init: override :meth:`Recipe.for_qat`'s choice.
         out_dir, resume, progress, callback: as :func:`mlxqat.trainer.train`.
+        scale_dtype: snap learned scales/biases to this dtype's values after training
+            (``"float16"``: what a saved model stores, so saving loses nothing); ``None``: leave them.
         training_kwargs: :class:`~mlxqat.trainer.TrainingArgs` fields; learning rates and
             warmup default to :meth:`Recipe.qat_defaults` (see :func:`qat_args`).
 
@@ -116,4 +121,14 @@ def quantize_qat(
     if selector is not None:
         summary["best_step"] = selector.restore()
         summary["selection_kl"] = selector.history
+    if scale_dtype is not None:
+        snap_learned_scales(student, scale_dtype)
     return summary
+
+
+def snap_learned_scales(model: nn.Module, dtype: str) -> None:
+    """Round every learned scale/bias to ``dtype`` values (:func:`mlxqat.quant.snap_to`), in place."""
+    dt = getattr(mx, dtype)
+    for _, m in model.named_modules():
+        if is_fake_quant(m) and m.spec.learn_scales and "scales" in m:
+            m.scales, m.biases = quant.snap_to(dt, m.scales), quant.snap_to(dt, m.biases)

@@ -2,11 +2,12 @@
 
 ``train(student, teacher, train_data, val_data, args)`` runs the loop (loss,
 optimizer, schedule, accumulation, data parallelism, checkpoints and resume).
-The whole job behind ``python -m mlxqat.train`` is :mod:`mlxqat.train`.
+The whole job behind ``python -m mlxqat.train`` is :mod:`mlxqat.job`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import re
@@ -120,11 +121,16 @@ def lr_schedule(peak: float, args: TrainingArgs) -> Callable:
     elif args.schedule == "linear":
         main = optim.linear_schedule(peak, end, decay_steps)
     else:
-        main = lambda _: peak  # noqa: E731
+        main = _constant(peak)
     if args.warmup_steps <= 0:
         return main
-    warm = optim.linear_schedule(peak / args.warmup_steps, peak, args.warmup_steps - 1) if args.warmup_steps > 1 else (lambda _: peak)
+    warm = optim.linear_schedule(peak / args.warmup_steps, peak, args.warmup_steps - 1) if args.warmup_steps > 1 else _constant(peak)
     return optim.join_schedules([warm, main], [args.warmup_steps])
+
+
+def _constant(value: float) -> Callable:
+    """A schedule that stays at ``value``; an array, as MLX's optimizers expect of a schedule."""
+    return lambda _: mx.array(value, dtype=mx.float32)
 
 
 # ---------------------------------------------------------------------------
@@ -193,14 +199,37 @@ def _is_lora(path: str, _g=None) -> bool:
     return path.endswith(".lora_a") or path.endswith(".lora_b")
 
 
-def make_optimizer(args: TrainingArgs) -> optim.Optimizer:
-    def adamw(peak):
-        return optim.AdamW(learning_rate=lr_schedule(peak, args), weight_decay=args.weight_decay)
+class QATOptimizer(optim.MultiOptimizer):
+    """AdamW with its own warmup and decay (:func:`lr_schedule`) for each kind of trained parameter.
 
-    return optim.MultiOptimizer(
-        [adamw(args.scale_lr), adamw(args.lora_learning_rate), adamw(args.learning_rate)],
-        [_is_scale, _is_lora],
-    )
+    The parts are named: ``scales`` (learned scales and biases, ``args.scale_lr``),
+    ``lora`` (adapters, ``args.lora_learning_rate``) and ``weights`` (everything
+    else, ``args.learning_rate``). :attr:`learning_rate` is the weights' one, the
+    rate the training log reports.
+    """
+
+    def __init__(self, args: TrainingArgs):
+        def adamw(peak):
+            return optim.AdamW(learning_rate=lr_schedule(peak, args), weight_decay=args.weight_decay)
+
+        # the order of the parts is the order of their states in a checkpoint
+        super().__init__([adamw(args.scale_lr), adamw(args.lora_learning_rate), adamw(args.learning_rate)],
+                         [_is_scale, _is_lora])
+        self.scales, self.lora, self.weights = self.optimizers
+
+    @property
+    def learning_rate(self) -> mx.array:
+        return self.weights.learning_rate
+
+    @learning_rate.setter
+    def learning_rate(self, value) -> None:
+        for o in self.optimizers:
+            o.learning_rate = value
+
+
+def make_optimizer(args: TrainingArgs) -> QATOptimizer:
+    """The optimizer :func:`train` uses unless it is given one."""
+    return QATOptimizer(args)
 
 
 # ---------------------------------------------------------------------------
@@ -479,13 +508,14 @@ def _grad_checkpoint(model: nn.Module) -> None:
 
 
 def _open_log(path: Optional[Path], resume_step: Optional[int]):
-    """The training log, open for appending; a resumed run first drops records past its checkpoint.
+    """The training log, open for appending (a context giving ``None`` without a path); a resumed
+    run first drops records past its checkpoint.
 
     Steps between the last checkpoint and an interruption are trained again, so
     their records would otherwise appear twice.
     """
     if path is None:
-        return None
+        return contextlib.nullcontext()
     if resume_step is None:
         return open(path, "w")
     kept = []
@@ -502,35 +532,41 @@ def _open_log(path: Optional[Path], resume_step: Optional[int]):
     return open(path, "a")
 
 
-def _make_step(student, optimizer, targets_fn, args: TrainingArgs, rank: int, world: int) -> Callable:
-    """``step_fn(batch, step) -> loss``: one optimizer step over this process's share of ``batch``."""
+def default_loss(args: TrainingArgs) -> Callable:
+    """``loss(model, inputs, targets, teacher_out)``: :func:`distillation_loss` of the model's logits."""
 
-    def loss_fn(model, inputs, targets, teacher_out):
+    def loss(model, inputs, targets, teacher_out):
         return distillation_loss(model(inputs), teacher_out, targets, args)
 
-    value_and_grad = nn.value_and_grad(student, loss_fn)
+    return loss
+
+
+def _make_step(student, optimizer, targets_fn, loss: Callable, args: TrainingArgs, rank: int,
+               world: int) -> Callable:
+    """``step_fn(batch, step) -> loss``: one optimizer step over this process's share of ``batch``."""
+    value_and_grad = nn.value_and_grad(student, loss)
     micro = args.batch_size // (world * args.grad_accum)
 
     def step_fn(batch, step):
         local = batch[rank * micro * args.grad_accum : (rank + 1) * micro * args.grad_accum]
-        grads, loss = None, mx.array(0.0)
+        grads, total = None, mx.array(0.0)
         for j in range(args.grad_accum):
             mb = local[j * micro : (j + 1) * micro]
             inputs, targets = mb[:, :-1], mb[:, 1:]
             t_out = targets_fn(f"{step:08d}-{rank}-{j}", inputs)
             l, g = value_and_grad(student, inputs, targets, t_out)
             grads = g if grads is None else tree_map(mx.add, grads, g)
-            loss = loss + l
+            total = total + l
         if args.grad_accum > 1:
             grads = tree_map(lambda g: g / args.grad_accum, grads)
-            loss = loss / args.grad_accum
+            total = total / args.grad_accum
         if world > 1:
             grads = nn.average_gradients(grads)
-            loss = mx.distributed.all_sum(loss) / world
+            total = mx.distributed.all_sum(total) / world
         if args.grad_clip:
             grads, _ = optim.clip_grad_norm(grads, args.grad_clip)
         optimizer.update(student, grads)
-        return loss
+        return total
 
     return step_fn
 
@@ -542,6 +578,8 @@ def train(
     val_data: Optional[np.ndarray] = None,
     args: Optional[TrainingArgs] = None,
     *,
+    optimizer: Optional[optim.Optimizer] = None,
+    loss: Optional[Callable] = None,
     out_dir: Optional[Path] = None,
     resume: bool = False,
     callback: Optional[Callable[[dict], None]] = None,
@@ -558,10 +596,17 @@ def train(
             :class:`~mlxqat.data.Dataset` (then ``val_data`` defaults to its ``val``).
         val_data: windows to evaluate on at the end (loss, KL, top-1 in the summary).
         args: :class:`TrainingArgs` (default: ``TrainingArgs()``).
+        optimizer: an MLX optimizer (default: :class:`QATOptimizer` from ``args``); the
+            log reports its ``learning_rate``, and checkpoints hold its state.
+        loss: ``loss(model, inputs, targets, teacher_out) -> scalar``, where ``teacher_out``
+            is the teacher's logits or, with ``teacher_top_k``, ``(top_k_logits, top_k_ids)``
+            (default: :func:`default_loss`, the distillation loss ``args`` describe).
         out_dir: where checkpoints (``checkpoints/``) and ``train_log.jsonl`` go.
         resume: continue from the newest checkpoint in ``out_dir``; it must have been
             written with the same recipe, seq_len, batch_size, trainable mode and seed.
         callback: called with every logged record (dict).
+        teacher_targets: the teacher's logits per micro-batch (default: a
+            :class:`TeacherTargets` of ``teacher`` and ``args.teacher_top_k``).
 
     Returns:
         A summary: steps, tokens, wall time, final loss, peak memory.
@@ -581,49 +626,43 @@ def train(
     _check_inputs(student, train_data, val_data, args, world)
     if teacher is not None:
         teacher.freeze()
-    targets_fn = teacher_targets or TeacherTargets(teacher, args.teacher_top_k, Path(out_dir) / "teacher_cache" if out_dir and args.teacher_top_k else None)
-
-    set_trainable(student, args)
-    student.train()
-    if args.grad_checkpoint:
-        _grad_checkpoint(student)
-    optimizer = make_optimizer(args)
-    optimizer.init(student.trainable_parameters())
-    ckpt_dir = Path(out_dir) / "checkpoints" if out_dir else None
-    start = 0
-    if resume:
-        if out_dir is None:
-            raise FileNotFoundError("--resume needs out_dir, where the checkpoints are")
-        start = load_checkpoint(resume_point(out_dir, args, _recipe_dict(student)), student, optimizer, args)
-    step_fn = _make_step(student, optimizer, targets_fn, args, rank, world)
+    if teacher_targets is None:
+        cache = Path(out_dir) / "teacher_cache" if out_dir and args.teacher_top_k else None
+        teacher_targets = TeacherTargets(teacher, args.teacher_top_k, cache)
+    optimizer = optimizer if optimizer is not None else make_optimizer(args)
+    start = _start(student, optimizer, args, out_dir, resume)
+    step_fn = _make_step(student, optimizer, teacher_targets, loss or default_loss(args), args, rank, world)
 
     if out_dir:
         work_dir(out_dir)  # ours, or refused: never a folder of the user's
     log_path = Path(out_dir) / "train_log.jsonl" if out_dir and rank == 0 else None
-    log_f = _open_log(log_path, start if resume else None)
-    try:
-        losses, tokens, t0 = _loop(student, optimizer, step_fn, train_data, args, start, ckpt_dir, log_f,
-                                   callback, progress, rank)
-    finally:
-        if log_f:
-            log_f.close()
+    with _open_log(log_path, start if resume else None) as log_f:
+        losses, tokens, t0 = _loop(student, optimizer, step_fn, train_data, args, start,
+                                   Path(out_dir) / "checkpoints" if out_dir else None, log_f, callback, progress, rank)
     set_fake_quant(student, True)
     student.eval()
-    summary = {
-        "steps": args.steps,
-        "resumed_from": start,
-        "tokens": tokens,
-        "wall_s": time.perf_counter() - t0,
-        "final_loss": losses[-1] if losses else None,
-        "losses": losses,
-        "peak_memory_gb": mx.get_peak_memory() / 1e9,
-        "processes": world,
-    }
+    summary = {"steps": args.steps, "resumed_from": start, "tokens": tokens, "wall_s": time.perf_counter() - t0,
+               "final_loss": losses[-1] if losses else None, "losses": losses,
+               "peak_memory_gb": mx.get_peak_memory() / 1e9, "processes": world}
     if val_data is not None and teacher is not None:
         from .evaluate import evaluate
 
         summary["val"] = evaluate(student, np.asarray(val_data), teacher)
     return summary
+
+
+def _start(student: nn.Module, optimizer, args: TrainingArgs, out_dir, resume: bool) -> int:
+    """Make the student trainable and the optimizer ready; return the first step (a checkpoint's, on resume)."""
+    set_trainable(student, args)
+    student.train()
+    if args.grad_checkpoint:
+        _grad_checkpoint(student)
+    optimizer.init(student.trainable_parameters())
+    if not resume:
+        return 0
+    if out_dir is None:
+        raise FileNotFoundError("--resume needs out_dir, where the checkpoints are")
+    return load_checkpoint(resume_point(out_dir, args, _recipe_dict(student)), student, optimizer, args)
 
 
 def _loop(student, optimizer, step_fn, train_data, args: TrainingArgs, start: int, ckpt_dir, log_f,
@@ -635,7 +674,7 @@ def _loop(student, optimizer, step_fn, train_data, args: TrainingArgs, start: in
     t0 = time.perf_counter()
     tokens = 0
     bar = tqdm(total=args.steps, initial=start, desc="QAT", disable=not progress or rank != 0, dynamic_ncols=True)
-    last_t, last_tokens = t0, 0
+    last_t, last_tokens = t0, 0  # at the previous log record
     try:
         for step, batch in iterate_batches(train_data, args.batch_size, args.seed, start_step=start):
             if step >= args.steps:
@@ -655,13 +694,7 @@ def _loop(student, optimizer, step_fn, train_data, args: TrainingArgs, start: in
             done = step + 1
             if done % args.log_every == 0 or done == args.steps:
                 now = time.perf_counter()
-                rec = {
-                    "step": done,
-                    "loss": float(np.mean(losses[-args.log_every :])),
-                    "lr": float(optimizer.optimizers[2].learning_rate.item()),
-                    "tokens_per_s": (tokens - last_tokens) / max(now - last_t, 1e-9),
-                    "peak_memory_gb": mx.get_peak_memory() / 1e9,
-                }
+                rec = _record(done, losses[-args.log_every :], optimizer, (tokens - last_tokens) / max(now - last_t, 1e-9))
                 last_t, last_tokens = now, tokens
                 bar.set_postfix(loss=f"{rec['loss']:.4f}", tok_s=f"{rec['tokens_per_s']:.0f}", mem=f"{rec['peak_memory_gb']:.2f}GB")
                 if log_f:
@@ -674,6 +707,17 @@ def _loop(student, optimizer, step_fn, train_data, args: TrainingArgs, start: in
     finally:
         bar.close()
     return losses, tokens, t0
+
+
+def _record(step: int, recent_losses: List[float], optimizer, tokens_per_s: float) -> dict:
+    """The log record at ``step``: mean of the recent losses, learning rate, speed, peak memory."""
+    return {
+        "step": step,
+        "loss": float(np.mean(recent_losses)),
+        "lr": float(optimizer.learning_rate.item()),
+        "tokens_per_s": tokens_per_s,
+        "peak_memory_gb": mx.get_peak_memory() / 1e9,
+    }
 
 
 def args_from_dict(d: dict) -> TrainingArgs:

@@ -7,7 +7,6 @@ that are not objects, chat templates that fail, are unsafe or never finish).
 
 import contextlib
 import errno
-import importlib
 import io
 import json
 import math
@@ -26,10 +25,10 @@ import tiny
 from mlxqat import _cli, cli, data
 from mlxqat import export as export_mod
 from mlxqat import generate as gen
+from mlxqat import job
 from mlxqat import profile as prof
 from mlxqat.trainer import TrainingArgs
 
-train_mod = importlib.import_module("mlxqat.train")  # the module (mlxqat.train is also a function)
 ROOT = Path(__file__).resolve().parent.parent
 BUG = ("this is a bug in mlxqat: please report it on the issue tracker of the mlxqat repository, with the "
        "command line and the traceback that MLXQAT_DEBUG=1 prints")
@@ -117,8 +116,8 @@ def test_commands_report_expected_and_unexpected_errors(monkeypatch, capsys, tmp
     def interrupted(**kw):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(train_mod, "run", interrupted)
-    assert train_mod.main([]) == 130
+    monkeypatch.setattr(job, "run", interrupted)
+    assert job.main([]) == 130
     assert "resume with --resume" in capsys.readouterr().err
     assert export_mod.main(["/no/such/model", "--format", "mlx", "--out", str(tmp_path / "x")]) == 2
     assert "/no/such/model" in _one_error_line(capsys.readouterr().err)
@@ -192,11 +191,11 @@ def _cli_error(capsys, main, argv) -> str:
     (["--trainable", "bias"], "invalid choice: 'bias'"),
 ])
 def test_train_refuses_bad_numbers_at_parse_time(capsys, argv, message):
-    assert message in _cli_error(capsys, train_mod.main, argv)
+    assert message in _cli_error(capsys, job.main, argv)
 
 
 def test_train_refuses_a_quant_delay_that_leaves_no_qat(capsys):
-    err = _cli_error(capsys, train_mod.main, ["--steps", "50", "--quant-delay", "50"])
+    err = _cli_error(capsys, job.main, ["--steps", "50", "--quant-delay", "50"])
     assert _one_error_line(err) == (
         "error: quant_delay=50 is not below steps=50: no step would train through the quantizer; "
         "use a quant_delay below 50 (0: quantize from the first step)"
@@ -233,7 +232,7 @@ def test_profile_refuses_bad_numbers(capsys, argv, message, tmp_path):
     assert not (tmp_path / "o").exists()
 
 
-NUMERIC_PARSERS = {"train": train_mod.build_parser, "generate": gen.build_parser, "profile": prof.build_parser}
+NUMERIC_PARSERS = {"train": job.build_parser, "generate": gen.build_parser, "profile": prof.build_parser}
 
 
 def _numeric_flags():
@@ -430,7 +429,7 @@ def test_train_cli_names_the_binary_data_file(tmp_path, tokenizer, capsys):
     fp = tiny.save_fp_model(model, config, tokenizer, tmp_path / "fp")
     png = tmp_path / "photo.txt"
     png.write_bytes(PNG)
-    err = _cli_error(capsys, train_mod.main, ["--model", str(fp), "--data", str(png), "--out", str(tmp_path / "o"),
-                                              "--steps", "2", "--seq-len", "16", "--no-progress"])
+    err = _cli_error(capsys, job.main, ["--model", str(fp), "--data", str(png), "--out", str(tmp_path / "o"),
+                                        "--steps", "2", "--seq-len", "16", "--no-progress"])
     assert f"error: {png} is a binary file, not text" in err
     assert not (tmp_path / "o").exists()

@@ -21,7 +21,7 @@ import tiny
 from mlxqat import export as ex
 from mlxqat.recipes import LayerSpec, Recipe
 
-verify_cli = importlib.import_module("mlxqat.verify")  # the module (mlxqat.verify is also the function)
+from mlxqat.cli import verify_main  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 MIXED = Recipe(
     "mixed-export",
@@ -97,7 +97,7 @@ def test_export_mlx_directory_with_model_card(tmp_path, tokenizer, capsys):
     assert f"| {report.bits_per_weight:.3f} | {report.ratio_to_bf16:.3f}x |" in card
     assert "| ppl | 12.5 |" in card and "| kl_to_teacher | 0.0123 |" in card
     assert "bits per weight" in capsys.readouterr().err
-    assert verify_cli.main([str(out)]) == 0
+    assert verify_main([str(out)]) == 0
     assert capsys.readouterr().out.strip() == f"OK {len(manifest['files'])} files"
 
 
@@ -109,14 +109,14 @@ def test_tampered_export_fails_verify_and_load(tmp_path, tokenizer, capsys):
     data = bytearray(path.read_bytes())
     data[len(data) // 3] ^= 0x10
     path.write_bytes(bytes(data))
-    assert verify_cli.main([str(out)]) == 2
+    assert verify_main([str(out)]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "model.safetensors: content changed" in err and "re-export or re-download" in err
     with pytest.raises(mlxqat.IntegrityError, match=r"model\.safetensors: content changed"):
         mlxqat.load(out)
     proc = _run("-m", "mlxqat.verify", str(out))
     assert proc.returncode == 2 and "model.safetensors" in proc.stderr
-    assert verify_cli.main([str(tmp_path / "nowhere")]) == 2
+    assert verify_main([str(tmp_path / "nowhere")]) == 2
     assert "mlxqat.json" in capsys.readouterr().err
 
 

@@ -1,4 +1,4 @@
-"""``python -m mlxqat.generate``: same text as mlx-lm, kernels, chat, bad input, Ctrl-C; the ``mlxqat`` command."""
+"""``python -m mlxqat.generate``: same text as mlx-lm, kernels, chat, bad input, Ctrl-C."""
 
 import json
 import os
@@ -18,8 +18,8 @@ from mlx_lm.sample_utils import make_sampler
 
 import mlxqat
 import tiny
-from mlxqat import cli
 from mlxqat import generate as gen
+from mlxqat.convert import quantize_rtn
 from mlxqat.kernels import KernelQuantizedLinear
 from mlxqat.stdlib_data import embedded_model_path
 
@@ -86,7 +86,7 @@ def test_embedded_model_text_equals_mlx_lm_generate():
 def test_embedded_model_quantized_and_saved_text_equals_mlx_lm_generate(tmp_path):
     """The embedded model quantized (RTN int4), saved with mlxqat.save, run by both with one seed."""
     model, tokenizer = mlx_lm_load(str(embedded_model_path()))
-    gen.quantize_rtn(model, "int4")
+    quantize_rtn(model, "int4")
     mlxqat.save(model, tokenizer, tmp_path / "q4", config=json.loads((embedded_model_path() / "config.json").read_text()))
     prompt, n = "import os\n\n\ndef ", 40
     want = reference(tmp_path / "q4", prompt, n, temp=0.7, top_p=0.95, seed=1)
@@ -167,6 +167,11 @@ def test_chat_uses_the_template_and_keeps_the_conversation(models):
     ("prompt too long", ["--model", "{short}", "--prompt", "x = 1\n" * 20], "model's context is 16 tokens"),
     ("no chat template", ["--model", "{fp}", "--chat"], "no chat template"),
     ("unknown recipe", ["--model", "{fp}", "--prompt", "x", "--quantize", "int9"], "unknown recipe 'int9'"),
+    ("activation recipe", ["--model", "{fp}", "--prompt", "x", "--quantize", "mobile"],
+     "recipe 'mobile' quantizes activations; give token windows to calibrate their scales on, or use a "
+     "weight-only recipe such as 'int4'"),
+    ("a plain file", ["--model", "{fp}/config.json", "--prompt", "x"],
+     "config.json is neither a directory nor a GGUF file; pass the model's directory (with config.json) or a GGUF file"),
     ("bad kernel", ["--model", "{fp}", "--prompt", "x", "--kernel", "cuda"], "invalid choice: 'cuda'"),
 ])
 def test_bad_input_exits_2_with_a_clear_message(models, tmp_path, case, args, message):
@@ -204,21 +209,3 @@ def test_ctrl_c_stops_cleanly_with_the_statistics_so_far(models):
     assert "Traceback" not in err and "[interrupted]" in err
     tokens = int(err.split("Generation: ")[1].split(" tokens")[0])
     assert 0 < tokens < 4000
-
-
-# ---------------------------------------------------------------------------
-# The mlxqat command
-# ---------------------------------------------------------------------------
-
-
-def test_mlxqat_command_dispatches_to_each_module(models, capsys):
-    assert cli.main([]) == 0 and "generate" in capsys.readouterr().out
-    assert cli.main(["verify", str(models["q4"])]) == 0
-    assert "OK" in capsys.readouterr().out
-    assert cli.main(["generate", "--model", str(models["fp"]), "--prompt", "x", "--max-tokens", "0"]) == 2
-    assert "--max-tokens 0" in capsys.readouterr().err
-    assert cli.main(["nope"]) == 2 and "unknown command 'nope'" in capsys.readouterr().err
-    for name in cli.COMMANDS:
-        assert cli.main([name, "--help"]) == 0, name
-        assert "usage:" in capsys.readouterr().out
-    assert cli.main(["train", "--bogus-flag"]) == 2

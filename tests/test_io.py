@@ -1,6 +1,5 @@
 """Saving to mlx-lm directories: mlx_lm.load opens them, hashes guard them, writes are atomic."""
 
-import importlib
 import json
 import os
 from pathlib import Path
@@ -17,7 +16,7 @@ from mlxqat.export import export_mlx
 from mlxqat.convert import recipe_of
 from mlxqat.recipes import LayerSpec, Recipe
 
-verify_cli = importlib.import_module("mlxqat.verify")  # the module (mlxqat.verify is also the function)
+from mlxqat.cli import verify_main  # noqa: E402
 
 MIXED = Recipe(
     "mixed-test",
@@ -347,7 +346,7 @@ def test_an_added_weight_file_is_refused(saved, int4_model):
     for fn in (mlxqat.verify, mlxqat.load):
         with pytest.raises(mlxqat.IntegrityError, match=r"model-zz-extra\.safetensors: not in the manifest"):
             fn(saved)
-    assert verify_cli.main([str(saved)]) == 2
+    assert verify_main([str(saved)]) == 2
 
 
 def test_an_edited_manifest_is_refused(saved):
@@ -368,7 +367,7 @@ def test_manifest_paths_are_confined(saved, name, capsys):
     _rewrite_manifest(saved, lambda m: m["files"].update({name: "0" * 64}))
     with pytest.raises(mlxqat.IntegrityError, match="not a file name inside the directory"):
         mlxqat.verify(saved)
-    assert verify_cli.main([str(saved)]) == 2
+    assert verify_main([str(saved)]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and io.sha256_file("/etc/hostname")[:8] not in err
 
@@ -390,7 +389,7 @@ def test_a_directory_without_manifest_warns_once_and_verify_write_adds_one(saved
         mlxqat.load(saved)
     with pytest.raises(FileNotFoundError, match="verify --write"):
         mlxqat.verify(saved)
-    assert verify_cli.main(["--write", str(saved)]) == 0
+    assert verify_main(["--write", str(saved)]) == 0
     mlxqat.verify(saved)
     (saved / "extra.txt").write_text("added later")
     with pytest.raises(mlxqat.IntegrityError, match="extra.txt"):

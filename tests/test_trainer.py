@@ -11,15 +11,18 @@ import time
 from pathlib import Path
 
 import mlx.core as mx
+import mlx.nn as nn
+import mlx.optimizers as optim
 import numpy as np
 import pytest
+from mlx.utils import tree_flatten
 
 import mlxqat
 import tiny
 from mlxqat.evaluate import evaluate
 from mlxqat.lora import QALoRALinear, apply_lora
-from mlxqat.train import main as train_main
-from mlxqat.trainer import TrainingArgs, train
+from mlxqat.data import iterate_batches
+from mlxqat.trainer import QATOptimizer, TrainingArgs, lr_schedule, train
 
 HERE = Path(__file__).parent
 SCRIPT = HERE / "train_script.py"
@@ -125,72 +128,6 @@ def test_data_parallel_two_processes_match_one(tmp_path):
     np.testing.assert_allclose(la, lb, atol=1e-5)
 
 
-@pytest.fixture()
-def fp_model_dir(tmp_path, tokenizer):
-    model, config = tiny.make_model("llama", 0)
-    config["max_position_embeddings"] = 64
-    return tiny.save_fp_model(model, config, tokenizer, tmp_path / "fp")
-
-
-def _err(capsys, argv):
-    code = train_main(argv)
-    err = capsys.readouterr().err
-    return code, err
-
-
-def test_cli_bad_input_fails_before_training(tmp_path, fp_model_dir, capsys):
-    out = str(tmp_path / "o")
-    base = ["--model", str(fp_model_dir), "--out", out, "--steps", "2", "--no-progress", "--seq-len", "16"]
-    (tmp_path / "empty").mkdir()
-    (tmp_path / "empty" / "a.txt").write_text("   \n")
-    chat = tmp_path / "chat.jsonl"
-    chat.write_text(json.dumps({"messages": [{"role": "user", "content": "hi"}]}) + "\n")
-    text = tmp_path / "t.txt"
-    text.write_text(tiny.CORPUS)
-    cases = [
-        (["--data", str(tmp_path / "missing")], "does not exist"),
-        (["--data", str(tmp_path / "empty")], "holds no text"),
-        (["--data", str(chat)], "no chat template"),
-        (["--data", str(text), "--recipe", "int5"], "unknown recipe 'int5'"),
-        (["--data", str(text), "--seq-len", "128"], "longer than the model's context of 64"),
-        (["--data", str(text), "--learning-rate", "-1"], "--learning-rate -1: must be a finite number > 0"),
-        (["--data", str(text), "--recipe", "q4_0", "--scale-init", "mse"], "needs learn_scales=True and mode='affine'"),
-    ]
-    for extra, msg in cases:
-        argv = base + extra
-        code, err = _err(capsys, argv)
-        assert code == 2, (extra, err)
-        assert msg in err, (extra, err)
-        assert "Traceback" not in err
-        assert not Path(out).exists() and not Path(out + ".train").exists()
-
-
-def test_cli_end_to_end_on_a_model_directory(tmp_path, fp_model_dir, capsys):
-    text = tmp_path / "t.txt"
-    text.write_text(tiny.CORPUS * 4)
-    out = tmp_path / "q"
-    code = train_main(["--model", str(fp_model_dir), "--data", str(text), "--out", str(out), "--steps", "6",
-                       "--batch-size", "2", "--seq-len", "16", "--eval-windows", "4", "--no-progress",
-                       "--learning-rate", "1e-3", "--log-every", "2"])
-    printed = capsys.readouterr().out
-    assert code == 0
-    assert "| round-to-nearest |" in printed and "| QAT |" in printed
-    manifest = mlxqat.verify(out)
-    assert set(manifest["metrics"]) >= {"full precision", "round-to-nearest", "QAT", "gap_recovered"}
-    assert "master_weights.safetensors" in manifest["files"]
-    log = [json.loads(l) for l in (out / "train_log.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in log] == [2, 4, 6]
-    model, tok = mlxqat.load(out)
-    from mlx_lm import load as mlx_lm_load
-
-    m2, _ = mlx_lm_load(str(out))
-    x = mx.array([tok.encode("def f(x):")])
-    assert mx.array_equal(model(x), m2(x)).item()
-    # scales of linear layers were stored as float16, losslessly
-    w = mx.load(str(out / "model.safetensors"))
-    assert w["model.layers.0.mlp.up_proj.scales"].dtype == mx.float16
-
-
 def _losses(tmp_path=None, **kw):
     teacher, _ = tiny.make_model("llama", 0, scale=3.0)
     student, _ = tiny.make_model("llama", 0, scale=3.0)
@@ -224,6 +161,57 @@ def test_quant_delay_trains_in_full_precision_first():
     assert delayed[0] < 1e-6  # the student starts equal to the teacher: KL 0
     assert delayed[2] > 1e-3  # then the quantizer switches on
     assert ref[0] > 1e-3
+
+
+@pytest.mark.parametrize("schedule", ["cosine", "linear", "constant"])
+@pytest.mark.parametrize("warmup", [0, 1, 3])
+def test_every_schedule_warms_up_to_its_peak_as_arrays(schedule, warmup):
+    args = TrainingArgs(steps=8, schedule=schedule, warmup_steps=warmup, min_lr_ratio=0.1)
+    lr = lr_schedule(1e-3, args)
+    values = [lr(mx.array(i)) for i in range(8)]
+    assert all(isinstance(v, mx.array) for v in values)  # what MLX's optimizers need of a schedule
+    values = [float(v) for v in values]
+    assert values[max(warmup - 1, 0)] == pytest.approx(1e-3) and max(values) == pytest.approx(1e-3)
+    if warmup > 1:
+        assert values[0] == pytest.approx(1e-3 / warmup)
+    assert values[-1] == pytest.approx(1e-3) if schedule == "constant" else values[-1] < 1e-3
+
+
+def test_the_log_reports_the_weights_learning_rate_of_the_named_optimizer_parts():
+    teacher, _ = tiny.make_model("llama", 0)
+    student, _ = tiny.make_model("llama", 0)
+    mlxqat.prepare(student, mlxqat.recipes.get("int3", learn_scales=True))
+    args = TrainingArgs(steps=2, batch_size=4, seq_len=16, learning_rate=1e-3, scale_learning_rate=1e-4,
+                        lora_learning_rate=1e-2, schedule="constant", warmup_steps=0, log_every=1)
+    records = []
+    train(student, teacher, _windows(), None, args, progress=False, callback=records.append)
+    assert [r["lr"] for r in records] == pytest.approx([1e-3, 1e-3], rel=1e-6)
+    opt = QATOptimizer(args)
+    assert opt.optimizers == [opt.scales, opt.lora, opt.weights]  # the state order checkpoints hold
+    assert [float(o.learning_rate) for o in (opt.scales, opt.lora, opt.weights)] == pytest.approx([1e-4, 1e-2, 1e-3])
+
+
+def test_a_given_optimizer_and_loss_replace_the_defaults():
+    teacher, _ = tiny.make_model("llama", 0)
+    student, _ = tiny.make_model("llama", 0)
+    mlxqat.prepare(student, "int3")
+    windows = _windows()
+    args = TrainingArgs(steps=3, batch_size=4, seq_len=16, log_every=1)
+    first = mx.array(next(iterate_batches(windows, 4, 0))[1])
+
+    def cross_entropy(model, inputs, targets, teacher_out):
+        return nn.losses.cross_entropy(model(inputs), targets, reduction="mean")
+
+    expected = cross_entropy(student, first[:, :-1], first[:, 1:], None).item()
+    before = dict(tree_flatten(student.trainable_parameters()))
+    records = []
+    summary = train(student, teacher, windows, None, args, optimizer=optim.SGD(learning_rate=0.0),
+                    loss=cross_entropy, progress=False, callback=records.append)
+    assert summary["losses"][0] == pytest.approx(expected, rel=1e-6)  # the given loss, not the KL
+    assert expected > 1.0  # cross-entropy over 512 tokens, far from the KL of a near copy of the teacher
+    assert [r["lr"] for r in records] == [0.0, 0.0, 0.0]  # the given optimizer's rate, logged
+    after = dict(tree_flatten(student.trainable_parameters()))
+    assert all(mx.array_equal(before[k], after[k]).item() for k in before)  # SGD at rate 0 changed nothing
 
 
 # ---------------------------------------------------------------------------
@@ -350,49 +338,3 @@ def test_a_resumed_log_has_each_step_once(tmp_path):
     _run(tmp_path, steps=5, checkpoint_every=3, resume=True)  # steps 4 and 5 run again
     steps = [json.loads(line)["step"] for line in log.read_text().splitlines()]
     assert steps == [1, 2, 3, 4, 5]
-
-
-def test_cli_resume_with_other_settings_or_a_damaged_checkpoint(tmp_path, fp_model_dir, capsys):
-    text = tmp_path / "t.txt"
-    text.write_text(tiny.CORPUS * 4)
-    out = tmp_path / "q"
-    base = ["--model", str(fp_model_dir), "--data", str(text), "--out", str(out), "--steps", "4", "--batch-size", "2",
-            "--eval-windows", "2", "--no-progress", "--log-every", "1", "--checkpoint-every", "2"]
-    assert train_main(base + ["--seq-len", "16"]) == 0
-    capsys.readouterr()
-    code, err = _err(capsys, base + ["--seq-len", "8", "--resume"])
-    assert code == 2 and "was written with seq_len=16, this run has seq_len=8; resume with --seq-len 16" in err
-    weights = Path(str(out) + ".train") / "checkpoints" / "step_0000002" / "trainable.safetensors"
-    weights.write_bytes(weights.read_bytes()[:-4])
-    code, err = _err(capsys, base + ["--seq-len", "16", "--resume"])
-    assert code == 2 and "step_0000002 is damaged" in err and "or run without --resume" in err
-    assert "Traceback" not in err
-
-
-def test_cli_out_never_replaces_what_the_user_owns(tmp_path, fp_model_dir, capsys, monkeypatch):
-    """The commands that deleted user data: each is refused before any work, every byte left in place."""
-    work = tmp_path / "work"
-    (work / "d" / "sub").mkdir(parents=True)
-    (work / "d" / "notes.txt").write_text("x")
-    (work / "plain.txt").write_text("plain")
-    monkeypatch.chdir(work)
-
-    def tree():
-        return {p.relative_to(tmp_path).as_posix(): p.read_bytes() if p.is_file() else None
-                for p in sorted(tmp_path.rglob("*"))}
-
-    before = tree()
-    cases = [
-        ("d", "folder holding files mlxqat did not write"),
-        (str(work), "current directory"),
-        (".", "current directory"),
-        (str(fp_model_dir), "source model"),
-        ("plain.txt", "a file mlxqat did not write"),
-        ("/dev/null", "a device or special file"),
-        ("", "output path is empty"),
-    ]
-    for out, message in cases:
-        code, err = _err(capsys, ["--model", str(fp_model_dir), "--out", out, "--steps", "2", "--no-progress"])
-        assert code == 2 and err.startswith("error: ") and err.count("\n") == 1 and message in err, (out, err)
-    assert tree() == before
-    assert os.path.exists("/dev/null") and not os.path.isdir("/dev/null")

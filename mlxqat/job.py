@@ -1,0 +1,247 @@
+"""The whole QAT job, from a model directory to a quantized one: ``python -m mlxqat.train``.
+
+    python -m mlxqat.train                      # embedded stdlib model, int4, built-in data
+    python -m mlxqat.train --model DIR_OR_HF_ID --recipe int4 --data corpus/ --steps 1000 --out qat-int4/
+
+Loads the model twice (teacher and student), measures full precision and
+round-to-nearest, fine-tunes the student through the quantizer, measures it
+again, prints the before/after table, converts and saves an mlx-lm directory
+with the table in ``mlxqat.json``. Training artifacts (checkpoints, log,
+teacher cache) go to ``<out>.train/``; ``--resume`` continues from there.
+
+:func:`run` is the job as a function: its keyword arguments are the
+command's flags (:func:`build_parser`), and :func:`main` parses them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import time
+from pathlib import Path
+from typing import Optional, Tuple
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+from mlx.utils import tree_flatten
+
+from . import recipes as recipes_mod
+from .convert import convert, quantize_rtn
+from .data import build_dataset, check_seq_len, generate_windows, model_context, stdlib_windows
+from .evaluate import evaluate, format_table, gap_recovered
+from .io import check_destination, check_work_dir, load, save
+from .stdlib_data import embedded_model_path
+from ._cli import ArgumentParser, command, non_negative_int, positive_int
+from .qat import RECIPE_DEFAULTED, qat_args, quantize_qat
+from .trainer import TrainingArgs, resume_point
+
+__all__ = ["run", "main", "build_parser"]
+
+SELECT_WINDOWS = 16  # validation windows the best step is picked on (apart from the table's)
+
+
+def _master_weights(model: nn.Module) -> dict:
+    """The trained full-precision weights under the original model's parameter names."""
+    out = {}
+    for k, v in tree_flatten(model.parameters()):
+        if k.endswith((".scales", ".biases", ".act_scale", ".lora_a", ".lora_b")):
+            continue
+        out[k.replace(".base.", ".")] = v
+    return out
+
+
+def _split_selection(windows: np.ndarray, n_select: int) -> Tuple[np.ndarray, Optional[np.ndarray]]:
+    """``(evaluation, selection)`` windows: ``n_select`` of them, spread evenly, set aside to pick the best step."""
+    if n_select <= 0 or len(windows) < 2 * n_select:
+        return windows, None
+    chosen = np.zeros(len(windows), dtype=bool)
+    chosen[np.linspace(0, len(windows) - 1, n_select).astype(int)] = True
+    return windows[~chosen], windows[chosen]
+
+
+def _dataset(data, tokenizer, teacher, seq_len, args, n_val, self_generate, seed):
+    """``(train, validation)`` windows; ``n_val`` validation windows (evaluation and selection together)."""
+    need = args.steps * args.batch_size
+    ctx = model_context(teacher)
+    check_seq_len(seq_len, ctx)
+    if self_generate:
+        print(f"sampling {self_generate} + {n_val} windows of {seq_len} tokens from the teacher ...", flush=True)
+        gen = generate_windows(teacher, tokenizer, self_generate + n_val, seq_len, seed=seed)
+        return gen[:self_generate], gen[self_generate:]
+    if data is None:  # windows spread over the splits: many files, not the first few
+        return (stdlib_windows(tokenizer, "train", seq_len, need, oversample=4),
+                stdlib_windows(tokenizer, "validation", seq_len, n_val))
+    ds = build_dataset(data, tokenizer, seq_len, max_context=ctx, max_val_windows=n_val)
+    return ds.train, ds.val
+
+
+def run(
+    model: Optional[str] = None,
+    recipe: str = "int4",
+    data: Optional[str] = None,
+    out: str = "qat-out",
+    resume: bool = False,
+    learn_scales: Optional[bool] = None,
+    scale_init: Optional[str] = None,
+    scale_dtype: Optional[str] = "float16",
+    self_generate: int = 0,
+    eval_windows: int = 128,
+    select_windows: int = SELECT_WINDOWS,
+    save_master: bool = True,
+    progress: bool = True,
+    callback=None,
+    **training_kwargs,
+) -> dict:
+    """Run QAT end to end (:func:`mlxqat.qat.quantize_qat`) and save the converted model to ``out``.
+
+    Args:
+        model: model directory or Hugging Face id (default: the embedded stdlib model).
+        recipe: built-in recipe name.
+        data: text file, folder or JSONL (default: the Python standard library source).
+        out: output mlx-lm directory; training artifacts go to ``<out>.train/``.
+        resume: continue from the newest checkpoint in ``<out>.train/``.
+        learn_scales: override the recipe's choice (learned scales where the format keeps them).
+        scale_init: where learned scales start: ``"minmax"`` or ``"mse"`` (a per-group
+            clip search; the default where scales are learned).
+        scale_dtype: round scales/biases to this dtype's values so they are stored
+            as float16 without loss (``None``: keep the compute dtype).
+        self_generate: train on this many windows sampled from the teacher instead of data.
+        eval_windows: validation windows for the before/after table.
+        select_windows: further validation windows the best step is picked on (0: keep the last step).
+        save_master: also save the trained full-precision weights (``master_weights.safetensors``).
+        progress: show a progress bar.
+        callback: called with every logged training record (e.g. to plot the loss live).
+        training_kwargs: :class:`~mlxqat.trainer.TrainingArgs` fields; the learning rates and
+            warmup default to the recipe's measured values (:func:`mlxqat.qat.qat_args`).
+
+    Returns:
+        ``{"table": {...}, "gap_recovered", "kl_reduction_vs_rtn", "training": {...}, "out": path}``;
+        the gap and the KL reduction are measured from plain round-to-nearest.
+    """
+    t_start = time.perf_counter()
+    base = recipes_mod.get(recipe, **({"scale_dtype": scale_dtype} if scale_dtype is not None else {}))
+    args = qat_args(base, **training_kwargs)
+    trained = base.for_qat(args.trainable, learn_scales, scale_init)  # checks the combination now
+    if data is not None and self_generate:
+        raise ValueError("give either --data or --self-generate, not both")
+    # refuse a destination that is not ours now, not after an hour of training
+    sources = [model if model is not None else embedded_model_path(), data]
+    check_destination(out, sources=sources)
+    work = check_work_dir(str(Path(out)) + ".train", sources=sources)
+    if resume:
+        resume_point(work, args, trained.to_dict())  # a checkpoint that fits these settings, or refuse now
+
+    teacher, tokenizer, config = load(model, return_config=True, full_precision=True)
+    train_w, val_all = _dataset(data, tokenizer, teacher, args.seq_len, args, eval_windows + select_windows,
+                                self_generate, args.seed)
+    val_w, select_w = _split_selection(val_all, select_windows)
+    print(f"data: {len(train_w)} training windows, {len(val_w)} validation windows"
+          + (f" (+{len(select_w)} to pick the best step on)" if select_w is not None else "")
+          + f" of {args.seq_len} tokens", flush=True)
+    student, _ = load(model, full_precision=True)
+    for m in (teacher, student):
+        m.set_dtype(mx.float32)  # fp32 compute and master copies (fast BLAS path on CPU)
+    teacher.freeze()
+    rows = _baselines(model, teacher, base, train_w, val_w, progress)
+
+    summary = quantize_qat(student, teacher, train_w, base, select_windows=select_w, learn_scales=learn_scales,
+                           scale_init=scale_init, out_dir=work, resume=resume, progress=progress,
+                           callback=callback, scale_dtype=scale_dtype, **dataclasses.asdict(args))
+    rows["QAT"] = _evaluate("QAT", student, val_w, teacher, progress)
+
+    ppl_fp, ppl_rtn = rows["full precision"]["ppl"], rows["round-to-nearest"]["ppl"]
+    print("\n" + format_table(rows, ppl_fp, ppl_rtn) + "\n", flush=True)
+    gap = gap_recovered(ppl_rtn, rows["QAT"]["ppl"], ppl_fp)
+    gap = None if gap != gap else gap  # NaN (no RTN gap to recover) is not JSON
+    kl_reduction = 1 - rows["QAT"]["kl"] / rows["round-to-nearest"]["kl"] if rows["round-to-nearest"]["kl"] > 0 else None
+
+    master = _master_weights(student) if save_master else None
+    convert(student)
+    info = {
+        "training": {
+            "base_model": model or "embedded:stdlib-llama",
+            "data": data or ("self-generated" if self_generate else "python-stdlib"),
+            **{k: v for k, v in summary.items() if k not in ("losses", "val", "recipe")},
+        },
+        "metrics": {**rows, "gap_recovered": gap, "kl_reduction_vs_rtn": kl_reduction},
+    }
+    extra = {"train_log.jsonl": (work / "train_log.jsonl").read_text()} if (work / "train_log.jsonl").exists() else {}
+    save(student, tokenizer, out, config=config, info=info, extra_files=extra, master_weights=master, sources=sources,
+         title=f"QAT model ({trained.name})",
+         notes="Quantization-aware training distilled from the full-precision model (`python -m mlxqat.train`).")
+    print(f"saved {out} ({time.perf_counter() - t_start:.0f} s in all)", flush=True)
+    return {"table": rows, "gap_recovered": gap, "kl_reduction_vs_rtn": kl_reduction, "training": summary, "out": str(out)}
+
+
+def _evaluate(name: str, model, windows, teacher, progress: bool) -> dict:
+    if progress:
+        print(f"evaluating {name} on {len(windows)} windows ...", flush=True)
+    return evaluate(model, windows, teacher)
+
+
+def _baselines(model_path, teacher, recipe, train_w, val_w, progress: bool) -> dict:
+    """Full precision and plain round-to-nearest (:func:`mlxqat.convert.quantize_rtn`) of the same bits and groups."""
+    rows = {"full precision": _evaluate("full precision", teacher, val_w, teacher, progress)}
+    rtn, _ = load(model_path, full_precision=True)
+    quantize_rtn(rtn, recipe, train_w, scale_dtype=None, fake_quant=True)  # the recipe's scale dtype (--scale-dtype)
+    rows["round-to-nearest"] = _evaluate("round-to-nearest", rtn, val_w, teacher, progress)
+    return rows
+
+
+def _by_bits(name: str) -> str:
+    """``"by the recipe's bit width: 2 bits 0.0001, 3 bits 4e-05, 4 bits 2e-05, ..."``"""
+    values = ", ".join(f"{bits} bits {getattr(d, name):g}" for bits, d in sorted(recipes_mod.QAT_DEFAULTS.items()))
+    return f"by the recipe's narrowest bit width: {values}"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The flags of ``python -m mlxqat.train``: :func:`run`'s options plus every :class:`TrainingArgs` field."""
+    p = ArgumentParser(
+        prog="python -m mlxqat.train",
+        description="Quantization-aware training of an mlx-lm model, distilled from its full-precision self.",
+    )
+    p.add_argument("--model", default=None, help="Model directory or Hugging Face id (default: the embedded stdlib model).")
+    p.add_argument("--recipe", default="int4", help=f"Built-in recipe: {', '.join(recipes_mod.names())}.")
+    p.add_argument("--data", default=None, help="Text file, folder or JSONL (default: the Python standard library source).")
+    p.add_argument("--out", default="qat-out", help="Output mlx-lm directory.")
+    p.add_argument("--resume", action="store_true", help="Continue from the newest checkpoint in <out>.train/.")
+    p.add_argument("--learn-scales", dest="learn_scales", action=argparse.BooleanOptionalAction, default=None,
+                   help="Train scales/biases too (overrides the recipe).")
+    p.add_argument("--scale-init", default=None, choices=["minmax", "mse"],
+                   help="Start learned scales from min/max or from a per-group clip search that minimises the "
+                        "reconstruction error (mse; implies --learn-scales; helps most at 2-3 bits).")
+    p.add_argument("--scale-dtype", default="float16", help="Round scales/biases to this dtype ('none' to keep float32).")
+    p.add_argument("--self-generate", type=non_negative_int, default=0,
+                   help="Train on N windows sampled from the teacher (no data needed).")
+    p.add_argument("--eval-windows", type=positive_int, default=128, help="Validation windows for the before/after table.")
+    p.add_argument("--select-windows", type=non_negative_int, default=SELECT_WINDOWS,
+                   help=f"Further validation windows the best step is picked on, by KL to the teacher "
+                        f"(0: keep the last step; default: {SELECT_WINDOWS}).")
+    p.add_argument("--no-save-master", dest="save_master", action="store_false", help="Don't save the full-precision trained weights.")
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="No progress bar.")
+    for f in dataclasses.fields(TrainingArgs):
+        flag = "--" + f.name.replace("_", "-")
+        if f.name in RECIPE_DEFAULTED:  # the recipe's measured value for its bit width
+            p.add_argument(flag, dest=f.name, type=f.metadata["check"], default=None,
+                           help=f.metadata.get("help", "").split(" (default")[0] + f" (default: {_by_bits(f.name)})")
+            continue
+        help_ = f.metadata.get("help", "") + f" (default: {f.default})"
+        if f.type in ("bool", bool):
+            p.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=f.default, help=help_)
+        else:  # the field's own check: one range, enforced here and in TrainingArgs.__post_init__
+            typ = f.metadata.get("check") or {"int": int, "float": float, "Optional[float]": float}.get(str(f.type), str)
+            p.add_argument(flag, dest=f.name, type=typ, choices=f.metadata.get("choices"), default=f.default,
+                           help=help_)
+    return p
+
+
+@command(interrupted="interrupted; resume with --resume (checkpoints are in <out>.train/)")
+def main(argv=None) -> int:
+    """Entry point of ``python -m mlxqat.train``; returns the exit status (2: bad input, 130: Ctrl-C)."""
+    args = build_parser().parse_args(argv)
+    kwargs = vars(args)
+    if isinstance(kwargs.get("scale_dtype"), str) and kwargs["scale_dtype"].lower() == "none":
+        kwargs["scale_dtype"] = None
+    run(**kwargs)
+    return 0
