@@ -253,3 +253,24 @@ def set_fake_quant(model: nn.Module, enabled: bool) -> None:
     for _, m in model.named_modules():
         if is_fake_quant(m):
             m.fake_quant_enabled = enabled
+
+
+def untie_weights(model: nn.Module) -> int:
+    """Move master weights that sit on a rounding boundary off it (:func:`mlxqat.quant.untie`), in place.
+
+    The quantized model is unchanged (every code stays); training then moves
+    those weights across the boundary one by one, as the gradient asks, instead
+    of all at once at its first step. Returns how many weights were moved.
+    Layers with frozen codes (scales-only training) are left alone.
+    """
+    moved = 0
+    for _, m in model.named_modules():
+        if not is_fake_quant(m) or "codes" in m:
+            continue
+        _, s, b = _quantized_params(m)
+        w = quant.untie(m.weight, s, b, m.spec.bits, m.group_size)
+        n = int(mx.sum(w != m.weight).item())
+        if n:
+            m.weight = w
+            moved += n
+    return moved

@@ -273,6 +273,37 @@ def quantize_codes(
     return q.reshape(w.shape).astype(mx.uint32)
 
 
+def untie(
+    w: mx.array, scales: mx.array, biases: mx.array, bits: int, group_size: int,
+    margin: float = 0.25, tol: float = 1e-3,
+) -> mx.array:
+    """``w`` with every element that sits on a rounding boundary moved off it, codes unchanged.
+
+    An element whose ``(w - bias) / scale`` lies within ``tol`` of a half-integer
+    is moved to ``margin`` of a step from the code it rounds to (a quarter step by
+    default, where an element of a continuous weight sits on average). The
+    quantized weight is the same; what changes is that training no longer flips
+    those elements all at once: weights dequantized from a quantized file (a
+    GGUF, say) lie on a grid that often puts half of them exactly on the
+    boundaries of the new one, where the first update of any size would move
+    each of them by a whole step. Elements whose dtype cannot hold the move are
+    left as they are.
+    """
+    qmax = 2**bits - 1
+    wg = _grouped(w.astype(mx.float32), group_size)
+    s = _expand(scales, group_size).astype(mx.float32)
+    b = _expand(biases, group_size).astype(mx.float32)
+    safe_s = mx.where(s == 0, mx.ones_like(s), s)
+    u = (wg - b) / safe_s
+    code = mx.round(u)
+    off = u - code
+    tie = (mx.abs(off) > 0.5 - tol) & (s != 0) & (code >= 0) & (code <= qmax)
+    moved = ((code + mx.sign(off) * (0.5 - margin)) * safe_s + b).reshape(w.shape).astype(w.dtype)
+    out = mx.where(tie.reshape(w.shape), moved, w)
+    same = quantize_codes(out, scales, biases, bits, group_size) == quantize_codes(w, scales, biases, bits, group_size)
+    return mx.where(same, out, w)
+
+
 def pack(codes: mx.array, bits: int) -> mx.array:
     """Pack integer codes (..., K) into uint32 words (..., K*bits/32), LSB first.
 

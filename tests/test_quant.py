@@ -273,3 +273,45 @@ def test_unpack_and_dequantize_a_layer_match_mlx(bits):
     assert mx.array_equal(quant.dequantized_weight(layer), want).item()
     bits_stored, n = quant.layer_storage(layer)
     assert n == 8 * 128 and bits_stored == 8 * (layer.weight.nbytes + layer.scales.nbytes + layer.biases.nbytes)
+
+
+def _grid_weights(seed: int, shape=(64, 256)) -> mx.array:
+    """Weights as a model dequantized from a 5-bit symmetric file holds them (GGUF Q5_0's grid)."""
+    mx.random.seed(seed)
+    return quant.fake_quant(mx.random.normal(shape) * 0.05, 5, 32, "symmetric", scale_dtype="float16")
+
+
+def _changed_codes(w, step, bits=4, group_size=32, mode="symmetric"):
+    before = quant.fake_quant(w, bits, group_size, mode, scale_dtype="float16")
+    after = quant.fake_quant(w + step, bits, group_size, mode, scale_dtype="float16")
+    return float(mx.mean(before != after).item())
+
+
+@settings(max_examples=12, deadline=None)
+@given(seed=st.integers(0, 10_000), mode=st.sampled_from(["symmetric", "affine"]), bits=st.sampled_from([2, 3, 4, 8]))
+def test_untie_keeps_every_code_and_leaves_no_weight_on_a_boundary(seed, mode, bits):
+    w = _grid_weights(seed)
+    _, s, b = quant.init_params(w, bits, 32, mode, "float16")
+    u = quant.untie(w, s, b, bits, 32)
+    assert mx.array_equal(quant.quantize_codes(u, s, b, bits, 32), quant.quantize_codes(w, s, b, bits, 32)).item()
+    x = (u - _expand_b(b, u)) / _expand_b(s, u)
+    inside = (mx.round(x) >= 0) & (mx.round(x) <= 2**bits - 1)  # clipped elements have no boundary to leave
+    near = inside & (mx.abs(x - mx.floor(x) - 0.5) < 0.9e-3)
+    assert not mx.any(near).item()  # none left near a half-way point ...
+    moved = mx.abs(u - w) / mx.abs(_expand_b(s, u))
+    assert float(mx.max(moved).item()) <= 0.25 + 1e-4  # ... and none moved more than a quarter step
+
+
+def _expand_b(p, like):
+    return mx.repeat(p, like.shape[-1] // p.shape[-1], axis=-1)
+
+
+def test_untie_stops_a_tiny_update_from_flipping_a_grid_model_wholesale():
+    """A Q5_0-grid model put on Q4_0: half its weights sit on Q4_0's rounding boundaries, so any update
+    flips a quarter of all codes at once (what made QAT of a GGUF-born Gemma 3 diverge at its first
+    step); untied, an update of 1e-6 flips almost none."""
+    w = _grid_weights(7)
+    step = mx.array(np.sign(np.random.default_rng(0).standard_normal(w.shape)).astype(np.float32)) * 1e-6
+    assert _changed_codes(w, step) > 0.1
+    _, s, b = quant.init_params(w, 4, 32, "symmetric", "float16")
+    assert _changed_codes(quant.untie(w, s, b, 4, 32), step) < 0.001
