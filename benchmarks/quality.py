@@ -44,7 +44,7 @@ sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 
 import mlxqat  # noqa: E402
 from mlxqat import mixed, quant, recipes  # noqa: E402
-from mlxqat.convert import quantize_rtn  # noqa: E402
+from mlxqat.convert import head_path, quantize_rtn  # noqa: E402
 from mlxqat.data import Document, build_dataset, model_context, pack, spread, stdlib_windows, tokenize_documents  # noqa: E402
 from mlxqat.evaluate import evaluate, gap_recovered  # noqa: E402
 from mlxqat.export import memory_report  # noqa: E402
@@ -231,8 +231,10 @@ def run_awq(m, job: Job):
 def run_dwq(m, job: Job):
     from mlx_lm.quant.dwq import dwq_quantize
 
+    head = head_path(m)
+
     def spec(path, module):  # nn.quantize gives each layer the recipe's bits and group size
-        s = job.recipe.spec_for(path)
+        s = job.recipe.spec_for(path, path == head)
         return hasattr(module, "to_quantized") and s is not None and {"group_size": s.group_size, "bits": s.bits}
 
     nn.quantize(m, class_predicate=spec)

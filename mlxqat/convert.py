@@ -46,9 +46,21 @@ def _check_layer(path: str, weight: mx.array, spec) -> Optional[str]:
     return None
 
 
-def _spec_for(recipe: Recipe, path: str, m: nn.Module):
-    """The spec ``recipe`` gives the layer ``m`` at ``path`` (embeddings take no activation bits)."""
-    spec = recipe.spec_for(path)
+def head_path(model: nn.Module) -> Optional[str]:
+    """The path of the layer that computes the logits: ``lm_head``, or the embedding when the model ties them."""
+    paths = [p.removesuffix(".base") for p, _ in tree_flatten(model.leaf_modules(), is_leaf=nn.Module.is_module)]
+    heads = [p for p in paths if p.rsplit(".", 1)[-1] == "lm_head"]
+    if heads:
+        return heads[0]
+    embeddings = [p for p, m in model.named_modules()
+                  if isinstance(m, (nn.Embedding, nn.QuantizedEmbedding, FakeQuantEmbedding))]
+    return embeddings[0] if len(embeddings) == 1 else None
+
+
+def _spec_for(recipe: Recipe, path: str, m: nn.Module, head: Optional[str] = None):
+    """The spec ``recipe`` gives the layer ``m`` at ``path`` (embeddings take no activation bits);
+    ``head`` is the model's :func:`head_path`."""
+    spec = recipe.spec_for(path, path == head)
     if spec is not None and spec.act_bits is not None and isinstance(m, (nn.Embedding, nn.QuantizedEmbedding, FakeQuantEmbedding)):
         spec = dataclasses.replace(spec, act_bits=None)
     return spec
@@ -72,13 +84,14 @@ def prepare(model: nn.Module, recipe="int4", *, strict: bool = False) -> nn.Modu
     """
     recipe = get_recipe(recipe)
     skipped = []
+    head = head_path(model)
 
     def swap(path, m):
         if is_fake_quant(m) or isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding)):
             return m
         if not isinstance(m, (nn.Linear, nn.Embedding)):
             return m
-        spec = _spec_for(recipe, path, m)
+        spec = _spec_for(recipe, path, m, head)
         if spec is None:
             return m
         quant.check_finite(m.weight, f"{path}.weight")
@@ -307,8 +320,9 @@ def recipe_of(model: nn.Module) -> Optional[Recipe]:
     }
     origins = {id(m.recipe): m.recipe for m in layers.values()}
     origin = next(iter(origins.values())) if len(origins) == 1 else None
-    if origin is not None and all(_spec_for(origin, p, layers[p]) == s for p, s in specs.items()) and all(
-        origin.spec_for(p) is None for p in full
+    head = head_path(model)
+    if origin is not None and all(_spec_for(origin, p, layers[p], head) == s for p, s in specs.items()) and all(
+        origin.spec_for(p, p == head) is None for p in full
     ):
         return origin
     default = Counter(specs[p] for p in sorted(specs)).most_common(1)[0][0]
@@ -330,10 +344,11 @@ def attach_recipe(model: nn.Module, recipe: Recipe) -> nn.Module:
         ValueError: a quantized layer the recipe skips, or whose bits or group
             size differ from its spec (the recipe does not describe these weights).
     """
+    head = head_path(model)
     for path, m in model.named_modules():
         if not quant.is_quantized(m):
             continue
-        spec = _spec_for(recipe, path, m)
+        spec = _spec_for(recipe, path, m, head)
         in_features = m.weight.shape[-1] * 32 // m.bits
         if spec is None or spec.bits != m.bits or quant.storage_group_size(spec.group_size, in_features) != m.group_size:
             raise ValueError(

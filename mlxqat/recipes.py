@@ -107,7 +107,12 @@ def _checked_type(f: dataclasses.Field, value):
     return int(value) if kind is numbers.Integral else value
 
 
-def _matches(pattern: str, path: str) -> bool:
+HEAD = "@head"  # the pattern of the layer that computes the logits: lm_head, or the embedding when tied
+
+
+def _matches(pattern: str, path: str, head: bool = False) -> bool:
+    if pattern == HEAD:
+        return head
     if pattern.startswith("re:"):
         return re.fullmatch(pattern[3:], path) is not None
     return fnmatch.fnmatchcase(path, pattern)
@@ -189,12 +194,17 @@ class Recipe:
         for pattern in [p for p, _ in self.overrides] + list(self.skip):
             _check_pattern(pattern)
 
-    def spec_for(self, path: str) -> Optional[LayerSpec]:
-        """The spec of the layer at ``path``, or ``None`` if it is skipped."""
-        if any(_matches(p, path) for p in self.skip):
+    def spec_for(self, path: str, head: bool = False) -> Optional[LayerSpec]:
+        """The spec of the layer at ``path``, or ``None`` if it is skipped.
+
+        ``head``: the layer computes the model's logits (``lm_head``, or the
+        embedding of a model that ties them), which the pattern ``"@head"``
+        (:data:`HEAD`) matches.
+        """
+        if any(_matches(p, path, head) for p in self.skip):
             return None
         for pattern, spec in self.overrides:
-            if _matches(pattern, path):
+            if _matches(pattern, path, head):
                 return spec
         return self.default
 
@@ -311,7 +321,9 @@ register(
     lambda: Recipe(
         "q4_0",
         LayerSpec(4, 32, "symmetric"),
-        description="4-bit symmetric, group 32: exports exactly to GGUF Q4_0",
+        overrides=((HEAD, LayerSpec(8, 32, "symmetric")),),
+        description="4-bit symmetric, group 32: exports exactly to GGUF Q4_0; the output head "
+        "(lm_head, or the tied embedding) 8-bit, exactly GGUF Q8_0",
     ),
 )
 register(

@@ -1,5 +1,6 @@
 import pytest
 
+import tiny
 from mlxqat import recipes
 from mlxqat.recipes import LayerSpec, Recipe
 
@@ -87,3 +88,20 @@ def test_skip_and_overrides_must_be_sequences_of_patterns():
     assert r.skip == ("lm_head",) and r.spec_for("lm_head") is None
     assert r.spec_for("model.layers.0.self_attn.v_proj").bits == 8 and hash(r)
     assert Recipe.from_dict(r.to_dict()) == r
+
+
+@pytest.mark.parametrize("arch", tiny.ARCHS)
+def test_q4_0_keeps_the_output_head_at_8_bits_as_llama_cpp_does(arch):
+    """llama.cpp's own Q4_0 files keep the output head (lm_head, or the tied embedding that serves as
+    it) at a higher precision; q4_0 keeps it at 8 bits (exactly GGUF Q8_0), every other layer at 4."""
+    from mlxqat.convert import head_path, prepare, recipe_of
+
+    model, _ = tiny.make_model(arch)
+    tied = not any(p == "lm_head" for p, _ in model.named_modules())
+    prepare(model, "q4_0")
+    head = head_path(model)
+    assert head == ("model.embed_tokens" if tied else "lm_head")
+    bits = {p: m.spec.bits for p, m in model.named_modules() if getattr(m, "spec", None) is not None}
+    assert bits.pop(head) == 8
+    assert set(bits.values()) == {4} and ("model.embed_tokens" in bits) == (not tied)
+    assert recipe_of(model) == recipes.get("q4_0")  # the named recipe describes the model exactly
