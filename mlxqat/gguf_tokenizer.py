@@ -164,14 +164,13 @@ def _spm_scores(bpe: dict, texts: Dict[int, str], normal: set, path: Path) -> Di
     return scores
 
 
-def _sentencepiece(tok: dict, texts: Dict[int, str], types: Dict[int, int], path: Path) -> dict:
+def _sentencepiece(tok: dict, texts: Dict[int, str], types: Dict[int, int], prefix: bool, path: Path) -> dict:
     bpe = tok["model"]
     for key in ("dropout", "continuing_subword_prefix", "end_of_word_suffix"):
         if bpe.get(key):
             raise _error(path, f"BPE with {key}={bpe[key]!r} has no llama.cpp equivalent")
     if bpe.get("ignore_merges"):
         raise _error(path, "BPE with ignore_merges=true and byte fallback has no llama.cpp equivalent")
-    prefix = _space_prefix(tok, path)
     have = set(texts.values())
     missing = [b for b in range(256) if f"<0x{b:02X}>" not in have]
     if missing:
@@ -256,7 +255,12 @@ def read_tokenizer(tokenizer_dir: Path, n_vocab: Optional[int] = None) -> dict:
     for i in range(n_vocab):
         if i not in texts:
             texts[i], types[i] = f"[PAD{i}]", int(_T.UNUSED)
-    kind = _sentencepiece(tok, texts, types, path) if spm else _byte_level(tok, path)
+    seen: Dict[str, int] = {}
+    for i in range(n_vocab):
+        if seen.setdefault(texts[i], i) != i:
+            raise _error(path, f"tokens {seen[texts[i]]} and {i} are both {texts[i]!r} (llama.cpp finds a token "
+                               "by its text)")
+    kind = _sentencepiece(tok, texts, types, prefix, path) if spm else _byte_level(tok, path)
     scores = kind.pop("scores", None)
     return dict(kind, tokens=[texts[i] for i in range(n_vocab)], types=[types[i] for i in range(n_vocab)],
                 scores=None if scores is None else [scores[i] for i in range(n_vocab)])

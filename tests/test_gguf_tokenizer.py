@@ -193,6 +193,7 @@ def test_refuses_what_llama_cpp_would_tokenize_differently(tmp_path):
     refused("words", lambda d: d.update(pre_tokenizer={"type": "Whitespace"}), r"splits the text into words")
     refused("nfkc", lambda d: d.update(normalizer={"type": "Sequence", "normalizers": [
         {"type": "NFKC"}, {"type": "Replace", "pattern": {"String": " "}, "content": "▁"}]}), r"NFKC")
+    refused("duplicate", lambda d: d["added_tokens"][-1].update(content="<eos>"), r"tokens 1 and \d+ are both '<eos>'")
     refused("dropout", lambda d: d["model"].update(dropout=0.1), r"dropout=0.1")
     refused("lstrip", lambda d: d["added_tokens"][4].update(lstrip=True), r"'<start_of_turn>' has lstrip=true")
     # Metaspace that prepends always is Llama 2's layout; never is Gemma's
