@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, Optional
 
 import gguf
 
@@ -90,7 +90,8 @@ def _byte_level(tok: dict, path: Path) -> dict:
 
 
 def _is_replace(step: Optional[dict], old: str, new: str) -> bool:
-    return (step or {}).get("type") == "Replace" and step.get("pattern") == {"String": old} and step.get("content") == new
+    step = step or {}
+    return step.get("type") == "Replace" and step.get("pattern") == {"String": old} and step.get("content") == new
 
 
 def _space_prefix(tok: dict, path: Path) -> bool:
