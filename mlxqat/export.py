@@ -39,6 +39,7 @@ from .convert import dequantize, recipe_of
 from .evaluate import kl_probe_inputs, mean_kl
 from .io import MANIFEST, Manifest, PathLike, atomic_path, format_size, check_config, check_destination, load, save
 from .gguf_import import is_gguf_file
+from .gguf_tokenizer import read_tokenizer
 from .validate import read_gguf, safetensors_header
 
 MASTER_FILE = "master_weights.safetensors"  # the trainer's float master weights, if saved
@@ -245,7 +246,7 @@ def export_gguf(
     config = check_config(src)
     check_destination(out, sources=[src], kind="file")  # fail fast, before any work
     ge.arch_spec(config["model_type"])  # fail fast, before loading weights
-    ge.read_tokenizer(src)  # fail fast on a missing or unsupported tokenizer
+    read_tokenizer(src)  # fail fast on a missing or unsupported tokenizer
     model, tokenizer = load(src)
     if qtype == "auto":
         qtype, why = _type_from_name(out), "named in the file name"

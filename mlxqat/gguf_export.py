@@ -19,14 +19,13 @@ measures what that costs.
 
 Tensor names come from :class:`gguf.TensorNameMap`; llama's query/key rows are
 reordered to the interleaved rotary layout llama.cpp expects; Gemma 3 norm
-weights get the ``+1`` that mlx-lm applies at run time; the tokenizer
-(byte-level BPE) is embedded so llama.cpp splits text as the model's own
-tokenizer does.
+weights get the ``+1`` that mlx-lm applies at run time; the tokenizer is
+embedded (:mod:`mlxqat.gguf_tokenizer`) so llama.cpp splits text as the
+model's own tokenizer does.
 """
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
@@ -383,7 +382,7 @@ def _rope_freqs(model: nn.Module, spec: ArchSpec) -> List[GGUFTensor]:
 
 
 # ---------------------------------------------------------------------------
-# Metadata and tokenizer
+# Metadata
 # ---------------------------------------------------------------------------
 
 
@@ -408,109 +407,6 @@ def _add_hparams(w: gguf.GGUFWriter, model: nn.Module, spec: ArchSpec) -> None:
         w.add_rope_scaling_factor(float(rs["factor"]))
     if spec.gguf_arch == "gemma3":
         w.add_sliding_window(int(a.sliding_window))
-
-
-# Split patterns of Hugging Face pre-tokenizers and llama.cpp's names for them.
-_PRE_TOKENIZERS = {
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+": "llama-bpe",
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+": "qwen2",
-}
-
-
-def _pre_tokenizer_name(tok: dict, where: Path) -> str:
-    pre = tok.get("pre_tokenizer") or {}
-    if pre.get("type") == "ByteLevel" and pre.get("use_regex", True):
-        if pre.get("add_prefix_space"):
-            raise GGUFExportError(
-                f"{where}: ByteLevel pre-tokenizer with add_prefix_space=true has no llama.cpp "
-                "equivalent; llama.cpp would tokenize text differently"
-            )
-        return "gpt-2"
-    if pre.get("type") == "Sequence":
-        parts = pre.get("pretokenizers", [])
-        if (len(parts) == 2 and parts[0].get("type") == "Digits" and parts[0].get("individual_digits")
-                and parts[1].get("type") == "ByteLevel" and parts[1].get("use_regex", True)
-                and not parts[1].get("add_prefix_space")):
-            return "smollm"  # SmolLM: every digit alone, then GPT-2's byte-level split
-        splits = [p for p in parts if p.get("type") == "Split"]
-        if len(splits) == 1:
-            name = _PRE_TOKENIZERS.get(splits[0].get("pattern", {}).get("Regex"))
-            if name == "llama-bpe" and not (tok.get("model") or {}).get("ignore_merges"):
-                raise GGUFExportError(
-                    f"{where}: Llama 3 pre-tokenizer without ignore_merges; llama.cpp always "
-                    "ignores merges for it, so words in the vocabulary would tokenize differently"
-                )
-            if name is not None:
-                return name
-    raise GGUFExportError(
-        f"{where}: pre-tokenizer {json.dumps(pre)[:200]} is not one llama.cpp is known to "
-        "reproduce (supported: GPT-2 byte-level, SmolLM, Llama 3, Qwen 2); the GGUF would tokenize "
-        "text differently from the model's tokenizer"
-    )
-
-
-def read_tokenizer(tokenizer_dir: Path, n_vocab: Optional[int] = None) -> dict:
-    """The vocabulary of a byte-level BPE ``tokenizer.json``, in GGUF terms.
-
-    Returns:
-        ``{"tokens", "types", "pre"}`` with ``n_vocab`` entries (unused ids
-        padded; default: the tokenizer's own size).
-
-    Raises:
-        FileNotFoundError: no ``tokenizer.json``.
-        GGUFExportError: a tokenizer llama.cpp cannot reproduce.
-    """
-    path = Path(tokenizer_dir) / "tokenizer.json"
-    if not path.exists():
-        raise FileNotFoundError(
-            f"{path} is missing: a GGUF embeds the tokenizer so llama.cpp can turn text into the "
-            f"model's token ids. Copy the model's tokenizer files (tokenizer.json, "
-            f"tokenizer_config.json) into {tokenizer_dir}"
-        )
-    tok = json.loads(path.read_text(encoding="utf-8"))
-    bpe = tok.get("model") or {}
-    if bpe.get("type") != "BPE" or (tok.get("decoder") or {}).get("type") not in ("ByteLevel", None):
-        raise GGUFExportError(
-            f"{path}: only byte-level BPE tokenizers can be embedded in GGUF by mlxqat yet "
-            f"(this one is {bpe.get('type')!r} with decoder {(tok.get('decoder') or {}).get('type')!r})"
-        )
-    norm = tok.get("normalizer")
-    if norm is not None and norm.get("type") != "NFC":
-        raise GGUFExportError(f"{path}: normalizer {norm.get('type')!r} has no llama.cpp equivalent")
-    pre = _pre_tokenizer_name(tok, path)
-    by_id: Dict[int, Tuple[str, int]] = {i: (t, int(gguf.TokenType.NORMAL)) for t, i in bpe["vocab"].items()}
-    for added in tok.get("added_tokens", []):
-        kind = gguf.TokenType.CONTROL if added.get("special") else gguf.TokenType.USER_DEFINED
-        by_id[added["id"]] = (added["content"], int(kind))
-    if n_vocab is None:
-        n_vocab = max(by_id) + 1 if by_id else 0
-    if by_id and max(by_id) >= n_vocab:
-        raise GGUFExportError(
-            f"{path} has token id {max(by_id)} but the model's embedding has {n_vocab} rows; "
-            "the tokenizer does not belong to this model"
-        )
-    tokens, types = [], []
-    for i in range(n_vocab):
-        t, kind = by_id.get(i, (f"[PAD{i}]", int(gguf.TokenType.UNUSED)))
-        tokens.append(t)
-        types.append(kind)
-    return {"tokens": tokens, "types": types, "pre": pre}
-
-
-def _add_tokenizer(w: gguf.GGUFWriter, tokenizer, tokenizer_dir: Path, n_vocab: int) -> None:
-    vocab = read_tokenizer(tokenizer_dir, n_vocab)
-    w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre(vocab["pre"])
-    w.add_token_list(vocab["tokens"])
-    w.add_token_types(vocab["types"])
-    special = gguf.SpecialVocab(tokenizer_dir, load_merges=True, n_vocab=n_vocab)
-    # What the model's tokenizer really does, whatever its config files claim.
-    with_special = list(tokenizer.encode("hello"))
-    plain = list(tokenizer.encode("hello", add_special_tokens=False))
-    bos, eos = getattr(tokenizer, "bos_token_id", None), getattr(tokenizer, "eos_token_id", None)
-    special.add_special_token["bos"] = bos is not None and with_special[:1] == [bos] != plain[:1]
-    special.add_special_token["eos"] = eos is not None and with_special[-1:] == [eos] != plain[-1:]
-    special.add_to_gguf(w, quiet=True)
 
 
 # ---------------------------------------------------------------------------
@@ -540,7 +436,9 @@ def write_gguf(
         for k, v in (extra or {}).items():
             w.add_string(k, v)
         _add_hparams(w, model, spec)
-        _add_tokenizer(w, tokenizer, tokenizer_dir, model.args.vocab_size)
+        from .gguf_tokenizer import add_tokenizer
+
+        add_tokenizer(w, tokenizer, tokenizer_dir, model.args.vocab_size)
         for t in plan:
             if t.qtype in (GT.F32, GT.F16):
                 w.add_tensor(t.name, np.ascontiguousarray(t.data))
@@ -576,6 +474,5 @@ __all__ = [
     "permute_rows",
     "plan_tensors",
     "read_gguf_tensors",
-    "read_tokenizer",
     "write_gguf",
 ]

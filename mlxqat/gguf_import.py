@@ -37,6 +37,7 @@ from gguf import GGMLQuantizationType as GT
 from gguf import GGUFValueType as VT
 
 from . import gguf_export as ge
+from .gguf_tokenizer import LLAMA3_SPLIT, QWEN2_SPLIT, SPM_SPACE
 
 PathLike = Union[str, os.PathLike]
 
@@ -52,16 +53,13 @@ _GPT2 = ("gpt-2", "phi-2", "mpt", "olmo", "jina-es", "jina-de", "gigachat", "jin
 _LLAMA3 = ("llama3", "llama-v3", "llama-bpe", "falcon3", "falcon-h1", "pixtral", "midm-2.0", "lfm2", "jina-v5-nano")
 _LLAMA3_KEEP_MERGES = ("dbrx", "smaug-bpe")  # the Llama 3 split without ignore_merges
 _QWEN2 = ("qwen2", "deepseek-r1-qwen", "kormo", "f2llmv2", "megrez", "stablelm2")
-LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
-                r"|\s*[\r\n]+|\s+(?!\S)|\s+")
-QWEN2_SPLIT = LLAMA3_SPLIT.replace(r"\p{N}{1,3}", r"\p{N}")
 #: Pre-tokenizer names this importer reproduces.
 PRE_TOKENIZERS = tuple(sorted(_SMOLLM + _GPT2 + _LLAMA3 + _LLAMA3_KEEP_MERGES + _QWEN2))
 
 # Token texts llama.cpp ends generation on (besides eos), when the vocabulary has them.
 _END_OF_GENERATION = ("<|eot_id|>", "<|im_end|>", "<|end|>", "<end_of_turn>", "<|endoftext|>", "<|eom_id|>",
                       "<|end_of_text|>", "<EOT>")
-_TT_UNKNOWN, _TT_CONTROL, _TT_USER_DEFINED = 2, 3, 4
+_TT_UNKNOWN, _TT_CONTROL, _TT_USER_DEFINED = (int(gguf.TokenType[k]) for k in ("UNKNOWN", "CONTROL", "USER_DEFINED"))
 
 
 def is_gguf_file(path: PathLike) -> bool:
@@ -448,10 +446,10 @@ def _backend_tokenizer(meta: Metadata, tokens: List[str], types: np.ndarray, pat
         tok = Tokenizer(models.BPE(vocab=vocab, merges=_spm_merges(tokens, scores), byte_fallback=True,
                                    unk_token=tokens[unk] if unk < len(tokens) else None, fuse_unk=True))
         prefix = meta.bool("tokenizer.ggml.add_space_prefix", True)
-        steps = ([normalizers.Prepend("▁")] if prefix else []) + [normalizers.Replace(" ", "▁")]
+        steps = ([normalizers.Prepend(SPM_SPACE)] if prefix else []) + [normalizers.Replace(" ", SPM_SPACE)]
         tok.normalizer = normalizers.Sequence(steps)
         tok.decoder = decoders.Sequence(
-            [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]
+            [decoders.Replace(SPM_SPACE, " "), decoders.ByteFallback(), decoders.Fuse()]
             + ([decoders.Strip(" ", 1, 0)] if prefix else [])
         )
     else:

