@@ -3,6 +3,7 @@ reports, the command lines, integrity checks and interrupted exports."""
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import json
 import os
@@ -18,7 +19,7 @@ from mlx_lm import load as mlx_lm_load
 
 import mlxqat
 import tiny
-from mlxqat import export as ex
+from mlxqat import export as ex, recipes
 from mlxqat.recipes import LayerSpec, Recipe
 
 from mlxqat.cli import verify_main  # noqa: E402
@@ -53,7 +54,8 @@ def _run(*args, **kw):
 
 @pytest.mark.parametrize("recipe,bits,gguf_bpw", [("q4_0", 4, 4.5), ("q4_1", 4, 5.0), ("q8_0", 8, 8.5)])
 def test_memory_report(tmp_path, tokenizer, recipe, bits, gguf_bpw):
-    src, model, config, n_float = _src(tmp_path, tokenizer, recipe)
+    uniform = dataclasses.replace(recipes.get(recipe), overrides=())  # every matrix at `bits` (q4_0's head is 8-bit)
+    src, model, config, n_float = _src(tmp_path, tokenizer, uniform)
     r = ex.memory_report(model)  # in memory: float32 scales and biases, group 32
     assert r.bits_per_weight == bits + 2 * 32 / 32
     assert r.n_weights == n_float
@@ -226,7 +228,7 @@ def test_failed_export_leaves_no_file(tmp_path, tokenizer, monkeypatch):
 KILL_MID_WRITE = """
 import os, signal, sys
 import gguf, mlx.core as mx
-from mlxqat import export as ex
+from mlxqat import export as ex, recipes
 
 def die(*a, **k):
     # some bytes reach the disk, then the process is killed without any cleanup

@@ -227,7 +227,7 @@ def test_gemma3_270m_round_trip(tmp_path):
     """Gemma 3 270M: GGUF -> MLX q4_0 -> GGUF. llama.cpp tokenizes as the original file and the Hugging
     Face tokenizer do, and greedy-decodes MLX's tokens (a different choice only at a near-tie: llama.cpp
     rounds activations to 8 bits, MLX does not)."""
-    from mlxqat.generate import quantize_rtn
+    from mlxqat.convert import quantize_rtn
 
     model, tok, config = mlxqat.load(GEMMA3, return_config=True)
     quantize_rtn(model, "q4_0")
