@@ -7,7 +7,7 @@
     mlxqat.save(model, tokenizer, "out/")   # mlx_lm.load("out/") opens it
 """
 
-from ._version import __version__  # noqa: F401  (mlxqat.__version__)
+from ._version import __version__
 from . import quant, recipes
 from .convert import calibrate, convert, dequantize, prepare, use_kernel
 from .io import IntegrityError, load, save, verify
@@ -16,6 +16,7 @@ from .recipes import LayerSpec, Recipe
 from .trainer import TrainingArgs, train
 
 __all__ = [
+    "__version__",
     "ActQuantizedLinear",
     "FakeQuantEmbedding",
     "FakeQuantLinear",

@@ -159,6 +159,15 @@ def memory_report(model_or_path: Union[nn.Module, PathLike], params: Optional[di
 # ---------------------------------------------------------------------------
 
 
+def _open_source(src_dir: PathLike, out_dir: PathLike):
+    """``(src, model, tokenizer, config)`` of an export's source, once ``out_dir`` is known to be writable."""
+    src = Path(src_dir)
+    config = None if is_gguf_file(src) else check_config(src)  # a GGUF file: config from its metadata
+    check_destination(out_dir, sources=[src])  # fail fast, before loading
+    model, tokenizer, loaded_config = load(src, return_config=True)
+    return src, model, tokenizer, loaded_config if config is None else config
+
+
 def _source_info(src: Path) -> dict:
     """The source's manifest entries to carry over (training, metrics, ...); the recipe is read from the
     loaded layers instead (:func:`mlxqat.convert.recipe_of`)."""
@@ -335,11 +344,7 @@ def export_mlx(src_dir: PathLike, out_dir: PathLike, *, verbose: bool = True) ->
     Returns:
         The manifest written to ``mlxqat.json``.
     """
-    src = Path(src_dir)
-    config = None if is_gguf_file(src) else check_config(src)  # a GGUF file: config from its metadata
-    check_destination(out_dir, sources=[src])  # fail fast, before loading
-    model, tokenizer, loaded_config = load(src, return_config=True)
-    config = loaded_config if config is None else config
+    src, model, tokenizer, config = _open_source(src_dir, out_dir)
     info = _source_info(src)
     info.update({"exported_from": str(src), "memory": memory_report(model).to_dict()})
     manifest = save(model, tokenizer, out_dir, config=config, info=info, sources=[src], title=src.resolve().name)
@@ -366,11 +371,7 @@ def export_fp16(src_dir: PathLike, out_dir: PathLike, *, dtype: str = "float16",
     """
     if dtype not in ("float16", "bfloat16", "float32"):
         raise ValueError(f"dtype={dtype!r} is not one of 'float16', 'bfloat16', 'float32'")
-    src = Path(src_dir)
-    config = None if is_gguf_file(src) else check_config(src)  # a GGUF file: config from its metadata
-    check_destination(out_dir, sources=[src])  # fail fast, before loading
-    model, tokenizer, loaded_config = load(src, return_config=True)
-    config = loaded_config if config is None else config
+    src, model, tokenizer, config = _open_source(src_dir, out_dir)
     source_recipe = recipe_of(model)
     source_recipe = source_recipe.to_dict() if source_recipe is not None else None
     info = _source_info(src)

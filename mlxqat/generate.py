@@ -330,16 +330,21 @@ def _print_stats(stats: GenerationStats) -> None:
 
 def _generate_once(model, tokenizer, prompt_ids, args) -> GenerationStats:
     max_tokens = check_prompt(prompt_ids, args.max_tokens, model_context(model))
+    return _generate_printed(model, tokenizer, prompt_ids, max_tokens, args)[1]
+
+
+def _generate_printed(model, tokenizer, ids, max_tokens: int, args):
+    """Generate with the command's sampling flags, text to stdout, stats after; ``(reply, stats)``."""
     try:
-        _, stats = generate(
-            model, tokenizer, prompt_ids, max_tokens=max_tokens, temp=args.temp, top_p=args.top_p,
+        reply, stats = generate(
+            model, tokenizer, ids, max_tokens=max_tokens, temp=args.temp, top_p=args.top_p,
             top_k=args.top_k, min_p=args.min_p, seed=args.seed, on_text=_stdout_text,
         )
     finally:
         sys.stdout.write("\n")
         sys.stdout.flush()
     _print_stats(stats)
-    return stats
+    return reply, stats
 
 
 def _chat(model, tokenizer, args) -> int:
@@ -370,15 +375,7 @@ def _chat(model, tokenizer, args) -> int:
             print(f"error: {e}; starting a new conversation", file=sys.stderr, flush=True)
             messages = messages[:1] if args.system_prompt else []
             continue
-        try:
-            reply, stats = generate(
-                model, tokenizer, ids, max_tokens=max_tokens, temp=args.temp, top_p=args.top_p,
-                top_k=args.top_k, min_p=args.min_p, seed=args.seed, on_text=_stdout_text,
-            )
-        finally:
-            sys.stdout.write("\n")
-            sys.stdout.flush()
-        _print_stats(stats)
+        reply, _ = _generate_printed(model, tokenizer, ids, max_tokens, args)
         messages.append({"role": "assistant", "content": reply})
 
 

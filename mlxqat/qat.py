@@ -22,7 +22,7 @@ import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
 
 from . import quant, recipes as recipes_mod
-from .layers import is_fake_quant
+from .layers import is_fake_quant, untie_weights
 from .convert import prepare_calibrated
 from .evaluate import evaluate
 from .trainer import TrainingArgs, train
@@ -114,6 +114,8 @@ def quantize_qat(
     args = qat_args(base, **training_kwargs)
     trained = base.for_qat(args.trainable, learn_scales, scale_init)
     prepare_calibrated(student, trained, train_windows)
+    if args.trainable == "all" and args.quant_delay == 0:
+        untie_weights(student)  # same codes; the first update does not flip every boundary weight at once
     selector = BestStep(student, select_windows, teacher, callback) if select_windows is not None else None
     summary = train(student, teacher, train_windows, None, args, out_dir=out_dir, resume=resume,
                     progress=progress, callback=selector or callback)

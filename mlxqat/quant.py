@@ -253,6 +253,18 @@ def mse_clip_params(
     return scales.astype(w.dtype), biases.astype(w.dtype)
 
 
+def _code_units(w: mx.array, scales: mx.array, biases: mx.array, group_size: int):
+    """``(u, s, b, zero)``: ``w`` in code units ``(w - bias) / scale`` per group (0 where the scale is 0),
+    the float32 scales and biases broadcast to the groups, and where the scale is 0. Float32
+    arithmetic whatever the storage dtype, as MLX's quantizer does."""
+    wg = _grouped(w.astype(mx.float32), group_size)
+    s = _expand(scales, group_size).astype(mx.float32)
+    b = _expand(biases, group_size).astype(mx.float32)
+    zero = s == 0
+    u = (wg - b) / mx.where(zero, mx.ones_like(s), s)
+    return mx.where(zero, mx.zeros_like(u), u), s, b, zero
+
+
 def quantize_codes(
     w: mx.array, scales: mx.array, biases: mx.array, bits: int, group_size: int
 ) -> mx.array:
@@ -261,21 +273,14 @@ def quantize_codes(
     A zero scale (a group of equal values) maps every element to the code
     nearest ``-bias / 0``'s limit, i.e. the group is reproduced by its bias.
     """
-    qmax = 2**bits - 1
-    # float32 arithmetic whatever the storage dtype, as MLX's quantizer does.
-    wg = _grouped(w.astype(mx.float32), group_size)
-    s = _expand(scales, group_size).astype(mx.float32)
-    b = _expand(biases, group_size).astype(mx.float32)
-    safe_s = mx.where(s == 0, mx.ones_like(s), s)
-    u = (wg - b) / safe_s
-    u = mx.where(s == 0, mx.zeros_like(u), u)
-    q = mx.clip(mx.round(u), 0, qmax)
+    u, _, _, _ = _code_units(w, scales, biases, group_size)
+    q = mx.clip(mx.round(u), 0, 2**bits - 1)
     return q.reshape(w.shape).astype(mx.uint32)
 
 
 def untie(
     w: mx.array, scales: mx.array, biases: mx.array, bits: int, group_size: int,
-    margin: float = 0.25, tol: float = 1e-3,
+    margin: float = 0.25, tol: float = 1e-5,
 ) -> mx.array:
     """``w`` with every element that sits on a rounding boundary moved off it, codes unchanged.
 
@@ -289,16 +294,11 @@ def untie(
     each of them by a whole step. Elements whose dtype cannot hold the move are
     left as they are.
     """
-    qmax = 2**bits - 1
-    wg = _grouped(w.astype(mx.float32), group_size)
-    s = _expand(scales, group_size).astype(mx.float32)
-    b = _expand(biases, group_size).astype(mx.float32)
-    safe_s = mx.where(s == 0, mx.ones_like(s), s)
-    u = (wg - b) / safe_s
+    u, s, b, zero = _code_units(w, scales, biases, group_size)
     code = mx.round(u)
     off = u - code
-    tie = (mx.abs(off) > 0.5 - tol) & (s != 0) & (code >= 0) & (code <= qmax)
-    moved = ((code + mx.sign(off) * (0.5 - margin)) * safe_s + b).reshape(w.shape).astype(w.dtype)
+    tie = (mx.abs(off) > 0.5 - tol) & ~zero & (code >= 0) & (code <= 2**bits - 1)
+    moved = ((code + mx.sign(off) * (0.5 - margin)) * s + b).reshape(w.shape).astype(w.dtype)
     out = mx.where(tie.reshape(w.shape), moved, w)
     same = quantize_codes(out, scales, biases, bits, group_size) == quantize_codes(w, scales, biases, bits, group_size)
     return mx.where(same, out, w)

@@ -16,7 +16,6 @@ Two forms, one module:
 from __future__ import annotations
 
 import hashlib
-import os
 import time
 from pathlib import Path
 from typing import Dict, Optional, Tuple
@@ -24,6 +23,8 @@ from typing import Dict, Optional, Tuple
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
+
+from .io import atomic_file
 
 
 def top_k_logits(logits: mx.array, k: int) -> Tuple[mx.array, mx.array]:
@@ -71,10 +72,8 @@ class TeacherTargets:
             mx.eval(vals, ids)
             out = (vals, ids)
             if path is not None:
-                path.parent.mkdir(parents=True, exist_ok=True)
-                tmp = path.with_name(f".{path.stem}.tmp.safetensors")
-                mx.save_safetensors(str(tmp), {"values": vals, "ids": ids})
-                os.replace(tmp, path)
+                with atomic_file(path, check=False) as f:  # inside the job's work directory
+                    mx.save_safetensors(f, {"values": vals, "ids": ids})
         self._mem[key] = out
         return out
 

@@ -27,7 +27,7 @@ from ._cli import (Number, finite_float, non_negative_float, non_negative_int, p
 from .data import MIN_SEQ_LEN, Dataset, iterate_batches
 from .evaluate import kl_divergence, top_k_kl_divergence
 from .io import IntegrityError, atomic_dir, atomic_file, read_manifest, remove_output, verify, work_dir, write_manifest
-from .layers import untie_weights, FakeQuantEmbedding, FakeQuantLinear, freeze_codes, is_fake_quant, set_fake_quant
+from .layers import FakeQuantEmbedding, FakeQuantLinear, freeze_codes, is_fake_quant, set_fake_quant
 from .lora import QALoRALinear, apply_lora
 from .teacher import TeacherTargets
 
@@ -653,8 +653,6 @@ def train(
 
 def _start(student: nn.Module, optimizer, args: TrainingArgs, out_dir, resume: bool) -> int:
     """Make the student trainable and the optimizer ready; return the first step (a checkpoint's, on resume)."""
-    if args.trainable == "all":
-        untie_weights(student)  # same codes; no whole-step jump of every boundary weight at the first update
     set_trainable(student, args)
     student.train()
     if args.grad_checkpoint:
