@@ -83,13 +83,20 @@ def evaluate(
     windows: np.ndarray,
     teacher: Optional[nn.Module] = None,
     batch_size: int = 8,
+    progress: Union[bool, str] = False,
 ) -> Dict[str, float]:
     """Perplexity of ``model`` on ``windows`` (n, seq_len + 1) and, with a teacher, KL and top-1 agreement.
+
+    ``progress``: show a progress bar over the windows (a string: its label).
 
     Returns:
         ``{"ppl", "nll", "tokens"}`` plus ``{"kl", "top1"}`` when ``teacher`` is given.
     """
+    from tqdm import tqdm
+
     nll_sum, kl_sum, agree, tokens = 0.0, 0.0, 0, 0
+    bar = tqdm(total=len(windows), desc=progress if isinstance(progress, str) else "evaluating", unit="window",
+               disable=not progress, dynamic_ncols=True, leave=False)
     for i in range(0, len(windows), batch_size):
         batch = mx.array(windows[i : i + batch_size])
         inputs, targets = batch[:, :-1], batch[:, 1:]
@@ -106,6 +113,8 @@ def evaluate(
             kl_sum += parts[1].item()
             agree += int(parts[2].item())
         tokens += targets.size
+        bar.update(len(batch))
+    bar.close()
     if tokens == 0:
         raise ValueError("evaluate() got no windows")
     out = {"nll": nll_sum / tokens, "ppl": math.exp(nll_sum / tokens), "tokens": tokens}

