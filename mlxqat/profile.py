@@ -246,6 +246,39 @@ def _lengths(values, what: str, minimum: int) -> List[int]:
     return values
 
 
+def _kernels(kernels) -> List[str]:
+    """``--kernels``: a list, or a comma-separated string, of ``mlx`` / ``mlxqat``."""
+    if isinstance(kernels, str):
+        kernels = [k.strip() for k in kernels.split(",") if k.strip()]
+    bad = [k for k in kernels if k not in ("mlx", "mlxqat")]
+    if bad or not kernels:
+        raise UsageError(f"--kernels {','.join(kernels)}: choose from mlx, mlxqat (comma-separated)")
+    return list(kernels)
+
+
+def _time_cells(variants, prompts, cells, repeats: int, progress: bool) -> Dict[tuple, List[dict]]:
+    """``{(variant, prompt_len, gen_len): [timing, ...]}``: a warm-up per variant, then ``repeats``
+    rounds of every cell, the variants interleaved so background load hits each alike."""
+    from tqdm import tqdm
+
+    first_prompt, first_gen = cells[0]
+    bar = tqdm(total=len(variants) * (1 + repeats * len(cells)), desc="profile", disable=not progress,
+               dynamic_ncols=True)
+    runs: Dict[tuple, List[dict]] = {}
+    try:
+        for v in variants:  # warm-up: first-call allocations and kernel builds
+            time_generation(_ready(v), prompts[first_prompt], first_gen)
+            bar.update(1)
+        for p, g in cells:
+            for _ in range(repeats):
+                for v in variants:
+                    runs.setdefault((v.name, p, g), []).append(time_generation(_ready(v), prompts[p], g))
+                    bar.update(1)
+    finally:
+        bar.close()
+    return runs
+
+
 def profile_model(
     model: Optional[str] = None,
     baseline: str = "fp16",
@@ -280,19 +313,13 @@ def profile_model(
         ``variant``, ``prompt_len``, ``gen_len``, the medians of :func:`time_generation`,
         ``beyond_context`` and the raw ``runs``.
     """
-    from tqdm import tqdm
-
     from .io import check_destination
 
     if baseline not in BASELINES:
         raise UsageError(f"--baseline {baseline!r} is not one of {', '.join(BASELINES)}")
     if out is not None:
         check_destination(out, sources=[p for p in (model, baseline_model) if p])  # before minutes of timing
-    if isinstance(kernels, str):
-        kernels = [k.strip() for k in kernels.split(",") if k.strip()]
-    bad = [k for k in kernels if k not in ("mlx", "mlxqat")]
-    if bad or not kernels:
-        raise UsageError(f"--kernels {','.join(kernels)}: choose from mlx, mlxqat (comma-separated)")
+    kernels = _kernels(kernels)
     prompt_lengths = _lengths(prompt_lengths, "prompt-lengths", 1)
     gen_lengths = _lengths(gen_lengths, "gen-lengths", 2)
     if repeats < 1:
@@ -314,22 +341,8 @@ def profile_model(
 
     memory = {v.name: _memory(_ready(v)) for v in variants}
     cells = [(p, g) for p in prompt_lengths for g in gen_lengths]
-    bar = tqdm(total=len(variants) * (1 + repeats * len(cells)), desc="profile", disable=not progress,
-               dynamic_ncols=True)
-    runs: Dict[tuple, List[dict]] = {}
     t0 = time.perf_counter()
-    try:
-        for v in variants:  # warm-up: first-call allocations and kernel builds
-            time_generation(_ready(v), prompts[prompt_lengths[0]], gen_lengths[0])
-            bar.update(1)
-        for p, g in cells:
-            for _ in range(repeats):
-                for v in variants:  # interleaved: background load hits every variant alike
-                    runs.setdefault((v.name, p, g), []).append(time_generation(_ready(v), prompts[p], g))
-                    bar.update(1)
-    finally:
-        bar.close()
-
+    runs = _time_cells(variants, prompts, cells, repeats, progress)
     results = []
     for p, g in cells:
         for v in variants:
