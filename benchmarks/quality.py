@@ -50,7 +50,8 @@ from mlxqat.evaluate import evaluate, gap_recovered  # noqa: E402
 from mlxqat.export import memory_report  # noqa: E402
 from mlxqat.kernels import use_dequantized_matmul  # noqa: E402
 from mlxqat.profile import chip_name  # noqa: E402
-from mlxqat.qat import RECIPE_DEFAULTED, quantize_qat  # noqa: E402
+from mlxqat.qat import RECIPE_DEFAULTED, SELECT_WINDOWS, quantize_qat  # noqa: E402
+from mlxqat.trainer import TrainingArgs  # noqa: E402
 from mlxqat.recipes import QAT_DEFAULTS, LayerSpec, Recipe  # noqa: E402
 from mlxqat.teacher import CachedTeacher  # noqa: E402
 from mlxqat.io import load  # noqa: E402
@@ -129,8 +130,9 @@ class Budget:
     leave_out: Tuple[Tuple[str, str], ...] = ()
 
 
-FULL = Budget(steps=100, batch_size=8, seq_len=256, eval_windows=64, ood_windows=32, select_windows=8,
-              select_every=20, sensitivity_windows=4, awq_windows=32, gptq_windows=128,
+FULL = Budget(steps=100, batch_size=8, seq_len=256, eval_windows=64, ood_windows=32,  # the job's training defaults,
+              select_windows=SELECT_WINDOWS, select_every=TrainingArgs().log_every,  # and its best-step selection
+              sensitivity_windows=4, awq_windows=32, gptq_windows=128,
               leave_out=(("QAT scales", "int3"), ("QAT LoRA", "int3"), ("QAT scales", "mixed"), ("QAT LoRA", "mixed")))
 QUICK = Budget(steps=12, batch_size=4, seq_len=128, eval_windows=12, ood_windows=8, select_windows=4,
                select_every=6, sensitivity_windows=4, awq_windows=8, gptq_windows=16, settings=("int4", "int2", "mixed", "mobile"))

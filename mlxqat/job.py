@@ -33,12 +33,11 @@ from .evaluate import evaluate, format_table, gap_recovered
 from .io import check_destination, check_work_dir, load, save
 from .stdlib_data import embedded_model_path
 from ._cli import ArgumentParser, command, non_negative_int, positive_int
-from .qat import RECIPE_DEFAULTED, qat_args, quantize_qat
+from .qat import RECIPE_DEFAULTED, SELECT_WINDOWS, qat_args, quantize_qat
 from .trainer import TrainingArgs, resume_point
 
 __all__ = ["run", "main", "build_parser"]
 
-SELECT_WINDOWS = 16  # validation windows the best step is picked on (apart from the table's)
 
 
 def _master_weights(model: nn.Module) -> dict:

@@ -29,6 +29,8 @@ from .trainer import TrainingArgs, train
 
 # TrainingArgs fields that default to the recipe's measured values when not given
 RECIPE_DEFAULTED = ("learning_rate", "scale_learning_rate", "warmup_steps")
+# held-out windows the best step is picked on, by KL to the teacher at every log record (log_every steps)
+SELECT_WINDOWS = 16
 
 
 def qat_args(recipe, **overrides) -> TrainingArgs:
