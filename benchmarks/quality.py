@@ -45,12 +45,13 @@ sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 import mlxqat  # noqa: E402
 from mlxqat import mixed, quant, recipes  # noqa: E402
 from mlxqat.convert import head_path, quantize_rtn  # noqa: E402
-from mlxqat.data import Document, build_dataset, model_context, pack, spread, stdlib_windows, tokenize_documents  # noqa: E402
+from mlxqat.data import (Document, build_dataset, model_context, pack, split_selection, spread,  # noqa: E402
+                         stdlib_windows, tokenize_documents)
 from mlxqat.evaluate import evaluate, gap_recovered  # noqa: E402
 from mlxqat.export import memory_report  # noqa: E402
 from mlxqat.kernels import use_dequantized_matmul  # noqa: E402
 from mlxqat.profile import chip_name  # noqa: E402
-from mlxqat.qat import RECIPE_DEFAULTED, SELECT_WINDOWS, quantize_qat  # noqa: E402
+from mlxqat.qat import EVAL_WINDOWS, RECIPE_DEFAULTED, SELECT_WINDOWS, quantize_qat  # noqa: E402
 from mlxqat.trainer import TrainingArgs  # noqa: E402
 from mlxqat.recipes import QAT_DEFAULTS, LayerSpec, Recipe  # noqa: E402
 from mlxqat.teacher import CachedTeacher  # noqa: E402
@@ -143,7 +144,9 @@ def load_data(tokenizer, data: Optional[str], budget: Budget, seq_len: int, max_
     n_train = budget.steps * budget.batch_size
     if data is None:  # the windows python -m mlxqat.train trains on (mlxqat.data.stdlib_windows)
         train_w = stdlib_windows(tokenizer, "train", seq_len, n_train, oversample=4)
-        select_w = stdlib_windows(tokenizer, "validation", seq_len, budget.select_windows)
+        # the windows the job picks its best step on: set aside from its table's validation windows
+        select_w = split_selection(stdlib_windows(tokenizer, "validation", seq_len, EVAL_WINDOWS + budget.select_windows),
+                                   budget.select_windows)[1]
         eval_w = stdlib_windows(tokenizer, "test", seq_len, budget.eval_windows)
         source = "CPython standard library source (mlxqat.stdlib_data splits: train / validation / test)"
     else:
@@ -191,6 +194,7 @@ class Job:
     seq_len: int
     model_type: str
     progress: bool
+    scale_dtype: str  # what scales and biases are stored in (the model's float dtype), as the job stores them
 
 
 def run_rtn(m, job: Job):
@@ -258,7 +262,8 @@ def run_qat(mode: str):
     def run(m, job: Job):
         b, kw = job.budget, QAT_ARGS[mode]
         summary = quantize_qat(m, job.teacher, job.data["train"][: b.steps * b.batch_size], job.recipe,
-                               select_windows=job.data["select"], steps=b.steps, batch_size=b.batch_size,
+                               select_windows=job.data["select"], scale_dtype=job.scale_dtype,
+                               steps=b.steps, batch_size=b.batch_size,
                                seq_len=job.seq_len, log_every=min(b.select_every, b.steps), progress=job.progress, **kw)
         kept = tuple(kw) + RECIPE_DEFAULTED + ("steps", "batch_size", "seq_len")
         info = {"args": {k: v for k, v in summary["args"].items() if k in kept}, "best_step": summary["best_step"],
@@ -381,7 +386,8 @@ def run(model: Optional[str] = None, data: Optional[str] = None, quick: bool = F
             if why:
                 skipped.append({"setting": sname, "method": method, "why": why})
                 continue
-            job = Job(setting, recipe, data_sets, teacher, budget, seq_len, model_type, progress)
+            job = Job(setting, recipe, data_sets, teacher, budget, seq_len, model_type, progress,
+                      str(storage).rpartition(".")[2])
             t0 = time.perf_counter()
             m, extra = RUN[method](fresh(), job)
             measure(method, setting, m, time.perf_counter() - t0 + recipe_seconds, extra)

@@ -255,6 +255,16 @@ def spread(windows: np.ndarray, n: int) -> np.ndarray:
     return windows[np.linspace(0, len(windows) - 1, n).round().astype(int)]
 
 
+def split_selection(windows: np.ndarray, n_select: int) -> Tuple[np.ndarray, Optional[np.ndarray]]:
+    """``(evaluation, selection)`` windows: ``n_select`` of them, spread evenly, set aside to pick the best
+    step on (``selection`` is ``None`` when there are too few windows to spare them)."""
+    if n_select <= 0 or len(windows) < 2 * n_select:
+        return windows, None
+    chosen = np.zeros(len(windows), dtype=bool)
+    chosen[np.linspace(0, len(windows) - 1, n_select).astype(int)] = True
+    return windows[~chosen], windows[chosen]
+
+
 def stdlib_windows(tokenizer, split: str, seq_len: int, n: int, oversample: Optional[int] = None) -> np.ndarray:
     """``n`` windows of a standard-library split (:mod:`mlxqat.stdlib_data`), spread over it.
 

@@ -19,21 +19,20 @@ import argparse
 import dataclasses
 import time
 from pathlib import Path
-from typing import Optional, Tuple
+from typing import Optional
 
 import mlx.core as mx
 import mlx.nn as nn
-import numpy as np
 from mlx.utils import tree_flatten
 
 from . import recipes as recipes_mod
 from .convert import convert, quantize_rtn
-from .data import build_dataset, check_seq_len, generate_windows, model_context, stdlib_windows
+from .data import build_dataset, check_seq_len, generate_windows, model_context, split_selection, stdlib_windows
 from .evaluate import evaluate, format_table, gap_recovered
 from .io import check_destination, check_work_dir, load, save
 from .stdlib_data import embedded_model_path
 from ._cli import ArgumentParser, command, non_negative_int, positive_int
-from .qat import RECIPE_DEFAULTED, SELECT_WINDOWS, qat_args, quantize_qat
+from .qat import EVAL_WINDOWS, RECIPE_DEFAULTED, SELECT_WINDOWS, qat_args, quantize_qat
 from .trainer import TrainingArgs, resume_point
 
 __all__ = ["run", "main", "build_parser"]
@@ -48,15 +47,6 @@ def _master_weights(model: nn.Module) -> dict:
             continue
         out[k.replace(".base.", ".")] = v
     return out
-
-
-def _split_selection(windows: np.ndarray, n_select: int) -> Tuple[np.ndarray, Optional[np.ndarray]]:
-    """``(evaluation, selection)`` windows: ``n_select`` of them, spread evenly, set aside to pick the best step."""
-    if n_select <= 0 or len(windows) < 2 * n_select:
-        return windows, None
-    chosen = np.zeros(len(windows), dtype=bool)
-    chosen[np.linspace(0, len(windows) - 1, n_select).astype(int)] = True
-    return windows[~chosen], windows[chosen]
 
 
 def _dataset(data, tokenizer, teacher, seq_len, args, n_val, self_generate, seed):
@@ -85,7 +75,7 @@ def run(
     scale_init: Optional[str] = None,
     scale_dtype: Optional[str] = "float16",
     self_generate: int = 0,
-    eval_windows: int = 128,
+    eval_windows: int = EVAL_WINDOWS,
     select_windows: int = SELECT_WINDOWS,
     save_master: bool = True,
     progress: bool = True,
@@ -134,7 +124,7 @@ def run(
     teacher, tokenizer, config = load(model, return_config=True, full_precision=True)
     train_w, val_all = _dataset(data, tokenizer, teacher, args.seq_len, args, eval_windows + select_windows,
                                 self_generate, args.seed)
-    val_w, select_w = _split_selection(val_all, select_windows)
+    val_w, select_w = split_selection(val_all, select_windows)
     print(f"data: {len(train_w)} training windows, {len(val_w)} validation windows"
           + (f" (+{len(select_w)} to pick the best step on)" if select_w is not None else "")
           + f" of {args.seq_len} tokens", flush=True)

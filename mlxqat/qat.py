@@ -29,8 +29,10 @@ from .trainer import TrainingArgs, train
 
 # TrainingArgs fields that default to the recipe's measured values when not given
 RECIPE_DEFAULTED = ("learning_rate", "scale_learning_rate", "warmup_steps")
-# held-out windows the best step is picked on, by KL to the teacher at every log record (log_every steps)
+# held-out windows the best step is picked on, by KL to the teacher at every log record (log_every steps),
+# set aside (mlxqat.data.split_selection) from the validation windows of the job's before/after table
 SELECT_WINDOWS = 16
+EVAL_WINDOWS = 128
 
 
 def qat_args(recipe, **overrides) -> TrainingArgs:
@@ -103,8 +105,9 @@ def quantize_qat(
             checked at every ``log_every`` steps and at step 0); ``None``: keep the last step.
         learn_scales, scale_init: override :meth:`Recipe.for_qat`'s choice.
         out_dir, resume, progress, callback: as :func:`mlxqat.trainer.train`.
-        scale_dtype: snap learned scales/biases to this dtype's values after training
-            (``"float16"``: what a saved model stores, so saving loses nothing); ``None``: leave them.
+        scale_dtype: the dtype scales and biases are stored in (``"float16"``: what a saved
+            model holds): derived scales are rounded to its values as they are computed, learned
+            ones after training, so saving loses nothing; ``None``: leave them in the compute dtype.
         training_kwargs: :class:`~mlxqat.trainer.TrainingArgs` fields; learning rates and
             warmup default to :meth:`Recipe.qat_defaults` (see :func:`qat_args`).
 
@@ -113,6 +116,8 @@ def quantize_qat(
         ``best_step`` and ``selection_kl`` (``[(step, kl)]``) when selecting.
     """
     base = recipes_mod.get(recipe)
+    if scale_dtype is not None:
+        base = base.with_options(scale_dtype=scale_dtype)
     args = qat_args(base, **training_kwargs)
     trained = base.for_qat(args.trainable, learn_scales, scale_init)
     prepare_calibrated(student, trained, train_windows)
