@@ -196,7 +196,8 @@ def _type_from_name(path: Path) -> Optional[str]:
 
 
 def _auto_qtype(plan_model: nn.Module) -> str:
-    """The GGUF type that holds most of the model's quantized weights exactly."""
+    """The GGUF type that holds most of the model's quantized layers exactly (``q4_0``'s 8-bit head,
+    one layer among many, leaves the file Q4_0, as llama.cpp names its own files by their main type)."""
     counts: Dict[str, int] = {}
     for _, m in plan_model.named_modules():
         if quant.is_quantized(m) and getattr(m, "mode", "affine") == "affine":
@@ -204,7 +205,7 @@ def _auto_qtype(plan_model: nn.Module) -> str:
             for name in ("q4_0", "q8_0", "q4_1"):
                 blocks, _ = ge.exact_blocks(np.array(m.weight), scales, biases, m.bits, m.group_size, ge.QTYPES[name])
                 if blocks is not None:
-                    counts[name] = counts.get(name, 0) + m.weight.size
+                    counts[name] = counts.get(name, 0) + 1
                     break
     if not counts:
         raise ValueError(
