@@ -372,3 +372,12 @@ def test_one_bits_per_weight_rule_for_channelwise_layers():
     assert (16 * 64 * spec.bits_per_weight(64) + 16 * 96 * spec.bits_per_weight(96)) / n == real
     assert mixed.bits_per_weight({"a": spec, "b": spec}, {"a": (16 * 64, 64), "b": (16 * 96, 96)}) == real
     assert ex.memory_report(model).bits_per_weight == real
+
+
+def test_q4_0_with_its_8_bit_head_is_a_q4_0_file(tmp_path, tokenizer, capsys):
+    """The automatic GGUF type is that of most quantized layers: q4_0's head, one Q8_0 layer, leaves it Q4_0."""
+    src, model, *_ = _src(tmp_path, tokenizer, "q4_0", arch="qwen3")  # qwen3 here ties its embeddings
+    assert ex.main([str(src), "--format", "gguf", "--out", str(tmp_path / "m.gguf"), "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["qtype"] == "q4_0" and summary["exact"]
+    assert summary["types"]["Q8_0"] == 1 and summary["types"]["Q4_0"] > 1
