@@ -51,7 +51,7 @@ from mlxqat.evaluate import evaluate, gap_recovered  # noqa: E402
 from mlxqat.export import memory_report  # noqa: E402
 from mlxqat.kernels import use_dequantized_matmul  # noqa: E402
 from mlxqat.profile import chip_name  # noqa: E402
-from mlxqat.qat import EVAL_WINDOWS, RECIPE_DEFAULTED, SELECT_WINDOWS, quantize_qat  # noqa: E402
+from mlxqat.qat import EVAL_WINDOWS, RECIPE_DEFAULTED, SELECT_WINDOWS, qat_args, quantize_qat  # noqa: E402
 from mlxqat.trainer import TrainingArgs  # noqa: E402
 from mlxqat.recipes import QAT_DEFAULTS, LayerSpec, Recipe  # noqa: E402
 from mlxqat.teacher import CachedTeacher  # noqa: E402
@@ -129,6 +129,9 @@ class Budget:
     methods: Tuple[str, ...] = METHODS
     # (method, setting) pairs left out for time (asking for the method with --methods runs it everywhere)
     leave_out: Tuple[Tuple[str, str], ...] = ()
+    # Learning-rate trials of every training method (DWQ and each QAT mode alike): multiples of the
+    # method's own rate; each trial trains from scratch and the lowest KL on the selection windows is kept.
+    lr_trials: Tuple[float, ...] = (1.0,)
 
 
 FULL = Budget(steps=100, batch_size=8, seq_len=256, eval_windows=64, ood_windows=32,  # the job's training defaults,
@@ -195,6 +198,7 @@ class Job:
     model_type: str
     progress: bool
     scale_dtype: str  # what scales and biases are stored in (the model's float dtype), as the job stores them
+    lr_scale: float = 1.0  # this trial's multiple of the method's learning rate (Budget.lr_trials)
 
 
 def run_rtn(m, job: Job):
@@ -251,21 +255,25 @@ def run_dwq(m, job: Job):
     as_items = lambda w: [(row, 0) for row in w]  # noqa: E731  (tokens, prompt offset), mlx-lm's format
     valid = data["select"][: max(b.batch_size, len(data["select"]) // b.batch_size * b.batch_size)]
     bits = min(s.bits for s in job.recipe.specs())
-    opt = optim.Adam(learning_rate=DWQ_LR.get(bits, 1e-5), bias_correction=True)
+    opt = optim.Adam(learning_rate=DWQ_LR.get(bits, 1e-5) * job.lr_scale, bias_correction=True)
     dwq_quantize(m, lambda batch, idx, split: job.teacher(batch), opt, as_items(data["train"]), as_items(valid),
                  batch_size=b.batch_size, max_seq_length=job.seq_len + 1, seed=0, dtype=mx.float32)
     m.eval()
-    return m, None
+    return m, {"learning_rate": DWQ_LR.get(bits, 1e-5) * job.lr_scale}
 
 
 def run_qat(mode: str):
     def run(m, job: Job):
-        b, kw = job.budget, QAT_ARGS[mode]
+        b, kw = job.budget, dict(QAT_ARGS[mode])
+        if job.lr_scale != 1.0:  # this trial's multiple of every rate the recipe's defaults give the mode
+            args = qat_args(job.recipe, **kw)
+            kw.update(learning_rate=args.learning_rate * job.lr_scale, scale_learning_rate=args.scale_lr * job.lr_scale,
+                      lora_learning_rate=args.lora_learning_rate * job.lr_scale)
         summary = quantize_qat(m, job.teacher, job.data["train"][: b.steps * b.batch_size], job.recipe,
                                select_windows=job.data["select"], scale_dtype=job.scale_dtype,
                                steps=b.steps, batch_size=b.batch_size,
                                seq_len=job.seq_len, log_every=min(b.select_every, b.steps), progress=job.progress, **kw)
-        kept = tuple(kw) + RECIPE_DEFAULTED + ("steps", "batch_size", "seq_len")
+        kept = tuple(kw) + RECIPE_DEFAULTED + ("steps", "batch_size", "seq_len", "scale_learning_rate")
         info = {"args": {k: v for k, v in summary["args"].items() if k in kept}, "best_step": summary["best_step"],
                 "selection_kl": summary["selection_kl"], "final_loss": summary["final_loss"]}
         return mlxqat.convert(m), info
@@ -273,6 +281,7 @@ def run_qat(mode: str):
     return run
 
 
+TRAINED = ("DWQ", *QAT_ARGS)  # the methods Budget.lr_trials tunes
 RUN = {"RTN": run_rtn, "GPTQ": run_gptq, "AWQ": run_awq, "DWQ": run_dwq, **{k: run_qat(k) for k in QAT_ARGS}}
 
 
@@ -295,7 +304,8 @@ def build_recipe(setting: Setting, fp_model, data, budget, progress, report) -> 
     return recipe
 
 
-def make_budget(quick: bool, steps=None, settings=None, methods=None, overrides=None, budget=None) -> Budget:
+def make_budget(quick: bool, steps=None, settings=None, methods=None, overrides=None, budget=None,
+                lr_trials=None) -> Budget:
     """The run's budget: FULL or QUICK with ``--steps`` / ``--settings`` / ``--methods`` / ``--budget`` applied."""
     budget = copy.deepcopy(budget or (QUICK if quick else FULL))
     fields = {f.name: f.type for f in dataclasses.fields(Budget) if f.type == "int"}
@@ -306,6 +316,10 @@ def make_budget(quick: bool, steps=None, settings=None, methods=None, overrides=
         setattr(budget, name, int(value))
     if steps:
         budget.steps = steps
+    if lr_trials:
+        if any(not (x > 0 and math.isfinite(x)) for x in lr_trials):
+            raise ValueError(f"--lr-trials {' '.join(map(str, lr_trials))}: use positive multiples, e.g. --lr-trials 1 2 4")
+        budget.lr_trials = tuple(lr_trials)
     for given, known, attr in ((settings, SETTINGS, "settings"), (methods, METHODS, "methods")):
         if given:
             unknown = set(given) - set(known)
@@ -319,12 +333,13 @@ def make_budget(quick: bool, steps=None, settings=None, methods=None, overrides=
 
 def run(model: Optional[str] = None, data: Optional[str] = None, quick: bool = False, out: str = str(DEFAULT_OUT),
         settings: Optional[List[str]] = None, methods: Optional[List[str]] = None, steps: Optional[int] = None,
-        budget_overrides: Optional[List[str]] = None, progress: bool = True, budget: Optional[Budget] = None) -> dict:
+        budget_overrides: Optional[List[str]] = None, progress: bool = True, budget: Optional[Budget] = None,
+        lr_trials: Optional[List[float]] = None) -> dict:
     """Run the benchmark; write ``<out>.md``, ``<out>.json`` and ``<out>.png``; return the JSON dict."""
     from mlx_lm.quant.awq import AWQ_MODEL_CONFIGS
 
     t_start = time.perf_counter()
-    budget = make_budget(quick, steps, settings, methods, budget_overrides, budget)
+    budget = make_budget(quick, steps, settings, methods, budget_overrides, budget, lr_trials)
 
     def fresh() -> nn.Module:  # the package's loader (python -m mlxqat.train's), computing in float32
         m = load(model, full_precision=True)[0]
@@ -369,6 +384,27 @@ def run(model: Optional[str] = None, data: Optional[str] = None, quick: bool = F
               f"ood {row['ood_ppl']:.3f}  bpw {row['bpw']:.3f}  {wall:.1f} s", flush=True)
         return row
 
+    def tune(method: str, job_for) -> Tuple[nn.Module, Optional[dict]]:
+        """Run ``method``; a training method once per learning-rate trial, keeping the one with the lowest
+        KL on the selection windows (as stored, as measured), never looking at the test windows."""
+        trials = budget.lr_trials if method in TRAINED and len(budget.lr_trials) > 1 else (1.0,)
+        best, tried = None, []
+        for lr_scale in trials:
+            m, extra = RUN[method](fresh(), job_for(lr_scale))
+            if len(trials) == 1:
+                return m, extra
+            stored(m, storage)
+            if on_cpu:
+                use_dequantized_matmul(m)
+            m.eval()
+            kl = evaluate(m, data_sets["select"], teacher)["kl"]
+            tried.append({"lr_scale": lr_scale, "selection_kl": kl, **(extra or {})})
+            print(f"    {method} learning rate x{lr_scale:g}: selection KL {kl:.5f}", flush=True)
+            if best is None or kl < best[0]:
+                best = (kl, m, lr_scale)
+            del m
+        return best[1], {"lr_scale": best[2], "trials": tried}
+
     print(f"full precision ({n_params / 1e6:.2f}M parameters)", flush=True)
     fp_row = measure("full precision", None, teacher_model, 0.0)
     for sname in budget.settings:
@@ -386,10 +422,9 @@ def run(model: Optional[str] = None, data: Optional[str] = None, quick: bool = F
             if why:
                 skipped.append({"setting": sname, "method": method, "why": why})
                 continue
-            job = Job(setting, recipe, data_sets, teacher, budget, seq_len, model_type, progress,
-                      str(storage).rpartition(".")[2])
             t0 = time.perf_counter()
-            m, extra = RUN[method](fresh(), job)
+            m, extra = tune(method, lambda lr_scale: Job(setting, recipe, data_sets, teacher, budget, seq_len, model_type,
+                                                         progress, str(storage).rpartition(".")[2], lr_scale))
             measure(method, setting, m, time.perf_counter() - t0 + recipe_seconds, extra)
             del m
 
@@ -442,6 +477,9 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=None, help="Optimizer steps of every training method.")
     p.add_argument("--budget", dest="budget_overrides", nargs="+", default=None, metavar="FIELD=N",
                    help="Change budget fields, e.g. --budget seq_len=64 eval_windows=8 (see Budget).")
+    p.add_argument("--lr-trials", type=float, nargs="+", default=None, metavar="X",
+                   help="Learning-rate trials of every training method, as multiples of its own rate (e.g. 1 2 4); "
+                        "the trial with the lowest KL on the selection windows is kept (default: 1).")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="No progress bars.")
     args = p.parse_args(argv)
     try:

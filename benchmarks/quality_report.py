@@ -75,6 +75,14 @@ def markdown(result: dict) -> str:
         "- QAT picks its best step by KL on separate validation windows (checked every "
         f"{result['budget']['select_every']} steps, step 0 included).",
     ]
+    trials = result["budget"].get("lr_trials") or [1.0]
+    if len(trials) > 1:
+        lines.append(
+            f"- Equal tuning: every training method (DWQ and QAT alike) trains once per learning rate x "
+            f"{', x'.join(f'{t:g}' for t in trials)} of its own default, from scratch; the trial with the lowest KL "
+            "on the validation (selection) windows is the row, never chosen on the test windows. Chosen: "
+            + "; ".join(f"{r['method']} {r['setting']} x{r['info']['lr_scale']:g}" for r in rows
+                        if isinstance(r.get("info"), dict) and "lr_scale" in r["info"]) + ".")
     return "\n".join(lines) + "\n"
 
 
