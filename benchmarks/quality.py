@@ -56,7 +56,8 @@ from mlxqat.trainer import TrainingArgs  # noqa: E402
 from mlxqat.recipes import QAT_DEFAULTS, LayerSpec, Recipe  # noqa: E402
 from mlxqat.teacher import CachedTeacher  # noqa: E402
 from mlxqat.io import load  # noqa: E402
-from quality_report import write_outputs  # noqa: E402  (beside this file)
+from quality_llamacpp import llamacpp_rows  # noqa: E402  (beside this file)
+from quality_report import write_outputs  # noqa: E402
 
 DEFAULT_OUT = ROOT / "benchmarks" / "results" / "quality"
 
@@ -125,6 +126,7 @@ class Budget:
     sensitivity_windows: int  # windows of the sensitivity pass
     awq_windows: int  # AWQ calibration windows (the first of the training windows)
     gptq_windows: int  # GPTQ calibration windows (the first of the training windows)
+    awq_grid: int = 20  # AWQ's search points per scale and clip search (mlx-lm's n_grid, default 20)
     settings: Tuple[str, ...] = tuple(SETTINGS)
     methods: Tuple[str, ...] = METHODS
     # (method, setting) pairs left out for time (asking for the method with --methods runs it everywhere)
@@ -234,7 +236,8 @@ def run_awq(m, job: Job):
 
     s = job.setting
     awq.awq_quantize(m, mx.array(job.data["train"][: job.budget.awq_windows, :-1]), awq.AWQ_MODEL_CONFIGS[job.model_type],
-                     group_size=s.group_size, bits=s.bits, embed_group_size=s.group_size, embed_bits=s.bits)
+                     group_size=s.group_size, bits=s.bits, embed_group_size=s.group_size, embed_bits=s.bits,
+                     n_grid=job.budget.awq_grid)
     return m, None
 
 
@@ -334,12 +337,14 @@ def make_budget(quick: bool, steps=None, settings=None, methods=None, overrides=
 def run(model: Optional[str] = None, data: Optional[str] = None, quick: bool = False, out: str = str(DEFAULT_OUT),
         settings: Optional[List[str]] = None, methods: Optional[List[str]] = None, steps: Optional[int] = None,
         budget_overrides: Optional[List[str]] = None, progress: bool = True, budget: Optional[Budget] = None,
-        lr_trials: Optional[List[float]] = None) -> dict:
+        lr_trials: Optional[List[float]] = None, llamacpp: bool = False) -> dict:
     """Run the benchmark; write ``<out>.md``, ``<out>.json`` and ``<out>.png``; return the JSON dict."""
     from mlx_lm.quant.awq import AWQ_MODEL_CONFIGS
 
     t_start = time.perf_counter()
     budget = make_budget(quick, steps, settings, methods, budget_overrides, budget, lr_trials)
+    if llamacpp and not ("q4_0" in budget.settings and "QAT" in budget.methods):
+        raise ValueError("--llamacpp scores the q4_0 QAT model in llama.cpp: add --settings q4_0 ... and --methods QAT ...")
 
     def fresh() -> nn.Module:  # the package's loader (python -m mlxqat.train's), computing in float32
         m = load(model, full_precision=True)[0]
@@ -405,6 +410,7 @@ def run(model: Optional[str] = None, data: Optional[str] = None, quick: bool = F
             del m
         return best[1], {"lr_scale": best[2], "trials": tried}
 
+    kept_for_llamacpp = None
     print(f"full precision ({n_params / 1e6:.2f}M parameters)", flush=True)
     fp_row = measure("full precision", None, teacher_model, 0.0)
     for sname in budget.settings:
@@ -426,7 +432,14 @@ def run(model: Optional[str] = None, data: Optional[str] = None, quick: bool = F
             m, extra = tune(method, lambda lr_scale: Job(setting, recipe, data_sets, teacher, budget, seq_len, model_type,
                                                          progress, str(storage).rpartition(".")[2], lr_scale))
             measure(method, setting, m, time.perf_counter() - t0 + recipe_seconds, extra)
+            if llamacpp and (sname, method) == ("q4_0", "QAT"):
+                kept_for_llamacpp = m
             del m
+
+    llamacpp_result = None
+    if llamacpp:
+        print("\n== llama.cpp: GGUF files on the held-out windows ==", flush=True)
+        llamacpp_result = llamacpp_rows(teacher_model, kept_for_llamacpp, tokenizer, config, data_sets["eval"])
 
     for r in rows:
         rtn = next((x for x in rows if x["setting"] == r["setting"] and x["method"] == "RTN"), None)
@@ -454,6 +467,7 @@ def run(model: Optional[str] = None, data: Optional[str] = None, quick: bool = F
         "fast_cpu_matmul": on_cpu,
         "mixed": sensitivity_report,
         "rows": rows,
+        "llamacpp": llamacpp_result,
         "not_applicable": skipped,
         "total_seconds": time.perf_counter() - t_start,
     }
@@ -480,6 +494,8 @@ def main(argv=None) -> int:
     p.add_argument("--lr-trials", type=float, nargs="+", default=None, metavar="X",
                    help="Learning-rate trials of every training method, as multiples of its own rate (e.g. 1 2 4); "
                         "the trial with the lowest KL on the selection windows is kept (default: 1).")
+    p.add_argument("--llamacpp", action="store_true",
+                   help="Also score the q4_0 QAT model and round-to-nearest Q4_0 as GGUF files in llama.cpp (xllamacpp).")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="No progress bars.")
     args = p.parse_args(argv)
     try:

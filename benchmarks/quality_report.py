@@ -42,6 +42,11 @@ def markdown(result: dict) -> str:
             f"{r['bpw']:.3f} | {r['bytes'] / 1e6:.2f} | {r['ratio_bf16']:.3f} | {r['wall_s']:.1f} |"
         )
     lines += ["", f"Full-precision perplexity {fp['ppl']:.3f} (OOD {fp['ood_ppl']:.3f})."]
+    lc = result.get("llamacpp")
+    if lc:
+        lines += ["", f"In llama.cpp itself, on the same held-out windows ({lc['tokens']} tokens; {lc['how']}):", "",
+                  "| GGUF file | llama.cpp ppl | top-1 = full precision | MB |", "|---|---|---|---|"]
+        lines += [f"| {k} | {v['ppl']:.3f} | {100 * v['top1_vs_fp']:.2f}% | {v['mb']:.1f} |" for k, v in lc["rows"].items()]
     targets = target_summary(rows)
     if targets:
         lines += ["", "Targets:", ""] + [f"- {t}" for t in targets]
@@ -69,7 +74,8 @@ def markdown(result: dict) -> str:
         "`mlxqat.teacher.CachedTeacher`) and shared by DWQ, QAT and the evaluation.",
         f"- DWQ: `mlx_lm.quant.dwq.dwq_quantize` (Adam, constant learning rate {result['dwq_lr']} by bit width, "
         f"temperature 2, its defaults otherwise). GPTQ: the first {result['budget']['gptq_windows']} training windows; "
-        f"AWQ: the first {result['budget']['awq_windows']} (fewer tokens than mlx-lm's defaults, for CPU time). GPTQ packs "
+        f"AWQ: the first {result['budget']['awq_windows']}, {result['budget'].get('awq_grid', 20)} grid points per search "
+        "(fewer tokens than mlx-lm's defaults, for CPU time). GPTQ packs "
         "with mlxqat's packer (same format) so that 3-bit works; the embedding (tied head) is round-to-nearest at the "
         "same bits in every method.",
         "- QAT picks its best step by KL on separate validation windows (checked every "

@@ -38,6 +38,7 @@ from gguf import GGMLQuantizationType as GT
 from mlx.utils import tree_flatten
 
 from . import __version__, quant
+from .convert import head_path
 
 #: ``--type`` names and their GGUF tensor types.
 QTYPES: Dict[str, GT] = {
@@ -57,6 +58,7 @@ _FILE_TYPES = {
     GT.F32: gguf.LlamaFileType.ALL_F32,
 }
 _FLOAT_TYPES = (GT.F32, GT.F16, GT.BF16)
+_FOUR_BIT = (GT.Q4_0, GT.Q4_1)  # block types whose files keep the output head at Q8_0 (recipes.HEAD)
 
 
 @dataclass(frozen=True)
@@ -263,7 +265,9 @@ def plan_tensors(model: nn.Module, qtype: GT, model_type: str) -> List[GGUFTenso
     their dtype when the model has quantized layers (a recipe left them in
     full precision on purpose) and are quantized when it has none. A float
     ``qtype`` (F32/F16/BF16) applies to every matrix. Norms and biases are
-    float32.
+    float32. A full-precision model written as a 4-bit block type keeps its
+    output head (``lm_head``, or the tied embedding) at ``Q8_0``, as recipe
+    ``q4_0`` does: round-to-nearest to the same file a QAT run exports.
     """
     spec = arch_spec(model_type)
     _check_arch(model, spec)
@@ -275,6 +279,7 @@ def plan_tensors(model: nn.Module, qtype: GT, model_type: str) -> List[GGUFTenso
     quantized = {p for p, m in modules.items() if isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding))}
     any_quantized = bool(quantized)
     n_head, n_kv = args.num_attention_heads, getattr(args, "num_key_value_heads", None) or args.num_attention_heads
+    head = head_path(model)
     plan: List[GGUFTensor] = []
     for path, value in params.items():
         prefix, _, leaf = path.rpartition(".")
@@ -295,6 +300,8 @@ def plan_tensors(model: nn.Module, qtype: GT, model_type: str) -> List[GGUFTenso
         elif value.ndim == 2:
             keep = any_quantized and qtype not in _FLOAT_TYPES
             target = _dtype_type(value.dtype) if keep else qtype
+            if not any_quantized and qtype in _FOUR_BIT and prefix == head:
+                target = GT.Q8_0
             plan.append(_matrix_tensor(name, path, value, target, heads, any_quantized))
         else:
             plan.append(_vector_tensor(name, path, value, spec, heads))

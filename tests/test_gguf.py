@@ -167,6 +167,30 @@ def test_requantized_export_warns_with_the_kl_of_the_written_file(tmp_path, toke
     assert r8["kl"] < result["kl"] / 10
 
 
+def test_full_precision_model_as_q4_0_is_the_reference_quantizer_with_an_8_bit_head(tmp_path, tokenizer):
+    """Round-to-nearest Q4_0 of a full-precision model: gguf's own quantizer, tensor by tensor, and the
+    output head at Q8_0 as recipe q4_0 keeps it, so it is the same file layout a q4_0 QAT run exports."""
+    model, config = _random_model("qwen3", seed=6)
+    mlxqat.save(model, tokenizer, tmp_path / "fp", config=config)
+    with pytest.warns(ex.ExportWarning):
+        result = ex.export_gguf(tmp_path / "fp", tmp_path / "rtn.gguf", "q4_0", verbose=False)
+    head = head_path(model)
+    weights = dict(tree_flatten(model.parameters()))
+    tensors = ge.read_gguf_tensors(tmp_path / "rtn.gguf")
+    seen = set()
+    for t in result["tensors"]:
+        qtype, data, shape = tensors[t["name"]]
+        if len(shape) != 2:
+            continue
+        want = gguf.GGMLQuantizationType.Q8_0 if t["source"] == f"{head}.weight" else gguf.GGMLQuantizationType.Q4_0
+        assert qtype == want, (t["name"], qtype)
+        w = np.array(weights[t["source"]].astype(mx.float32))
+        assert np.array_equal(np.asarray(data).reshape(-1), gguf.quants.quantize(w, want).reshape(-1)), t["name"]
+        seen.add(want)
+    assert seen == {gguf.GGMLQuantizationType.Q4_0, gguf.GGMLQuantizationType.Q8_0}
+    assert result["qtype"] == "q4_0"
+
+
 # ---------------------------------------------------------------------------
 # Refusals
 # ---------------------------------------------------------------------------
@@ -358,6 +382,27 @@ def test_float32_gguf_matches_mlx_to_float_precision(tmp_path, tokenizer, traine
     print(f"\n{arch} f32: top-5 |dlogprob| max {worst:.2e}")
     assert worst <= tol
 
+
+
+def test_llamacpp_scores_held_out_text_as_mlx_does(tmp_path, tokenizer, trained):
+    """mlxqat.llamacpp's per-token scoring (what the quality benchmark's llama.cpp row reads): on an
+    F32 file its log-probabilities and top-1 tokens are MLX's, position by position."""
+    model, config = trained("llama")
+    src = _saved(tmp_path, tokenizer, model, config, "q4_0")
+    assert ex.export_gguf(src, tmp_path / "m.gguf", "f32", exact=True, verbose=False)["exact"]
+    windows = [tokenizer.encode(t)[:16] for t in ("def fibonacci(n):\n    if n < 2:\n        return n",
+                                                   "The quick brown fox jumps over the lazy dog again and again")]
+    assert {len(w) for w in windows} == {16}
+    got = LlamaCpp(tmp_path / "m.gguf").score(windows)
+    for i, ids in enumerate(windows):
+        logits = model(mx.array(ids)[None])[0, :-1].astype(mx.float32)
+        lp = np.array(logits - mx.logsumexp(logits, axis=-1, keepdims=True))
+        want = lp[np.arange(len(ids) - 1), ids[1:]]
+        assert got["logprobs"][i].shape == want.shape
+        assert np.abs(got["logprobs"][i] - want).max() <= 1e-4
+        assert (got["top1"][i] == lp.argmax(-1)).mean() >= 0.9  # equal but for near-ties
+    ppl = LlamaCpp(tmp_path / "m.gguf").perplexity(windows)
+    assert ppl == pytest.approx(float(np.exp(-got["logprobs"].mean())), rel=1e-9)
 
 LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
                 r"|\s*[\r\n]+|\s+(?!\S)|\s+")

@@ -130,11 +130,53 @@ def test_mixed_report(result):
         assert all(len(v) == len(rep["options"]) for v in rep["sensitivity_kl"].values())
 
 
+@pytest.fixture(scope="module")
+def tuned(model_and_data):
+    """Learning-rate trials for every training method, and the llama.cpp row."""
+    pytest.importorskip("xllamacpp")
+    model_dir, data, root = model_and_data
+    out = root / "out" / "tuned"
+    p = bench("--model", str(model_dir), "--data", str(data), "--out", str(out), "--no-progress", "--settings", "int4",
+              "q4_0", "--methods", "RTN", "DWQ", "QAT", "--lr-trials", "1", "3", "--llamacpp", "--budget", *TINY)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    return json.loads(Path(str(out) + ".json").read_text()), Path(str(out) + ".md").read_text()
+
+
+def test_every_training_method_gets_the_same_learning_rate_trials_chosen_on_validation(tuned):
+    res, md = tuned
+    assert res["budget"]["lr_trials"] == [1.0, 3.0]
+    trained = [r for r in res["rows"] if r["method"] in ("DWQ", "QAT")]
+    assert {(r["setting"], r["method"]) for r in trained} == {("int4", "DWQ"), ("int4", "QAT"), ("q4_0", "QAT")}
+    for r in trained:
+        trials = r["info"]["trials"]
+        assert [t["lr_scale"] for t in trials] == [1.0, 3.0]
+        best = min(trials, key=lambda t: t["selection_kl"])
+        assert r["info"]["lr_scale"] == best["lr_scale"]
+        rates = [t["learning_rate"] if r["method"] == "DWQ" else t["args"]["learning_rate"] for t in trials]
+        assert rates[1] == pytest.approx(3 * rates[0])
+    assert "Equal tuning" in md
+
+
+def test_llamacpp_row_scores_rtn_and_qat_q4_0_files(tuned):
+    res, md = tuned
+    lc = res["llamacpp"]
+    fp, rtn, qat = (lc["rows"][k] for k in lc["rows"])
+    assert fp["top1_vs_fp"] == 1.0 and lc["tokens"] == 4 * 32
+    assert all(math.isfinite(r["ppl"]) and r["ppl"] > 1 for r in (fp, rtn, qat))
+    assert rtn["mb"] < fp["mb"] / 3 and qat["mb"] == pytest.approx(rtn["mb"], rel=0.02)  # same layout
+    # llama.cpp's perplexity of the QAT file is the MLX row's (same weights; int8 activations aside)
+    q4 = next(r for r in res["rows"] if (r["setting"], r["method"]) == ("q4_0", "QAT"))
+    assert qat["ppl"] == pytest.approx(q4["ppl"], rel=0.05)
+    assert "| GGUF file | llama.cpp ppl |" in md
+
+
 @pytest.mark.parametrize("args, message", [
     (("--settings", "int5"), "unknown settings ['int5']"),
     (("--methods", "HQQ"), "unknown methods ['HQQ']"),
     (("--budget", "steps=0"), "--budget 'steps=0': use FIELD=N"),
     (("--budget", "windows=3"), "--budget 'windows=3': use FIELD=N"),
+    (("--lr-trials", "1", "0"), "--lr-trials 1.0 0.0: use positive multiples"),
+    (("--llamacpp", "--settings", "int4"), "--llamacpp scores the q4_0 QAT model"),
 ])
 def test_bad_arguments_are_one_clear_line(args, message, tmp_path):
     p = bench(*args, "--out", str(tmp_path / "q"))

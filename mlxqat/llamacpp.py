@@ -1,0 +1,117 @@
+"""A GGUF file run by llama.cpp itself, in this process (the optional ``xllamacpp`` package:
+``pip install 'mlxqat[llamacpp]'``): tokenization, greedy decoding with log-probabilities, and
+per-token scoring of held-out text, the numbers a llama.cpp or Ollama user gets from the file.
+
+    from mlxqat.llamacpp import LlamaCpp
+    lc = LlamaCpp("model-q4_0.gguf")
+    lc.tokenize("def f(x):")              # token ids, as llama.cpp splits the text
+    lc.score([[1, 2, 3, ...], ...])       # log-probabilities of each next token, and llama.cpp's top-1
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import urllib.request
+from typing import Dict, Iterable, List, Sequence
+
+import numpy as np
+
+
+def _xllamacpp():
+    try:
+        import xllamacpp
+    except ImportError:
+        raise ImportError("running a GGUF in llama.cpp needs the xllamacpp package: pip install 'mlxqat[llamacpp]'") from None
+    return xllamacpp
+
+
+class LlamaCpp:
+    """A llama.cpp server for one GGUF file (float32 KV cache, greedy sampling, 2 threads by default)."""
+
+    def __init__(self, path, n_ctx: int = 256, threads: int = 2):
+        xlc = _xllamacpp()
+        p = xlc.CommonParams()
+        p.model.path = str(path)
+        p.n_ctx = n_ctx
+        p.cpuparams.n_threads = p.cpuparams_batch.n_threads = threads
+        p.sampling.temp, p.sampling.top_k = 0.0, 1
+        p.cache_type_k = p.cache_type_v = 0  # float32 KV cache: no float16 rounding of keys/values
+        p.flash_attn_type = 0
+        p.warmup = False
+        self.n_ctx = n_ctx
+        self.server = xlc.Server(p)
+        self.address = self.server.listening_address
+
+    def _completion(self, request: dict) -> list:
+        r = self.server.handle_completions(request)
+        if "error" in r or not r["choices"][0].get("logprobs"):
+            raise RuntimeError(f"llama.cpp answered {str(r)[:300]}")
+        return r
+
+    def complete(self, prompt, n: int = 16, n_probs: int = 5, force=None, cache_prompt: bool = False,
+                 ignore_eos: bool = True) -> dict:
+        """Greedy continuation of ``prompt`` (text or token ids); ``force`` (a token id) is chosen
+        whatever the model says, while its log-probabilities stay the model's own. ``ignore_eos``
+        decodes past end-of-text (llama.cpp then gives that token no probability at all)."""
+        request = {"prompt": prompt, "n_predict": n, "n_probs": n_probs, "temperature": 0.0, "top_k": 1,
+                   "cache_prompt": cache_prompt, "ignore_eos": ignore_eos}
+        if force is not None:
+            request["logit_bias"] = [[int(force), 1000.0]]
+        r = self._completion(request)
+        steps = r["choices"][0]["logprobs"]["content"]
+        return {
+            "ids": [s["id"] for s in steps],
+            "logprobs": [(s["id"], s["logprob"], [(t["id"], t["logprob"]) for t in s["top_logprobs"]]) for s in steps],
+            "text": r["choices"][0]["text"],
+            "prompt_tokens": r["usage"]["prompt_tokens"],
+        }
+
+    def top5(self, ids, force):
+        """llama.cpp's 5 most likely next tokens after ``ids`` as ``[(id, logprob)]``."""
+        return self.complete(ids, n=1, n_probs=5, force=force)["logprobs"][0][2]
+
+    def score(self, windows: Iterable[Sequence[int]]) -> Dict[str, np.ndarray]:
+        """llama.cpp's log-probability of every next token of each window, and its own top-1 there.
+
+        Token ``t`` of a window is scored after tokens ``0..t-1`` (one forced token per request, the
+        prefix reused from llama.cpp's prompt cache, as when it generates). Returns ``logprobs`` and
+        ``top1`` arrays of shape ``(n_windows, len - 1)``.
+        """
+        logprobs: List[List[float]] = []
+        top1: List[List[int]] = []
+        windows = [[int(i) for i in w] for w in windows]
+        if len({len(w) for w in windows}) > 1:
+            raise ValueError(f"windows of {sorted({len(w) for w in windows})} tokens: score windows of one length")
+        for ids in windows:
+            if len(ids) > self.n_ctx:
+                raise ValueError(f"a window of {len(ids)} tokens is longer than n_ctx={self.n_ctx}; pass n_ctx >= {len(ids)}")
+            lp, top = [], []
+            for t in range(1, len(ids)):
+                step = self.complete(ids[:t], n=1, n_probs=1, force=ids[t], cache_prompt=True,
+                                     ignore_eos=False)["logprobs"][0]  # end-of-text keeps its probability
+                lp.append(step[1])
+                top.append(step[2][0][0])
+            logprobs.append(lp)
+            top1.append(top)
+        out = {"logprobs": np.array(logprobs, dtype=np.float64), "top1": np.array(top1, dtype=np.int64)}
+        if not np.isfinite(out["logprobs"]).all():
+            raise FloatingPointError("llama.cpp gave a non-finite log-probability")
+        return out
+
+    def perplexity(self, windows) -> float:
+        """``exp`` of the mean negative log-probability of :meth:`score`."""
+        return math.exp(-float(self.score(windows)["logprobs"].mean()))
+
+    def _post(self, route, body):
+        request = urllib.request.Request(self.address + route, data=json.dumps(body).encode(),
+                                         headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=60) as reply:
+            return json.loads(reply.read())
+
+    def tokenize(self, text):
+        """Token ids of ``text`` as llama.cpp splits it (special tokens added and parsed)."""
+        return self._post("/tokenize", {"content": text, "add_special": True, "parse_special": True})["tokens"]
+
+    def detokenize(self, ids):
+        return self._post("/detokenize", {"tokens": ids})["content"]
