@@ -62,11 +62,12 @@ __all__ = ["blockwise_qat", "model_blocks", "resume_state", "TARGETS",
            "STEPS_PER_BLOCK", "BLOCK_WINDOWS", "BLOCK_BATCH_SIZE", "BLOCK_LEARNING_RATE"]
 
 TARGETS = ("fp", "same")
-# Defaults of python -m mlxqat.train --method blockwise, measured on the embedded model (see the README)
+# Defaults of python -m mlxqat.train --method blockwise: the learning rate swept on the embedded model at int4
+# (1e-5, 3e-5, 1e-4, 3e-4 at 100 steps x 4 windows per block: KL 0.0299, 0.0284, 0.0303, 0.0393 after the block phase)
 STEPS_PER_BLOCK = 100
 BLOCK_WINDOWS = 64
 BLOCK_BATCH_SIZE = 4
-BLOCK_LEARNING_RATE = 1e-4
+BLOCK_LEARNING_RATE = 3e-5
 STATE = "state.json"
 FLOAT16_MAX = float(np.finfo(np.float16).max)
 

@@ -217,6 +217,9 @@ def _block_options(method: str, training_kwargs: dict, **given) -> Optional[dict
             flag = "--" + stray[0].replace("_", "-")
             raise ValueError(f"{flag} sets the block phase of --method blockwise; add --method blockwise or drop it")
         return None
+    if mx.distributed.init().size() > 1:
+        raise ValueError("--method blockwise runs in one process (its block phase is not data-parallel); "
+                         "run it without mlx.launch, or use --method qat")
     trainable = training_kwargs.setdefault("trainable", "scales")
     if trainable != "scales":
         raise ValueError(f"--method blockwise trains every weight block by block, then scales and biases end to end "
@@ -336,18 +339,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _block_flags(p: argparse.ArgumentParser) -> None:
     """The ``--method blockwise`` flags (:data:`BLOCK_OPTIONS`)."""
-    g = p  # (an argument group would bypass ArgumentParser's flag-naming number checks)
-    g.add_argument("--steps-per-block", type=positive_int, default=None,
+    # (on the parser itself: an argument group would bypass ArgumentParser's flag-naming number checks)
+    p.add_argument("--steps-per-block", type=positive_int, default=None,
                    help=f"Optimizer steps per block (default: {blockwise.STEPS_PER_BLOCK}).")
-    g.add_argument("--block-windows", type=positive_int, default=None,
+    p.add_argument("--block-windows", type=positive_int, default=None,
                    help=f"Calibration windows the blocks train on (default: {blockwise.BLOCK_WINDOWS}).")
-    g.add_argument("--block-batch-size", type=positive_int, default=None,
+    p.add_argument("--block-batch-size", type=positive_int, default=None,
                    help=f"Windows per block step (default: {blockwise.BLOCK_BATCH_SIZE}).")
-    g.add_argument("--block-learning-rate", type=positive_float, default=None,
+    p.add_argument("--block-learning-rate", type=positive_float, default=None,
                    help=f"Peak learning rate of a block's weights (default: {blockwise.BLOCK_LEARNING_RATE:g}).")
-    g.add_argument("--block-scale-learning-rate", type=positive_float, default=None,
+    p.add_argument("--block-scale-learning-rate", type=positive_float, default=None,
                    help="Peak learning rate of a block's learned scales/biases (default: block learning rate / 10).")
-    g.add_argument("--block-target", choices=blockwise.TARGETS, default=None,
+    p.add_argument("--block-target", choices=blockwise.TARGETS, default=None,
                    help="fp: the full-precision model's hidden states; same: the full-precision block on the "
                         "quantized model's inputs (default: fp).")
 
