@@ -2,11 +2,14 @@
 
     python -m mlxqat.train                      # embedded stdlib model, int4, built-in data
     python -m mlxqat.train --model DIR_OR_HF_ID --recipe int4 --data corpus/ --steps 1000 --out qat-int4/
+    python -m mlxqat.train --method blockwise   # block by block, then scales end to end (less memory)
 
 Loads the model twice (teacher and student), measures full precision and
 round-to-nearest, fine-tunes the student through the quantizer, measures it
 again, prints the before/after table, converts and saves an mlx-lm directory
-with the table in ``mlxqat.json``. Training artifacts (checkpoints, log,
+with the table in ``mlxqat.json``. ``--method blockwise`` trains the student one
+transformer block at a time first (:func:`mlxqat.blockwise.blockwise_qat`), then
+only its scales and biases end to end. Training artifacts (checkpoints, log,
 teacher cache) go to ``<out>.train/``; ``--resume`` continues from there.
 
 :func:`run` is the job as a function: its keyword arguments are the
@@ -27,13 +30,24 @@ from mlx.utils import tree_flatten
 
 from . import recipes as recipes_mod
 from .convert import convert, quantize_rtn
-from .data import build_dataset, check_seq_len, generate_windows, model_context, split_selection, stdlib_windows
+from .data import (build_dataset, check_seq_len, generate_windows, model_context, split_selection, spread,
+                   stdlib_windows)
 from .evaluate import evaluate, format_table, gap_recovered
-from .io import check_destination, check_work_dir, load, save
+from .io import check_destination, check_work_dir, load, save, work_dir
 from .stdlib_data import embedded_model_path
-from ._cli import ArgumentParser, command, non_negative_int, positive_int
+from ._cli import ArgumentParser, command, non_negative_int, positive_float, positive_int
 from .qat import EVAL_WINDOWS, RECIPE_DEFAULTED, SELECT_WINDOWS, qat_args, quantize_qat
-from .trainer import TrainingArgs, resume_point
+from .trainer import TrainingArgs, latest_checkpoint, resume_point
+from . import blockwise
+
+METHODS = ("qat", "blockwise")
+# run()'s block-phase options -> blockwise_qat()'s keyword arguments and defaults
+BLOCK_OPTIONS = {"steps_per_block": ("steps_per_block", blockwise.STEPS_PER_BLOCK),
+                 "block_windows": (None, blockwise.BLOCK_WINDOWS),
+                 "block_batch_size": ("batch_size", blockwise.BLOCK_BATCH_SIZE),
+                 "block_learning_rate": ("learning_rate", blockwise.BLOCK_LEARNING_RATE),
+                 "block_scale_learning_rate": ("scale_learning_rate", None),
+                 "block_target": ("target", "fp")}
 
 __all__ = ["run", "main", "build_parser"]
 
@@ -68,6 +82,7 @@ def _dataset(data, tokenizer, teacher, seq_len, args, n_val, self_generate, seed
 def run(
     model: Optional[str] = None,
     recipe: str = "int4",
+    method: str = "qat",
     data: Optional[str] = None,
     out: str = "qat-out",
     resume: bool = False,
@@ -80,6 +95,12 @@ def run(
     save_master: bool = True,
     progress: bool = True,
     callback=None,
+    steps_per_block: Optional[int] = None,
+    block_windows: Optional[int] = None,
+    block_batch_size: Optional[int] = None,
+    block_learning_rate: Optional[float] = None,
+    block_scale_learning_rate: Optional[float] = None,
+    block_target: Optional[str] = None,
     **training_kwargs,
 ) -> dict:
     """Run QAT end to end (:func:`mlxqat.qat.quantize_qat`) and save the converted model to ``out``.
@@ -87,6 +108,9 @@ def run(
     Args:
         model: model directory or Hugging Face id (default: the embedded stdlib model).
         recipe: built-in recipe name.
+        method: ``"qat"`` (every weight end to end) or ``"blockwise"``: each transformer block
+            trained on its own to reproduce the full-precision block, then scales and biases
+            end to end with frozen codes (:mod:`mlxqat.blockwise`; one block's training state at a time).
         data: text file, folder or JSONL (default: the Python standard library source).
         out: output mlx-lm directory; training artifacts go to ``<out>.train/``.
         resume: continue from the newest checkpoint in ``<out>.train/``.
@@ -101,6 +125,10 @@ def run(
         save_master: also save the trained full-precision weights (``master_weights.safetensors``).
         progress: show a progress bar.
         callback: called with every logged training record (e.g. to plot the loss live).
+        steps_per_block, block_windows, block_batch_size, block_learning_rate,
+        block_scale_learning_rate, block_target: the block phase of ``method="blockwise"``
+            (:func:`mlxqat.blockwise.blockwise_qat`; ``block_windows`` calibration windows, spread
+            over the training windows); ``None``: its defaults.
         training_kwargs: :class:`~mlxqat.trainer.TrainingArgs` fields; the learning rates and
             warmup default to the recipe's measured values (:func:`mlxqat.qat.qat_args`).
 
@@ -110,15 +138,21 @@ def run(
     """
     t_start = time.perf_counter()
     base = recipes_mod.get(recipe, **({"scale_dtype": scale_dtype} if scale_dtype is not None else {}))
+    block = _block_options(method, training_kwargs, steps_per_block=steps_per_block, block_windows=block_windows,
+                           block_batch_size=block_batch_size, block_learning_rate=block_learning_rate,
+                           block_scale_learning_rate=block_scale_learning_rate, block_target=block_target)
     args = qat_args(base, **training_kwargs)
     trained = base.for_qat(args.trainable, learn_scales, scale_init)  # checks the combination now
+    if block is not None and not any(s.learn_scales for s in trained.specs()):
+        raise ValueError("--method blockwise trains learned scales end to end after the blocks; drop --no-learn-scales")
     if data is not None and self_generate:
         raise ValueError("give either --data or --self-generate, not both")
     # refuse a destination that is not ours now, not after an hour of training
     sources = [model if model is not None else embedded_model_path(), data]
     check_destination(out, sources=sources)
     work = check_work_dir(str(Path(out)) + ".train", sources=sources)
-    if resume:
+    resume_e2e = _resume_plan(work, block, resume)
+    if resume_e2e:
         resume_point(work, args, trained.to_dict())  # a checkpoint that fits these settings, or refuse now
 
     teacher, tokenizer, config = load(model, return_config=True, full_precision=True)
@@ -134,9 +168,15 @@ def run(
     teacher.freeze()
     rows = _baselines(model, teacher, base, train_w, val_w, progress)
 
+    block_summary = None
+    if block is not None:
+        block_summary = _block_phase(student, train_w, base, block, learn_scales, scale_init, args.seed,
+                                     work_dir(work) / "blockwise", resume, progress)
     summary = quantize_qat(student, teacher, train_w, base, select_windows=select_w, learn_scales=learn_scales,
-                           scale_init=scale_init, out_dir=work, resume=resume, progress=progress,
+                           scale_init=scale_init, out_dir=work, resume=resume_e2e, progress=progress,
                            callback=callback, scale_dtype=scale_dtype, **dataclasses.asdict(args))
+    if block_summary is not None:
+        summary["block_phase"] = block_summary
     rows["QAT"] = _evaluate("QAT", student, val_w, teacher, progress)
 
     ppl_fp, ppl_rtn = rows["full precision"]["ppl"], rows["round-to-nearest"]["ppl"]
@@ -149,6 +189,7 @@ def run(
     convert(student)
     info = {
         "training": {
+            "method": method,
             "base_model": model or "embedded:stdlib-llama",
             "data": data or ("self-generated" if self_generate else "python-stdlib"),
             **{k: v for k, v in summary.items() if k not in ("losses", "val", "recipe")},
@@ -161,6 +202,69 @@ def run(
          notes="Quantization-aware training distilled from the full-precision model (`python -m mlxqat.train`).")
     print(f"saved {out} ({time.perf_counter() - t_start:.0f} s in all)", flush=True)
     return {"table": rows, "gap_recovered": gap, "kl_reduction_vs_rtn": kl_reduction, "training": summary, "out": str(out)}
+
+
+def _block_options(method: str, training_kwargs: dict, **given) -> Optional[dict]:
+    """The block phase's options (``None`` for ``method="qat"``); sets the end-to-end phase's
+    ``trainable`` in ``training_kwargs`` (``"scales"`` for block-wise). Refuses options that do not apply."""
+    if method not in METHODS:
+        raise ValueError(f"method={method!r} is not supported; use one of {METHODS}")
+    if training_kwargs.get("trainable") is None:
+        training_kwargs.pop("trainable", None)
+    if method == "qat":
+        stray = [k for k, v in given.items() if v is not None]
+        if stray:
+            flag = "--" + stray[0].replace("_", "-")
+            raise ValueError(f"{flag} sets the block phase of --method blockwise; add --method blockwise or drop it")
+        return None
+    if mx.distributed.init().size() > 1:
+        raise ValueError("--method blockwise runs in one process (its block phase is not data-parallel); "
+                         "run it without mlx.launch, or use --method qat")
+    trainable = training_kwargs.setdefault("trainable", "scales")
+    if trainable != "scales":
+        raise ValueError(f"--method blockwise trains every weight block by block, then scales and biases end to end "
+                         f"(trainable='scales'); drop --trainable {trainable}")
+    block = {k: (v if v is not None else BLOCK_OPTIONS[k][1]) for k, v in given.items()}
+    if block["block_windows"] < block["block_batch_size"]:
+        raise ValueError(f"--block-windows {block['block_windows']} is fewer than --block-batch-size "
+                         f"{block['block_batch_size']}; give more windows or a smaller block batch")
+    return block
+
+
+def _resume_plan(work: Path, block: Optional[dict], resume: bool) -> bool:
+    """Whether the end-to-end phase resumes from a trainer checkpoint; refuses ``resume`` with nothing to resume.
+
+    A block-wise run resumes its block phase (which must have a checkpoint) and then the end-to-end
+    phase only if it had written one. A fresh block-wise run drops the pointer to an earlier run's
+    end-to-end checkpoints, so a later ``--resume`` cannot continue one of those.
+    """
+    if block is None:
+        return resume
+    latest = work / "checkpoints" / "latest.json"
+    if not resume:
+        if latest.is_file() and (work / "mlxqat.json").is_file():  # our work directory (check_work_dir)
+            latest.unlink()
+        return False
+    blockwise.resume_state(work / "blockwise")
+    return latest_checkpoint(work / "checkpoints") is not None
+
+
+def _block_phase(student, train_w, recipe, block: dict, learn_scales, scale_init, seed: int, out_dir: Path,
+                 resume: bool, progress: bool) -> dict:
+    """Run :func:`mlxqat.blockwise.blockwise_qat` on ``block_windows`` windows spread over ``train_w``; print
+    each block's reconstruction error before and after."""
+    kwargs = {BLOCK_OPTIONS[k][0]: v for k, v in block.items() if BLOCK_OPTIONS[k][0] is not None}
+    windows = spread(train_w, block["block_windows"])
+    print(f"block-wise QAT: {len(student.model.layers)} blocks x {block['steps_per_block']} steps on "
+          f"{len(windows)} calibration windows", flush=True)
+    summary = blockwise.blockwise_qat(student, windows, recipe, learn_scales=learn_scales, scale_init=scale_init,
+                                      seed=seed, out_dir=out_dir, resume=resume, progress=progress, **kwargs)
+    for r in summary["blocks"]:
+        print(f"  block {r['block']}: relative reconstruction error {r['before']['rel']:.4g} -> {r['after']['rel']:.4g}"
+              f" (mse {r['before']['mse']:.4g} -> {r['after']['mse']:.4g})", flush=True)
+    print(f"  block phase: {summary['wall_s']:.0f} s, peak memory {summary['peak_memory_gb']:.3f} GB "
+          f"(the model: {summary['resident_memory_gb']:.3f} GB)", flush=True)
+    return summary
 
 
 def _evaluate(name: str, model, windows, teacher, progress: bool) -> dict:
@@ -192,6 +296,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--model", default=None, help="Model directory or Hugging Face id (default: the embedded stdlib model).")
     p.add_argument("--recipe", default="int4", help=f"Built-in recipe: {', '.join(recipes_mod.names())}.")
+    p.add_argument("--method", default="qat", choices=METHODS,
+                   help="qat: train every weight end to end; blockwise: train one transformer block at a time to "
+                        "reproduce the full-precision block, then scales and biases end to end (less memory).")
     p.add_argument("--data", default=None, help="Text file, folder or JSONL (default: the Python standard library source).")
     p.add_argument("--out", default="qat-out", help="Output mlx-lm directory.")
     p.add_argument("--resume", action="store_true", help="Continue from the newest checkpoint in <out>.train/.")
@@ -209,8 +316,13 @@ def build_parser() -> argparse.ArgumentParser:
                         f"(0: keep the last step; default: {SELECT_WINDOWS}).")
     p.add_argument("--no-save-master", dest="save_master", action="store_false", help="Don't save the full-precision trained weights.")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="No progress bar.")
+    _block_flags(p)
     for f in dataclasses.fields(TrainingArgs):
         flag = "--" + f.name.replace("_", "-")
+        if f.name == "trainable":  # its default depends on --method
+            p.add_argument(flag, dest=f.name, choices=f.metadata["choices"], default=None,
+                           help=f.metadata["help"] + " (default: all; scales with --method blockwise)")
+            continue
         if f.name in RECIPE_DEFAULTED:  # the recipe's measured value for its bit width
             p.add_argument(flag, dest=f.name, type=f.metadata["check"], default=None,
                            help=f.metadata.get("help", "").split(" (default")[0] + f" (default: {_by_bits(f.name)})")
@@ -223,6 +335,24 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument(flag, dest=f.name, type=typ, choices=f.metadata.get("choices"), default=f.default,
                            help=help_)
     return p
+
+
+def _block_flags(p: argparse.ArgumentParser) -> None:
+    """The ``--method blockwise`` flags (:data:`BLOCK_OPTIONS`)."""
+    # (on the parser itself: an argument group would bypass ArgumentParser's flag-naming number checks)
+    p.add_argument("--steps-per-block", type=positive_int, default=None,
+                   help=f"Optimizer steps per block (default: {blockwise.STEPS_PER_BLOCK}).")
+    p.add_argument("--block-windows", type=positive_int, default=None,
+                   help=f"Calibration windows the blocks train on (default: {blockwise.BLOCK_WINDOWS}).")
+    p.add_argument("--block-batch-size", type=positive_int, default=None,
+                   help=f"Windows per block step (default: {blockwise.BLOCK_BATCH_SIZE}).")
+    p.add_argument("--block-learning-rate", type=positive_float, default=None,
+                   help=f"Peak learning rate of a block's weights (default: {blockwise.BLOCK_LEARNING_RATE:g}).")
+    p.add_argument("--block-scale-learning-rate", type=positive_float, default=None,
+                   help="Peak learning rate of a block's learned scales/biases (default: block learning rate / 10).")
+    p.add_argument("--block-target", choices=blockwise.TARGETS, default=None,
+                   help="fp: the full-precision model's hidden states; same: the full-precision block on the "
+                        "quantized model's inputs (default: fp).")
 
 
 @command(interrupted="interrupted; resume with --resume (checkpoints are in <out>.train/)")

@@ -25,7 +25,7 @@ from . import quant, recipes as recipes_mod
 from .layers import is_fake_quant, untie_weights
 from .convert import prepare_calibrated
 from .evaluate import evaluate
-from .trainer import TrainingArgs, train
+from .trainer import TrainingArgs, _recipe_difference, train
 
 # TrainingArgs fields that default to the recipe's measured values when not given
 RECIPE_DEFAULTED = ("learning_rate", "scale_learning_rate", "warmup_steps")
@@ -97,7 +97,8 @@ def quantize_qat(
     """Prepare ``student`` with ``recipe``'s QAT form and train it towards ``teacher`` (not converted).
 
     Args:
-        student: the full-precision model to quantize (float32 recommended on CPU).
+        student: the full-precision model to quantize (float32 recommended on CPU), or one already
+            prepared with the recipe this call trains (e.g. by :func:`mlxqat.blockwise.blockwise_qat`).
         teacher: the frozen full-precision model (or any callable giving its logits).
         train_windows: token windows ``(n, seq_len + 1)``.
         recipe: a recipe name or :class:`~mlxqat.recipes.Recipe`.
@@ -120,7 +121,7 @@ def quantize_qat(
         base = base.with_options(scale_dtype=scale_dtype)
     args = qat_args(base, **training_kwargs)
     trained = base.for_qat(args.trainable, learn_scales, scale_init)
-    prepare_calibrated(student, trained, train_windows)
+    prepare_student(student, trained, train_windows)
     if args.trainable == "all" and args.quant_delay == 0:
         untie_weights(student)  # same codes; the first update does not flip every boundary weight at once
     selector = BestStep(student, select_windows, teacher, callback) if select_windows is not None else None
@@ -133,6 +134,25 @@ def quantize_qat(
     if scale_dtype is not None:
         snap_learned_scales(student, scale_dtype)
     return summary
+
+
+def prepare_student(student: nn.Module, recipe, windows: np.ndarray) -> nn.Module:
+    """:func:`~mlxqat.convert.prepare_calibrated` ``student`` with ``recipe``, or, when it already has
+    fake-quant layers, check that they are that recipe's and leave them (their training kept).
+
+    Raises:
+        ValueError: the student was prepared with another recipe.
+    """
+    if not any(is_fake_quant(m) for _, m in student.named_modules()):
+        return prepare_calibrated(student, recipe, windows)
+    from .convert import recipe_of
+
+    have = recipe_of(student)
+    if have is None or have.to_dict() != recipe.to_dict():
+        what = _recipe_difference(have.to_dict(), recipe.to_dict()) if have is not None else "no recipe"
+        raise ValueError(f"the student is already prepared, with {what}; pass the full-precision model, "
+                         "or prepare it with the recipe this run trains")
+    return student
 
 
 def snap_learned_scales(model: nn.Module, dtype: str) -> None:
