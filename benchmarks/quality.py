@@ -410,7 +410,43 @@ def run(model: Optional[str] = None, data: Optional[str] = None, quick: bool = F
             del m
         return best[1], {"lr_scale": best[2], "trials": tried}
 
-    kept_for_llamacpp = None
+    def write(complete: bool) -> dict:
+        """The table so far (after every row, so an interrupted run keeps what it measured), or the final one."""
+        for r in rows:
+            rtn = next((x for x in rows if x["setting"] == r["setting"] and x["method"] == "RTN"), None)
+            fp = r["setting"] == "fp" or rtn is None
+            r["gap_recovered"] = None if fp else _finite(gap_recovered(rtn["ppl"], r["ppl"], fp_row["ppl"]))
+            r["ood_gap_recovered"] = None if fp else _finite(gap_recovered(rtn["ood_ppl"], r["ood_ppl"], fp_row["ood_ppl"]))
+
+        result = {
+            "command": "python benchmarks/quality.py " + " ".join(sys.argv[1:]) if sys.argv and sys.argv[0].endswith("quality.py") else None,
+            "model": model or "embedded:stdlib-llama (mlxqat/assets/stdlib-llama)",
+            "model_type": model_type,
+            "parameters": n_params,
+            "machine": f"{platform.system()} {platform.machine()}, {os.cpu_count()} cores ({chip_name()}), "
+                       f"mlx {mx.__version__} on {mx.default_device()}",
+            "budget": dataclasses.asdict(budget),
+            "seq_len": seq_len,
+            "data": {"train": data_sets["source"], "out_of_domain": data_sets["ood_source"],
+                     "windows": {k: int(len(data_sets[k])) for k in ("train", "select", "eval", "ood")},
+                     "tokens_eval": int(len(data_sets["eval"]) * seq_len), "tokens_ood": int(len(data_sets["ood"]) * seq_len)},
+            "teacher_logits_seconds": teacher.seconds,
+            "qat_args": QAT_ARGS,
+            "qat_defaults": {str(k): dataclasses.asdict(v) for k, v in QAT_DEFAULTS.items()},
+            "qat_scales_lr": {str(k): v.scales_only_learning_rate for k, v in QAT_DEFAULTS.items()},
+            "dwq_lr": {str(k): v for k, v in DWQ_LR.items()},
+            "fast_cpu_matmul": on_cpu,
+            "mixed": sensitivity_report,
+            "rows": rows,
+            "llamacpp": llamacpp_result,
+            "not_applicable": skipped,
+            "total_seconds": time.perf_counter() - t_start,
+            "complete": complete,
+        }
+        write_outputs(result, Path(out))
+        return result
+
+    kept_for_llamacpp = llamacpp_result = None
     print(f"full precision ({n_params / 1e6:.2f}M parameters)", flush=True)
     fp_row = measure("full precision", None, teacher_model, 0.0)
     for sname in budget.settings:
@@ -435,43 +471,13 @@ def run(model: Optional[str] = None, data: Optional[str] = None, quick: bool = F
             if llamacpp and (sname, method) == ("q4_0", "QAT"):
                 kept_for_llamacpp = m
             del m
+            write(False)
 
-    llamacpp_result = None
     if llamacpp:
         print("\n== llama.cpp: GGUF files on the held-out windows ==", flush=True)
         llamacpp_result = llamacpp_rows(teacher_model, kept_for_llamacpp, tokenizer, config, data_sets["eval"])
 
-    for r in rows:
-        rtn = next((x for x in rows if x["setting"] == r["setting"] and x["method"] == "RTN"), None)
-        fp = r["setting"] == "fp" or rtn is None
-        r["gap_recovered"] = None if fp else _finite(gap_recovered(rtn["ppl"], r["ppl"], fp_row["ppl"]))
-        r["ood_gap_recovered"] = None if fp else _finite(gap_recovered(rtn["ood_ppl"], r["ood_ppl"], fp_row["ood_ppl"]))
-
-    result = {
-        "command": "python benchmarks/quality.py " + " ".join(sys.argv[1:]) if sys.argv and sys.argv[0].endswith("quality.py") else None,
-        "model": model or "embedded:stdlib-llama (mlxqat/assets/stdlib-llama)",
-        "model_type": model_type,
-        "parameters": n_params,
-        "machine": f"{platform.system()} {platform.machine()}, {os.cpu_count()} cores ({chip_name()}), "
-                   f"mlx {mx.__version__} on {mx.default_device()}",
-        "budget": dataclasses.asdict(budget),
-        "seq_len": seq_len,
-        "data": {"train": data_sets["source"], "out_of_domain": data_sets["ood_source"],
-                 "windows": {k: int(len(data_sets[k])) for k in ("train", "select", "eval", "ood")},
-                 "tokens_eval": int(len(data_sets["eval"]) * seq_len), "tokens_ood": int(len(data_sets["ood"]) * seq_len)},
-        "teacher_logits_seconds": teacher.seconds,
-        "qat_args": QAT_ARGS,
-        "qat_defaults": {str(k): dataclasses.asdict(v) for k, v in QAT_DEFAULTS.items()},
-        "qat_scales_lr": {str(k): v.scales_only_learning_rate for k, v in QAT_DEFAULTS.items()},
-        "dwq_lr": {str(k): v for k, v in DWQ_LR.items()},
-        "fast_cpu_matmul": on_cpu,
-        "mixed": sensitivity_report,
-        "rows": rows,
-        "llamacpp": llamacpp_result,
-        "not_applicable": skipped,
-        "total_seconds": time.perf_counter() - t_start,
-    }
-    write_outputs(result, Path(out))
+    result = write(True)
     print(f"\nwrote {out}.md / .json / .png in {result['total_seconds']:.0f} s", flush=True)
     return result
 

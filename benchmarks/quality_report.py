@@ -24,7 +24,8 @@ def markdown(result: dict) -> str:
         "",
         f"Model: {result['model']} ({result['parameters'] / 1e6:.2f}M parameters, {result['model_type']}). "
         f"Machine: {result['machine']}.",
-        f"Command: `{result['command'] or 'benchmarks/quality.py'}`; total {result['total_seconds'] / 60:.1f} min.",
+        f"Command: `{result['command'] or 'benchmarks/quality.py'}`; total {result['total_seconds'] / 60:.1f} min"
+        + ("." if result.get("complete", True) else " so far (**partial**: the rows measured before the run stopped)."),
         "",
         f"Held-out text: {result['data']['tokens_eval']} tokens of {result['data']['train']} (test split). "
         f"Out of domain (OOD): {result['data']['tokens_ood']} tokens of {result['data']['out_of_domain']}.",

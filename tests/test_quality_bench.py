@@ -60,6 +60,7 @@ def test_outputs_written(result):
     assert md.count("\n| ") == len(res["rows"]) + 1  # header + one line per row
     assert "wrote " in stdout and res["budget"]["steps"] == 3 and res["seq_len"] == 32
     assert res["fast_cpu_matmul"] is True  # CPU: every quantized model ran dequantize + matmul
+    assert res["complete"] is True and "partial" not in md  # written after every row, complete at the end
 
 
 def test_rows_cover_every_applicable_method(result):
