@@ -36,7 +36,7 @@ from .evaluate import evaluate, format_table, gap_recovered
 from .io import check_destination, check_work_dir, load, save, work_dir
 from .stdlib_data import embedded_model_path
 from ._cli import ArgumentParser, command, non_negative_int, positive_float, positive_int
-from .qat import EVAL_WINDOWS, RECIPE_DEFAULTED, SELECT_WINDOWS, qat_args, quantize_qat
+from .qat import EVAL_WINDOWS, RECIPE_DEFAULTED, SELECT_WINDOWS, qat_args, quantize_qat, release_teacher
 from .trainer import TrainingArgs, latest_checkpoint, resume_point
 from . import blockwise
 
@@ -167,6 +167,8 @@ def run(
         m.set_dtype(mx.float32)  # fp32 compute and master copies (fast BLAS path on CPU)
     teacher.freeze()
     rows = _baselines(model, teacher, base, train_w, val_w, progress)
+    if args.teacher_top_k:
+        teacher = release_teacher(teacher, train_w, val_all, args, work, progress=progress)
 
     block_summary = None
     if block is not None:
@@ -328,7 +330,7 @@ def build_parser() -> argparse.ArgumentParser:
                            help=f.metadata.get("help", "").split(" (default")[0] + f" (default: {_by_bits(f.name)})")
             continue
         help_ = f.metadata.get("help", "") + f" (default: {f.default})"
-        if f.type in ("bool", bool):
+        if f.type in ("bool", bool, "Optional[bool]"):  # Optional: neither flag given = None (automatic)
             p.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=f.default, help=help_)
         else:  # the field's own check: one range, enforced here and in TrainingArgs.__post_init__
             typ = f.metadata.get("check") or {"int": int, "float": float, "Optional[float]": float}.get(str(f.type), str)

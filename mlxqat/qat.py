@@ -25,7 +25,10 @@ from . import quant, recipes as recipes_mod
 from .layers import is_fake_quant, untie_weights
 from .convert import prepare_calibrated
 from .evaluate import evaluate
-from .trainer import TrainingArgs, _recipe_difference, train
+from .head import split_head
+from .io import work_dir
+from .teacher import HiddenStateTeacher, TeacherTargets
+from .trainer import TEACHER_CACHE, TrainingArgs, _recipe_difference, prefill_teacher_targets, train
 
 # TrainingArgs fields that default to the recipe's measured values when not given
 RECIPE_DEFAULTED = ("learning_rate", "scale_learning_rate", "warmup_steps")
@@ -116,14 +119,8 @@ def quantize_qat(
         The training summary, plus ``recipe`` (what was trained), ``args``,
         ``best_step`` and ``selection_kl`` (``[(step, kl)]``) when selecting.
     """
-    base = recipes_mod.get(recipe)
-    if scale_dtype is not None:
-        base = base.with_options(scale_dtype=scale_dtype)
-    args = qat_args(base, **training_kwargs)
-    trained = base.for_qat(args.trainable, learn_scales, scale_init)
-    prepare_student(student, trained, train_windows)
-    if args.trainable == "all" and args.quant_delay == 0:
-        untie_weights(student)  # same codes; the first update does not flip every boundary weight at once
+    trained, args = prepare_qat(student, train_windows, recipe, learn_scales=learn_scales, scale_init=scale_init,
+                                scale_dtype=scale_dtype, **training_kwargs)
     selector = BestStep(student, select_windows, teacher, callback) if select_windows is not None else None
     summary = train(student, teacher, train_windows, None, args, out_dir=out_dir, resume=resume,
                     progress=progress, callback=selector or callback)
@@ -153,6 +150,54 @@ def prepare_student(student: nn.Module, recipe, windows: np.ndarray) -> nn.Modul
         raise ValueError(f"the student is already prepared, with {what}; pass the full-precision model, "
                          "or prepare it with the recipe this run trains")
     return student
+
+
+def prepare_qat(student: nn.Module, train_windows: np.ndarray, recipe="int4", *, learn_scales: Optional[bool] = None,
+                scale_init: Optional[str] = None, scale_dtype: Optional[str] = None,
+                **training_kwargs) -> Tuple["recipes_mod.Recipe", TrainingArgs]:
+    """The student as :func:`quantize_qat` trains it, in place: the recipe's QAT form, calibrated and untied.
+
+    Arguments as :func:`quantize_qat`'s. Returns ``(recipe, args)``: the recipe the student
+    was prepared with and the :class:`~mlxqat.trainer.TrainingArgs` to train it with.
+    """
+    base = recipes_mod.get(recipe)
+    if scale_dtype is not None:
+        base = base.with_options(scale_dtype=scale_dtype)
+    args = qat_args(base, **training_kwargs)
+    trained = base.for_qat(args.trainable, learn_scales, scale_init)
+    prepare_student(student, trained, train_windows)
+    if args.trainable == "all" and args.quant_delay == 0:
+        untie_weights(student)  # same codes; the first update does not flip every boundary weight at once
+    return trained, args
+
+
+def release_teacher(teacher, train_windows: np.ndarray, kept_windows: Optional[np.ndarray], args: TrainingArgs,
+                    out_dir, *, progress: bool = True):
+    """The teacher as training with cached top-k targets needs it: everything else of it can be freed.
+
+    Fills the top-k cache under ``out_dir`` (where :func:`mlxqat.trainer.train` reads it) for every
+    micro-batch of ``args.steps`` steps (:func:`~mlxqat.trainer.prefill_teacher_targets`), then
+    returns a :class:`~mlxqat.teacher.HiddenStateTeacher` holding the teacher's final hidden states
+    on ``kept_windows`` (selection / evaluation windows, which still need its logits) and its head.
+    Once the caller drops its own reference to ``teacher``, the teacher's body is freed for the
+    whole of training. A teacher that does not split into body and head
+    (:func:`mlxqat.head.split_head`) is returned as it is.
+
+    Raises:
+        ValueError: ``args.teacher_top_k`` is 0 (live targets need the whole teacher).
+    """
+    if not args.teacher_top_k:
+        raise ValueError("release_teacher needs cached targets: set teacher_top_k (e.g. 64)")
+    if split_head(teacher) is None:
+        return teacher
+    work = work_dir(out_dir)
+    if progress:
+        print(f"caching the teacher's top-{args.teacher_top_k} logits for {args.steps} steps ...", flush=True)
+    targets = TeacherTargets(teacher, args.teacher_top_k, work / TEACHER_CACHE, chunk=args.loss_chunk)
+    group = mx.distributed.init()  # each process caches the micro-batches it trains on
+    prefill_teacher_targets(targets, train_windows, args, rank=group.rank(), world=group.size(), progress=progress)
+    kept = kept_windows if kept_windows is not None else np.zeros((0, args.seq_len + 1), np.int32)
+    return HiddenStateTeacher(teacher, kept)
 
 
 def snap_learned_scales(model: nn.Module, dtype: str) -> None:

@@ -26,13 +26,19 @@ from ._cli import (Number, finite_float, non_negative_float, non_negative_int, p
                    unit_float)
 from .data import MIN_SEQ_LEN, Dataset, iterate_batches
 from .evaluate import kl_divergence, top_k_kl_divergence
+from .head import HeadSplit, chunk_rows, split_head
 from .io import IntegrityError, atomic_dir, atomic_file, read_manifest, remove_output, verify, work_dir, write_manifest
 from .layers import FakeQuantEmbedding, FakeQuantLinear, freeze_codes, is_fake_quant, set_fake_quant
 from .lora import QALoRALinear, apply_lora
-from .teacher import TeacherTargets
+from .teacher import TeacherHidden, TeacherTargets
 
 TRAINABLE = ("all", "scales", "lora")
 SCHEDULES = ("cosine", "linear", "constant")
+STATE_DTYPES = ("float32", "bfloat16")
+# grad_checkpoint=None turns checkpointing on when a micro-batch's activations, estimated at
+# ACTIVATION_FLOATS per hidden unit, token and block (llama-like blocks), exceed GRAD_CHECKPOINT_BYTES
+ACTIVATION_FLOATS = 16
+GRAD_CHECKPOINT_BYTES = 512 * 2**20
 
 
 def _arg(default, help: str, check: Optional[Number] = None, choices: Optional[tuple] = None):
@@ -69,7 +75,18 @@ class TrainingArgs:
     weight_decay: float = _arg(0.0, "AdamW weight decay.", non_negative_float)
     grad_clip: float = _arg(1.0, "Clip the global gradient norm (0: off).", non_negative_float)
     grad_accum: int = _arg(1, "Micro-batches per optimizer step.", positive_int)
-    grad_checkpoint: bool = _arg(False, "Recompute block activations in the backward pass.")
+    grad_checkpoint: Optional[bool] = _arg(
+        None, "Recompute block activations in the backward pass (default: automatic, on when a micro-batch's "
+        f"activations would take more than {GRAD_CHECKPOINT_BYTES // 2**20} MB, estimated at {ACTIVATION_FLOATS} "
+        "floats per hidden unit, token and block).")
+    loss_chunk: Optional[int] = _arg(
+        None, "Tokens whose logits the loss computes at once, each chunk recomputed in the backward pass "
+        "(default: automatic, 16 MB of float32 logits per chunk and at least 64 tokens; 0: the whole "
+        "micro-batch at once).",
+        non_negative_int)
+    optimizer_state_dtype: str = _arg(
+        "bfloat16", "dtype of AdamW's moments: bfloat16 (half the memory of float32, stochastically rounded; "
+        "the weights stay float32) or float32.", choices=STATE_DTYPES)
     temperature: float = _arg(1.0, "Distillation temperature.", positive_float)
     reverse_kl: float = _arg(0.0, "Weight of reverse KL in the KL mix (0: forward KL).", unit_float)
     ce_weight: float = _arg(0.0, "Weight of next-token cross-entropy added to the KL.", non_negative_float)
@@ -91,6 +108,8 @@ class TrainingArgs:
             value = getattr(self, f.name)
             if f.type in ("bool", bool) and not isinstance(value, bool):
                 raise ValueError(f"{f.name}={value!r} must be True or False")
+            if f.type == "Optional[bool]" and not isinstance(value, (bool, type(None))):
+                raise ValueError(f"{f.name}={value!r} must be True or False (or None: automatic)")
             if "check" in f.metadata and value is not None:
                 f.metadata["check"].check(value, f.name)
             if "choices" in f.metadata and value not in f.metadata["choices"]:
@@ -138,15 +157,10 @@ def _constant(value: float) -> Callable:
 # ---------------------------------------------------------------------------
 
 
-def distillation_loss(
-    student_logits: mx.array,
-    teacher: mx.array | tuple,
-    targets: mx.array,
-    args: TrainingArgs,
-) -> mx.array:
-    """Mean per-token loss: ``T^2 * KL mix + ce_weight * cross-entropy``.
+def token_losses(student_logits: mx.array, teacher, targets: mx.array, args: TrainingArgs) -> mx.array:
+    """Per-token loss ``T^2 * KL mix + ce_weight * cross-entropy`` (shape ``targets.shape``).
 
-    ``teacher`` is the teacher's full logits, or ``(top_k_logits, top_k_ids)``
+    ``teacher`` is the teacher's logits of the same tokens, or ``(top_k_logits, top_k_ids)``
     from the on-disk cache (forward KL over those tokens).
     """
     T = args.temperature
@@ -157,10 +171,63 @@ def distillation_loss(
         kl = kl_divergence(teacher, s, T)
         if args.reverse_kl:
             kl = (1 - args.reverse_kl) * kl + args.reverse_kl * kl_divergence(s, teacher, T)
-    loss = (T * T) * mx.mean(kl)
+    loss = (T * T) * kl
     if args.ce_weight:
-        loss = loss + args.ce_weight * nn.losses.cross_entropy(s, targets, reduction="mean")
+        loss = loss + args.ce_weight * nn.losses.cross_entropy(s, targets)
     return loss
+
+
+def distillation_loss(
+    student_logits: mx.array,
+    teacher: mx.array | tuple | TeacherHidden,
+    targets: mx.array,
+    args: TrainingArgs,
+) -> mx.array:
+    """Mean per-token loss: ``T^2 * KL mix + ce_weight * cross-entropy`` (:func:`token_losses`).
+
+    ``teacher`` is the teacher's full logits, ``(top_k_logits, top_k_ids)``
+    from the on-disk cache (forward KL over those tokens), or its hidden states
+    (:class:`~mlxqat.teacher.TeacherHidden`).
+    """
+    if isinstance(teacher, TeacherHidden):
+        teacher = teacher.logits()
+    return mx.mean(token_losses(student_logits, teacher, targets, args))
+
+
+def chunked_distillation_loss(split: HeadSplit, inputs: mx.array, targets: mx.array, teacher,
+                              args: TrainingArgs) -> mx.array:
+    """:func:`distillation_loss` of ``split.model(inputs)``, holding one chunk of logits at a time.
+
+    The student's body runs once; then its head's logits and the loss are computed
+    ``args.loss_chunk`` tokens at a time (:func:`mlxqat.head.chunk_rows`;
+    :meth:`mlxqat.head.HeadSplit.chunked_sum`), and the backward pass recomputes each
+    chunk's logits rather than keeping them. A fake-quant head's weight is dequantized
+    once for all chunks. ``teacher`` is as for :func:`distillation_loss`; given as
+    :class:`~mlxqat.teacher.TeacherHidden`, the teacher's logits are computed a chunk at
+    a time as well (and again in the backward pass). Same loss and gradients as the
+    plain loss, up to float rounding; costs one more head matmul per token (two with a
+    hidden-state teacher).
+    """
+    h = split.body(inputs)
+    n = targets.size
+    rows = chunk_rows(split.vocab, n, args.loss_chunk)
+    targets = targets.reshape(n)
+    if isinstance(teacher, TeacherHidden):
+        t_split, t_params, t_hidden = teacher.split, teacher.split.head_params(), teacher.hidden.reshape(n, -1)
+
+        def teacher_rows(s):
+            return mx.stop_gradient(t_split.head(t_params, t_hidden[s : s + rows]))
+    else:
+        flat = tuple(a.reshape(n, a.shape[-1]) for a in (teacher if isinstance(teacher, tuple) else (teacher,)))
+
+        def teacher_rows(s):
+            rows_ = tuple(a[s : s + rows] for a in flat)
+            return rows_ if isinstance(teacher, tuple) else rows_[0]
+
+    def chunk_loss(s, logits):
+        return mx.sum(token_losses(logits, teacher_rows(s), targets[s : s + rows], args))
+
+    return split.chunked_sum(h.reshape(n, -1), rows, chunk_loss) / n
 
 
 # ---------------------------------------------------------------------------
@@ -199,18 +266,74 @@ def _is_lora(path: str, _g=None) -> bool:
     return path.endswith(".lora_a") or path.endswith(".lora_b")
 
 
+def stochastic_round(x: mx.array, dtype, key: mx.array) -> mx.array:
+    """``x`` (float32) rounded to bfloat16 up or down at random, with the probability that makes
+    the result's expectation ``x``: updates smaller than bfloat16's spacing survive on average."""
+    if dtype != mx.bfloat16:
+        return x.astype(dtype)
+    noise = mx.random.randint(0, 1 << 16, x.shape, dtype=mx.uint32, key=key)
+    bits = (x.astype(mx.float32).view(mx.uint32) + noise) & 0xFFFF0000  # bfloat16 is float32's top half
+    return bits.view(mx.float32).astype(mx.bfloat16)
+
+
+class LowPrecisionAdamW(optim.AdamW):
+    """AdamW whose moments are stored in ``state_dtype``; each update is computed in float32.
+
+    With bfloat16 the moments take half the memory. Storing them rounds stochastically
+    (:func:`stochastic_round`): the second moment moves by 0.1% a step (``beta2 = 0.999``),
+    below bfloat16's resolution, and round-to-nearest would freeze it. The random bits are
+    a function of ``(seed, step, parameter order)``, so a resumed run rounds as an
+    uninterrupted one would.
+    """
+
+    def __init__(self, *args, state_dtype=mx.bfloat16, seed: int = 0, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.state_dtype, self.seed = state_dtype, seed
+        self._key = None
+
+    def init_single(self, parameter: mx.array, state: dict):
+        state["m"] = mx.zeros(parameter.shape, self.state_dtype)
+        state["v"] = mx.zeros(parameter.shape, self.state_dtype)
+
+    def apply_gradients(self, gradients: dict, parameters: dict):
+        self._key = mx.random.key(self.seed * 1_000_003 + int(self.step.item()))
+        return super().apply_gradients(gradients, parameters)
+
+    def apply_single(self, gradient: mx.array, parameter: mx.array, state: dict):
+        b1, b2 = self.betas
+        self._key, km, kv = mx.random.split(self._key, 3)
+        m = state["m"] = stochastic_round(b1 * state["m"].astype(mx.float32) + (1 - b1) * gradient,
+                                          self.state_dtype, km)
+        v = state["v"] = stochastic_round(b2 * state["v"].astype(mx.float32) + (1 - b2) * mx.square(gradient),
+                                          self.state_dtype, kv)
+        # AdamW's update of the stored moments: their float32 forms are freed as soon as they are rounded
+        dt = gradient.dtype
+        m, v = m.astype(dt), v.astype(dt)
+        lr = self.learning_rate.astype(dt)
+        parameter = parameter * (1 - lr * self.weight_decay)
+        if self.bias_correction:
+            c1 = (lr / (1 - b1**self.step)).astype(dt)
+            c2 = mx.rsqrt(1 - b2**self.step).astype(dt)
+            return parameter - c1 * m / (mx.sqrt(v) * c2 + self.eps)
+        return parameter - lr * m / (mx.sqrt(v) + self.eps)
+
+
 class QATOptimizer(optim.MultiOptimizer):
     """AdamW with its own warmup and decay (:func:`lr_schedule`) for each kind of trained parameter.
 
     The parts are named: ``scales`` (learned scales and biases, ``args.scale_lr``),
     ``lora`` (adapters, ``args.lora_learning_rate``) and ``weights`` (everything
     else, ``args.learning_rate``). :attr:`learning_rate` is the weights' one, the
-    rate the training log reports.
+    rate the training log reports. Their moments are stored in ``args.optimizer_state_dtype``
+    (:class:`LowPrecisionAdamW` for bfloat16).
     """
 
     def __init__(self, args: TrainingArgs):
         def adamw(peak):
-            return optim.AdamW(learning_rate=lr_schedule(peak, args), weight_decay=args.weight_decay)
+            kw = dict(learning_rate=lr_schedule(peak, args), weight_decay=args.weight_decay)
+            if args.optimizer_state_dtype == "float32":
+                return optim.AdamW(**kw)
+            return LowPrecisionAdamW(**kw, state_dtype=getattr(mx, args.optimizer_state_dtype), seed=args.seed)
 
         # the order of the parts is the order of their states in a checkpoint
         super().__init__([adamw(args.scale_lr), adamw(args.lora_learning_rate), adamw(args.learning_rate)],
@@ -236,6 +359,7 @@ def make_optimizer(args: TrainingArgs) -> QATOptimizer:
 # Checkpoints
 # ---------------------------------------------------------------------------
 
+TEACHER_CACHE = "teacher_cache"  # under out_dir: the top-k targets, one file per micro-batch
 CHECKPOINT_NAME = re.compile(r"step_(\d{7,})")
 LATEST = "latest.json"
 # Settings a resumed run must share with its checkpoint: they decide the parameters,
@@ -425,7 +549,11 @@ def load_checkpoint(path: Path, student: nn.Module, optimizer, args: Optional[Tr
         )
     student.load_weights(list(params.items()), strict=False)
     optimizer.init(student.trainable_parameters())
-    optimizer.state = tree_unflatten(list(mx.load(str(path / "optimizer.safetensors")).items()))
+    # moments saved in another dtype (optimizer_state_dtype changed) continue in this run's
+    fresh = dict(tree_flatten(optimizer.state))
+    saved = {k: v.astype(fresh[k].dtype) if k in fresh and v.dtype != fresh[k].dtype else v
+             for k, v in mx.load(str(path / "optimizer.safetensors")).items()}
+    optimizer.state = tree_unflatten(list(saved.items()))
     return int(state["step"])
 
 
@@ -486,9 +614,27 @@ def _check_inputs(student: nn.Module, train_data: np.ndarray, val_data, args: Tr
 # ---------------------------------------------------------------------------
 
 
+def _blocks(model: nn.Module):
+    return getattr(getattr(model, "model", model), "layers", None)
+
+
+def uses_grad_checkpoint(model: nn.Module, args: TrainingArgs) -> bool:
+    """``args.grad_checkpoint``, or when it is ``None`` (automatic): whether the activations one
+    micro-batch keeps for the backward pass, estimated at :data:`ACTIVATION_FLOATS` float32 values
+    per hidden unit, token and transformer block, exceed :data:`GRAD_CHECKPOINT_BYTES` (for an
+    mlx-lm model: ``model.layers`` and ``args.hidden_size``; other models: off)."""
+    if args.grad_checkpoint is not None:
+        return args.grad_checkpoint
+    blocks, hidden = _blocks(model), getattr(getattr(model, "args", None), "hidden_size", None)
+    if not blocks or not isinstance(hidden, int):
+        return False
+    tokens = args.batch_size // args.grad_accum * args.seq_len
+    return len(blocks) * tokens * hidden * ACTIVATION_FLOATS * 4 > GRAD_CHECKPOINT_BYTES
+
+
 def _grad_checkpoint(model: nn.Module) -> None:
     """Recompute each transformer block in the backward pass instead of storing it."""
-    layers = getattr(getattr(model, "model", model), "layers", None)
+    layers = _blocks(model)
     if not layers:
         raise ValueError("grad_checkpoint needs a model with .model.layers (an mlx-lm model)")
     cls = type(layers[0])
@@ -532,31 +678,80 @@ def _open_log(path: Optional[Path], resume_step: Optional[int]):
     return open(path, "a")
 
 
-def default_loss(args: TrainingArgs) -> Callable:
-    """``loss(model, inputs, targets, teacher_out)``: :func:`distillation_loss` of the model's logits."""
+def default_loss(args: TrainingArgs, student: Optional[nn.Module] = None) -> Callable:
+    """``loss(model, inputs, targets, teacher_out)``: the distillation loss ``args`` describe.
+
+    Given the ``student`` (the model the loss will be called with) and unless
+    ``args.loss_chunk == 0``: :func:`chunked_distillation_loss`, when the student splits
+    into body and head (:func:`mlxqat.head.split_head`); otherwise, and for models that
+    do not split, :func:`distillation_loss` of the model's whole logits. The returned
+    function's ``split`` attribute is the split used (``None``: plain loss).
+    """
+    split = split_head(student) if student is not None and args.loss_chunk != 0 else None
 
     def loss(model, inputs, targets, teacher_out):
+        if split is not None and model is split.model:
+            return chunked_distillation_loss(split, inputs, targets, teacher_out, args)
         return distillation_loss(model(inputs), teacher_out, targets, args)
 
+    loss.split = split
     return loss
+
+
+def _micro_batches(batch, step: int, args: TrainingArgs, rank: int, world: int):
+    """``(key, inputs, targets)`` of each micro-batch this process trains on at ``step``; ``key`` names
+    its teacher targets (:class:`~mlxqat.teacher.TeacherTargets`)."""
+    micro = args.batch_size // (world * args.grad_accum)
+    local = batch[rank * micro * args.grad_accum : (rank + 1) * micro * args.grad_accum]
+    for j in range(args.grad_accum):
+        mb = local[j * micro : (j + 1) * micro]
+        yield f"{step:08d}-{rank}-{j}", mb[:, :-1], mb[:, 1:]
+
+
+def prefill_teacher_targets(targets: TeacherTargets, train_data: np.ndarray, args: TrainingArgs, *, start: int = 0,
+                            rank: int = 0, world: int = 1, progress: bool = True) -> int:
+    """Compute (and cache) the teacher's top-k targets of every micro-batch of steps ``start .. args.steps - 1``,
+    as :func:`train` will ask for them; afterwards training with ``targets`` runs no teacher.
+
+    Returns:
+        How many micro-batches ran the teacher (the others were cached already).
+
+    Raises:
+        ValueError: ``targets`` has no ``top_k`` (live logits cannot be cached).
+    """
+    from tqdm import tqdm
+
+    if not targets.top_k:
+        raise ValueError("prefill_teacher_targets needs top-k targets; set teacher_top_k (e.g. 64)")
+    ran = 0
+    bar = tqdm(total=args.steps - start, desc="teacher top-k", disable=not progress or rank != 0, dynamic_ncols=True)
+    for step, batch in iterate_batches(np.asarray(train_data), args.batch_size, args.seed, start_step=start):
+        if step >= args.steps:
+            break
+        for key, inputs, _ in _micro_batches(batch, step, args, rank, world):
+            if not targets.cached(key):
+                targets(key, inputs)
+                ran += 1
+        bar.update(1)
+    bar.close()
+    return ran
 
 
 def _make_step(student, optimizer, targets_fn, loss: Callable, args: TrainingArgs, rank: int,
                world: int) -> Callable:
     """``step_fn(batch, step) -> loss``: one optimizer step over this process's share of ``batch``."""
     value_and_grad = nn.value_and_grad(student, loss)
-    micro = args.batch_size // (world * args.grad_accum)
 
     def step_fn(batch, step):
-        local = batch[rank * micro * args.grad_accum : (rank + 1) * micro * args.grad_accum]
         grads, total = None, mx.array(0.0)
-        for j in range(args.grad_accum):
-            mb = local[j * micro : (j + 1) * micro]
-            inputs, targets = mb[:, :-1], mb[:, 1:]
-            t_out = targets_fn(f"{step:08d}-{rank}-{j}", inputs)
+        for key, inputs, targets in _micro_batches(batch, step, args, rank, world):
+            t_out = targets_fn(key, inputs)
             l, g = value_and_grad(student, inputs, targets, t_out)
             grads = g if grads is None else tree_map(mx.add, grads, g)
             total = total + l
+            # one micro-batch's forward and backward at a time, and the update after them: in one lazy
+            # graph MLX would hold the activations of all of them and the optimizer's temporaries together
+            mx.eval(grads, total)
         if args.grad_accum > 1:
             grads = tree_map(lambda g: g / args.grad_accum, grads)
             total = total / args.grad_accum
@@ -609,7 +804,8 @@ def train(
             :class:`TeacherTargets` of ``teacher`` and ``args.teacher_top_k``).
 
     Returns:
-        A summary: steps, tokens, wall time, final loss, peak memory.
+        A summary: steps, tokens, wall time, final loss, peak memory, whether blocks were
+        checkpointed and the loss's chunk of tokens (0: the plain loss).
 
     Raises:
         ValueError: an unprepared student, token ids outside its vocabulary, windows
@@ -626,12 +822,14 @@ def train(
     _check_inputs(student, train_data, val_data, args, world)
     if teacher is not None:
         teacher.freeze()
-    if teacher_targets is None:
-        cache = Path(out_dir) / "teacher_cache" if out_dir and args.teacher_top_k else None
-        teacher_targets = TeacherTargets(teacher, args.teacher_top_k, cache)
     optimizer = optimizer if optimizer is not None else make_optimizer(args)
     start = _start(student, optimizer, args, out_dir, resume)
-    step_fn = _make_step(student, optimizer, teacher_targets, loss or default_loss(args), args, rank, world)
+    loss = loss or default_loss(args, student)
+    if teacher_targets is None:
+        cache = Path(out_dir) / TEACHER_CACHE if out_dir and args.teacher_top_k else None
+        teacher_targets = TeacherTargets(teacher, args.teacher_top_k, cache, chunk=args.loss_chunk,
+                                         hidden=getattr(loss, "split", None) is not None)
+    step_fn = _make_step(student, optimizer, teacher_targets, loss, args, rank, world)
 
     if out_dir:
         work_dir(out_dir)  # ours, or refused: never a folder of the user's
@@ -643,7 +841,10 @@ def train(
     student.eval()
     summary = {"steps": args.steps, "resumed_from": start, "tokens": tokens, "wall_s": time.perf_counter() - t0,
                "final_loss": losses[-1] if losses else None, "losses": losses,
-               "peak_memory_gb": mx.get_peak_memory() / 1e9, "processes": world}
+               "peak_memory_gb": mx.get_peak_memory() / 1e9, "processes": world,
+               "grad_checkpoint": uses_grad_checkpoint(student, args),
+               "loss_chunk": chunk_rows(loss.split.vocab, args.batch_size // (world * args.grad_accum) * args.seq_len,
+                                        args.loss_chunk) if getattr(loss, "split", None) is not None else 0}
     if val_data is not None and teacher is not None:
         from .evaluate import evaluate
 
@@ -655,7 +856,7 @@ def _start(student: nn.Module, optimizer, args: TrainingArgs, out_dir, resume: b
     """Make the student trainable and the optimizer ready; return the first step (a checkpoint's, on resume)."""
     set_trainable(student, args)
     student.train()
-    if args.grad_checkpoint:
+    if uses_grad_checkpoint(student, args):
         _grad_checkpoint(student)
     optimizer.init(student.trainable_parameters())
     if not resume:

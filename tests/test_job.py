@@ -136,3 +136,37 @@ def test_cli_out_never_replaces_what_the_user_owns(tmp_path, fp_model_dir, capsy
         assert code == 2 and err.startswith("error: ") and err.count("\n") == 1 and message in err, (out, err)
     assert tree() == before
     assert os.path.exists("/dev/null") and not os.path.isdir("/dev/null")
+
+
+def test_cli_with_cached_top_k_frees_the_teacher_and_still_measures_against_it(tmp_path, fp_model_dir, capsys):
+    text = tmp_path / "t.txt"
+    text.write_text(tiny.CORPUS * 4)
+    out = tmp_path / "q"
+    code = train_main(["--model", str(fp_model_dir), "--data", str(text), "--out", str(out), "--steps", "4",
+                       "--batch-size", "2", "--seq-len", "16", "--eval-windows", "4", "--select-windows", "2",
+                       "--no-progress", "--learning-rate", "1e-3", "--log-every", "2", "--teacher-top-k", "16",
+                       "--optimizer-state-dtype", "bfloat16", "--loss-chunk", "5"])
+    assert code == 0
+    cache = Path(str(out) + ".train") / "teacher_cache"
+    assert len(list(cache.glob("*.safetensors"))) == 4  # every step's targets, computed before training
+    metrics = mlxqat.verify(out)["metrics"]
+    # the QAT row was measured against the teacher's kept hidden states and head: the same KL as the teacher's
+    from mlxqat.data import build_dataset, split_selection
+    from mlxqat.evaluate import evaluate
+
+    teacher, tokenizer = mlxqat.load(fp_model_dir)
+    val = build_dataset(str(text), tokenizer, 16, max_context=64, max_val_windows=6).val
+    val_w, _ = split_selection(val, 2)
+    kl = evaluate(mlxqat.load(out)[0], val_w, teacher)["kl"]
+    assert metrics["QAT"]["kl"] == pytest.approx(kl, rel=1e-4) and kl > 0
+
+
+def test_the_memory_settings_are_flags():
+    from mlxqat.job import build_parser
+
+    parse = build_parser().parse_args
+    assert parse([]).grad_checkpoint is None  # automatic
+    assert parse(["--grad-checkpoint"]).grad_checkpoint is True
+    assert parse(["--no-grad-checkpoint"]).grad_checkpoint is False
+    a = parse(["--loss-chunk", "0", "--optimizer-state-dtype", "bfloat16"])
+    assert (a.loss_chunk, a.optimizer_state_dtype) == (0, "bfloat16")

@@ -138,9 +138,11 @@ def _losses(tmp_path=None, **kw):
 
 
 def test_gradient_checkpointing_and_accumulation_do_not_change_the_math():
-    ref = _losses()
-    np.testing.assert_allclose(_losses(grad_accum=2), ref, rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(_losses(grad_checkpoint=True), ref, rtol=1e-5, atol=1e-6)
+    # float32 moments: bfloat16 ones round stochastically, which turns float rounding into bfloat16 steps
+    ref = _losses(optimizer_state_dtype="float32")
+    np.testing.assert_allclose(_losses(grad_accum=2, optimizer_state_dtype="float32"), ref, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(_losses(grad_checkpoint=True, optimizer_state_dtype="float32"), ref, rtol=1e-5,
+                               atol=1e-6)
 
 
 def test_cached_top_k_teacher_equals_live_teacher_when_k_is_the_vocabulary(tmp_path):
