@@ -78,16 +78,27 @@ def kl_probe_inputs(vocab_size: int, tokenizer=None, n_seq: int = 4, length: int
     return seqs
 
 
+EVAL_LOGIT_BYTES = 128 * 2**20  # float32 logits of one evaluation batch, at most (one window at least)
+
+
+def eval_batch_size(vocab: int, seq_len: int, most: int = 8) -> int:
+    """Windows per evaluation batch: ``most``, or fewer so that their float32 logits stay within
+    :data:`EVAL_LOGIT_BYTES` (a 262k-token vocabulary: one window of 128 tokens)."""
+    return max(1, min(most, EVAL_LOGIT_BYTES // (4 * vocab * max(seq_len, 1))))
+
+
 def evaluate(
     model: nn.Module,
     windows: np.ndarray,
     teacher: Optional[nn.Module] = None,
-    batch_size: int = 8,
+    batch_size: Optional[int] = None,
     progress: Union[bool, str] = False,
 ) -> Dict[str, float]:
     """Perplexity of ``model`` on ``windows`` (n, seq_len + 1) and, with a teacher, KL and top-1 agreement.
 
-    ``progress``: show a progress bar over the windows (a string: its label).
+    ``batch_size``: windows per forward pass (default: :func:`eval_batch_size`, at most
+    :data:`EVAL_LOGIT_BYTES` of float32 logits per batch). ``progress``: show a progress bar over
+    the windows (a string: its label).
 
     Returns:
         ``{"ppl", "nll", "tokens"}`` plus ``{"kl", "top1"}`` when ``teacher`` is given.
@@ -95,6 +106,10 @@ def evaluate(
     from tqdm import tqdm
 
     nll_sum, kl_sum, agree, tokens = 0.0, 0.0, 0, 0
+    if batch_size is None:
+        windows = np.asarray(windows)
+        vocab = getattr(getattr(model, "args", None), "vocab_size", None)
+        batch_size = eval_batch_size(vocab, windows.shape[1] - 1) if isinstance(vocab, int) else 8
     bar = tqdm(total=len(windows), desc=progress if isinstance(progress, str) else "evaluating", unit="window",
                disable=not progress, dynamic_ncols=True, leave=False)
     for i in range(0, len(windows), batch_size):

@@ -35,10 +35,10 @@ from .data import (build_dataset, check_seq_len, generate_windows, model_context
 from .evaluate import evaluate, format_table, gap_recovered
 from .io import check_destination, check_work_dir, load, save, work_dir
 from .stdlib_data import embedded_model_path
-from ._cli import ArgumentParser, command, non_negative_int, positive_float, positive_int
+from ._cli import ArgumentParser, command, non_negative_float, non_negative_int, positive_float, positive_int
 from .qat import EVAL_WINDOWS, RECIPE_DEFAULTED, SELECT_WINDOWS, qat_args, quantize_qat, release_teacher
 from .trainer import TrainingArgs, latest_checkpoint, resume_point
-from . import blockwise
+from . import blockwise, memory
 
 METHODS = ("qat", "blockwise")
 # run()'s block-phase options -> blockwise_qat()'s keyword arguments and defaults
@@ -101,6 +101,7 @@ def run(
     block_learning_rate: Optional[float] = None,
     block_scale_learning_rate: Optional[float] = None,
     block_target: Optional[str] = None,
+    memory_limit: Optional[float] = None,
     **training_kwargs,
 ) -> dict:
     """Run QAT end to end (:func:`mlxqat.qat.quantize_qat`) and save the converted model to ``out``.
@@ -129,6 +130,9 @@ def run(
         block_scale_learning_rate, block_target: the block phase of ``method="blockwise"``
             (:func:`mlxqat.blockwise.blockwise_qat`; ``block_windows`` calibration windows, spread
             over the training windows); ``None``: its defaults.
+        memory_limit: refuse, before loading anything, a run whose estimated peak memory
+            (:func:`mlxqat.memory.estimate`) exceeds this many GB, naming the settings that fit
+            (``None``: the memory this machine has; ``0``: no check). The estimate is printed.
         training_kwargs: :class:`~mlxqat.trainer.TrainingArgs` fields; the learning rates and
             warmup default to the recipe's measured values (:func:`mlxqat.qat.qat_args`).
 
@@ -152,6 +156,7 @@ def run(
     check_destination(out, sources=sources)
     work = check_work_dir(str(Path(out)) + ".train", sources=sources)
     resume_e2e = _resume_plan(work, block, resume)
+    check_memory(model, args, method, block, trained, eval_windows + select_windows, memory_limit)
     if resume_e2e:
         resume_point(work, args, trained.to_dict())  # a checkpoint that fits these settings, or refuse now
 
@@ -204,6 +209,26 @@ def run(
          notes="Quantization-aware training distilled from the full-precision model (`python -m mlxqat.train`).")
     print(f"saved {out} ({time.perf_counter() - t_start:.0f} s in all)", flush=True)
     return {"table": rows, "gap_recovered": gap, "kl_reduction_vs_rtn": kl_reduction, "training": summary, "out": str(out)}
+
+
+def check_memory(model, args, method: str, block: Optional[dict], recipe, kept_windows: int,
+                 limit_gb: Optional[float]) -> memory.MemoryEstimate:
+    """Print the run's estimated peak memory; refuse it when that exceeds ``limit_gb`` (see :func:`run`)."""
+    shape = memory.read_shape(model)
+    groups = [s.group_size for s in recipe.specs() if s.group_size > 0]
+    kw = dict(group_size=min(groups) if groups else 64, kept_windows=kept_windows if args.teacher_top_k else 0)
+    if block is not None:
+        kw.update(block_batch_size=block["block_batch_size"], calibration_windows=block["block_windows"])
+    est = memory.estimate(shape, args, method=method, **kw)
+    print(est.describe(), flush=True)
+    limit = memory.machine_memory() / memory.GB if limit_gb is None else limit_gb
+    if limit and est.total > limit * memory.GB:
+        fits = memory.fitting_settings(shape, args, limit * memory.GB, **kw)
+        hint = ("; settings that fit: " + "; ".join(f"{flags} ({e.total / memory.GB:.1f} GB)" for flags, e in fits)
+                if fits else "; no setting fits: use a machine with more memory")
+        raise memory.DoesNotFit(f"this run needs about {est.total / memory.GB:.1f} GB, more than the "
+                          f"{limit:.1f} GB {'limit' if limit_gb else 'this machine has'} (--memory-limit){hint}")
+    return est
 
 
 def _block_options(method: str, training_kwargs: dict, **given) -> Optional[dict]:
@@ -318,6 +343,9 @@ def build_parser() -> argparse.ArgumentParser:
                         f"(0: keep the last step; default: {SELECT_WINDOWS}).")
     p.add_argument("--no-save-master", dest="save_master", action="store_false", help="Don't save the full-precision trained weights.")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="No progress bar.")
+    p.add_argument("--memory-limit", type=non_negative_float, default=None, metavar="GB",
+                   help="Refuse, before any work, a run whose estimated peak memory is over this many GB and name "
+                        "the settings that fit (default: this machine's memory; 0: no check).")
     _block_flags(p)
     for f in dataclasses.fields(TrainingArgs):
         flag = "--" + f.name.replace("_", "-")

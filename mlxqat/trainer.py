@@ -618,18 +618,25 @@ def _blocks(model: nn.Module):
     return getattr(getattr(model, "model", model), "layers", None)
 
 
-def uses_grad_checkpoint(model: nn.Module, args: TrainingArgs) -> bool:
+def needs_grad_checkpoint(layers: int, hidden: int, args: TrainingArgs) -> bool:
     """``args.grad_checkpoint``, or when it is ``None`` (automatic): whether the activations one
     micro-batch keeps for the backward pass, estimated at :data:`ACTIVATION_FLOATS` float32 values
-    per hidden unit, token and transformer block, exceed :data:`GRAD_CHECKPOINT_BYTES` (for an
-    mlx-lm model: ``model.layers`` and ``args.hidden_size``; other models: off)."""
+    per hidden unit, token and transformer block, exceed :data:`GRAD_CHECKPOINT_BYTES`."""
+    if args.grad_checkpoint is not None:
+        return args.grad_checkpoint
+    tokens = args.batch_size // args.grad_accum * args.seq_len
+    return layers * tokens * hidden * ACTIVATION_FLOATS * 4 > GRAD_CHECKPOINT_BYTES
+
+
+def uses_grad_checkpoint(model: nn.Module, args: TrainingArgs) -> bool:
+    """:func:`needs_grad_checkpoint` for ``model`` (an mlx-lm model: its ``model.layers`` and
+    ``args.hidden_size``; other models are not checkpointed automatically)."""
     if args.grad_checkpoint is not None:
         return args.grad_checkpoint
     blocks, hidden = _blocks(model), getattr(getattr(model, "args", None), "hidden_size", None)
     if not blocks or not isinstance(hidden, int):
         return False
-    tokens = args.batch_size // args.grad_accum * args.seq_len
-    return len(blocks) * tokens * hidden * ACTIVATION_FLOATS * 4 > GRAD_CHECKPOINT_BYTES
+    return needs_grad_checkpoint(len(blocks), hidden, args)
 
 
 def _grad_checkpoint(model: nn.Module) -> None:

@@ -183,6 +183,31 @@ def _ggml_k_like(model):
     return model
 
 
+def _ggml_gelu(x: mx.array) -> mx.array:
+    """GELU (tanh form) as ggml's CPU backend computes it: looked up in a table of float16 values
+    indexed by the float16 input, identity from 10 up and 0 from -10 down."""
+    half = x.astype(mx.float16).astype(mx.float32)
+    table = nn.gelu_approx(half).astype(mx.float16).astype(mx.float32)
+    return mx.where(x <= -10, 0.0, mx.where(x >= 10, x, table))
+
+
+class GgmlGeluMLP(nn.Module):
+    """A Gemma MLP with :func:`_ggml_gelu` in place of MLX's GELU (same weights)."""
+
+    def __init__(self, mlp):
+        super().__init__()
+        self.gate_proj, self.up_proj, self.down_proj = mlp.gate_proj, mlp.up_proj, mlp.down_proj
+
+    def __call__(self, x):
+        return self.down_proj(_ggml_gelu(self.gate_proj(x)) * self.up_proj(x))
+
+
+def _ggml_gelu_like(model):
+    for layer in model.layers:
+        layer.mlp = GgmlGeluMLP(layer.mlp)
+    return model
+
+
 def _compare_next_tokens(model, cpp, tokenizer, n_prompts=8):
     """Over prefixes of the test corpus: (same most likely token everywhere, top-5 |dlogprob| array)."""
     ids = tokenizer.encode(tiny.CORPUS[:200])
@@ -339,10 +364,21 @@ def test_float32_gguf_computes_like_llama_cpp(tmp_path, tokenizer, arch):
     model_src, _, src = _source(tmp_path, tokenizer, arch)
     path = _f32_gguf(src, tmp_path / "m.gguf")
     model, _ = mlxqat.load(path)
-    same, diffs = _compare_next_tokens(model, LlamaCpp(path, n_ctx=512), tokenizer)
-    tol = 1e-4 if arch == "llama" else 1e-2  # llama.cpp's GELU goes through a float16 table
+    cpp = LlamaCpp(path, n_ctx=512)
+    same, diffs = _compare_next_tokens(model, cpp, tokenizer)
     print(f"\n{arch} f32 vs llama.cpp: top-5 |dlogprob| max {diffs.max():.2e}")
-    assert same and diffs.max() <= tol
+    if arch == "llama":
+        assert same and diffs.max() <= 1e-4
+        return
+    # llama.cpp's CPU GELU reads a float16 table indexed by the float16 input. Emulated, it takes the
+    # median difference from 1.1e-3 to 1.6e-4 (measured); what is left is float noise that moves GELU
+    # inputs across float16 rounding boundaries (a step of 2^-11 relative), as in the K-quant test
+    same_emulated, emulated = _compare_next_tokens(_ggml_gelu_like(model), cpp, tokenizer)
+    print(f"with ggml's float16 GELU table emulated: max {emulated.max():.2e} (median {np.median(emulated):.2e}, "
+          f"plain median {np.median(diffs):.2e})")
+    assert same and diffs.max() <= 1e-2
+    assert same_emulated and np.median(emulated) <= 3e-4 and np.median(emulated) < np.median(diffs) / 4
+    assert emulated.max() <= 3e-3
 
 
 # ---------------------------------------------------------------------------
