@@ -67,6 +67,18 @@ for _mode in ("scales", "lora"):
              (dict(hidden_size=384, intermediate_size=1024, num_attention_heads=6, vocab_size=16384),
               dict(trainable=_mode, batch_size=8, grad_checkpoint=True)),
              ({}, dict(trainable=_mode, teacher_top_k=64, batch_size=4))]
+for _mode in ("scales", "lora"):
+    GRID += [(dict(num_hidden_layers=2, vocab_size=16384), dict(trainable=_mode, batch_size=16)),
+             (dict(hidden_size=1024, intermediate_size=2816, num_attention_heads=16, num_key_value_heads=4,
+                   num_hidden_layers=2), dict(trainable=_mode)),
+             (dict(hidden_size=512, intermediate_size=1536, num_attention_heads=8, num_hidden_layers=6,
+                   vocab_size=49152, tie_word_embeddings=True), dict(trainable=_mode, batch_size=4, seq_len=256)),
+             (dict(intermediate_size=2048), dict(trainable=_mode, batch_size=4, seq_len=256)),
+             (dict(vocab_size=32768), dict(trainable=_mode, loss_chunk=0)),
+             ({}, dict(trainable=_mode, batch_size=2, seq_len=512)),
+             (dict(num_key_value_heads=1, vocab_size=6000, num_hidden_layers=3), dict(trainable=_mode, batch_size=4)),
+             (dict(hidden_size=384, intermediate_size=1024, num_attention_heads=3, num_key_value_heads=1,
+                   vocab_size=12000), dict(trainable=_mode, batch_size=2, seq_len=256))]
 # about 0.5B parameters, for memory only (random weights)
 HALF_B = dict(hidden_size=1536, num_hidden_layers=16, intermediate_size=4096, num_attention_heads=12,
               num_key_value_heads=4, vocab_size=32000, tie_word_embeddings=False)
@@ -123,8 +135,6 @@ def measure(model_config: dict = None, model_path: str = None, recipe: str = "in
     """:func:`mlxqat.memory.measure_training` of a random llama (``model_config``) or a model file."""
     import mlx.core as mx
     import numpy as np
-    from mlx.utils import tree_map
-
     from mlxqat.io import load
     from mlxqat.memory import measure_training
 
@@ -132,18 +142,14 @@ def measure(model_config: dict = None, model_path: str = None, recipe: str = "in
         config = load(model_path, full_precision=True, return_config=True, lazy=True)[2]
 
         def build():
-            models = [load(model_path, full_precision=True)[0] for _ in range(2)]
-            for m in models:
-                m.set_dtype(mx.float32)
-            return models
+            teacher, _, cfg = load(model_path, full_precision=True, return_config=True)
+            teacher.set_dtype(mx.float32)
+            return teacher, cfg
     else:
         config = _random_llama(model_config)[1]
 
         def build():
-            teacher, student = _random_llama(model_config)[0], _random_llama(model_config)[0]
-            student.update(tree_map(lambda x: x + 0, teacher.parameters()))
-            mx.eval(student.parameters())
-            return teacher, student
+            return _random_llama(model_config)
     batch, seq_len = settings.pop("batch_size", 2), settings.pop("seq_len", 128)
     windows = np.random.default_rng(0).integers(0, config["vocab_size"], (batch * steps, seq_len + 1)).astype(np.int32)
     r = measure_training(build, windows, recipe, steps=steps, batch_size=batch, seq_len=seq_len, warmup_steps=0,
@@ -188,15 +194,20 @@ def _features(row: dict) -> dict:
     from mlxqat import memory
 
     shape, args, group = _row_inputs(row)
+    trained = memory.trainable_count(shape, args.trainable, group, args.lora_rank)
     unit = {k: 1.0 for k in memory.FACTORS["all"]}
     sizes = {}
     for k in unit:  # one factor at a time: the size it multiplies
         one = {j: float(j == k) for j in unit}
-        parts = memory._step_parts(shape, args, one, row["checkpointed"])
+        parts = memory._step_parts(shape, args, one, row["checkpointed"], trained)
         sizes[k] = sum(parts.values())
     exact = memory.training_estimate(shape, args, group_size=group).total - sum(
-        memory._step_parts(shape, args, memory.FACTORS[args.trainable], row["checkpointed"]).values())
+        memory._step_parts(shape, args, memory.FACTORS[args.trainable], row["checkpointed"], trained).values())
     return {"sizes": sizes, "exact": exact, "mode": args.trainable}
+
+
+# the sizes given a factor of their own (the rest are 0): fewer than the grid can tell apart overfit it
+FITTED = ("inter", "scores", "inputs", "fake_quant", "logits", "teacher_logits", "batch_logits")
 
 
 def _nnls(a, b):
@@ -219,10 +230,15 @@ def fit(rows: list) -> dict:
     factors = {}
     for mode in ("all", "scales", "lora"):
         sel = [(r, _features(r)) for r in rows if r["settings"].get("trainable", "all") == mode]
-        names = list(sel[0][1]["sizes"])
+        names = [k for k in sel[0][1]["sizes"] if k in FITTED]
         a = np.array([[f["sizes"][k] / r["peak"] for k in names] for r, f in sel])
         b = np.array([(r["peak"] - f["exact"]) / r["peak"] for r, f in sel])
-        factors[mode] = {k: round(float(v), 2) for k, v in zip(names, _nnls(a, b))}
+        w = np.ones(len(b))
+        for _ in range(30):  # reweighted towards the largest relative errors (a minimax fit)
+            c = _nnls(a * w[:, None], b * w)
+            w = np.sqrt(w * (np.abs(a @ c - b) + 1e-3))
+            w /= w.mean()
+        factors[mode] = {k: round(float(dict(zip(names, c)).get(k, 0.0)), 2) for k in sel[0][1]["sizes"]}
     return factors
 
 
@@ -244,6 +260,8 @@ def largest_table() -> dict:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--fit", action="store_true", help="Measure the grid and fit the factors.")
+    p.add_argument("--fit-from", type=int, default=0, help=argparse.SUPPRESS)  # measure GRID[N:] only, keep the rest
+    p.add_argument("--refit", action="store_true", help="Fit the factors again on the grid already measured.")
     p.add_argument("--validate", action="store_true", help="Estimate vs measured on the embedded model, SmolLM2, ~0.5B.")
     p.add_argument("--table", action="store_true", help="The largest model each method trains, by machine memory.")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "memory"))
@@ -256,10 +274,16 @@ def main(argv=None) -> int:
     result = json.loads(out.with_suffix(".json").read_text()) if out.with_suffix(".json").exists() else {}
     md = []
     if a.fit:
-        rows = [_run_one({"model_config": {**BASE, **m}, **s}) for m, s in GRID]
+        rows = result.get("grid", [])[:a.fit_from] + [_run_one({"model_config": {**BASE, **m}, **s})
+                                                          for m, s in GRID[a.fit_from:]]
         result["grid"] = rows
         result["factors"] = fit(rows)
         print("fitted FACTORS:", json.dumps(result["factors"]), flush=True)
+    if a.refit:
+        result["factors"] = fit(result["grid"])
+        print("fitted FACTORS:", json.dumps(result["factors"]), flush=True)
+        for row in result.get("validation", {}).values():  # the estimate with the module's factors now
+            row["estimate"] = estimate_for(row)
     if a.validate:
         specs = [("embedded model", {"model_path": str(ROOT / "mlxqat" / "assets" / "stdlib-llama"),
                                      "batch_size": 8, "seq_len": 256}),
@@ -268,8 +292,8 @@ def main(argv=None) -> int:
                  ("SmolLM2-135M", {"model_path": str(SMOLLM2), "batch_size": 4, "seq_len": 256}),
                  ("SmolLM2-135M, top-k teacher", {"model_path": str(SMOLLM2), "batch_size": 4, "seq_len": 256,
                                                   "teacher_top_k": 64}),
-                 ("random llama 0.5B", {"model_config": HALF_B, "batch_size": 4, "seq_len": 256}),
-                 ("random llama 0.5B, scales only", {"model_config": HALF_B, "batch_size": 4, "seq_len": 256,
+                 ("random llama 0.5B", {"model_config": HALF_B, "batch_size": 2, "seq_len": 256}),
+                 ("random llama 0.5B, scales only", {"model_config": HALF_B, "batch_size": 2, "seq_len": 256,
                                                      "trainable": "scales"})]
         result["validation"] = {}
         for name, spec in specs:

@@ -54,7 +54,7 @@ from . import recipes as recipes_mod
 from ._cli import positive_float, positive_int
 from .data import iterate_batches
 from .io import atomic_dir, atomic_file, remove_output, verify, work_dir, write_manifest
-from .layers import set_fake_quant, untie_weights
+from .layers import freeze_codes, is_fake_quant, set_fake_quant, untie_weights
 from .qat import prepare_student
 from .trainer import QATOptimizer, TrainingArgs
 
@@ -315,6 +315,7 @@ def blockwise_qat(
     resume: bool = False,
     progress: bool = True,
     callback: Optional[Callable[[dict], None]] = None,
+    release_weights: bool = True,
 ) -> dict:
     """Prepare ``student`` with ``recipe``'s QAT form and train it block by block (not converted).
 
@@ -336,6 +337,10 @@ def blockwise_qat(
         resume: continue from the checkpoints in ``out_dir`` (same settings required).
         progress: show a progress bar.
         callback: called with each block's record once that block is saved.
+        release_weights: once a block is trained (and saved), freeze its integer codes and give
+            back its float32 weights' memory (:func:`mlxqat.layers.freeze_codes`), as the
+            scales-only end-to-end phase that follows needs them; ``False`` keeps the float
+            weights (to train them further).
 
     Returns:
         ``{"blocks": [{"block", "before", "after", "kept", "final_loss", "wall_s"}], "peak_memory_gb",
@@ -380,7 +385,8 @@ def blockwise_qat(
     calls, hidden = _block_calls(student, blocks, mx.array(tokens[:1]))
     shape = tokens.shape + (int(hidden),)
     streams = ("quantized", "fp") if target == "fp" else ("quantized",)
-    done, records, acts = _begin(student, blocks, root, state, settings, tokens, shape, streams, batch_size)
+    done, records, acts = _begin(student, blocks, root, state, settings, tokens, shape, streams, batch_size,
+                                 release_weights)
 
     bar = tqdm(total=len(blocks) * steps_per_block, initial=done * steps_per_block, desc="block-wise QAT",
                disable=not progress, dynamic_ncols=True)
@@ -394,6 +400,8 @@ def blockwise_qat(
                 remove_output(root / f"acts_{i:03d}")
             if callback is not None:
                 callback(records[-1])
+            if release_weights:
+                release_block(blocks[i])
     finally:
         bar.close()
     if root is not None and (root / f"acts_{len(blocks):03d}").exists():
@@ -423,7 +431,14 @@ def _check_arguments(windows, target, steps_per_block, batch_size, learning_rate
     return windows
 
 
-def _begin(student, blocks, root, state, settings, tokens, shape, streams, batch_size):
+def release_block(block: nn.Module) -> None:
+    """Freeze the integer codes of ``block``'s learned-scale layers and release their float weights."""
+    for _, m in block.named_modules():
+        if is_fake_quant(m) and m.spec.learn_scales:
+            freeze_codes(m)
+
+
+def _begin(student, blocks, root, state, settings, tokens, shape, streams, batch_size, release):
     """``(done, records, acts)``: blocks trained so far (restored from ``root``), their records and the
     next block's inputs; for a fresh start, the first block's inputs computed (and saved)."""
     if state is not None:
@@ -431,6 +446,8 @@ def _begin(student, blocks, root, state, settings, tokens, shape, streams, batch
         for j in range(done):
             verify(root / f"block_{j:03d}")
             blocks[j].load_weights(str(root / f"block_{j:03d}" / "parameters.safetensors"))
+            if release:
+                release_block(blocks[j])
         acts = _open(root, f"acts_{done:03d}", streams) if done < len(blocks) else {}
         return done, list(state["blocks"]), acts
     with _activations(root, "acts_000", shape, streams, {"inputs_of_block": 0}) as acts:

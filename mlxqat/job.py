@@ -36,7 +36,7 @@ from .evaluate import evaluate, format_table, gap_recovered
 from .io import check_destination, check_work_dir, load, save, work_dir
 from .stdlib_data import embedded_model_path
 from ._cli import ArgumentParser, command, non_negative_float, non_negative_int, positive_float, positive_int
-from .qat import EVAL_WINDOWS, RECIPE_DEFAULTED, SELECT_WINDOWS, qat_args, quantize_qat, release_teacher
+from .qat import EVAL_WINDOWS, RECIPE_DEFAULTED, SELECT_WINDOWS, qat_args, quantize_qat, release_teacher, shared_student
 from .trainer import TrainingArgs, latest_checkpoint, resume_point
 from . import blockwise, memory
 
@@ -54,10 +54,14 @@ __all__ = ["run", "main", "build_parser"]
 
 
 def _master_weights(model: nn.Module) -> dict:
-    """The trained full-precision weights under the original model's parameter names."""
+    """The trained full-precision weights under the original model's parameter names (none of the
+    layers whose codes were frozen and weights released: their codes and scales are the model)."""
+    from .layers import weight_released
+
+    released = {f"{name}.weight" for name, m in model.named_modules() if weight_released(m)}
     out = {}
     for k, v in tree_flatten(model.parameters()):
-        if k.endswith((".scales", ".biases", ".act_scale", ".lora_a", ".lora_b")):
+        if k.endswith((".scales", ".biases", ".act_scale", ".lora_a", ".lora_b", ".codes")) or k in released:
             continue
         out[k.replace(".base.", ".")] = v
     return out
@@ -167,11 +171,10 @@ def run(
     print(f"data: {len(train_w)} training windows, {len(val_w)} validation windows"
           + (f" (+{len(select_w)} to pick the best step on)" if select_w is not None else "")
           + f" of {args.seq_len} tokens", flush=True)
-    student, _ = load(model, full_precision=True)
-    for m in (teacher, student):
-        m.set_dtype(mx.float32)  # fp32 compute and master copies (fast BLAS path on CPU)
+    teacher.set_dtype(mx.float32)  # fp32 compute and master copies (fast BLAS path on CPU)
     teacher.freeze()
-    rows = _baselines(model, teacher, base, train_w, val_w, progress)
+    rows = _baselines(config, teacher, base, train_w, val_w, progress)
+    student = shared_student(teacher, config)
     if args.teacher_top_k:
         teacher = release_teacher(teacher, train_w, val_all, args, work, progress=progress)
 
@@ -216,7 +219,8 @@ def check_memory(model, args, method: str, block: Optional[dict], recipe, kept_w
     """Print the run's estimated peak memory; refuse it when that exceeds ``limit_gb`` (see :func:`run`)."""
     shape = memory.read_shape(model)
     groups = [s.group_size for s in recipe.specs() if s.group_size > 0]
-    kw = dict(group_size=min(groups) if groups else 64, kept_windows=kept_windows if args.teacher_top_k else 0)
+    kw = dict(group_size=min(groups) if groups else 64, bits=max(s.bits for s in recipe.specs()),
+              kept_windows=kept_windows if args.teacher_top_k else 0)
     if block is not None:
         kw.update(block_batch_size=block["block_batch_size"], calibration_windows=block["block_windows"])
     est = memory.estimate(shape, args, method=method, **kw)
@@ -300,10 +304,11 @@ def _evaluate(name: str, model, windows, teacher, progress: bool) -> dict:
     return evaluate(model, windows, teacher, progress=progress and name)
 
 
-def _baselines(model_path, teacher, recipe, train_w, val_w, progress: bool) -> dict:
-    """Full precision and plain round-to-nearest (:func:`mlxqat.convert.quantize_rtn`) of the same bits and groups."""
+def _baselines(config: dict, teacher, recipe, train_w, val_w, progress: bool) -> dict:
+    """Full precision and plain round-to-nearest (:func:`mlxqat.convert.quantize_rtn`) of the same bits and
+    groups, fake-quantized on the teacher's own weight arrays (no copy)."""
     rows = {"full precision": _evaluate("full precision", teacher, val_w, teacher, progress)}
-    rtn, _ = load(model_path, full_precision=True)
+    rtn = shared_student(teacher, config)
     quantize_rtn(rtn, recipe, train_w, scale_dtype=None, fake_quant=True)  # the recipe's scale dtype (--scale-dtype)
     rows["round-to-nearest"] = _evaluate("round-to-nearest", rtn, val_w, teacher, progress)
     return rows

@@ -46,6 +46,9 @@ def _fake_quant(spec: LayerSpec, group_size: int, w: mx.array, codes=None, scale
 
 def _dequantized(layer: nn.Module, weight: mx.array) -> mx.array:
     if not layer.fake_quant_enabled:  # a fake-quant delay: full precision for now
+        if weight_released(layer):
+            raise ValueError("this layer's full-precision weight was released when its codes were frozen "
+                             "(scales-only training); it computes with its quantized weight only")
         return weight
     return _fake_quant(layer.spec, layer.group_size, weight, layer.get("codes"), layer.get("scales"), layer.get("biases"))
 
@@ -62,17 +65,29 @@ def _quantized_params(layer: nn.Module):
     return quant.init_params(w, spec.bits, spec.group_size, spec.mode, spec.scale_dtype)
 
 
-def freeze_codes(layer: nn.Module) -> None:
+def freeze_codes(layer: nn.Module, release: bool = True) -> None:
     """Fix a learned-scale layer's integer codes at their current values.
 
     Afterwards only scales and biases move the dequantized weight (the
-    scales-only training mode); the master weight no longer matters.
+    scales-only training mode); the master weight no longer matters, and with
+    ``release`` (the default) its memory is given back: the weight becomes a
+    zero-stride placeholder of the same shape and dtype (4 bytes), so a
+    scales-only model holds packed codes instead of float weights.
     """
     if not layer.spec.learn_scales:
         raise ValueError("freeze_codes() needs a layer with learn_scales=True")
     if "codes" not in layer:
         layer.codes = _quantized_params(layer)[0]
         layer.freeze(keys=["codes"], recurse=False)
+    if release and not weight_released(layer):
+        mx.eval(layer.codes)
+        layer.weight = mx.broadcast_to(mx.zeros((1,) * layer.weight.ndim, layer.weight.dtype), layer.weight.shape)
+        object.__setattr__(layer, "_weight_released", True)
+
+
+def weight_released(layer: nn.Module) -> bool:
+    """Whether :func:`freeze_codes` released the layer's full-precision weight."""
+    return bool(getattr(layer, "_weight_released", False))
 
 
 class FakeQuantLinear(nn.Module):
@@ -191,7 +206,7 @@ class FakeQuantEmbedding(nn.Module):
         rows = self.weight[ids]  # (..., dims)
         flat = rows.reshape(-1, rows.shape[-1])
         if not self.fake_quant_enabled:
-            dq = flat
+            dq = _dequantized(self, flat)  # the rows themselves (refused once the weight is released)
         else:
             n = flat.shape[0]
             state = [self[k][ids].reshape(n, -1) if k in self else None for k in ("codes", "scales", "biases")]

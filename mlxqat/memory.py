@@ -46,14 +46,11 @@ GB = 1e9
 # heads x sequence length, "hidden" tokens x blocks x hidden size (blocks: 1 with checkpointing),
 # "inputs" tokens x hidden x all blocks (checkpointing only), "fake_quant" blocks x a block's weights,
 # "embedding" vocabulary x hidden, "logits" loss-chunk tokens x vocabulary, "teacher_logits"
-# tokens x vocabulary (a live teacher).
+# chunk tokens x vocabulary (a live teacher's logits, computed a chunk at a time like the student's).
 FACTORS: Dict[str, Dict[str, float]] = {
-    "all": dict(hidden=0.0, inter=1.79, scores=3.38, inputs=1.15, fake_quant=1.34, embedding=0.0, logits=5.06,
-                teacher_logits=1.95),
-    "scales": dict(hidden=0.63, inter=1.55, scores=1.85, inputs=1.15, fake_quant=4.89, embedding=2.59, logits=3.01,
-                   teacher_logits=2.15),
-    "lora": dict(hidden=0.61, inter=1.88, scores=2.53, inputs=1.15, fake_quant=2.68, embedding=1.81, logits=0.55,
-                 teacher_logits=5.19),
+    "all": dict(hidden=0.0, inter=3.54, scores=4.04, inputs=1.42, fake_quant=1.45, embedding=0.0, logits=1.57, teacher_logits=2.17, batch_logits=2.82, update=0.0),
+    "scales": dict(hidden=0.0, inter=5.99, scores=2.6, inputs=0.0, fake_quant=1.84, embedding=0.0, logits=2.9, teacher_logits=3.44, batch_logits=2.59, update=0.0),
+    "lora": dict(hidden=0.0, inter=3.39, scores=0.0, inputs=0.0, fake_quant=1.72, embedding=0.0, logits=1.83, teacher_logits=3.52, batch_logits=4.34, update=0.0),
 }
 EVAL_FACTOR = 5.0  # float32 logit-sized arrays evaluation holds at once (student, teacher, their softmaxes, KL)
 BLOCK_FACTOR = 4.0  # a block's weight-sized temporaries while it trains alone (fake-quantized weights, update)
@@ -156,17 +153,21 @@ class MemoryEstimate:
                 f"{self.phase}): {parts} GB{cache}")
 
 
-def _scale_count(shape: ModelShape, group_size: int, untied: bool) -> int:
-    quantized = shape.layers * shape.block_linear + shape.embedding * (2 if untied or not shape.tied else 1)
-    return 2 * quantized // group_size  # a scale and a bias per group
+def _quantized_count(shape: ModelShape) -> int:
+    """Weights a recipe quantizes: every block's linear layers, the embedding and (untied) the head."""
+    return shape.layers * shape.block_linear + shape.embedding * (1 if shape.tied else 2)
+
+
+def _scale_count(shape: ModelShape, group_size: int) -> int:
+    return 2 * _quantized_count(shape) // group_size  # a scale and a bias per group
 
 
 def trainable_count(shape: ModelShape, trainable: str, group_size: int = 64, lora_rank: int = 8) -> int:
     """Parameters that get gradients and AdamW moments in a ``trainable`` mode (learned scales assumed)."""
-    if trainable == "all":  # a tied head is untied: it trains apart from the embedding
-        return shape.params + shape.embedding * shape.tied + _scale_count(shape, group_size, True)
+    if trainable == "all":
+        return shape.params + _scale_count(shape, group_size)
     if trainable == "scales":
-        return _scale_count(shape, group_size, False)
+        return _scale_count(shape, group_size)
     if trainable == "lora":
         q, kv = shape.heads * shape.head_dim, shape.kv_heads * shape.head_dim
         io = 2 * (shape.hidden + q) + 2 * (shape.hidden + kv) + 3 * (shape.hidden + shape.intermediate)
@@ -180,10 +181,12 @@ def _teacher_bytes(shape: ModelShape, args, kept_windows: int) -> float:
     return 4.0 * shape.embedding + 4.0 * kept_windows * args.seq_len * shape.hidden  # its head, kept hidden states
 
 
-def _step_parts(shape: ModelShape, args, factors: Dict[str, float], checkpointed: bool) -> Dict[str, float]:
+def _step_parts(shape: ModelShape, args, factors: Dict[str, float], checkpointed: bool,
+                trained: int) -> Dict[str, float]:
     from .head import chunk_rows
 
     tokens = args.batch_size // args.grad_accum * args.seq_len
+    rows = chunk_rows(shape.vocab, tokens, args.loss_chunk)
     blocks = 1 if checkpointed else shape.layers
     size = {
         "hidden": 4.0 * tokens * blocks * shape.hidden,
@@ -192,53 +195,73 @@ def _step_parts(shape: ModelShape, args, factors: Dict[str, float], checkpointed
         "inputs": 4.0 * tokens * shape.hidden * shape.layers if checkpointed else 0.0,
         "fake_quant": 4.0 * blocks * shape.block_linear,
         "embedding": 4.0 * shape.embedding,
-        "logits": 4.0 * chunk_rows(shape.vocab, tokens, args.loss_chunk) * shape.vocab,
-        "teacher_logits": 0.0 if args.teacher_top_k else 4.0 * tokens * shape.vocab,
+        "logits": 4.0 * rows * shape.vocab,
+        "teacher_logits": 0.0 if args.teacher_top_k else 4.0 * rows * shape.vocab,  # live: chunk by chunk
+        "batch_logits": 4.0 * tokens * shape.vocab,
+        "update": 4.0 * trained,
     }
     f = {k: factors[k] * v for k, v in size.items()}
     return {"activations": f["hidden"] + f["inter"] + f["scores"] + f["inputs"],
             "fake-quantized weights": f["fake_quant"] + f["embedding"],
-            "logits": f["logits"] + f["teacher_logits"]}
+            "logits": f["logits"] + f["teacher_logits"] + f["batch_logits"],
+            "optimizer update": f["update"]}
 
 
-def training_estimate(shape: ModelShape, args, *, group_size: int = 64, kept_windows: int = 0) -> MemoryEstimate:
+def student_bytes(shape: ModelShape, trainable: str, group_size: int = 64, bits: int = 4) -> float:
+    """What the student holds beyond the teacher's arrays it shares (:func:`mlxqat.qat.shared_student`):
+    its own float32 weights once they train (``all``), or packed codes where codes are frozen
+    (``scales``: the float weights are released), plus learned scales and biases."""
+    if trainable == "all":
+        return 4.0 * (shape.params + _scale_count(shape, group_size))
+    if trainable == "scales":
+        return _quantized_count(shape) * bits / 8 + 4.0 * _scale_count(shape, group_size)
+    return 0.0  # lora: the base stays the teacher's arrays; the adapters are counted as trained
+
+
+def training_estimate(shape: ModelShape, args, *, group_size: int = 64, bits: int = 4,
+                      kept_windows: int = 0) -> MemoryEstimate:
     """Peak bytes of :func:`mlxqat.trainer.train` on a student prepared by :func:`mlxqat.qat.prepare_qat`."""
     from .trainer import needs_grad_checkpoint
 
     trained = trainable_count(shape, args.trainable, group_size, args.lora_rank)
     moments = 2 if args.optimizer_state_dtype == "bfloat16" else 4
-    scales = _scale_count(shape, group_size, args.trainable == "all") if args.trainable != "lora" else 0
+    # the teacher's arrays the student still holds once the teacher is released (top-k targets):
+    # all of them under LoRA; under "scales" only the few it does not quantize (norms)
+    shared = 4.0 * shape.params if args.trainable == "lora" and args.teacher_top_k else 0.0
     parts = {
-        "student weights": 4.0 * (shape.params + scales),
+        "student weights": student_bytes(shape, args.trainable, group_size, bits) + shared,
         "teacher": _teacher_bytes(shape, args, kept_windows),
         "optimizer moments": 2.0 * moments * trained,
         "gradients": 4.0 * trained * (2 if args.grad_accum > 1 else 1),
     }
     checkpointed = needs_grad_checkpoint(shape.layers, shape.hidden, args)
-    parts.update(_step_parts(shape, args, FACTORS[args.trainable], checkpointed))
+    parts.update(_step_parts(shape, args, FACTORS[args.trainable], checkpointed, trained))
     return MemoryEstimate(parts, shape.params, f"QAT steps, trainable={args.trainable}"
                           + (", checkpointed" if checkpointed else ""))
 
 
-def evaluation_estimate(shape: ModelShape, seq_len: int, *, teacher: bool = True) -> MemoryEstimate:
-    """Peak bytes of :func:`mlxqat.evaluate.evaluate` with the student and the teacher resident."""
+def evaluation_estimate(shape: ModelShape, seq_len: int, *, student: float = 0.0) -> MemoryEstimate:
+    """Peak bytes of :func:`mlxqat.evaluate.evaluate` against the float32 teacher, for a model holding
+    ``student`` bytes of its own beyond the teacher's arrays (0: round-to-nearest on shared weights)."""
     from .evaluate import eval_batch_size
 
     batch = eval_batch_size(shape.vocab, seq_len)
-    parts = {"student weights": 4.0 * shape.params, "teacher": 4.0 * shape.params if teacher else 0.0,
+    parts = {"teacher": 4.0 * shape.params, "student weights": student,
              "logits": EVAL_FACTOR * 4.0 * batch * seq_len * shape.vocab}
     return MemoryEstimate(parts, shape.params, "evaluation")
 
 
 def blockwise_estimate(shape: ModelShape, args, *, group_size: int = 64, block_batch_size: int = 4,
                        calibration_windows: int = 0) -> MemoryEstimate:
-    """Peak bytes of the block phase of :func:`mlxqat.blockwise.blockwise_qat` (the teacher resident)."""
+    """Peak bytes of the block phase of :func:`mlxqat.blockwise.blockwise_qat` in the job: the model's
+    float32 weights once (the teacher and the student share them until a block trains; a trained
+    block keeps packed codes), learned scales, one block's training state and activations."""
     moments = 2 if args.optimizer_state_dtype == "bfloat16" else 4
     block = shape.block_linear + 2 * shape.block_linear // group_size
     tokens = block_batch_size * args.seq_len
     parts = {
-        "student weights": 4.0 * (shape.params + _scale_count(shape, group_size, False)),
-        "teacher": _teacher_bytes(shape, args, 0),
+        "model weights (teacher and student share them)": 4.0 * shape.params,
+        "learned scales": 4.0 * _scale_count(shape, group_size),
         "block training state": block * (4.0 + 2.0 * moments + 4.0 * BLOCK_FACTOR),
         "activations": 4.0 * tokens * (FACTORS["all"]["inter"] * shape.intermediate
                                        + FACTORS["all"]["scores"] * shape.heads * args.seq_len + 4 * shape.hidden),
@@ -247,15 +270,16 @@ def blockwise_estimate(shape: ModelShape, args, *, group_size: int = 64, block_b
     return MemoryEstimate(parts, shape.params, "block-wise block phase", cache)
 
 
-def estimate(shape: ModelShape, args=None, *, method: str = "qat", group_size: int = 64, eval_seq_len: Optional[int]
-             = None, kept_windows: int = 0, block_batch_size: int = 4, calibration_windows: int = 0) -> MemoryEstimate:
+def estimate(shape: ModelShape, args=None, *, method: str = "qat", group_size: int = 64, bits: int = 4,
+             eval_seq_len: Optional[int] = None, kept_windows: int = 0, block_batch_size: int = 4,
+             calibration_windows: int = 0) -> MemoryEstimate:
     """The peak of a whole ``python -m mlxqat.train`` run: the largest of its phases.
 
     Args:
         shape: the model's :class:`ModelShape`.
         args: :class:`~mlxqat.trainer.TrainingArgs` (default: its defaults).
         method: ``"qat"`` or ``"blockwise"`` (a block phase, then scales end to end).
-        group_size: the recipe's quantization group size.
+        group_size, bits: the recipe's quantization group size and (widest) bit width.
         eval_seq_len: evaluation's window length (default: ``args.seq_len``).
         kept_windows: windows whose teacher hidden states stay in memory with a top-k cache.
         block_batch_size, calibration_windows: the block phase's batch and calibration windows.
@@ -268,12 +292,14 @@ def estimate(shape: ModelShape, args=None, *, method: str = "qat", group_size: i
     args = args or TrainingArgs()
     if method not in ("qat", "blockwise"):
         raise ValueError(f"method={method!r}: use 'qat' or 'blockwise'")
-    phases = [evaluation_estimate(shape, eval_seq_len or args.seq_len)]
+    trainable = "scales" if method == "blockwise" else args.trainable
+    phases = [evaluation_estimate(shape, eval_seq_len or args.seq_len,
+                                  student=student_bytes(shape, trainable, group_size, bits))]
     if method == "blockwise":
         phases.append(blockwise_estimate(shape, args, group_size=group_size, block_batch_size=block_batch_size,
                                          calibration_windows=calibration_windows))
         args = dataclasses.replace(args, trainable="scales")
-    phases.append(training_estimate(shape, args, group_size=group_size, kept_windows=kept_windows))
+    phases.append(training_estimate(shape, args, group_size=group_size, bits=bits, kept_windows=kept_windows))
     peak = max(phases, key=lambda e: e.total)
     peak.cache_bytes = max(p.cache_bytes for p in phases)
     return peak
@@ -330,8 +356,8 @@ def fitting_settings(shape: ModelShape, args, limit: float, **kw) -> List[Tuple[
 def measure_training(build, windows, recipe="int4", **training_kwargs) -> dict:
     """The measured peak of QAT steps as the job runs them, for checking :func:`estimate`.
 
-    ``build()`` returns ``(teacher, student)``, two float32 copies of the model; the student is
-    prepared (:func:`mlxqat.qat.prepare_qat`), the teacher released to its top-k cache when
+    ``build()`` returns ``(teacher, config)``: the float32 model and its mlx-lm config; the
+    student shares the teacher's weights (:func:`mlxqat.qat.shared_student`), is prepared (:func:`mlxqat.qat.prepare_qat`), the teacher released to its top-k cache when
     ``teacher_top_k`` is set (:func:`mlxqat.qat.release_teacher`), then
     :func:`mlxqat.trainer.train` runs on ``windows`` with ``training_kwargs``.
 
@@ -346,13 +372,15 @@ def measure_training(build, windows, recipe="int4", **training_kwargs) -> dict:
     import mlx.core as mx
     from mlx.utils import tree_flatten
 
-    from .qat import prepare_qat, release_teacher
+    from .qat import prepare_qat, release_teacher, shared_student
     from .trainer import train, uses_grad_checkpoint
 
     gc.collect()
     mx.clear_cache()
     base = mx.get_active_memory()
-    teacher, student = build()
+    teacher, config = build()
+    teacher.freeze()
+    student = shared_student(teacher, config)
     params = sum(v.size for _, v in tree_flatten(teacher.parameters()))
     _, args = prepare_qat(student, windows, recipe, **training_kwargs)
     mx.eval(student.parameters())

@@ -133,6 +133,20 @@ def quantize_qat(
     return summary
 
 
+def shared_student(teacher: nn.Module, config: dict) -> nn.Module:
+    """A second model of ``teacher``'s architecture (mlx-lm ``config``) holding the very same
+    weight arrays: the student starts as the teacher without a copy. MLX arrays never change in
+    place, so training gives the student new arrays for what it changes, and whatever it leaves
+    (norms, blocks not trained yet, weights whose codes are frozen) stays shared with the teacher."""
+    from mlx_lm.utils import _get_classes
+
+    model_class, args_class = _get_classes(config)
+    student = model_class(args_class.from_dict(config))  # its own initial weights are never computed
+    student.update(teacher.parameters())
+    student.unfreeze()
+    return student
+
+
 def prepare_student(student: nn.Module, recipe, windows: np.ndarray) -> nn.Module:
     """:func:`~mlxqat.convert.prepare_calibrated` ``student`` with ``recipe``, or, when it already has
     fake-quant layers, check that they are that recipe's and leave them (their training kept).

@@ -242,6 +242,13 @@ def set_trainable(student: nn.Module, args: TrainingArgs) -> None:
             apply_lora(student, args.lora_rank, args.lora_scale, seed=args.seed)
         return
     if args.trainable == "all":
+        from .layers import weight_released
+
+        released = [name for name, m in student.named_modules() if weight_released(m)]
+        if released:
+            raise ValueError(f"{len(released)} layers (e.g. {released[0]}) have frozen codes and no float weights "
+                             "left (block-wise QAT or scales-only training released them); train them with "
+                             "trainable='scales'")
         student.unfreeze()
         return
     student.freeze()
@@ -639,25 +646,33 @@ def uses_grad_checkpoint(model: nn.Module, args: TrainingArgs) -> bool:
     return needs_grad_checkpoint(len(blocks), hidden, args)
 
 
-def _grad_checkpoint(model: nn.Module) -> None:
-    """Recompute each transformer block in the backward pass instead of storing it."""
+def _grad_checkpoint(model: nn.Module, enabled: bool = True) -> None:
+    """Recompute each transformer block of ``model`` in the backward pass instead of storing it
+    (``enabled=False``: store it again). A per-model choice: the block class's ``__call__`` is
+    wrapped once, and only blocks marked by this function take the checkpointed path."""
     layers = _blocks(model)
     if not layers:
-        raise ValueError("grad_checkpoint needs a model with .model.layers (an mlx-lm model)")
-    cls = type(layers[0])
-    if getattr(cls, "_mlxqat_checkpointed", False):
+        if enabled:
+            raise ValueError("grad_checkpoint needs a model with .model.layers (an mlx-lm model)")
         return
-    fn = cls.__call__
+    for layer in layers:
+        cls = type(layer)
+        if not getattr(cls, "_mlxqat_checkpointed", False):
+            fn = cls.__call__
 
-    def checkpointed(self, *a, **k):
-        def inner(params, *a, **k):
-            self.update(params)
-            return fn(self, *a, **k)
+            def call(self, *a, _fn=fn, **k):
+                if not getattr(self, "_mlxqat_checkpoint", False):
+                    return _fn(self, *a, **k)
 
-        return mx.checkpoint(inner)(self.trainable_parameters(), *a, **k)
+                def inner(params, *a, **k):
+                    self.update(params)
+                    return _fn(self, *a, **k)
 
-    cls.__call__ = checkpointed
-    cls._mlxqat_checkpointed = True
+                return mx.checkpoint(inner)(self.trainable_parameters(), *a, **k)
+
+            cls.__call__ = call
+            cls._mlxqat_checkpointed = True
+        object.__setattr__(layer, "_mlxqat_checkpoint", enabled)
 
 
 def _open_log(path: Optional[Path], resume_step: Optional[int]):
@@ -863,8 +878,7 @@ def _start(student: nn.Module, optimizer, args: TrainingArgs, out_dir, resume: b
     """Make the student trainable and the optimizer ready; return the first step (a checkpoint's, on resume)."""
     set_trainable(student, args)
     student.train()
-    if uses_grad_checkpoint(student, args):
-        _grad_checkpoint(student)
+    _grad_checkpoint(student, uses_grad_checkpoint(student, args))
     optimizer.init(student.trainable_parameters())
     if not resume:
         return 0

@@ -1,0 +1,145 @@
+"""Benchmark: the whole pipeline on real models, as a user runs it.
+
+For each model and recipe: ``python -m mlxqat.train --model X.gguf --recipe R ...`` (the
+GGUF read directly), then ``python -m mlxqat.export OUT --format gguf``, then llama.cpp
+(``mlxqat.llamacpp``, the xllamacpp server) on the exported file: does it tokenize as the
+model's tokenizer does, does it decode the same greedy tokens as MLX, and how fast does it
+generate. Each command runs in its own process, timed; the training figures (tokens/s,
+peak memory, perplexity and KL before and after) are the ones the job saved in the model's
+``mlxqat.json``.
+
+    tools/with-blas python benchmarks/pipeline.py            # SmolLM2 int4 and q4_0, Gemma 3 270M q4_0
+
+Writes ``benchmarks/results/pipeline.json`` and ``.md`` (``--out``). The models come from
+``tools/fetch-models``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))
+
+MODELS = {"SmolLM2-135M": ROOT / ".models" / "SmolLM2-135M-Instruct.Q4_1.gguf",
+          "Gemma 3 270M": ROOT / ".models" / "gemma-3-270m-q4_k_m.gguf"}
+# (model, recipe, training flags): budgets this 2-core CPU finishes in minutes
+RUNS = [("SmolLM2-135M", "int4", ["--steps", "20", "--batch-size", "4", "--seq-len", "256"]),
+        ("SmolLM2-135M", "q4_0", ["--steps", "20", "--batch-size", "4", "--seq-len", "256"]),
+        ("Gemma 3 270M", "q4_0", ["--steps", "10", "--batch-size", "2", "--seq-len", "256"])]
+COMMON = ["--eval-windows", "16", "--select-windows", "8", "--log-every", "5", "--no-progress"]
+PROMPTS = ("The capital of France is", "def fibonacci(n):", "Water boils at", "import os\n", "class Point:",
+           "Once upon a time")
+
+
+def _timed(cmd: list) -> float:
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    if proc.returncode:
+        raise SystemExit(f"{' '.join(cmd)} failed (exit status {proc.returncode}):\n{proc.stdout[-3000:]}{proc.stderr[-3000:]}")
+    print(proc.stdout[-1500:], flush=True)
+    return time.perf_counter() - t0
+
+
+def check_llamacpp(model_dir: Path, gguf_path: Path, n_texts: int = 100) -> dict:
+    """llama.cpp on ``gguf_path`` against the MLX model in ``model_dir``: tokenization of the
+    test documents, greedy tokens from a few prompts, and generation speed."""
+    import mlx.core as mx
+    import mlx.nn as nn
+    import numpy as np
+
+    import mlxqat
+    from llamacpp import TEXTS, documents
+    from mlxqat.kernels import use_dequantized_matmul
+    from mlxqat.llamacpp import LlamaCpp
+
+    model, tok = mlxqat.load(model_dir)
+    use_dequantized_matmul(model)
+    cpp = LlamaCpp(gguf_path, n_ctx=512)
+    texts = (list(TEXTS) + documents(n_texts, seed=7))[:n_texts]
+    same_tokens = sum(cpp.tokenize(t) == tok.encode(t) for t in texts)
+    equal, total, divergences = 0, 0, []
+    for prompt in PROMPTS:
+        ids = tok.encode(prompt)
+        out = cpp.complete(prompt, n=16, n_probs=2)
+        for cid in out["ids"]:
+            lp = np.array(nn.log_softmax(model(mx.array([ids]))[0, -1].astype(mx.float32)))
+            total += 1
+            if int(lp.argmax()) != cid:
+                divergences.append(round(float(lp.max() - lp[cid]), 4))  # MLX's margin of its own choice
+                break
+            equal += 1
+            ids.append(cid)
+    t0 = time.perf_counter()
+    n = len(cpp.complete(PROMPTS[0], n=64, n_probs=0)["ids"])
+    return {"texts": len(texts), "same_tokenization": same_tokens, "greedy_equal": equal, "greedy_total": total,
+            "divergence_margins": divergences, "llamacpp_tokens_per_s": n / (time.perf_counter() - t0)}
+
+
+def run_one(name: str, recipe: str, flags: list, work: Path) -> dict:
+    from mlxqat.io import read_manifest
+
+    out = work / f"{name.split()[0]}-{recipe}"
+    gguf_path = work / f"{out.name}.gguf"
+    train_cmd = [sys.executable, "-m", "mlxqat.train", "--model", str(MODELS[name]), "--recipe", recipe,
+                 "--out", str(out)] + flags + COMMON
+    train_s = _timed(train_cmd)
+    export_cmd = [sys.executable, "-m", "mlxqat.export", str(out), "--format", "gguf", "--out", str(gguf_path)]
+    export_s = _timed(export_cmd)
+    info = read_manifest(out)  # the job's entries: "training", "metrics"
+    t, m = info["training"], info["metrics"]
+    row = {"model": name, "recipe": recipe, "flags": flags + COMMON,
+           "train_command": "python -m mlxqat.train " + " ".join(train_cmd[3:]).replace(str(ROOT) + "/", ""),
+           "train_minutes": train_s / 60, "export_s": export_s, "gguf_mb": gguf_path.stat().st_size / 1e6,
+           "steps": t["steps"], "tokens": t["tokens"], "qat_tokens_per_s": t["tokens"] / t["wall_s"],
+           "qat_wall_s": t["wall_s"], "peak_memory_gb": t["peak_memory_gb"],
+           "ppl": {k: v["ppl"] for k, v in m.items() if isinstance(v, dict)},
+           "kl": {k: v.get("kl") for k, v in m.items() if isinstance(v, dict)},
+           "gap_recovered": m.get("gap_recovered"), "kl_reduction_vs_rtn": m.get("kl_reduction_vs_rtn")}
+    row.update(check_llamacpp(out, gguf_path))
+    return row
+
+
+def markdown(rows: list) -> str:
+    lines = ["| model | recipe | QAT budget | QAT tokens/s | peak GB | train min | ppl fp / RTN / QAT | KL RTN -> QAT | "
+             "GGUF MB | export s | llama.cpp: same tokens | same greedy | tokens/s |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        p, k = r["ppl"], r["kl"]
+        lines.append(
+            f"| {r['model']} | {r['recipe']} | {r['steps']} steps, {r['tokens']:,} tokens | {r['qat_tokens_per_s']:.0f} | "
+            f"{r['peak_memory_gb']:.2f} | {r['train_minutes']:.1f} | {p['full precision']:.2f} / "
+            f"{p['round-to-nearest']:.2f} / {p['QAT']:.2f} | {k['round-to-nearest']:.3f} -> {k['QAT']:.3f} | "
+            f"{r['gguf_mb']:.0f} | {r['export_s']:.0f} | {r['same_tokenization']}/{r['texts']} | "
+            f"{r['greedy_equal']}/{r['greedy_total']} | {r['llamacpp_tokens_per_s']:.0f} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--runs", nargs="+", type=int, default=None, help="Indices into the run list (default: all).")
+    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "pipeline"))
+    a = p.parse_args(argv)
+    for name in {RUNS[i][0] for i in (a.runs or range(len(RUNS)))}:
+        if not MODELS[name].exists():
+            raise SystemExit(f"{MODELS[name]} is missing: run `bash tools/fetch-models` first")
+    rows = []
+    out = Path(a.out)
+    with tempfile.TemporaryDirectory() as tmp:
+        for i in a.runs or range(len(RUNS)):
+            rows.append(run_one(*RUNS[i], Path(tmp)))
+            out.with_suffix(".json").write_text(json.dumps({"rows": rows}, indent=1) + "\n")
+            out.with_suffix(".md").write_text(markdown(rows))
+            print(markdown(rows), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
