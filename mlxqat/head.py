@@ -116,7 +116,8 @@ class HeadSplit:
                     return fn(s, self.head(tree_unflatten(list(zip(keys, values))), h_rows))
 
                 values = [v for _, v in tree_flatten(params)]
-                _, (dh_rows, *dvalues) = mx.vjp(chunk_loss, [h[s : s + rows], *values], [cotangent])
+                h_rows = h[s : s + rows] if grads is None else mx.depends(h[s : s + rows], grads)  # one chunk at a time
+                _, (dh_rows, *dvalues) = mx.vjp(chunk_loss, [h_rows, *values], [cotangent])
                 grads = dvalues if grads is None else [a + b for a, b in zip(grads, dvalues)]
                 dh.append(dh_rows)
             return tree_unflatten(list(zip(keys, grads or []))), mx.concatenate(dh)
@@ -128,7 +129,9 @@ class HeadSplit:
         dw = db = None
         dh = []
         for s in starts:
-            h_rows = h[s : s + rows]
+            # after the previous chunk's gradient: MLX would otherwise compute every chunk's
+            # logits side by side, holding the whole micro-batch's at once
+            h_rows = h[s : s + rows] if dw is None else mx.depends(h[s : s + rows], dw)
             y = self._linear(params, h_rows)
             _, (dy,) = mx.vjp(lambda y, s=s: fn(s, self._post(y)), [y], [cotangent])
             dy = dy.astype(w.dtype)
