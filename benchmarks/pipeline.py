@@ -31,10 +31,12 @@ sys.path.insert(0, str(ROOT / "tests"))
 MODELS = {"SmolLM2-135M": ROOT / ".models" / "SmolLM2-135M-Instruct.Q4_1.gguf",
           "Gemma 3 270M": ROOT / ".models" / "gemma-3-270m-q4_k_m.gguf"}
 # (model, recipe, training flags): budgets this 2-core CPU finishes in minutes
-RUNS = [("SmolLM2-135M", "int4", ["--steps", "20", "--batch-size", "4", "--seq-len", "256"]),
-        ("SmolLM2-135M", "q4_0", ["--steps", "20", "--batch-size", "4", "--seq-len", "256"]),
-        ("Gemma 3 270M", "q4_0", ["--steps", "10", "--batch-size", "2", "--seq-len", "256"])]
-COMMON = ["--eval-windows", "16", "--select-windows", "8", "--log-every", "5", "--no-progress"]
+# (model, recipe, export format, training flags): budgets this 2-core CPU finishes in minutes. int4 g64
+# (MLX's format) has no exact GGUF type: it goes to an mlx-lm directory; q4_0 goes to GGUF and llama.cpp.
+RUNS = [("SmolLM2-135M", "int4", "mlx", ["--steps", "8", "--batch-size", "4", "--seq-len", "256"]),
+        ("SmolLM2-135M", "q4_0", "gguf", ["--steps", "8", "--batch-size", "4", "--seq-len", "256"]),
+        ("Gemma 3 270M", "q4_0", "gguf", ["--steps", "6", "--batch-size", "2", "--seq-len", "256"])]
+COMMON = ["--eval-windows", "8", "--select-windows", "4", "--log-every", "4", "--no-progress"]
 PROMPTS = ("The capital of France is", "def fibonacci(n):", "Water boils at", "import os\n", "class Point:",
            "Once upon a time")
 
@@ -83,42 +85,45 @@ def check_llamacpp(model_dir: Path, gguf_path: Path, n_texts: int = 100) -> dict
             "divergence_margins": divergences, "llamacpp_tokens_per_s": n / (time.perf_counter() - t0)}
 
 
-def run_one(name: str, recipe: str, flags: list, work: Path) -> dict:
+def run_one(name: str, recipe: str, fmt: str, flags: list, work: Path) -> dict:
     from mlxqat.io import read_manifest
 
     out = work / f"{name.split()[0]}-{recipe}"
-    gguf_path = work / f"{out.name}.gguf"
+    exported = work / (f"{out.name}.gguf" if fmt == "gguf" else f"{out.name}-export")
     train_cmd = [sys.executable, "-m", "mlxqat.train", "--model", str(MODELS[name]), "--recipe", recipe,
                  "--out", str(out)] + flags + COMMON
     train_s = _timed(train_cmd)
-    export_cmd = [sys.executable, "-m", "mlxqat.export", str(out), "--format", "gguf", "--out", str(gguf_path)]
+    export_cmd = [sys.executable, "-m", "mlxqat.export", str(out), "--format", fmt, "--out", str(exported)]
     export_s = _timed(export_cmd)
     info = read_manifest(out)  # the job's entries: "training", "metrics"
     t, m = info["training"], info["metrics"]
     row = {"model": name, "recipe": recipe, "flags": flags + COMMON,
            "train_command": "python -m mlxqat.train " + " ".join(train_cmd[3:]).replace(str(ROOT) + "/", ""),
-           "train_minutes": train_s / 60, "export_s": export_s, "gguf_mb": gguf_path.stat().st_size / 1e6,
+           "export": fmt, "train_minutes": train_s / 60, "export_s": export_s,
+           "export_mb": sum(f.stat().st_size for f in ([exported] if exported.is_file() else exported.iterdir())) / 1e6,
            "steps": t["steps"], "tokens": t["tokens"], "qat_tokens_per_s": t["tokens"] / t["wall_s"],
            "qat_wall_s": t["wall_s"], "peak_memory_gb": t["peak_memory_gb"],
            "ppl": {k: v["ppl"] for k, v in m.items() if isinstance(v, dict)},
            "kl": {k: v.get("kl") for k, v in m.items() if isinstance(v, dict)},
            "gap_recovered": m.get("gap_recovered"), "kl_reduction_vs_rtn": m.get("kl_reduction_vs_rtn")}
-    row.update(check_llamacpp(out, gguf_path))
+    if fmt == "gguf":
+        row.update(check_llamacpp(out, exported))
     return row
 
 
 def markdown(rows: list) -> str:
     lines = ["| model | recipe | QAT budget | QAT tokens/s | peak GB | train min | ppl fp / RTN / QAT | KL RTN -> QAT | "
-             "GGUF MB | export s | llama.cpp: same tokens | same greedy | tokens/s |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "export (MB, s) | llama.cpp: same tokens | same greedy | tokens/s |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         p, k = r["ppl"], r["kl"]
         lines.append(
             f"| {r['model']} | {r['recipe']} | {r['steps']} steps, {r['tokens']:,} tokens | {r['qat_tokens_per_s']:.0f} | "
             f"{r['peak_memory_gb']:.2f} | {r['train_minutes']:.1f} | {p['full precision']:.2f} / "
             f"{p['round-to-nearest']:.2f} / {p['QAT']:.2f} | {k['round-to-nearest']:.3f} -> {k['QAT']:.3f} | "
-            f"{r['gguf_mb']:.0f} | {r['export_s']:.0f} | {r['same_tokenization']}/{r['texts']} | "
-            f"{r['greedy_equal']}/{r['greedy_total']} | {r['llamacpp_tokens_per_s']:.0f} |")
+            f"{r['export']}: {r['export_mb']:.0f}, {r['export_s']:.0f} | " + (
+                f"{r['same_tokenization']}/{r['texts']} | {r['greedy_equal']}/{r['greedy_total']} | "
+                f"{r['llamacpp_tokens_per_s']:.0f} |" if "texts" in r else "- | - | - |"))
     return "\n".join(lines) + "\n"
 
 
