@@ -80,7 +80,7 @@ def check_llamacpp(model_dir: Path, gguf_path: Path, n_texts: int = 100) -> dict
             equal += 1
             ids.append(cid)
     t0 = time.perf_counter()
-    n = len(cpp.complete(PROMPTS[0], n=64, n_probs=0)["ids"])
+    n = len(cpp.complete(PROMPTS[0], n=64, n_probs=1)["ids"])
     return {"texts": len(texts), "same_tokenization": same_tokens, "greedy_equal": equal, "greedy_total": total,
             "divergence_margins": divergences, "llamacpp_tokens_per_s": n / (time.perf_counter() - t0)}
 
@@ -135,8 +135,8 @@ def main(argv=None) -> int:
     for name in {RUNS[i][0] for i in (a.runs or range(len(RUNS)))}:
         if not MODELS[name].exists():
             raise SystemExit(f"{MODELS[name]} is missing: run `bash tools/fetch-models` first")
-    rows = []
     out = Path(a.out)
+    rows = json.loads(out.with_suffix(".json").read_text())["rows"] if a.runs and out.with_suffix(".json").exists() else []
     with tempfile.TemporaryDirectory() as tmp:
         for i in a.runs or range(len(RUNS)):
             rows.append(run_one(*RUNS[i], Path(tmp)))
