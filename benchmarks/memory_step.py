@@ -1,6 +1,8 @@
 """Benchmark: peak memory of full QAT steps, before and after each memory saving.
 
-Loads a model twice (teacher and student, float32), prepares the student as
+Loads the model (float32), makes the student as ``python -m mlxqat.train`` does
+(:func:`mlxqat.qat.shared_student`: the teacher's very arrays, no copy; the first
+rows load it a second time, as the job did before), prepares it as
 :func:`mlxqat.qat.quantize_qat` does (:func:`mlxqat.qat.prepare_qat`, int4 by
 default), resets MLX's peak-memory counter and runs a few training steps
 (:func:`mlxqat.trainer.train`) at ``batch_size x seq_len`` tokens. Each
@@ -26,14 +28,16 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_MODEL = ROOT / ".models" / "SmolLM2-135M-Instruct.Q4_1.gguf"
 
-# Each configuration adds one saving to the one before it (TrainingArgs fields); "default" is TrainingArgs()'s.
+# Each configuration adds one saving to the one before it (TrainingArgs fields, and "shared": the student
+# holds the teacher's arrays); "default" is what python -m mlxqat.train runs: TrainingArgs() and a shared student.
 CONFIGS = {
-    "default": {},
+    "default": dict(shared=True),
     "plain": dict(loss_chunk=0, optimizer_state_dtype="float32", grad_checkpoint=False),
     "chunked": dict(loss_chunk=None, optimizer_state_dtype="float32", grad_checkpoint=False),
     "bf16-moments": dict(loss_chunk=None, optimizer_state_dtype="bfloat16", grad_checkpoint=False),
     "checkpointing": dict(loss_chunk=None, optimizer_state_dtype="bfloat16", grad_checkpoint=True),
-    "teacher-released": dict(loss_chunk=None, optimizer_state_dtype="bfloat16", grad_checkpoint=True,
+    "shared-weights": dict(loss_chunk=None, optimizer_state_dtype="bfloat16", grad_checkpoint=True, shared=True),
+    "teacher-released": dict(loss_chunk=None, optimizer_state_dtype="bfloat16", grad_checkpoint=True, shared=True,
                              teacher_top_k=64),
 }
 
@@ -47,13 +51,18 @@ def measure(model: str, recipe: str, batch_size: int, seq_len: int, steps: int, 
 
     from mlxqat.data import stdlib_windows
     from mlxqat.io import load
-    from mlxqat.qat import prepare_qat, release_teacher
+    from mlxqat.qat import prepare_qat, release_teacher, shared_student
     from mlxqat.trainer import train
 
-    teacher, tokenizer = load(model, full_precision=True)
-    student, _ = load(model, full_precision=True)
-    for m in (teacher, student):
-        m.set_dtype(mx.float32)
+    config = dict(config)
+    shared = config.pop("shared", False)
+    teacher, tokenizer, model_config = load(model, full_precision=True, return_config=True)
+    teacher.set_dtype(mx.float32)
+    if shared:
+        student = shared_student(teacher, model_config)
+    else:
+        student, _ = load(model, full_precision=True)
+        student.set_dtype(mx.float32)
     n_params = sum(v.size for _, v in tree_flatten(student.parameters()))
     windows = stdlib_windows(tokenizer, "train", seq_len, steps * batch_size, oversample=4)
     _, args = prepare_qat(student, windows, recipe, steps=steps, batch_size=batch_size, seq_len=seq_len,

@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
+import json
 import math
 import os
 import platform
@@ -289,9 +290,12 @@ RUN = {"RTN": run_rtn, "GPTQ": run_gptq, "AWQ": run_awq, "DWQ": run_dwq, **{k: r
 
 
 def build_recipe(setting: Setting, fp_model, data, budget, progress, report) -> Recipe:
-    """The setting's recipe; for mixed / mobile allocated from measured sensitivity (and reported)."""
+    """The setting's recipe; for mixed / mobile allocated from measured sensitivity (and reported),
+    or the allocation an earlier run of the same budget reported (``--resume``)."""
     if setting.recipe:
         return recipes.get(setting.recipe)
+    if setting.name in report:
+        return Recipe.from_dict(report[setting.name]["recipe"])
     calib = data["train"][: budget.sensitivity_windows]
     options = tuple(LayerSpec(b, -1 if setting.name == "mobile" else 64) for b in SENSITIVITY_BITS)
     t0 = time.perf_counter()
@@ -337,12 +341,16 @@ def make_budget(quick: bool, steps=None, settings=None, methods=None, overrides=
 def run(model: Optional[str] = None, data: Optional[str] = None, quick: bool = False, out: str = str(DEFAULT_OUT),
         settings: Optional[List[str]] = None, methods: Optional[List[str]] = None, steps: Optional[int] = None,
         budget_overrides: Optional[List[str]] = None, progress: bool = True, budget: Optional[Budget] = None,
-        lr_trials: Optional[List[float]] = None, llamacpp: bool = False) -> dict:
-    """Run the benchmark; write ``<out>.md``, ``<out>.json`` and ``<out>.png``; return the JSON dict."""
+        lr_trials: Optional[List[float]] = None, llamacpp: bool = False, resume: bool = False) -> dict:
+    """Run the benchmark; write ``<out>.md``, ``<out>.json`` and ``<out>.png``; return the JSON dict.
+
+    ``resume``: keep the rows of an interrupted run written to ``<out>.json`` with the same model and
+    budget and measure only the missing ones (a mixed setting reuses its reported allocation)."""
     from mlx_lm.quant.awq import AWQ_MODEL_CONFIGS
 
     t_start = time.perf_counter()
     budget = make_budget(quick, steps, settings, methods, budget_overrides, budget, lr_trials)
+    earlier = _earlier_run(Path(out), model, budget) if resume else None
     if llamacpp and not ("q4_0" in budget.settings and "QAT" in budget.methods):
         raise ValueError("--llamacpp scores the q4_0 QAT model in llama.cpp: add --settings q4_0 ... and --methods QAT ...")
 
@@ -368,9 +376,11 @@ def run(model: Optional[str] = None, data: Optional[str] = None, quick: bool = F
     for name in ("train", "select", "eval", "ood"):
         teacher.prefill(data_sets[name], budget.batch_size)
 
-    rows: List[dict] = []
-    skipped: List[dict] = []
-    sensitivity_report: Dict[str, dict] = {}
+    rows: List[dict] = list(earlier["rows"]) if earlier else []
+    skipped: List[dict] = []  # rebuilt by the loop below
+    sensitivity_report: Dict[str, dict] = dict(earlier["mixed"]) if earlier else {}
+    seconds_before = earlier["total_seconds"] if earlier else 0.0
+    done = {(r["setting"], r["method"]): r for r in rows}
 
     def measure(name: str, setting: Optional[Setting], m: nn.Module, wall: float, extra=None) -> dict:
         st = stored(m, storage)
@@ -412,6 +422,8 @@ def run(model: Optional[str] = None, data: Optional[str] = None, quick: bool = F
 
     def write(complete: bool) -> dict:
         """The table so far (after every row, so an interrupted run keeps what it measured), or the final one."""
+        order = ["fp", *SETTINGS], ["full precision", *METHODS]
+        rows.sort(key=lambda r: (order[0].index(r["setting"]), order[1].index(r["method"])))
         for r in rows:
             rtn = next((x for x in rows if x["setting"] == r["setting"] and x["method"] == "RTN"), None)
             fp = r["setting"] == "fp" or rtn is None
@@ -440,7 +452,8 @@ def run(model: Optional[str] = None, data: Optional[str] = None, quick: bool = F
             "rows": rows,
             "llamacpp": llamacpp_result,
             "not_applicable": skipped,
-            "total_seconds": time.perf_counter() - t_start,
+            "total_seconds": seconds_before + time.perf_counter() - t_start,
+            "resumed": bool(earlier),
             "complete": complete,
         }
         write_outputs(result, Path(out))
@@ -448,13 +461,16 @@ def run(model: Optional[str] = None, data: Optional[str] = None, quick: bool = F
 
     kept_for_llamacpp = llamacpp_result = None
     print(f"full precision ({n_params / 1e6:.2f}M parameters)", flush=True)
-    fp_row = measure("full precision", None, teacher_model, 0.0)
+    fp_row = done.get(("fp", "full precision")) or measure("full precision", None, teacher_model, 0.0)
     for sname in budget.settings:
         setting = SETTINGS[sname]
         print(f"\n== {setting.label} ==", flush=True)
         t0 = time.perf_counter()
+        reused = sname in sensitivity_report
         recipe = build_recipe(setting, teacher_model, data_sets, budget, progress, sensitivity_report)
         recipe_seconds = time.perf_counter() - t0  # the sensitivity pass is part of every method of the setting
+        if reused:
+            recipe_seconds = sensitivity_report[sname]["sensitivity_seconds"]  # as measured by the earlier run
         for method in budget.methods:
             why = NOT_APPLICABLE.get((method, sname))
             if why is None and (method, sname) in budget.leave_out:
@@ -464,9 +480,22 @@ def run(model: Optional[str] = None, data: Optional[str] = None, quick: bool = F
             if why:
                 skipped.append({"setting": sname, "method": method, "why": why})
                 continue
+            def job_for(lr_scale):
+                return Job(setting, recipe, data_sets, teacher, budget, seq_len, model_type, progress,
+                           str(storage).rpartition(".")[2], lr_scale)
+
             t0 = time.perf_counter()
-            m, extra = tune(method, lambda lr_scale: Job(setting, recipe, data_sets, teacher, budget, seq_len, model_type,
-                                                         progress, str(storage).rpartition(".")[2], lr_scale))
+            if (sname, method) in done:
+                if not (llamacpp and (sname, method) == ("q4_0", "QAT")):
+                    continue
+                # the row is kept; the model is trained again at its chosen rate for the llama.cpp files
+                kept = done[(sname, method)]
+                m = RUN[method](fresh(), job_for(kept["info"]["lr_scale"] if kept.get("info") else 1.0))[0]
+                kept_for_llamacpp = m
+                print(f"  {sname} {method}: retrained at the chosen learning rate for llama.cpp "
+                      f"({time.perf_counter() - t0:.0f} s)", flush=True)
+                continue
+            m, extra = tune(method, job_for)
             measure(method, setting, m, time.perf_counter() - t0 + recipe_seconds, extra)
             if llamacpp and (sname, method) == ("q4_0", "QAT"):
                 kept_for_llamacpp = m
@@ -480,6 +509,24 @@ def run(model: Optional[str] = None, data: Optional[str] = None, quick: bool = F
     result = write(True)
     print(f"\nwrote {out}.md / .json / .png in {result['total_seconds']:.0f} s", flush=True)
     return result
+
+
+def _earlier_run(out: Path, model: Optional[str], budget: Budget) -> Optional[dict]:
+    """The results ``<out>.json`` holds, when they were measured on ``model`` with this budget
+    (settings and methods may differ); None when there is no file; ValueError when it does not match."""
+    path = Path(str(out) + ".json")
+    if not path.exists():
+        return None
+    earlier = json.loads(path.read_text())
+    mine = dataclasses.asdict(budget)
+    theirs = dict(earlier.get("budget") or {})
+    differ = sorted(k for k in mine if k not in ("settings", "methods", "leave_out")
+                    and json.loads(json.dumps(mine[k])) != theirs.get(k))
+    wanted = model or "embedded:stdlib-llama (mlxqat/assets/stdlib-llama)"
+    if earlier.get("model") != wanted or differ:
+        raise ValueError(f"--resume: {path} was measured with model {earlier.get('model')!r} and a different budget "
+                         f"({', '.join(differ) or 'same budget'}); use the same --model/--budget, or another --out")
+    return earlier
 
 
 def _finite(x: float) -> Optional[float]:
@@ -502,6 +549,8 @@ def main(argv=None) -> int:
                         "the trial with the lowest KL on the selection windows is kept (default: 1).")
     p.add_argument("--llamacpp", action="store_true",
                    help="Also score the q4_0 QAT model and round-to-nearest Q4_0 as GGUF files in llama.cpp (xllamacpp).")
+    p.add_argument("--resume", action="store_true",
+                   help="Keep the rows an interrupted run with the same model and budget wrote to <out>.json; run the rest.")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="No progress bars.")
     args = p.parse_args(argv)
     try:

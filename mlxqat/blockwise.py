@@ -27,6 +27,15 @@ cache), recorded once per block from a forward pass, so sliding-window and
 global layers (Gemma 3) each get their own mask; this assumes, as mlx-lm models
 do without a cache, that those arguments depend on the sequence length only.
 
+Memory. A float32 copy of a block's weights exists only while that block
+trains: :func:`hold_weights` gives a float32 model (teacher and student share
+its arrays) back the checkpoint's own bfloat16 / float16 arrays of every
+block's weights, an exact round trip, and they compute as float32 (a matmul
+promotes them; a fake-quant layer upcasts them). Each block is upcast when its
+turn comes and, trained, keeps only packed codes. From a bfloat16 checkpoint
+the run holds 2 bytes per block weight instead of 4, and computes exactly what
+the float32 run computes.
+
 Resuming. After each block, the next block's inputs (``acts_NNN/``) and the
 block's trained parameters (``block_NNN/``) are written atomically with a sha256
 manifest, then ``state.json`` moves on. A killed run resumed with the same
@@ -54,11 +63,11 @@ from . import recipes as recipes_mod
 from ._cli import positive_float, positive_int
 from .data import iterate_batches
 from .io import atomic_dir, atomic_file, remove_output, verify, work_dir, write_manifest
-from .layers import freeze_codes, is_fake_quant, set_fake_quant, untie_weights
+from .layers import HELD_DTYPES, freeze_codes, is_fake_quant, set_fake_quant, untie_weights
 from .qat import prepare_student
 from .trainer import QATOptimizer, TrainingArgs
 
-__all__ = ["blockwise_qat", "model_blocks", "resume_state", "TARGETS",
+__all__ = ["blockwise_qat", "model_blocks", "resume_state", "hold_weights", "TARGETS",
            "STEPS_PER_BLOCK", "BLOCK_WINDOWS", "BLOCK_BATCH_SIZE", "BLOCK_LEARNING_RATE"]
 
 TARGETS = ("fp", "same")
@@ -70,6 +79,55 @@ BLOCK_BATCH_SIZE = 4
 BLOCK_LEARNING_RATE = 3e-5
 STATE = "state.json"
 FLOAT16_MAX = float(np.finfo(np.float16).max)
+
+
+def hold_weights(model: nn.Module, stored: Dict[str, mx.array]) -> int:
+    """Give ``model``'s transformer blocks back their weights as stored (``stored``: the model's
+    ``tree_flatten(parameters())`` before it was cast to float32) where those were bfloat16 or
+    float16; return how many weights are held. The values are the same (the float32 ones were
+    their exact upcast); they take half the memory, and compute as float32."""
+    held = 0
+    for i, block in enumerate(model_blocks(model)):
+        for name, m in block.named_modules():
+            w = stored.get(f"model.layers.{i}.{name}.weight" if name else f"model.layers.{i}.weight")
+            if isinstance(m, nn.Linear) and w is not None and w.dtype in HELD_DTYPES and w.shape == m.weight.shape:
+                m.weight = w
+                held += w.size
+    return held
+
+
+def _held(blocks: list) -> list:
+    """The blocks' modules whose weight is held narrower than float32 (:func:`hold_weights`)."""
+    return [m for b in blocks for _, m in b.named_modules()
+            if isinstance(m.get("weight") if isinstance(m, dict) else None, mx.array) and m["weight"].dtype in HELD_DTYPES]
+
+
+@contextlib.contextmanager
+def _float32_for_setup(blocks: list):
+    """Within the body the held weights read as float32 (lazily, not computed); afterwards every
+    module holding one gets the narrow array back, its other new arrays (learned scales initialised
+    from the float32 values) computed one module at a time, so only one float32 weight exists at once."""
+    originals = {}
+    for m in _held(blocks):
+        up = m.weight.astype(mx.float32)
+        originals[id(up)] = m.weight
+        m.weight = up
+    try:
+        yield
+    finally:
+        for b in blocks:
+            for _, m in b.named_modules():
+                w = m.get("weight") if isinstance(m, dict) else None
+                if isinstance(w, mx.array) and id(w) in originals:
+                    mx.eval([v for k, v in m.items() if isinstance(v, mx.array) and k != "weight"])
+                    m.weight = originals[id(w)]
+
+
+def _upcast(block: nn.Module) -> None:
+    """A float32 copy of ``block``'s held weights, to train (the model's other blocks keep theirs)."""
+    for m in _held([block]):
+        m.weight = m.weight.astype(mx.float32)
+    mx.eval(block.parameters())
 
 
 def model_blocks(model: nn.Module) -> list:
@@ -379,7 +437,8 @@ def blockwise_qat(
         work_dir(root)
 
     t0 = time.perf_counter()
-    prepare_student(student, trained, windows)
+    with _float32_for_setup(blocks):
+        prepare_student(student, trained, windows)
     mx.reset_peak_memory()
     resident = mx.get_active_memory()  # the model itself: what the block phase adds is peak - resident
     calls, hidden = _block_calls(student, blocks, mx.array(tokens[:1]))
@@ -466,6 +525,7 @@ def _block_phase_step(student, blocks, i, call, acts, root, shape, streams, args
     """Train block ``i`` on its inputs ``acts``; return the next block's inputs (and ``"record"``)."""
     t0 = time.perf_counter()
     block = blocks[i]
+    _upcast(block)
     x_q = acts["quantized"]
     files = streams if streams == ("quantized", "fp") else ("quantized", "scratch_target")
     target_name = files[1]

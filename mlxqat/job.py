@@ -171,7 +171,14 @@ def run(
     print(f"data: {len(train_w)} training windows, {len(val_w)} validation windows"
           + (f" (+{len(select_w)} to pick the best step on)" if select_w is not None else "")
           + f" of {args.seq_len} tokens", flush=True)
+    stored = dict(tree_flatten(teacher.parameters()))
     teacher.set_dtype(mx.float32)  # fp32 compute and master copies (fast BLAS path on CPU)
+    if block is not None:  # blocks not trained yet stay in the checkpoint's bfloat16/float16 (same values)
+        held = blockwise.hold_weights(teacher, stored)
+        if held:
+            print(f"block-wise: {held / 1e6:.1f}M block weights kept in the checkpoint's 16-bit type, each block "
+                  "upcast to float32 when it trains", flush=True)
+    del stored
     teacher.freeze()
     rows = _baselines(config, teacher, base, train_w, val_w, progress)
     student = shared_student(teacher, config)

@@ -18,6 +18,12 @@ from . import quant
 from .recipes import LayerSpec
 
 
+# Narrower float types a float32 model may hold some weights in (block-wise QAT keeps the blocks it has not
+# trained yet in the checkpoint's own type, :func:`mlxqat.blockwise.hold_weights`): a fake-quant layer given
+# float32 inputs computes with such a weight upcast to float32, exactly as with a float32 copy of it.
+HELD_DTYPES = (mx.bfloat16, mx.float16)
+
+
 def _init_quant_state(layer: nn.Module, weight: mx.array, spec: LayerSpec, recipe=None) -> None:
     layer.spec = spec
     layer.recipe = recipe  # the Recipe the spec came from (None: the layer was built by hand)
@@ -144,7 +150,10 @@ class FakeQuantLinear(nn.Module):
 
     def __call__(self, x: mx.array) -> mx.array:
         x = self.quantize_input(x)
-        y = x @ self.dequantized_weight().T
+        w = self.weight
+        if w.dtype in HELD_DTYPES and x.dtype == mx.float32:
+            w = w.astype(mx.float32)  # a weight held narrower computes as float32, as a plain matmul promotes it
+        y = x @ _dequantized(self, w).T
         if "bias" in self:
             y = y + self.bias
         return y

@@ -73,6 +73,7 @@ class ModelShape:
     vocab: int
     tied: bool
     name: str = ""
+    weight_bytes: int = 4  # bytes of a block weight as the checkpoint stores it (2: bfloat16/float16)
 
     @classmethod
     def from_config(cls, config: dict, name: str = "") -> "ModelShape":
@@ -84,7 +85,8 @@ class ModelShape:
                        heads=heads, kv_heads=int(c.get("num_key_value_heads") or heads),
                        head_dim=int(c.get("head_dim") or hidden // heads), vocab=int(c["vocab_size"]),
                        tied=bool(c.get("tie_word_embeddings", str(c.get("model_type", "")).startswith("gemma"))),
-                       name=name or str(c.get("_name_or_path", "")))
+                       name=name or str(c.get("_name_or_path", "")),
+                       weight_bytes=2 if str(c.get("torch_dtype") or c.get("dtype")) in ("bfloat16", "float16") else 4)
         except (KeyError, TypeError, ValueError) as e:
             raise ValueError(f"the model's config has no usable {e} for a memory estimate (it needs hidden_size, "
                              "num_hidden_layers, intermediate_size, num_attention_heads and vocab_size)") from None
@@ -120,6 +122,7 @@ def read_shape(model=None) -> ModelShape:
 
         reader = read_gguf(Path(model))
         config = gguf_config(Metadata(reader, Path(model)), {t.name: t for t in reader.tensors})
+        config = {k: v for k, v in config.items() if k not in ("torch_dtype", "dtype")}  # read as float32
     else:
         from .io import _resolve_model_path, check_config
 
@@ -175,9 +178,16 @@ def trainable_count(shape: ModelShape, trainable: str, group_size: int = 64, lor
     raise ValueError(f"trainable={trainable!r}: use 'all', 'scales' or 'lora'")
 
 
-def _teacher_bytes(shape: ModelShape, args, kept_windows: int) -> float:
+def model_bytes(shape: ModelShape, held: bool = False) -> float:
+    """The float32 model's bytes; ``held``: its block weights in the checkpoint's own type
+    (:func:`mlxqat.blockwise.hold_weights`, block-wise QAT)."""
+    blocks = shape.layers * shape.block_linear
+    return (shape.weight_bytes if held else 4.0) * blocks + 4.0 * (shape.params - blocks)
+
+
+def _teacher_bytes(shape: ModelShape, args, kept_windows: int, held: bool = False) -> float:
     if not args.teacher_top_k:
-        return 4.0 * shape.params
+        return model_bytes(shape, held)
     return 4.0 * shape.embedding + 4.0 * kept_windows * args.seq_len * shape.hidden  # its head, kept hidden states
 
 
@@ -219,8 +229,9 @@ def student_bytes(shape: ModelShape, trainable: str, group_size: int = 64, bits:
 
 
 def training_estimate(shape: ModelShape, args, *, group_size: int = 64, bits: int = 4,
-                      kept_windows: int = 0) -> MemoryEstimate:
-    """Peak bytes of :func:`mlxqat.trainer.train` on a student prepared by :func:`mlxqat.qat.prepare_qat`."""
+                      kept_windows: int = 0, held: bool = False) -> MemoryEstimate:
+    """Peak bytes of :func:`mlxqat.trainer.train` on a student prepared by :func:`mlxqat.qat.prepare_qat`
+    (``held``: the teacher's block weights in the checkpoint's own type, as block-wise QAT keeps them)."""
     from .trainer import needs_grad_checkpoint
 
     trained = trainable_count(shape, args.trainable, group_size, args.lora_rank)
@@ -230,7 +241,7 @@ def training_estimate(shape: ModelShape, args, *, group_size: int = 64, bits: in
     shared = 4.0 * shape.params if args.trainable == "lora" and args.teacher_top_k else 0.0
     parts = {
         "student weights": student_bytes(shape, args.trainable, group_size, bits) + shared,
-        "teacher": _teacher_bytes(shape, args, kept_windows),
+        "teacher": _teacher_bytes(shape, args, kept_windows, held),
         "optimizer moments": 2.0 * moments * trained,
         "gradients": 4.0 * trained * (2 if args.grad_accum > 1 else 1),
     }
@@ -240,29 +251,32 @@ def training_estimate(shape: ModelShape, args, *, group_size: int = 64, bits: in
                           + (", checkpointed" if checkpointed else ""))
 
 
-def evaluation_estimate(shape: ModelShape, seq_len: int, *, student: float = 0.0) -> MemoryEstimate:
+def evaluation_estimate(shape: ModelShape, seq_len: int, *, student: float = 0.0, held: bool = False) -> MemoryEstimate:
     """Peak bytes of :func:`mlxqat.evaluate.evaluate` against the float32 teacher, for a model holding
     ``student`` bytes of its own beyond the teacher's arrays (0: round-to-nearest on shared weights)."""
     from .evaluate import eval_batch_size
 
     batch = eval_batch_size(shape.vocab, seq_len)
-    parts = {"teacher": 4.0 * shape.params, "student weights": student,
+    parts = {"teacher": model_bytes(shape, held), "student weights": student,
              "logits": EVAL_FACTOR * 4.0 * batch * seq_len * shape.vocab}
     return MemoryEstimate(parts, shape.params, "evaluation")
 
 
-def blockwise_estimate(shape: ModelShape, args, *, group_size: int = 64, block_batch_size: int = 4,
+def blockwise_estimate(shape: ModelShape, args, *, group_size: int = 64, bits: int = 4, block_batch_size: int = 4,
                        calibration_windows: int = 0) -> MemoryEstimate:
     """Peak bytes of the block phase of :func:`mlxqat.blockwise.blockwise_qat` in the job: the model's
-    float32 weights once (the teacher and the student share them until a block trains; a trained
-    block keeps packed codes), learned scales, one block's training state and activations."""
+    weights once (the teacher and the student share them until a block trains; a trained block keeps
+    packed codes; block weights in the checkpoint's own type, :func:`mlxqat.blockwise.hold_weights`),
+    learned scales, one block's float32 copy and training state, and activations."""
     moments = 2 if args.optimizer_state_dtype == "bfloat16" else 4
     block = shape.block_linear + 2 * shape.block_linear // group_size
     tokens = block_batch_size * args.seq_len
     parts = {
-        "model weights (teacher and student share them)": 4.0 * shape.params,
+        "model weights (teacher and student share them)": model_bytes(shape, held=True),
         "learned scales": 4.0 * _scale_count(shape, group_size),
-        "block training state": block * (4.0 + 2.0 * moments + 4.0 * BLOCK_FACTOR),
+        "trained blocks' packed codes": shape.layers * shape.block_linear * bits / 8,
+        "block training state": block * (4.0 + 2.0 * moments + 4.0 * BLOCK_FACTOR)
+                                + 4.0 * shape.block_linear,  # its float32 copy
         "activations": 4.0 * tokens * (FACTORS["all"]["inter"] * shape.intermediate
                                        + FACTORS["all"]["scores"] * shape.heads * args.seq_len + 4 * shape.hidden),
     }
@@ -293,13 +307,15 @@ def estimate(shape: ModelShape, args=None, *, method: str = "qat", group_size: i
     if method not in ("qat", "blockwise"):
         raise ValueError(f"method={method!r}: use 'qat' or 'blockwise'")
     trainable = "scales" if method == "blockwise" else args.trainable
+    held = method == "blockwise"
     phases = [evaluation_estimate(shape, eval_seq_len or args.seq_len,
-                                  student=student_bytes(shape, trainable, group_size, bits))]
+                                  student=student_bytes(shape, trainable, group_size, bits), held=held)]
     if method == "blockwise":
-        phases.append(blockwise_estimate(shape, args, group_size=group_size, block_batch_size=block_batch_size,
+        phases.append(blockwise_estimate(shape, args, group_size=group_size, bits=bits, block_batch_size=block_batch_size,
                                          calibration_windows=calibration_windows))
         args = dataclasses.replace(args, trainable="scales")
-    phases.append(training_estimate(shape, args, group_size=group_size, bits=bits, kept_windows=kept_windows))
+    phases.append(training_estimate(shape, args, group_size=group_size, bits=bits, kept_windows=kept_windows,
+                                    held=held))
     peak = max(phases, key=lambda e: e.total)
     peak.cache_bytes = max(p.cache_bytes for p in phases)
     return peak

@@ -219,3 +219,70 @@ def test_a_block_that_training_makes_worse_keeps_its_start():
     assert all(r["kept"] == "start" and r["after"] == r["before"] for r in summary["blocks"])
     x = mx.array(windows[:2, :-1])
     assert mx.array_equal(model(x), start(x)).item()
+
+
+# ---------------------------------------------------------------------------
+# Block weights held in the checkpoint's 16-bit type
+
+
+def _bf16_exact(arch):
+    """A tiny model whose float32 weights are bfloat16 values (a bfloat16 checkpoint read as float32),
+    and those weights as the checkpoint stores them."""
+    from mlx.utils import tree_map
+
+    model, config = tiny.make_model(arch, 0, scale=3.0)
+    stored = tree_map(lambda p: p.astype(mx.bfloat16), model.parameters())
+    model.update(tree_map(lambda p: p.astype(mx.float32), stored))
+    mx.eval(model.parameters())
+    return model, dict(tree_flatten(stored)), config
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3_text"])
+def test_held_block_weights_train_to_the_very_same_model_in_less_memory(arch):
+    from mlxqat.blockwise import hold_weights
+
+    windows = _windows(8)
+    kw = {"steps_per_block": 6, "batch_size": 4, "learning_rate": 1e-3, "scale_init": "minmax", "progress": False}
+    plain = _bf16_exact(arch)[0]
+    s_plain = blockwise_qat(plain, windows, "int4", **kw)
+    held, stored, _ = _bf16_exact(arch)
+    n = hold_weights(held, stored)
+    blocks = model_blocks(held)
+    linears = [m for b in blocks for _, m in b.named_modules() if isinstance(m, nn.Linear)]
+    assert n == sum(m.weight.size for m in linears) > 0
+    assert all(m.weight.dtype == mx.bfloat16 for m in linears)
+    x = mx.array(windows[:2, :-1])
+    assert mx.array_equal(held(x), _bf16_exact(arch)[0](x)).item()  # a matmul promotes them to float32
+    seen = []
+
+    def dtypes_after(record):  # the blocks not trained yet are still held when a block is done
+        seen.append({m.weight.dtype for b in blocks[record["block"] + 1:] for _, m in b.named_modules()
+                     if is_fake_quant(m)})
+
+    s_held = blockwise_qat(held, windows, "int4", callback=dtypes_after, **kw)
+    assert seen[0] == {mx.bfloat16} and seen[-1] == set()
+    # the same training, bit for bit: every block upcast exactly when its turn came
+    untimed = [[{k: v for k, v in r.items() if k != "wall_s"} for r in s["blocks"]] for s in (s_plain, s_held)]
+    assert untimed[0] == untimed[1]
+    pp, ph = _params(plain), _params(held)
+    assert pp.keys() == ph.keys()
+    assert all(mx.array_equal(pp[k], ph[k]).item() for k in pp), [k for k in pp if not mx.array_equal(pp[k], ph[k]).item()]
+    assert mx.array_equal(held(x), plain(x)).item()
+
+
+def test_the_job_holds_a_bfloat16_checkpoint_and_saves_what_float32_saves(tmp_path, tokenizer, capsys):
+    model, _, config = _bf16_exact("llama")
+    config["max_position_embeddings"] = 64
+    f32 = tiny.save_fp_model(model, config, tokenizer, tmp_path / "f32")
+    model.set_dtype(mx.bfloat16)
+    bf16 = tiny.save_fp_model(model, dict(config, torch_dtype="bfloat16"), tokenizer, tmp_path / "bf16")
+    assert job.main(_argv(f32, tmp_path, tmp_path / "a")) == 0
+    assert "held" not in capsys.readouterr().out
+    assert job.main(_argv(bf16, tmp_path, tmp_path / "b")) == 0
+    printed = capsys.readouterr().out
+    assert "block weights kept in the checkpoint's 16-bit type" in printed
+    a, b = mx.load(str(tmp_path / "a" / "model.safetensors")), mx.load(str(tmp_path / "b" / "model.safetensors"))
+    assert a.keys() == b.keys()
+    # the block weights: identical codes, scales and biases (the rest is stored in each checkpoint's type)
+    blocks = [k for k in a if k.startswith("model.layers.") and not k.endswith("norm.weight")]
+    assert blocks and all(mx.array_equal(a[k], b[k]).item() for k in blocks)
