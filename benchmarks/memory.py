@@ -250,7 +250,8 @@ def largest_table() -> dict:
     out = {}
     for label, change, method in METHODS:
         args = dataclasses.replace(base, **change)
-        sizes = {name: memory.estimate(memory.ModelShape.from_config(cfg, name), args, method=method,
+        sizes = {name: memory.estimate(memory.ModelShape.from_config(dict(cfg, torch_dtype="bfloat16"), name), args,
+                                       method=method,  # (their checkpoints are bfloat16)
                                        kept_windows=64).total / memory.GB for name, cfg in LADDER.items()}
         out[label] = {"gb": sizes, "largest": {str(m): max((n for n, g in sizes.items() if g <= m), default=None,
                                                            key=lambda n: sizes[n]) for m in MACHINES_GB}}

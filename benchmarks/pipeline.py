@@ -35,7 +35,7 @@ MODELS = {"SmolLM2-135M": ROOT / ".models" / "SmolLM2-135M-Instruct.Q4_1.gguf",
 # (MLX's format) has no exact GGUF type: it goes to an mlx-lm directory; q4_0 goes to GGUF and llama.cpp.
 RUNS = [("SmolLM2-135M", "int4", "mlx", ["--steps", "8", "--batch-size", "4", "--seq-len", "256"]),
         ("SmolLM2-135M", "q4_0", "gguf", ["--steps", "8", "--batch-size", "4", "--seq-len", "256"]),
-        ("Gemma 3 270M", "q4_0", "gguf", ["--steps", "6", "--batch-size", "2", "--seq-len", "256"])]
+        ("Gemma 3 270M", "q4_0", "gguf", ["--steps", "8", "--batch-size", "1", "--seq-len", "128", "--log-every", "2"])]
 COMMON = ["--eval-windows", "8", "--select-windows", "4", "--log-every", "4", "--no-progress"]
 PROMPTS = ("The capital of France is", "def fibonacci(n):", "Water boils at", "import os\n", "class Point:",
            "Once upon a time")
@@ -91,7 +91,7 @@ def run_one(name: str, recipe: str, fmt: str, flags: list, work: Path) -> dict:
     out = work / f"{name.split()[0]}-{recipe}"
     exported = work / (f"{out.name}.gguf" if fmt == "gguf" else f"{out.name}-export")
     train_cmd = [sys.executable, "-m", "mlxqat.train", "--model", str(MODELS[name]), "--recipe", recipe,
-                 "--out", str(out)] + flags + COMMON
+                 "--out", str(out)] + COMMON + flags
     train_s = _timed(train_cmd)
     export_cmd = [sys.executable, "-m", "mlxqat.export", str(out), "--format", fmt, "--out", str(exported)]
     export_s = _timed(export_cmd)

@@ -286,3 +286,30 @@ def test_the_job_holds_a_bfloat16_checkpoint_and_saves_what_float32_saves(tmp_pa
     # the block weights: identical codes, scales and biases (the rest is stored in each checkpoint's type)
     blocks = [k for k in a if k.startswith("model.layers.") and not k.endswith("norm.weight")]
     assert blocks and all(mx.array_equal(a[k], b[k]).item() for k in blocks)
+
+
+def test_a_killed_held_run_resumes_to_the_same_weights(tmp_path):
+    from mlxqat.blockwise import hold_weights
+
+    windows = _windows(8)
+    kw = {"steps_per_block": 6, "batch_size": 4, "learning_rate": 1e-3, "scale_init": "minmax", "progress": False}
+
+    def held():
+        model, stored, _ = _bf16_exact("qwen3")
+        assert hold_weights(model, stored) > 0
+        return model
+
+    whole = held()
+    blockwise_qat(whole, windows, "int4", out_dir=tmp_path / "whole", **kw)
+
+    def kill_after_block_0(record):
+        if record["block"] == 0:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        blockwise_qat(held(), windows, "int4", out_dir=tmp_path / "cut", callback=kill_after_block_0, **kw)
+    resumed = held()
+    s = blockwise_qat(resumed, windows, "int4", out_dir=tmp_path / "cut", resume=True, **kw)
+    assert s["resumed_from_block"] == 1
+    pw, pr = _params(whole), _params(resumed)
+    assert pw.keys() == pr.keys() and all(mx.array_equal(pw[k], pr[k]).item() for k in pw)
