@@ -105,7 +105,8 @@ def run_one(name: str, recipe: str, fmt: str, flags: list, work: Path) -> dict:
            "qat_wall_s": t["wall_s"], "peak_memory_gb": t["peak_memory_gb"],
            "ppl": {k: v["ppl"] for k, v in m.items() if isinstance(v, dict)},
            "kl": {k: v.get("kl") for k, v in m.items() if isinstance(v, dict)},
-           "gap_recovered": m.get("gap_recovered"), "kl_reduction_vs_rtn": m.get("kl_reduction_vs_rtn")}
+           "gap_recovered": m.get("gap_recovered"), "kl_reduction_vs_rtn": m.get("kl_reduction_vs_rtn"),
+           "selection_kl": t.get("selection_kl"), "best_step": t.get("best_step")}
     if fmt == "gguf":
         row.update(check_llamacpp(out, exported))
     return row
