@@ -171,6 +171,29 @@ def test_llamacpp_row_scores_rtn_and_qat_q4_0_files(tuned):
     assert "| GGUF file | llama.cpp ppl |" in md
 
 
+def test_an_interrupted_run_resumes_with_the_rows_it_has(result, model_and_data, tmp_path):
+    res, out, _ = result
+    model_dir, data, _ = model_and_data
+    cut = dict(res, rows=[r for r in res["rows"] if (r["setting"], r["method"]) not in {("int2", "QAT"), ("mixed", "DWQ")}],
+               complete=False)
+    again = tmp_path / "quality"
+    Path(str(again) + ".json").write_text(json.dumps(cut))
+    p = bench("--model", str(model_dir), "--data", str(data), "--out", str(again), "--no-progress",
+              "--methods", *METHODS, "--budget", *TINY, "--resume")
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    resumed = json.loads(Path(str(again) + ".json").read_text())
+    key = lambda r: (r["setting"], r["method"])  # noqa: E731
+    assert resumed["complete"] and resumed["resumed"] and [key(r) for r in resumed["rows"]] == [key(r) for r in res["rows"]]
+    before = {key(r): r for r in res["rows"]}
+    for r in resumed["rows"]:  # kept rows as they were; the two measured again as the first run measured them
+        assert r["ppl"] == pytest.approx(before[key(r)]["ppl"], rel=1e-4), key(r)
+    assert resumed["mixed"]["mixed"]["recipe"] == res["mixed"]["mixed"]["recipe"]  # the allocation reused
+    assert "int2 QAT" in " ".join(p.stdout.split()) and " int4 QAT " not in p.stdout
+    p = bench("--model", str(model_dir), "--data", str(data), "--out", str(again), "--no-progress",
+              "--methods", *METHODS, "--budget", *TINY, "steps=4", "--resume")
+    assert p.returncode == 2 and "different budget (steps)" in p.stderr.strip().splitlines()[-1]
+
+
 @pytest.mark.parametrize("args, message", [
     (("--settings", "int5"), "unknown settings ['int5']"),
     (("--methods", "HQQ"), "unknown methods ['HQQ']"),
