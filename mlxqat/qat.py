@@ -138,11 +138,15 @@ def shared_student(teacher: nn.Module, config: dict) -> nn.Module:
     weight arrays: the student starts as the teacher without a copy. MLX arrays never change in
     place, so training gives the student new arrays for what it changes, and whatever it leaves
     (norms, blocks not trained yet, weights whose codes are frozen) stays shared with the teacher."""
+    from mlx.utils import tree_flatten
     from mlx_lm.utils import _get_classes
 
     model_class, args_class = _get_classes(config)
     student = model_class(args_class.from_dict(config))  # its own initial weights are never computed
-    student.update(teacher.parameters())
+    weights = dict(tree_flatten(teacher.parameters()))
+    if hasattr(student, "sanitize"):  # as mlx-lm's loader does: e.g. a tied Gemma 3 head drops its lm_head
+        weights = student.sanitize(weights)
+    student.load_weights(list(weights.items()), strict=True)  # the same arrays; every one, in its place
     student.unfreeze()
     return student
 

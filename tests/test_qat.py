@@ -73,3 +73,22 @@ def test_a_diverging_run_returns_its_starting_point(tokenizer):
                            seq_len=32, log_every=3, learning_rate=0.5, warmup_steps=0, progress=False)
     assert summary["best_step"] == 0 and summary["selection_kl"][-1][1] > summary["selection_kl"][0][1]
     assert evaluate(student, select, teacher)["kl"] == pytest.approx(evaluate(start, select, teacher)["kl"], rel=1e-6)
+
+
+@pytest.mark.parametrize("arch,tied", [("llama", False), ("qwen3", True), ("gemma3_text", False), ("gemma3_text", True)])
+def test_the_shared_student_is_the_teacher_on_the_same_arrays(arch, tied):
+    """A tied Gemma 3 head (what every Gemma 3 checkpoint and GGUF has) drops its lm_head at load; the
+    student must be built the same way, or it computes with a head that was never loaded."""
+    import mlx.core as mx
+    from mlx.utils import tree_flatten
+
+    from mlxqat.qat import shared_student
+
+    teacher, config = tiny.make_model(arch, 0, scale=3.0)
+    if arch == "gemma3_text" and tied:  # as mlx-lm's loader leaves it for a checkpoint without lm_head.weight
+        teacher.sanitize({k: v for k, v in tree_flatten(teacher.parameters()) if k != "lm_head.weight"})
+    student = shared_student(teacher, config)
+    pt, ps = dict(tree_flatten(teacher.parameters())), dict(tree_flatten(student.parameters()))
+    assert pt.keys() == ps.keys() and all(ps[k] is pt[k] for k in pt)  # the very same arrays: no copy
+    x = mx.array(np.random.default_rng(0).integers(0, tiny.VOCAB, (2, 12)))
+    assert mx.array_equal(student(x), teacher(x)).item()
