@@ -99,7 +99,7 @@ def hold_weights(model: nn.Module, stored: Dict[str, mx.array]) -> int:
 def _held(blocks: list) -> list:
     """The blocks' modules whose weight is held narrower than float32 (:func:`hold_weights`)."""
     return [m for b in blocks for _, m in b.named_modules()
-            if isinstance(m.get("weight") if isinstance(m, dict) else None, mx.array) and m["weight"].dtype in HELD_DTYPES]
+            if isinstance(m.get("weight"), mx.array) and m["weight"].dtype in HELD_DTYPES]
 
 
 @contextlib.contextmanager
@@ -117,7 +117,7 @@ def _float32_for_setup(blocks: list):
     finally:
         for b in blocks:
             for _, m in b.named_modules():
-                w = m.get("weight") if isinstance(m, dict) else None
+                w = m.get("weight")
                 if isinstance(w, mx.array) and id(w) in originals:
                     mx.eval([v for k, v in m.items() if isinstance(v, mx.array) and k != "weight"])
                     m.weight = originals[id(w)]
