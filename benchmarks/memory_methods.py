@@ -77,6 +77,7 @@ def _dwq(model: str, recipe: str, steps: int, batch_size: int, seq_len: int, eva
     import mlx.core as mx
     import mlx.nn as nn
     import mlx.optimizers as optim
+    import numpy as np
     from mlx_lm.quant.dwq import dwq_quantize
 
     from mlxqat import job, recipes
@@ -110,7 +111,9 @@ def _dwq(model: str, recipe: str, steps: int, batch_size: int, seq_len: int, eva
     bits = min(s.bits for s in rec.specs())
     lr = DWQ_LR.get(bits, 1e-5)
     items = lambda w: [(row, 0) for row in w]  # noqa: E731
-    valid = select_w if select_w is not None and len(select_w) >= batch_size else val_w
+    valid = select_w if select_w is not None and len(select_w) >= batch_size else val_all
+    if len(valid) < batch_size:  # mlx-lm's validation needs a whole batch (memory-only runs have few windows)
+        valid = np.resize(valid, (batch_size, valid.shape[1]))
     t1 = time.perf_counter()
     dwq_quantize(student, lambda batch, idx, split: teacher(batch), optim.Adam(learning_rate=lr, bias_correction=True),
                  items(train_w[: steps * batch_size]), items(valid[: max(batch_size, len(valid) // batch_size * batch_size)]),
