@@ -196,6 +196,9 @@ def test_ctrl_c_stops_cleanly_with_the_statistics_so_far(models):
          "--max-tokens", "50000", "--temp", "1.0", "--seed", "0"],  # minutes of work: Ctrl-C lands mid-way even
         # when this process is starved for seconds on a loaded machine (4,000 tokens once finished first)
         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        # Ctrl-C as a terminal delivers it: a suite started in the background (nohup, `&` in a script)
+        # inherits SIGINT ignored, and Python then never raises KeyboardInterrupt in the child
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     try:
         # the "[model: ...]" line is printed just before generation starts (the first text can come
