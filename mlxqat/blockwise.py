@@ -63,7 +63,7 @@ from . import recipes as recipes_mod
 from ._cli import positive_float, positive_int
 from .data import iterate_batches
 from .io import atomic_dir, atomic_file, remove_output, verify, work_dir, write_manifest
-from .layers import HELD_DTYPES, freeze_codes, is_fake_quant, set_fake_quant, untie_weights
+from .layers import HELD_DTYPES, freeze_codes, is_fake_quant, set_fake_quant, untie_weights, weight_released
 from .qat import prepare_student
 from .trainer import QATOptimizer, TrainingArgs
 
@@ -441,7 +441,14 @@ def blockwise_qat(
         prepare_student(student, trained, windows)
     mx.reset_peak_memory()
     resident = mx.get_active_memory()  # the model itself: what the block phase adds is peak - resident
+    # what the blocks are passed does not depend on quantization: found in full precision, without a
+    # fake-quantized copy of every weight
+    plain = [m for _, m in student.named_modules() if is_fake_quant(m) and m.fake_quant_enabled and not weight_released(m)]
+    for m in plain:
+        m.fake_quant_enabled = False
     calls, hidden = _block_calls(student, blocks, mx.array(tokens[:1]))
+    for m in plain:
+        m.fake_quant_enabled = True
     shape = tokens.shape + (int(hidden),)
     streams = ("quantized", "fp") if target == "fp" else ("quantized",)
     done, records, acts = _begin(student, blocks, root, state, settings, tokens, shape, streams, batch_size,

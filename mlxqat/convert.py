@@ -16,7 +16,7 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_map_with_path
 
 from . import quant
-from .layers import FakeQuantEmbedding, FakeQuantLinear, carry_spec, is_fake_quant
+from .layers import HELD_DTYPES, FakeQuantEmbedding, FakeQuantLinear, carry_spec, is_fake_quant
 from .recipes import Recipe, get as get_recipe
 
 
@@ -401,7 +401,9 @@ def quantize_rtn(model: nn.Module, recipe="int4", windows=None, *,
                          "their scales on, or use a weight-only recipe such as 'int4'")
     floats = [v.dtype for _, v in tree_flatten(model.parameters()) if mx.issubdtype(v.dtype, mx.floating)]
     loaded = floats[0] if floats else mx.float32
-    model.set_dtype(mx.float32)
+    held = mx.float32 in floats and any(f in HELD_DTYPES for f in floats)
+    if not (fake_quant and held):  # held 16-bit block weights (block-wise QAT) compute as float32 as they are
+        model.set_dtype(mx.float32)
     if windows is None:
         prepare(model, plain)
     else:

@@ -286,6 +286,10 @@ def test_the_job_holds_a_bfloat16_checkpoint_and_saves_what_float32_saves(tmp_pa
     # the block weights: identical codes, scales and biases (the rest is stored in each checkpoint's type)
     blocks = [k for k in a if k.startswith("model.layers.") and not k.endswith("norm.weight")]
     assert blocks and all(mx.array_equal(a[k], b[k]).item() for k in blocks)
+    # and the same table: round-to-nearest on the held weights computes what it computes on float32 ones
+    ma, mb = mlxqat.verify(tmp_path / "a")["metrics"], mlxqat.verify(tmp_path / "b")["metrics"]
+    for row in ("full precision", "round-to-nearest", "QAT"):
+        assert ma[row]["ppl"] == mb[row]["ppl"] and ma[row]["kl"] == mb[row]["kl"], row
 
 
 def test_a_killed_held_run_resumes_to_the_same_weights(tmp_path):
