@@ -192,20 +192,36 @@ def _ggml_gelu(x: mx.array) -> mx.array:
 
 
 class GgmlGeluMLP(nn.Module):
-    """A Gemma MLP with :func:`_ggml_gelu` in place of MLX's GELU (same weights)."""
+    """A Gemma MLP with :func:`_ggml_gelu` in place of MLX's GELU (same weights); ``noise`` > 0 first
+    multiplies the GELU inputs by ``1 + noise * N(0, 1)``: float32 rounding noise of that relative size."""
 
-    def __init__(self, mlp):
+    def __init__(self, mlp, noise=0.0):
         super().__init__()
         self.gate_proj, self.up_proj, self.down_proj = mlp.gate_proj, mlp.up_proj, mlp.down_proj
+        self.noise = noise
 
     def __call__(self, x):
-        return self.down_proj(_ggml_gelu(self.gate_proj(x)) * self.up_proj(x))
+        gate = self.gate_proj(x)
+        if self.noise:
+            gate = gate * (1 + self.noise * mx.random.normal(gate.shape))
+        return self.down_proj(_ggml_gelu(gate) * self.up_proj(x))
 
 
-def _ggml_gelu_like(model):
+def _ggml_gelu_like(model, noise=0.0):
     for layer in model.layers:
-        layer.mlp = GgmlGeluMLP(layer.mlp)
+        layer.mlp = GgmlGeluMLP(layer.mlp, noise)
     return model
+
+
+class _Reference:
+    """A model asked as :class:`LlamaCpp` is asked by :func:`_compare_next_tokens` (top 5 log-probs)."""
+
+    def __init__(self, model):
+        self.model = model
+
+    def top5(self, prefix, force):
+        lp = np.array(nn.log_softmax(self.model(mx.array([prefix]))[0, -1].astype(mx.float32)))
+        return [(int(t), float(lp[t])) for t in np.argsort(-lp)[:5]]
 
 
 def _compare_next_tokens(model, cpp, tokenizer, n_prompts=8):
@@ -371,14 +387,21 @@ def test_float32_gguf_computes_like_llama_cpp(tmp_path, tokenizer, arch):
         assert same and diffs.max() <= 1e-4
         return
     # llama.cpp's CPU GELU reads a float16 table indexed by the float16 input. Emulated, it takes the
-    # median difference from 1.1e-3 to 1.6e-4 (measured); what is left is float noise that moves GELU
-    # inputs across float16 rounding boundaries (a step of 2^-11 relative), as in the K-quant test
+    # median difference from 1.1e-3 to 1.6e-4 (measured). What is left is the model's own sensitivity to
+    # float32 rounding through that table: noise of one float32 ulp (1e-7 relative) on the GELU inputs
+    # moves some across float16 rounding boundaries (steps of 2^-11), and the same model then differs
+    # from itself as much as from llama.cpp (measured: max 1.35e-3, median 1.52e-4 against llama.cpp's
+    # 1.14e-3 and 1.57e-4). No float32 implementation can agree with llama.cpp more closely than that.
     same_emulated, emulated = _compare_next_tokens(_ggml_gelu_like(model), cpp, tokenizer)
+    twin, _ = mlxqat.load(path)
+    mx.random.seed(1)
+    _, envelope = _compare_next_tokens(_ggml_gelu_like(model), _Reference(_ggml_gelu_like(twin, 1e-7)), tokenizer)
     print(f"with ggml's float16 GELU table emulated: max {emulated.max():.2e} (median {np.median(emulated):.2e}, "
-          f"plain median {np.median(diffs):.2e})")
+          f"plain median {np.median(diffs):.2e}); the same model against itself with 1e-7 noise on its GELU "
+          f"inputs: max {envelope.max():.2e} (median {np.median(envelope):.2e})")
     assert same and diffs.max() <= 1e-2
     assert same_emulated and np.median(emulated) <= 3e-4 and np.median(emulated) < np.median(diffs) / 4
-    assert emulated.max() <= 3e-3
+    assert emulated.max() <= 2 * envelope.max() and np.median(emulated) <= 2 * np.median(envelope)
 
 
 # ---------------------------------------------------------------------------
