@@ -38,7 +38,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import mlx.optimizers as optim
 import numpy as np
-from mlx.utils import tree_flatten
+from mlx.utils import tree_flatten, tree_map
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing
@@ -52,7 +52,7 @@ from mlxqat.evaluate import evaluate, gap_recovered  # noqa: E402
 from mlxqat.export import memory_report  # noqa: E402
 from mlxqat.kernels import use_dequantized_matmul  # noqa: E402
 from mlxqat.profile import chip_name  # noqa: E402
-from mlxqat.qat import EVAL_WINDOWS, RECIPE_DEFAULTED, SELECT_WINDOWS, qat_args, quantize_qat  # noqa: E402
+from mlxqat.qat import EVAL_WINDOWS, RECIPE_DEFAULTED, SELECT_WINDOWS, qat_args, quantize_qat, shared_student  # noqa: E402
 from mlxqat.trainer import TrainingArgs  # noqa: E402
 from mlxqat.recipes import QAT_DEFAULTS, LayerSpec, Recipe  # noqa: E402
 from mlxqat.teacher import CachedTeacher  # noqa: E402
@@ -279,7 +279,7 @@ def run_qat(mode: str):
                                seq_len=job.seq_len, log_every=min(b.select_every, b.steps), progress=job.progress, **kw)
         kept = tuple(kw) + RECIPE_DEFAULTED + ("steps", "batch_size", "seq_len", "scale_learning_rate")
         info = {"args": {k: v for k, v in summary["args"].items() if k in kept}, "best_step": summary["best_step"],
-                "selection_kl": summary["selection_kl"], "final_loss": summary["final_loss"]}
+                "selection_kl_by_step": summary["selection_kl"], "final_loss": summary["final_loss"]}
         return mlxqat.convert(m), info
 
     return run
@@ -354,12 +354,18 @@ def run(model: Optional[str] = None, data: Optional[str] = None, quick: bool = F
     if llamacpp and not ("q4_0" in budget.settings and "QAT" in budget.methods):
         raise ValueError("--llamacpp scores the q4_0 QAT model in llama.cpp: add --settings q4_0 ... and --methods QAT ...")
 
-    def fresh() -> nn.Module:  # the package's loader (python -m mlxqat.train's), computing in float32
-        m = load(model, full_precision=True)[0]
-        m.set_dtype(mx.float32)
+    teacher_model, tokenizer, config = load(model, return_config=True, full_precision=True)
+
+    def fresh() -> nn.Module:
+        """The full-precision model again, without reading the file again: a model of the teacher's
+        architecture on copies of its float32 arrays. Copies, not the arrays themselves: mlx-lm's GPTQ
+        assigns into slices of ``weight.astype(float32)``, which for a float32 weight is the very array,
+        and MLX's slice assignment changes it wherever it is shared."""
+        m = shared_student(teacher_model, config)
+        m.update(tree_map(lambda a: a * 1, m.parameters()))  # exact (-0.0 and NaN included), new arrays
+        mx.eval(m.parameters())
         return m
 
-    teacher_model, tokenizer, config = load(model, return_config=True, full_precision=True)
     floats = {v.dtype for _, v in tree_flatten(teacher_model.parameters()) if mx.issubdtype(v.dtype, mx.floating)}
     storage = mx.bfloat16 if floats == {mx.bfloat16} else mx.float16  # what the model is saved in
     teacher_model.set_dtype(mx.float32)
@@ -413,7 +419,7 @@ def run(model: Optional[str] = None, data: Optional[str] = None, quick: bool = F
                 use_dequantized_matmul(m)
             m.eval()
             kl = evaluate(m, data_sets["select"], teacher)["kl"]
-            tried.append({"lr_scale": lr_scale, "selection_kl": kl, **(extra or {})})
+            tried.append({"lr_scale": lr_scale, **(extra or {}), "selection_kl": kl})
             print(f"    {method} learning rate x{lr_scale:g}: selection KL {kl:.5f}", flush=True)
             if best is None or kl < best[0]:
                 best = (kl, m, lr_scale)
@@ -461,7 +467,11 @@ def run(model: Optional[str] = None, data: Optional[str] = None, quick: bool = F
 
     kept_for_llamacpp = llamacpp_result = None
     print(f"full precision ({n_params / 1e6:.2f}M parameters)", flush=True)
-    fp_row = done.get(("fp", "full precision")) or measure("full precision", None, teacher_model, 0.0)
+    fp_row = done.get(("fp", "full precision"))
+    if fp_row is None:  # measured as stored (rounded to its file's float type); the teacher keeps its arrays
+        kept = teacher_model.parameters()
+        fp_row = measure("full precision", None, teacher_model, 0.0)
+        teacher_model.update(kept)
     for sname in budget.settings:
         setting = SETTINGS[sname]
         print(f"\n== {setting.label} ==", flush=True)

@@ -10,7 +10,7 @@ the export checks (:func:`mean_kl`).
 from __future__ import annotations
 
 import math
-from typing import Dict, List, Optional, Sequence, Union
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -19,11 +19,25 @@ import numpy as np
 
 def kl_divergence(teacher_logits: mx.array, student_logits: mx.array, temperature: float = 1.0) -> mx.array:
     """Per-token KL(teacher || student) of the softmaxes at ``temperature`` (natural log)."""
-    t = teacher_logits.astype(mx.float32) / temperature
-    s = student_logits.astype(mx.float32) / temperature
+    return kl_to_distribution(distribution(teacher_logits, temperature), student_logits, temperature)
+
+
+def distribution(logits: mx.array, temperature: float = 1.0) -> Tuple[mx.array, mx.array]:
+    """``(log_p, p)`` of the softmax of ``logits`` at ``temperature``: a fixed teacher's side of
+    :func:`kl_to_distribution`, computed once where many students are compared with it."""
+    t = logits.astype(mx.float32) / temperature
     log_p = t - mx.logsumexp(t, axis=-1, keepdims=True)
+    return log_p, mx.exp(log_p)
+
+
+def kl_to_distribution(teacher: Tuple[mx.array, mx.array], student_logits: mx.array,
+                       temperature: float = 1.0) -> mx.array:
+    """Per-token KL(teacher || student) with the teacher given as :func:`distribution` returns it
+    (the same numbers as :func:`kl_divergence` on its logits)."""
+    log_p, p = teacher
+    s = student_logits.astype(mx.float32) / temperature
     log_q = s - mx.logsumexp(s, axis=-1, keepdims=True)
-    return mx.sum(mx.exp(log_p) * (log_p - log_q), axis=-1)
+    return mx.sum(p * (log_p - log_q), axis=-1)
 
 
 def top_k_kl_divergence(teacher_values: mx.array, teacher_ids: mx.array, student_logits: mx.array,
@@ -48,15 +62,16 @@ def mean_kl(reference: Union[nn.Module, Sequence[mx.array]], candidate: nn.Modul
     """Mean per-token KL(reference || candidate) in nats over batches of token ids.
 
     Args:
-        reference: the reference model (run on each batch), or its logits for
-            each batch of ``inputs``, computed before.
+        reference: the reference model (run on each batch), or for each batch of
+            ``inputs`` its logits or its :func:`distribution`, computed before.
         candidate: the model compared with it.
         inputs: token id arrays ``(B, T)``, one per forward pass.
     """
     total, count = 0.0, 0
     for i, x in enumerate(inputs):
         ref = reference[i] if isinstance(reference, (list, tuple)) else reference(x)
-        kl = kl_divergence(ref, candidate(x))
+        ref = ref if isinstance(ref, tuple) else distribution(ref)
+        kl = kl_to_distribution(ref, candidate(x))
         total += float(mx.sum(kl).item())
         count += kl.size
     return total / max(count, 1)

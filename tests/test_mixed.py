@@ -62,6 +62,43 @@ def test_sensitivity_orders_bits_and_restores_the_model():
         assert k2 > k4 > k8 >= 0, path
 
 
+@pytest.mark.parametrize("arch", tiny.ARCHS)
+def test_reusing_earlier_blocks_measures_the_same_sensitivity(arch):
+    """Replaying the full-precision outputs of the blocks before a layer's own gives the very numbers of
+    running the whole model (odd batch count: the replayed batch order matters), and the block classes
+    compute normally afterwards."""
+    model, _ = tiny.make_model(arch, 0, scale=3.0)
+    w = _windows(n=5)
+    fast = mixed.layer_sensitivity(model, w, G64, batch_size=2)
+    slow = mixed.layer_sensitivity(model, w, G64, batch_size=2, reuse_blocks=False)
+    assert fast == slow
+    x = mx.array(w[:2, :-1])
+    twin, _ = tiny.make_model(arch, 0, scale=3.0)
+    assert mx.array_equal(model(x), twin(x)).item()  # __call__ restored
+
+
+def test_a_model_whose_blocks_do_not_chain_falls_back_to_whole_passes(monkeypatch):
+    """A model whose blocks are not one chain of hidden states (here: a block is called twice) fails the
+    replay check, and every pass runs the whole model: still the same numbers."""
+    model, _ = tiny.make_model("llama", 0, scale=3.0)
+    inner = model.model
+    original = type(inner).__call__
+
+    def twice(self, inputs, *args, **kwargs):
+        out = original(self, inputs, *args, **kwargs)
+        return out + 0.5 * self.layers[0](out, None, None)
+
+    monkeypatch.setattr(type(inner), "__call__", twice)
+    checks = []
+    check = mixed._replay_matches
+    monkeypatch.setattr(mixed, "_replay_matches", lambda *a: checks.append(check(*a)) or checks[-1])
+    w = _windows(n=3)
+    fast = mixed.layer_sensitivity(model, w, G64, batch_size=2)
+    slow = mixed.layer_sensitivity(model, w, G64, batch_size=2, reuse_blocks=False)
+    assert checks == [False]
+    assert fast == slow and all(v[0] > 0 for v in fast.values())
+
+
 def test_proxy_is_validated_by_rank_correlation():
     model, _ = tiny.make_model("llama", 0, scale=3.0)
     w = _windows()
