@@ -154,16 +154,28 @@ class _Stop(Exception):
 
 
 @contextlib.contextmanager
+def wrapped_block_calls(blocks: list, wrap: Callable):
+    """For the duration, the ``__call__`` of each of the blocks' classes is ``wrap(original)``; restored
+    after. The wrapper is the class's, so it must pass instances other than ``blocks`` through."""
+    originals = {cls: cls.__call__ for cls in {type(b) for b in blocks}}
+    for cls, fn in originals.items():
+        cls.__call__ = wrap(fn)
+    try:
+        yield
+    finally:
+        for cls, fn in originals.items():
+            cls.__call__ = fn
+
+
+@contextlib.contextmanager
 def _recording(blocks: list, stop_at_first: bool = False):
     """Record the arguments each block is called with after its hidden state: ``{index: (args, kwargs)}``.
 
     With ``stop_at_first`` the forward pass stops at the first block, raising
-    :class:`_Stop` with its input. The block classes' ``__call__`` is wrapped
-    for the duration, and restored after.
+    :class:`_Stop` with its input.
     """
     calls: Dict[int, Tuple[tuple, dict]] = {}
     index = {id(b): i for i, b in enumerate(blocks)}
-    originals = {cls: cls.__call__ for cls in {type(b) for b in blocks}}
 
     def wrap(fn):
         def recorded(self, h, *args, **kwargs):
@@ -177,13 +189,8 @@ def _recording(blocks: list, stop_at_first: bool = False):
 
         return recorded
 
-    for cls, fn in originals.items():
-        cls.__call__ = wrap(fn)
-    try:
+    with wrapped_block_calls(blocks, wrap):
         yield calls
-    finally:
-        for cls, fn in originals.items():
-            cls.__call__ = fn
 
 
 def _block_calls(model: nn.Module, blocks: list, tokens: mx.array) -> Tuple[Dict[int, Tuple[tuple, dict]], int]:

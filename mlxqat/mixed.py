@@ -170,10 +170,10 @@ class _Replay:
 @contextlib.contextmanager
 def _replaying(blocks: list):
     """While active, a block records its output (``recording``) or, when its index is below ``skip``,
-    returns the output it recorded for the current batch. The block classes' ``__call__`` is wrapped,
-    and restored after."""
+    returns the output it recorded for the current batch."""
+    from .blockwise import wrapped_block_calls
+
     replay = _Replay(blocks)
-    originals = {cls: cls.__call__ for cls in {type(b) for b in blocks}}
 
     def wrap(fn):
         def call(self, h, *args, **kwargs):
@@ -190,13 +190,8 @@ def _replaying(blocks: list):
 
         return call
 
-    for cls, fn in originals.items():
-        cls.__call__ = wrap(fn)
-    try:
+    with wrapped_block_calls(blocks, wrap):
         yield replay
-    finally:
-        for cls, fn in originals.items():
-            cls.__call__ = fn
 
 
 def _replay_matches(model, batches, teacher, replay: _Replay, n_blocks: int) -> bool:
