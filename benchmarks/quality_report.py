@@ -74,8 +74,8 @@ def markdown(result: dict) -> str:
         f"- The teacher's logits are computed once ({result['teacher_logits_seconds']:.0f} s, not in any row's wall time; "
         "`mlxqat.teacher.CachedTeacher`) and shared by DWQ, QAT and the evaluation.",
         f"- DWQ: `mlx_lm.quant.dwq.dwq_quantize` (Adam, constant learning rate {result['dwq_lr']} by bit width, "
-        f"temperature 2, its defaults otherwise). GPTQ: the first {result['budget']['gptq_windows']} training windows; "
-        f"AWQ: the first {result['budget']['awq_windows']}, {result['budget'].get('awq_grid', 20)} grid points per search "
+        f"temperature 2, its defaults otherwise). GPTQ: the first {_calibration(result, 'gptq_windows')} training windows; "
+        f"AWQ: the first {_calibration(result, 'awq_windows')}, {result['budget'].get('awq_grid', 20)} grid points per search "
         "(fewer tokens than mlx-lm's defaults, for CPU time). GPTQ packs "
         "with mlxqat's packer (same format) so that 3-bit works; the embedding (tied head) is round-to-nearest at the "
         "same bits in every method.",
@@ -91,6 +91,12 @@ def markdown(result: dict) -> str:
             + "; ".join(f"{r['method']} {r['setting']} x{r['info']['lr_scale']:g}" for r in rows
                         if isinstance(r.get("info"), dict) and "lr_scale" in r["info"]) + ".")
     return "\n".join(lines) + "\n"
+
+
+def _calibration(result: dict, field: str) -> int:
+    """Windows a calibration method got: its budget, or all the training windows where there are fewer."""
+    train = result.get("data", {}).get("windows", {}).get("train")
+    return min(result["budget"][field], train) if train else result["budget"][field]
 
 
 def target_summary(rows: List[dict]) -> List[str]:
