@@ -79,15 +79,18 @@ def prepare(model: nn.Module, recipe="int4", *, strict: bool = False) -> nn.Modu
         The same model, for chaining.
 
     Raises:
-        ValueError: NaN/Inf in a weight, an unknown recipe, or (``strict``) a
-            layer that cannot be quantized as asked.
+        ValueError: NaN/Inf in a weight, an unknown recipe, (``strict``) a
+            layer that cannot be quantized as asked, or no layer to prepare (the
+            model already prepared or quantized, or a recipe that skips them all).
     """
     recipe = get_recipe(recipe)
     skipped = []
+    done = {"fake-quant": [], "quantized": []}  # layers prepared or quantized before
     head = head_path(model)
 
     def swap(path, m):
         if is_fake_quant(m) or isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding)):
+            done["fake-quant" if is_fake_quant(m) else "quantized"].append(path)
             return m
         if not isinstance(m, (nn.Linear, nn.Embedding)):
             return m
@@ -106,6 +109,17 @@ def prepare(model: nn.Module, recipe="int4", *, strict: bool = False) -> nn.Modu
         return FakeQuantLinear.from_linear(m, spec, recipe)
 
     n = _swap(model, swap)
+    prepared, quantized = done["fake-quant"], done["quantized"]
+    if n == 0 and prepared:
+        raise ValueError(
+            f"the model is already prepared: {len(prepared)} fake-quant layers (e.g. {prepared[0]}); train it and "
+            "quantize it for real with mlxqat.convert(model), or call prepare on the unprepared full-precision model"
+        )
+    if n == 0 and quantized:
+        raise ValueError(
+            f"the model is already quantized: {len(quantized)} quantized layers (e.g. {quantized[0]}); "
+            "prepare the full-precision original instead"
+        )
     if n == 0:
         raise ValueError(
             f"recipe {recipe.name!r} matched no nn.Linear or nn.Embedding layer of "

@@ -350,14 +350,22 @@ def check_seq_len(seq_len: int, max_context: Optional[int]) -> None:
         )
 
 
-def model_context(model) -> Optional[int]:
-    """The longest sequence the model was built for, when its config says."""
-    args = getattr(model, "args", None)
-    for key in ("max_position_embeddings", "max_seq_len", "n_ctx"):
-        v = getattr(args, key, None)
-        if isinstance(v, int) and v > 0:
+CONTEXT_KEYS = ("max_position_embeddings", "max_seq_len", "n_ctx")  # config entries that name the context
+
+
+def config_context(config) -> Optional[int]:
+    """The longest sequence a model was built for, from its config: a ``config.json`` dict or an mlx-lm
+    ``ModelArgs``; ``None`` when it does not say."""
+    for key in CONTEXT_KEYS:
+        v = config.get(key) if isinstance(config, dict) else getattr(config, key, None)
+        if isinstance(v, int) and not isinstance(v, bool) and v > 0:
             return v
     return None
+
+
+def model_context(model) -> Optional[int]:
+    """The longest sequence the model was built for, when its config says (:func:`config_context`)."""
+    return config_context(getattr(model, "args", None))
 
 
 def batch_order(n: int, seed: int, epoch: int) -> np.ndarray:

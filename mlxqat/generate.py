@@ -5,6 +5,15 @@
     python -m mlxqat.generate --model qat-int4/ --prompt "..." --max-tokens 200 --temp 0.7 --top-p 0.9 --seed 0
     python -m mlxqat.generate --model qat-int4/ --chat              # chat with the tokenizer's template
 
+Prompts: as ``mlx_lm.generate`` does, ``--prompt`` goes into the tokenizer's
+chat template (as the user's message, after ``--system-prompt`` when given)
+when the tokenizer has one, so an instruct model answers it;
+``--ignore-chat-template`` sends the text as it is (plain completion). A
+prompt must leave room in the model's context for one token; where the
+model's config names no context length, prompts are limited to
+:data:`UNKNOWN_CONTEXT_LIMIT` tokens unless ``--max-prompt-tokens`` says
+otherwise (:func:`check_prompt_length`, which ``profile`` shares).
+
 Text goes to stdout as it is generated; the statistics (prompt tokens/s,
 generation tokens/s, peak memory) go to stderr, so ``> out.txt`` keeps only
 the text. Decoding is mlx-lm's own (``mlx_lm.stream_generate`` with
@@ -32,8 +41,9 @@ GPU. Quantized linear layers keep their stored scales; they compute in the
 activation dtype either way.
 
 Exit status: 0 done, 2 bad input (a missing model, an empty prompt,
-``--max-tokens 0``, a prompt longer than the model's context, a tokenizer
-without a chat template for ``--chat``), 130 interrupted with Ctrl-C (the
+``--max-tokens 0``, a prompt longer than the model's context or the prompt
+limit, a tokenizer without a chat template for ``--chat`` or
+``--system-prompt``), 130 interrupted with Ctrl-C (the
 statistics of the text so far are printed).
 """
 
@@ -51,20 +61,27 @@ from mlx.utils import tree_flatten, tree_unflatten
 
 from ._cli import (ArgumentParser, UsageError, command, non_negative_float, non_negative_int, positive_int,
                    probability, unit_float)
+from .data import model_context
 
 __all__ = [
     "GenerationStats",
     "apply_dtype",
+    "chat_ids",
     "check_prompt",
+    "check_prompt_length",
     "generate",
     "load_model",
     "main",
     "model_label",
+    "prompt_ids",
     "resolve_kernel",
 ]
 
 KERNELS = ("auto", "mlx", "mlxqat")
 DTYPES = ("auto", "float32", "float16", "bfloat16")
+# The longest prompt processed, in tokens, for a model whose config names no context length
+# (--max-prompt-tokens sets another): a 2 MB prompt is half a million tokens, minutes of prompt processing.
+UNKNOWN_CONTEXT_LIMIT = 8192
 
 
 @dataclasses.dataclass
@@ -218,28 +235,57 @@ def load_model(
 # ---------------------------------------------------------------------------
 
 
-def model_context(model: nn.Module) -> Optional[int]:
-    """The longest sequence the model was built for, when its config says."""
-    from .data import model_context as ctx
+def check_prompt_length(
+    n_tokens: int,
+    context: Optional[int],
+    max_prompt_tokens: Optional[int] = None,
+    fix: str = "shorten the prompt to at most {limit} tokens",
+) -> None:
+    """Refuse a prompt of ``n_tokens`` that the model cannot take, or that is too long to process unasked.
 
-    return ctx(model)
+    The rule of ``generate`` and ``profile``: a prompt leaves room for one generated token in the
+    model's ``context`` (:func:`mlxqat.data.model_context`); ``max_prompt_tokens``
+    (``--max-prompt-tokens``) limits it further, and where the context is unknown it is the limit
+    (default :data:`UNKNOWN_CONTEXT_LIMIT`).
+
+    Args:
+        fix: what to do, with ``{limit}`` for the longest prompt that passes.
+
+    Raises:
+        UsageError: naming the length, the limit and the fix.
+    """
+    if context is not None and n_tokens >= context:
+        raise UsageError(
+            f"the prompt is {n_tokens} tokens, but the model's context is {context} tokens "
+            f"(max_position_embeddings); {fix.format(limit=context - 1)}"
+        )
+    if max_prompt_tokens is not None and n_tokens > max_prompt_tokens:
+        raise UsageError(
+            f"the prompt is {n_tokens} tokens, more than --max-prompt-tokens {max_prompt_tokens}; "
+            f"{fix.format(limit=max_prompt_tokens)}, or raise --max-prompt-tokens"
+        )
+    if context is None and max_prompt_tokens is None and n_tokens > UNKNOWN_CONTEXT_LIMIT:
+        raise UsageError(
+            f"the prompt is {n_tokens} tokens, and the model's config names no context length "
+            f"(max_position_embeddings), so prompts are limited to {UNKNOWN_CONTEXT_LIMIT} tokens; "
+            f"{fix.format(limit=UNKNOWN_CONTEXT_LIMIT)}, or pass --max-prompt-tokens {n_tokens} if the model "
+            "takes that many"
+        )
 
 
-def check_prompt(prompt_ids: List[int], max_tokens: int, context: Optional[int]) -> int:
+def check_prompt(prompt_ids: List[int], max_tokens: int, context: Optional[int],
+                 max_prompt_tokens: Optional[int] = None) -> int:
     """Validate a tokenized prompt; return the number of tokens to generate.
 
     Raises:
-        UsageError: no tokens, ``max_tokens < 1``, or a prompt that does not fit the context.
+        UsageError: no tokens, ``max_tokens < 1``, or a prompt that does not fit the context
+            or the prompt limit (:func:`check_prompt_length`).
     """
     if max_tokens < 1:
         raise UsageError(f"--max-tokens {max_tokens}: generate at least 1 token (e.g. --max-tokens 100)")
     if len(prompt_ids) == 0:
         raise UsageError("the prompt is empty: give some text with --prompt \"...\" (or --prompt - to read stdin)")
-    if context is not None and len(prompt_ids) >= context:
-        raise UsageError(
-            f"the prompt is {len(prompt_ids)} tokens, but the model's context is {context} tokens "
-            f"(max_position_embeddings); shorten the prompt to at most {context - 1} tokens"
-        )
+    check_prompt_length(len(prompt_ids), context, max_prompt_tokens)
     if context is not None and len(prompt_ids) + max_tokens > context:
         fit = context - len(prompt_ids)
         print(
@@ -257,6 +303,34 @@ def encode_prompt(tokenizer, prompt: str) -> List[int]:
     bos = getattr(tokenizer, "bos_token", None)
     add_special = bos is None or not prompt.startswith(bos)
     return list(tokenizer.encode(prompt, add_special_tokens=add_special))
+
+
+def has_chat_template(tokenizer) -> bool:
+    """Whether the tokenizer has a chat template (``chat_template`` in ``tokenizer_config.json``, or a GGUF's)."""
+    return bool(getattr(tokenizer, "has_chat_template", False)) or getattr(tokenizer, "chat_template", None) is not None
+
+
+def chat_ids(tokenizer, messages: List[dict]) -> List[int]:
+    """Token ids of ``messages`` in the tokenizer's chat template, up to the assistant's turn, as the
+    ``mlx_lm.generate`` command builds them (the template text, encoded without special tokens)."""
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return list(tokenizer.encode(text, add_special_tokens=False))
+
+
+def prompt_ids(tokenizer, prompt: str, *, chat_template: bool = True, system_prompt: Optional[str] = None) -> List[int]:
+    """Token ids of the ``--prompt`` text, as the ``mlx_lm.generate`` command makes them: in the tokenizer's
+    chat template (after ``system_prompt``) when it has one and ``chat_template``, else the text as it is.
+
+    Raises:
+        UsageError: ``system_prompt`` without a chat template to put it in.
+    """
+    if chat_template and has_chat_template(tokenizer):
+        system = [{"role": "system", "content": system_prompt}] if system_prompt is not None else []
+        return chat_ids(tokenizer, system + [{"role": "user", "content": prompt}])
+    if system_prompt is not None:
+        raise UsageError("--system-prompt: this model's tokenizer has no chat template to put it in (no "
+                         "'chat_template' in tokenizer_config.json); drop --system-prompt, or write it into --prompt")
+    return encode_prompt(tokenizer, prompt)
 
 
 def generate(
@@ -328,9 +402,9 @@ def _print_stats(stats: GenerationStats) -> None:
     print(stats.summary(), file=sys.stderr, flush=True)
 
 
-def _generate_once(model, tokenizer, prompt_ids, args) -> GenerationStats:
-    max_tokens = check_prompt(prompt_ids, args.max_tokens, model_context(model))
-    return _generate_printed(model, tokenizer, prompt_ids, max_tokens, args)[1]
+def _generate_once(model, tokenizer, ids, args) -> GenerationStats:
+    max_tokens = check_prompt(ids, args.max_tokens, model_context(model), args.max_prompt_tokens)
+    return _generate_printed(model, tokenizer, ids, max_tokens, args)[1]
 
 
 def _generate_printed(model, tokenizer, ids, max_tokens: int, args):
@@ -348,7 +422,7 @@ def _generate_printed(model, tokenizer, ids, max_tokens: int, args):
 
 
 def _chat(model, tokenizer, args) -> int:
-    if not getattr(tokenizer, "has_chat_template", False) and getattr(tokenizer, "chat_template", None) is None:
+    if not has_chat_template(tokenizer):
         raise UsageError(
             "--chat: this model's tokenizer has no chat template (no 'chat_template' in "
             "tokenizer_config.json); use --prompt for plain completion, or a chat model"
@@ -368,9 +442,9 @@ def _chat(model, tokenizer, args) -> int:
         if not line.strip():
             continue
         messages.append({"role": "user", "content": line})
-        ids = list(tokenizer.apply_chat_template(messages, add_generation_prompt=True))
+        ids = chat_ids(tokenizer, messages)
         try:
-            max_tokens = check_prompt(ids, args.max_tokens, context)
+            max_tokens = check_prompt(ids, args.max_tokens, context, args.max_prompt_tokens)
         except UsageError as e:
             print(f"error: {e}; starting a new conversation", file=sys.stderr, flush=True)
             messages = messages[:1] if args.system_prompt else []
@@ -385,6 +459,12 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"--max-tokens {args.max_tokens}: generate at least 1 token (e.g. --max-tokens 100)")
     if args.chat and args.prompt is not None:
         raise UsageError("give either --prompt or --chat, not both")
+    if args.chat and args.ignore_chat_template:
+        raise UsageError("--chat talks through the tokenizer's chat template; drop --ignore-chat-template, or use "
+                         "--prompt for plain completion")
+    if args.system_prompt is not None and args.ignore_chat_template:
+        raise UsageError("--system-prompt goes into the chat template, which --ignore-chat-template turns off; "
+                         "drop one of them")
     if not args.chat:
         if args.prompt is None:
             raise UsageError("no prompt: pass --prompt \"...\" (or --prompt - to read stdin), or --chat")
@@ -397,7 +477,12 @@ def run(args: argparse.Namespace) -> int:
     )
     if args.chat:
         return _chat(model, tokenizer, args)
-    _generate_once(model, tokenizer, encode_prompt(tokenizer, args.prompt), args)
+    templated = not args.ignore_chat_template and has_chat_template(tokenizer)
+    ids = prompt_ids(tokenizer, args.prompt, chat_template=templated, system_prompt=args.system_prompt)
+    if templated and args.verbose:
+        print("[the prompt goes into the tokenizer's chat template; --ignore-chat-template sends it as it is]",
+              file=sys.stderr, flush=True)
+    _generate_once(model, tokenizer, ids, args)
     return 0
 
 
@@ -409,9 +494,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--model", default=None,
                    help="Model directory or Hugging Face id (default: the embedded full-precision stdlib model).")
-    p.add_argument("--prompt", "-p", default=None, help="Prompt text, used as it is ('-' reads stdin).")
+    p.add_argument("--prompt", "-p", default=None,
+                   help="Prompt text ('-' reads stdin); in the tokenizer's chat template when it has one.")
+    p.add_argument("--ignore-chat-template", action="store_true",
+                   help="Send --prompt as it is, without the tokenizer's chat template (plain completion).")
     p.add_argument("--chat", action="store_true", help="Interactive chat with the tokenizer's chat template.")
-    p.add_argument("--system-prompt", default=None, help="System message for --chat.")
+    p.add_argument("--system-prompt", default=None, help="System message, in the chat template (--prompt or --chat).")
+    p.add_argument("--max-prompt-tokens", type=positive_int, default=None, metavar="N",
+                   help=f"Refuse a prompt longer than N tokens (default: what fits the model's context; "
+                        f"{UNKNOWN_CONTEXT_LIMIT} when its config names none).")
     p.add_argument("--max-tokens", "-m", type=positive_int, default=128, help="Most tokens to generate (default: 128).")
     p.add_argument("--temp", type=non_negative_float, default=0.0, help="Sampling temperature; 0 is greedy (default: 0).")
     p.add_argument("--top-p", type=probability, default=1.0, help="Nucleus sampling mass in (0, 1]; 1 is off (default: 1).")

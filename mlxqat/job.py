@@ -10,7 +10,8 @@ again, prints the before/after table, converts and saves an mlx-lm directory
 with the table in ``mlxqat.json``. ``--method blockwise`` trains the student one
 transformer block at a time first (:func:`mlxqat.blockwise.blockwise_qat`), then
 only its scales and biases end to end. Training artifacts (checkpoints, log,
-teacher cache) go to ``<out>.train/``; ``--resume`` continues from there.
+teacher cache) go to ``<out>.train/``; ``--resume`` continues from there. A run that fails before it
+wrote any of them removes the ``<out>.train/`` it created (never one that was there before).
 
 :func:`run` is the job as a function: its keyword arguments are the
 command's flags (:func:`build_parser`), and :func:`main` parses them.
@@ -19,7 +20,9 @@ command's flags (:func:`build_parser`), and :func:`main` parses them.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
+import os
 import time
 from pathlib import Path
 from typing import Optional
@@ -33,11 +36,11 @@ from .convert import convert, quantize_rtn
 from .data import (build_dataset, check_seq_len, generate_windows, model_context, split_selection, spread,
                    stdlib_windows)
 from .evaluate import evaluate, format_table, gap_recovered
-from .io import check_destination, check_work_dir, load, save, work_dir
+from .io import check_destination, check_work_dir, load, remove_output, save, work_dir
 from .stdlib_data import embedded_model_path
 from ._cli import ArgumentParser, command, non_negative_float, non_negative_int, positive_float, positive_int
 from .qat import EVAL_WINDOWS, RECIPE_DEFAULTED, SELECT_WINDOWS, qat_args, quantize_qat, release_teacher, shared_student
-from .trainer import TrainingArgs, latest_checkpoint, resume_point
+from .trainer import LATEST, TEACHER_CACHE, TrainingArgs, latest_checkpoint, resume_point
 from . import blockwise, memory
 
 METHODS = ("qat", "blockwise")
@@ -160,71 +163,98 @@ def run(
     check_destination(out, sources=sources)
     work = check_work_dir(str(Path(out)) + ".train", sources=sources)
     resume_e2e = _resume_plan(work, block, resume)
-    check_memory(model, args, method, block, trained, eval_windows + select_windows, memory_limit)
-    if resume_e2e:
-        resume_point(work, args, trained.to_dict())  # a checkpoint that fits these settings, or refuse now
-
-    teacher, tokenizer, config = load(model, return_config=True, full_precision=True)
-    train_w, val_all = _dataset(data, tokenizer, teacher, args.seq_len, args, eval_windows + select_windows,
-                                self_generate, args.seed)
-    val_w, select_w = split_selection(val_all, select_windows)
-    print(f"data: {len(train_w)} training windows, {len(val_w)} validation windows"
-          + (f" (+{len(select_w)} to pick the best step on)" if select_w is not None else "")
-          + f" of {args.seq_len} tokens", flush=True)
-    stored = dict(tree_flatten(teacher.parameters()))
-    teacher.set_dtype(mx.float32)  # fp32 compute and master copies (fast BLAS path on CPU)
-    if block is not None:  # blocks not trained yet stay in the checkpoint's bfloat16/float16 (same values)
-        held = blockwise.hold_weights(teacher, stored)
-        if held:
-            print(f"block-wise: {held / 1e6:.1f}M block weights kept in the checkpoint's 16-bit type, each block "
-                  "upcast to float32 when it trains", flush=True)
-    del stored
-    teacher.freeze()
-    rows = _baselines(config, teacher, base, train_w, val_w, progress)
-    student = shared_student(teacher, config)
-    if args.teacher_top_k:
-        teacher = release_teacher(teacher, train_w, val_all, args, work, progress=progress)
-
-    block_summary = None
-    if block is not None:
-        block_summary = _block_phase(student, train_w, base, block, learn_scales, scale_init, args.seed,
-                                     work_dir(work) / "blockwise", resume, progress)
-    summary = quantize_qat(student, teacher, train_w, base, select_windows=select_w, learn_scales=learn_scales,
-                           scale_init=scale_init, out_dir=work, resume=resume_e2e, progress=progress,
-                           callback=callback, scale_dtype=scale_dtype, **dataclasses.asdict(args))
-    if block_summary is not None:
-        summary["block_phase"] = block_summary
-    rows["QAT"] = _evaluate("QAT", student, val_w, teacher, progress)
-
-    ppl_fp, ppl_rtn = rows["full precision"]["ppl"], rows["round-to-nearest"]["ppl"]
-    print("\n" + format_table(rows, ppl_fp, ppl_rtn) + "\n", flush=True)
-    gap = gap_recovered(ppl_rtn, rows["QAT"]["ppl"], ppl_fp)
-    gap = None if gap != gap else gap  # NaN (no RTN gap to recover) is not JSON
-    kl_reduction = 1 - rows["QAT"]["kl"] / rows["round-to-nearest"]["kl"] if rows["round-to-nearest"]["kl"] > 0 else None
-
-    master = _master_weights(student) if save_master else None
-    convert(student)
-    info = {
-        "training": {
-            "method": method,
-            "base_model": model or "embedded:stdlib-llama",
-            "data": data or ("self-generated" if self_generate else "python-stdlib"),
-            **{k: v for k, v in summary.items() if k not in ("losses", "val", "recipe")},
-        },
-        "metrics": {**rows, "gap_recovered": gap, "kl_reduction_vs_rtn": kl_reduction},
-    }
-    extra = {"train_log.jsonl": (work / "train_log.jsonl").read_text()} if (work / "train_log.jsonl").exists() else {}
-    save(student, tokenizer, out, config=config, info=info, extra_files=extra, master_weights=master, sources=sources,
-         title=f"QAT model ({trained.name})",
-         notes="Quantization-aware training distilled from the full-precision model (`python -m mlxqat.train`).")
-    print(f"saved {out} ({time.perf_counter() - t_start:.0f} s in all)", flush=True)
-    return {"table": rows, "gap_recovered": gap, "kl_reduction_vs_rtn": kl_reduction, "training": summary, "out": str(out)}
-
-
-def check_memory(model, args, method: str, block: Optional[dict], recipe, kept_windows: int,
-                 limit_gb: Optional[float]) -> memory.MemoryEstimate:
-    """Print the run's estimated peak memory; refuse it when that exceeds ``limit_gb`` (see :func:`run`)."""
     shape = memory.read_shape(model)
+    check_seq_len(args.seq_len, shape.context)  # before the memory estimate, which grows with it
+    check_memory(shape, args, method, block, trained, eval_windows + select_windows, memory_limit)
+    with _removed_on_failure(work):
+        if resume_e2e:
+            resume_point(work, args, trained.to_dict())  # a checkpoint that fits these settings, or refuse now
+
+        teacher, tokenizer, config = load(model, return_config=True, full_precision=True)
+        train_w, val_all = _dataset(data, tokenizer, teacher, args.seq_len, args, eval_windows + select_windows,
+                                    self_generate, args.seed)
+        val_w, select_w = split_selection(val_all, select_windows)
+        print(f"data: {len(train_w)} training windows, {len(val_w)} validation windows"
+              + (f" (+{len(select_w)} to pick the best step on)" if select_w is not None else "")
+              + f" of {args.seq_len} tokens", flush=True)
+        stored = dict(tree_flatten(teacher.parameters()))
+        teacher.set_dtype(mx.float32)  # fp32 compute and master copies (fast BLAS path on CPU)
+        if block is not None:  # blocks not trained yet stay in the checkpoint's bfloat16/float16 (same values)
+            held = blockwise.hold_weights(teacher, stored)
+            if held:
+                print(f"block-wise: {held / 1e6:.1f}M block weights kept in the checkpoint's 16-bit type, each block "
+                      "upcast to float32 when it trains", flush=True)
+        del stored
+        teacher.freeze()
+        rows = _baselines(config, teacher, base, train_w, val_w, progress)
+        student = shared_student(teacher, config)
+        if args.teacher_top_k:
+            teacher = release_teacher(teacher, train_w, val_all, args, work, progress=progress)
+
+        block_summary = None
+        if block is not None:
+            block_summary = _block_phase(student, train_w, base, block, learn_scales, scale_init, args.seed,
+                                         work_dir(work) / "blockwise", resume, progress)
+        summary = quantize_qat(student, teacher, train_w, base, select_windows=select_w, learn_scales=learn_scales,
+                               scale_init=scale_init, out_dir=work, resume=resume_e2e, progress=progress,
+                               callback=callback, scale_dtype=scale_dtype, **dataclasses.asdict(args))
+        if block_summary is not None:
+            summary["block_phase"] = block_summary
+        rows["QAT"] = _evaluate("QAT", student, val_w, teacher, progress)
+
+        ppl_fp, ppl_rtn = rows["full precision"]["ppl"], rows["round-to-nearest"]["ppl"]
+        print("\n" + format_table(rows, ppl_fp, ppl_rtn) + "\n", flush=True)
+        gap = gap_recovered(ppl_rtn, rows["QAT"]["ppl"], ppl_fp)
+        gap = None if gap != gap else gap  # NaN (no RTN gap to recover) is not JSON
+        kl_reduction = 1 - rows["QAT"]["kl"] / rows["round-to-nearest"]["kl"] if rows["round-to-nearest"]["kl"] > 0 else None
+
+        master = _master_weights(student) if save_master else None
+        convert(student)
+        info = {
+            "training": {
+                "method": method,
+                "base_model": model or "embedded:stdlib-llama",
+                "data": data or ("self-generated" if self_generate else "python-stdlib"),
+                **{k: v for k, v in summary.items() if k not in ("losses", "val", "recipe")},
+            },
+            "metrics": {**rows, "gap_recovered": gap, "kl_reduction_vs_rtn": kl_reduction},
+        }
+        extra = {"train_log.jsonl": (work / "train_log.jsonl").read_text()} if (work / "train_log.jsonl").exists() else {}
+        save(student, tokenizer, out, config=config, info=info, extra_files=extra, master_weights=master, sources=sources,
+             title=f"QAT model ({trained.name})",
+             notes="Quantization-aware training distilled from the full-precision model (`python -m mlxqat.train`).")
+        print(f"saved {out} ({time.perf_counter() - t_start:.0f} s in all)", flush=True)
+        return {"table": rows, "gap_recovered": gap, "kl_reduction_vs_rtn": kl_reduction, "training": summary, "out": str(out)}
+
+
+@contextlib.contextmanager
+def _removed_on_failure(work: Path):
+    """Remove the work directory ``work`` when the run fails (or is interrupted), if the run created it and
+    nothing in it is worth keeping (:func:`_worth_keeping`); one that was there before is never removed."""
+    existed = os.path.lexists(work)
+    try:
+        yield
+    except BaseException:
+        if not existed and os.path.isdir(work) and not _worth_keeping(work):
+            try:
+                remove_output(work)
+            except (OSError, ValueError):  # never hide the run's own error behind this one
+                pass
+        raise
+
+
+def _worth_keeping(work: Path) -> bool:
+    """Whether a work directory holds what a later run uses, or a record of training: a checkpoint of either
+    phase (for ``--resume``), cached teacher targets (read again by the next run) or a log with records."""
+    cache, log = work / TEACHER_CACHE, work / "train_log.jsonl"
+    return ((work / "checkpoints" / LATEST).exists() or (work / "blockwise" / blockwise.STATE).exists()
+            or (cache.is_dir() and any(cache.iterdir())) or (log.is_file() and log.stat().st_size > 0))
+
+
+def check_memory(shape: memory.ModelShape, args, method: str, block: Optional[dict], recipe, kept_windows: int,
+                 limit_gb: Optional[float]) -> memory.MemoryEstimate:
+    """Print the estimated peak memory of a run on a model of ``shape`` (:func:`mlxqat.memory.read_shape`);
+    refuse it when that exceeds ``limit_gb`` (see :func:`run`)."""
     groups = [s.group_size for s in recipe.specs() if s.group_size > 0]
     kw = dict(group_size=min(groups) if groups else 64, bits=max(s.bits for s in recipe.specs()),
               kept_windows=kept_windows if args.teacher_top_k else 0)
@@ -397,7 +427,7 @@ def _block_flags(p: argparse.ArgumentParser) -> None:
                         "quantized model's inputs (default: fp).")
 
 
-@command(interrupted="interrupted; resume with --resume (checkpoints are in <out>.train/)")
+@command(interrupted="interrupted; resume with --resume (from the checkpoints in <out>.train/, if any were written)")
 def main(argv=None) -> int:
     """Entry point of ``python -m mlxqat.train``; returns the exit status (2: bad input, 130: Ctrl-C)."""
     args = build_parser().parse_args(argv)

@@ -38,6 +38,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
+from .data import config_context
+
 GB = 1e9
 
 # Factors of the per-step parts, by what trains; fitted by `python benchmarks/memory.py --fit`
@@ -74,6 +76,7 @@ class ModelShape:
     tied: bool
     name: str = ""
     weight_bytes: int = 4  # bytes of a block weight as the checkpoint stores it (2: bfloat16/float16)
+    context: Optional[int] = None  # the longest sequence it was built for, when the config says
 
     @classmethod
     def from_config(cls, config: dict, name: str = "") -> "ModelShape":
@@ -86,7 +89,8 @@ class ModelShape:
                        head_dim=int(c.get("head_dim") or hidden // heads), vocab=int(c["vocab_size"]),
                        tied=bool(c.get("tie_word_embeddings", str(c.get("model_type", "")).startswith("gemma"))),
                        name=name or str(c.get("_name_or_path", "")),
-                       weight_bytes=2 if str(c.get("torch_dtype") or c.get("dtype")) in ("bfloat16", "float16") else 4)
+                       weight_bytes=2 if str(c.get("torch_dtype") or c.get("dtype")) in ("bfloat16", "float16") else 4,
+                       context=config_context(c))
         except (KeyError, TypeError, ValueError) as e:
             raise ValueError(f"the model's config has no usable {e} for a memory estimate (it needs hidden_size, "
                              "num_hidden_layers, intermediate_size, num_attention_heads and vocab_size)") from None

@@ -14,11 +14,18 @@ the model, interleaved so that load from other processes spreads evenly:
 * ``int4 (mlxqat kernel)``: the same weights on this package's int4 kernel.
 
 Each run is one greedy generation from a prompt of seeded random token ids
-(speed does not depend on which tokens), timed as ``mlx_lm`` times it:
-prefill = prompt processing up to the first generated token, decode = the
-rest. The figures are medians over ``--repeats`` runs after one warm-up run
+(speed does not depend on which tokens, so no chat template is involved),
+timed as ``mlx_lm`` times it: prefill = prompt processing up to the first
+generated token, decode = the rest. The figures are medians over ``--repeats`` runs after one warm-up run
 per variant. The model memory of each variant (bytes, bits per weight, size
 relative to bf16) comes from :func:`mlxqat.export.memory_report`.
+
+Every prompt length must be one ``generate`` would take
+(:func:`mlxqat.generate.check_prompt_length`: room for one token in the model's
+context, and ``--max-prompt-tokens`` where the config names no context); a
+given one that is not is refused before any timing, a default one is left out
+with a note. Generation may run past the context: that timing is valid (the
+text would not be), and the cell is marked.
 
 A full-precision ``--model`` is quantized with round-to-nearest (``--recipe``)
 for the int4 rows. A quantized ``--model`` needs its full-precision original
@@ -47,7 +54,8 @@ import numpy as np
 
 from ._cli import ArgumentParser, UsageError, command, non_negative_int, positive_int
 from .convert import layer_specs, quantize_rtn, use_kernel
-from .generate import apply_dtype, model_label
+from .data import model_context
+from .generate import apply_dtype, check_prompt_length, model_label
 from .io import load
 
 __all__ = [
@@ -58,7 +66,9 @@ BASELINES = ("fp16", "bf16", "fp32", "none")
 _BASELINE_DTYPES = {"fp16": "float16", "bf16": "bfloat16", "fp32": "float32"}
 DEFAULT_PROMPT_LENGTHS = (32, 128, 512)
 DEFAULT_GEN_LENGTHS = (32, 128)
+DEFAULT_REPEATS = 3
 QUICK = dict(prompt_lengths=(32, 128), gen_lengths=(16,), repeats=2)
+MIN_LENGTH = {"prompt-lengths": 1, "gen-lengths": 2}  # decode speed needs 2 generated tokens
 
 
 # ---------------------------------------------------------------------------
@@ -156,13 +166,17 @@ def build_variants(
     baseline_model: Optional[str],
     recipe: str,
     kernels: Sequence[str],
+    loaded: Optional[nn.Module] = None,
 ) -> tuple:
-    """``(variants, notes, meta)``: the models to time, and why any row is missing."""
+    """``(variants, notes, meta)``: the models to time, and why any row is missing.
+
+    ``loaded``: ``model`` as :func:`mlxqat.load` opened it already (``None``: open it here).
+    """
     from .kernels import KernelQuantizedLinear
 
     notes: List[str] = []
     meta: dict = {}
-    m, _ = load(model)
+    m = loaded if loaded is not None else load(model)[0]
     source = meta["model"] = model_label(model)
     quantized_given = bool(layer_specs(m))
     variants: List[Variant] = []
@@ -208,8 +222,6 @@ def build_variants(
         # One model for both kernels: use_kernel switches its layers (sharing the weights) before each run.
         variants.append(Variant(f"{label} ({kernel} kernel)", q, kernel, q_dtype))
     meta["vocab_size"] = int(q.args.vocab_size) if hasattr(q, "args") else None
-    from .data import model_context
-
     meta["context"] = model_context(q)
     return variants, notes, meta
 
@@ -234,16 +246,50 @@ def _ready(v: Variant) -> nn.Module:
 # ---------------------------------------------------------------------------
 
 
-def _lengths(values, what: str, minimum: int) -> List[int]:
-    if isinstance(values, str):
-        try:
-            values = [int(v) for v in values.split(",") if v.strip()]
-        except ValueError:
-            raise UsageError(f"--{what} {values!r}: give comma-separated integers, e.g. 32,128") from None
-    values = [int(v) for v in values]
-    if not values or min(values) < minimum:
-        raise UsageError(f"--{what} {values}: each length must be at least {minimum}")
+def _lengths(values, what: str) -> List[int]:
+    """``--prompt-lengths`` / ``--gen-lengths`` (``what``): a comma-separated string or a list of ints,
+    each at least :data:`MIN_LENGTH` ``[what]``."""
+    minimum = MIN_LENGTH[what]
+    text = values if isinstance(values, str) else ",".join(map(str, values))
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        values = []
+    if not values:
+        raise UsageError(f"--{what} {text!r}: give comma-separated integers, e.g. 32,128")
+    if min(values) < minimum:
+        raise UsageError(f"--{what} {text}: each length must be at least {minimum}, e.g. 32,128")
     return values
+
+
+class _LengthsAction(argparse.Action):
+    """Parse ``--prompt-lengths`` / ``--gen-lengths`` with :func:`_lengths` when the flag is read, so a bad
+    length is a usage error at parse time (``--quick`` never replaces it)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        try:
+            setattr(namespace, self.dest, _lengths(values, self.dest.replace("_", "-")))
+        except UsageError as e:
+            raise argparse.ArgumentError(None, str(e)) from None
+
+
+def _fitting_prompt_lengths(lengths: List[int], given: bool, context: Optional[int],
+                            max_prompt_tokens: Optional[int], notes: List[str]) -> List[int]:
+    """The prompt lengths ``generate`` would take (:func:`~mlxqat.generate.check_prompt_length`): a given
+    one that it would not is refused; a default one is left out, with a note."""
+    fix = "give --prompt-lengths of at most {limit} tokens"
+    kept = []
+    for p in lengths:
+        try:
+            check_prompt_length(p, context, max_prompt_tokens, fix=fix)
+            kept.append(p)
+        except UsageError as e:
+            if given:
+                raise UsageError(f"--prompt-lengths {p}: {e}") from None
+            notes.append(f"prompt length {p} left out of the default grid: {e}")
+    if not kept:
+        raise UsageError("nothing to profile: " + "; ".join(notes))
+    return kept
 
 
 def _kernels(kernels) -> List[str]:
@@ -284,13 +330,15 @@ def profile_model(
     baseline: str = "fp16",
     baseline_model: Optional[str] = None,
     recipe: str = "int4",
-    prompt_lengths: Sequence[int] = DEFAULT_PROMPT_LENGTHS,
-    gen_lengths: Sequence[int] = DEFAULT_GEN_LENGTHS,
-    repeats: int = 3,
+    prompt_lengths: Optional[Sequence[int]] = None,
+    gen_lengths: Optional[Sequence[int]] = None,
+    repeats: Optional[int] = None,
     kernels: Sequence[str] = ("mlx", "mlxqat"),
     seed: int = 0,
     out: Optional[str] = None,
     progress: bool = True,
+    quick: bool = False,
+    max_prompt_tokens: Optional[int] = None,
 ) -> dict:
     """Measure prefill/decode speed, latency and memory of fp vs int4 (MLX kernel) vs int4 (ours).
 
@@ -301,12 +349,18 @@ def profile_model(
             the CPU) or ``none`` (no full-precision rows).
         baseline_model: the full-precision original of a quantized ``model``.
         recipe: recipe for quantizing a full-precision ``model``.
-        prompt_lengths, gen_lengths: the grid (lists of ints, or comma-separated strings).
-        repeats: timed runs per cell; the figures are medians.
+        prompt_lengths, gen_lengths: the grid (lists of ints, or comma-separated strings); ``None``:
+            :data:`DEFAULT_PROMPT_LENGTHS` / :data:`DEFAULT_GEN_LENGTHS` (``quick``: :data:`QUICK`'s).
+            A prompt length ``generate`` would refuse (:func:`mlxqat.generate.check_prompt_length`)
+            is refused when given and left out, with a note, from the default.
+        repeats: timed runs per cell; the figures are medians (``None``: 3, ``quick``: 2).
         kernels: quantized kernels to compare, from ``mlx`` and ``mlxqat``.
         seed: seed of the random prompt tokens.
         out: directory for ``profile.json`` and ``profile.png`` (``None``: write nothing).
         progress: show a progress bar.
+        quick: the smaller grid of :data:`QUICK` for what is not given.
+        max_prompt_tokens: the longest prompt, as ``generate --max-prompt-tokens`` (``None``: what fits
+            the model's context, or :data:`mlxqat.generate.UNKNOWN_CONTEXT_LIMIT` where its config names none).
 
     Returns:
         ``{"meta", "notes", "memory": {variant: report}, "results": [row, ...]}``; a row has
@@ -320,12 +374,21 @@ def profile_model(
     if out is not None:
         check_destination(out, sources=[p for p in (model, baseline_model) if p])  # before minutes of timing
     kernels = _kernels(kernels)
-    prompt_lengths = _lengths(prompt_lengths, "prompt-lengths", 1)
-    gen_lengths = _lengths(gen_lengths, "gen-lengths", 2)
+    grid = QUICK if quick else dict(prompt_lengths=DEFAULT_PROMPT_LENGTHS, gen_lengths=DEFAULT_GEN_LENGTHS,
+                                    repeats=DEFAULT_REPEATS)
+    given_prompts = prompt_lengths is not None
+    prompt_lengths = _lengths(prompt_lengths if given_prompts else grid["prompt_lengths"], "prompt-lengths")
+    gen_lengths = _lengths(gen_lengths if gen_lengths is not None else grid["gen_lengths"], "gen-lengths")
+    repeats = repeats if repeats is not None else grid["repeats"]
     if repeats < 1:
         raise UsageError(f"--repeats {repeats}: use at least 1")
 
-    variants, notes, meta = build_variants(model, baseline, baseline_model, recipe, kernels)
+    loaded, _ = load(model)
+    length_notes: List[str] = []  # before loading the rest and quantizing: the prompts must fit
+    prompt_lengths = _fitting_prompt_lengths(prompt_lengths, given_prompts, model_context(loaded), max_prompt_tokens,
+                                             length_notes)
+    variants, notes, meta = build_variants(model, baseline, baseline_model, recipe, kernels, loaded=loaded)
+    notes += length_notes
     if not variants:
         raise UsageError("nothing to profile: " + "; ".join(notes))
     vocab = meta["vocab_size"]
@@ -542,15 +605,21 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Full-precision rows' dtype (float32 on CPU), or none (default: fp16).")
     p.add_argument("--baseline-model", default=None, help="Full-precision original of a quantized --model.")
     p.add_argument("--recipe", default="int4", help="Recipe to quantize a full-precision --model with (default: int4).")
-    p.add_argument("--prompt-lengths", default=",".join(map(str, DEFAULT_PROMPT_LENGTHS)),
-                   help="Comma-separated prompt lengths in tokens (default: 32,128,512).")
-    p.add_argument("--gen-lengths", default=",".join(map(str, DEFAULT_GEN_LENGTHS)),
-                   help="Comma-separated generation lengths (default: 32,128).")
-    p.add_argument("--repeats", type=positive_int, default=3, help="Timed runs per cell; medians are reported (default: 3).")
+    p.add_argument("--prompt-lengths", action=_LengthsAction, default=None,
+                   help="Comma-separated prompt lengths in tokens, each one generate would take (default: "
+                        "32,128,512 without those beyond the model's context).")
+    p.add_argument("--gen-lengths", action=_LengthsAction, default=None,
+                   help="Comma-separated generation lengths, each at least 2 (default: 32,128).")
+    p.add_argument("--repeats", type=positive_int, default=None,
+                   help=f"Timed runs per cell; medians are reported (default: {DEFAULT_REPEATS}).")
+    p.add_argument("--max-prompt-tokens", type=positive_int, default=None, metavar="N",
+                   help="The longest prompt, as generate's --max-prompt-tokens (default: what fits the model's "
+                        "context).")
     p.add_argument("--kernels", default="mlx,mlxqat", help="Quantized kernels to compare (default: mlx,mlxqat).")
     p.add_argument("--seed", type=non_negative_int, default=0, help="Seed of the random prompt tokens.")
     p.add_argument("--out", default="profile-out", help="Directory for profile.json and profile.png.")
-    p.add_argument("--quick", action="store_true", help="Prompt lengths 32,128, 16 generated tokens, 2 repeats.")
+    p.add_argument("--quick", action="store_true",
+                   help="For what is not given: prompt lengths 32,128, 16 generated tokens, 2 repeats.")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="No progress bar.")
     return p
 
@@ -562,10 +631,7 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     matplotlib.use("Agg")  # files only; no display needed
     args = build_parser().parse_args(argv)
-    kwargs = vars(args)
-    if kwargs.pop("quick"):
-        kwargs.update(QUICK)
-    result = profile_model(**kwargs)
+    result = profile_model(**vars(args))
     print(format_table(result))
     print()
     print(memory_table(result))

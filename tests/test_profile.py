@@ -21,7 +21,7 @@ GRID = dict(prompt_lengths=(8, 24), gen_lengths=(3, 6), repeats=3, progress=Fals
 def dirs(tmp_path_factory, tokenizer):
     root = tmp_path_factory.mktemp("profile")
     model, config = tiny.make_model("llama")
-    config = dict(config, vocab_size=tiny.VOCAB, max_position_embeddings=24)
+    config = dict(config, vocab_size=tiny.VOCAB, max_position_embeddings=25)  # prompts of 24 fit
     fp = tiny.save_fp_model(model, config, tokenizer, root / "fp")
     mlxqat.prepare(model, "int4")
     mlxqat.convert(model)
@@ -57,8 +57,8 @@ def test_full_precision_model_gives_three_variants_over_the_grid(fp_result):
             assert run["decode_tps"] == pytest.approx((r["gen_len"] - 1) / run["decode_s"])
             assert run["ms_per_token"] == pytest.approx(1e3 * run["decode_s"] / (r["gen_len"] - 1))
             assert run["peak_memory_bytes"] > 0
-        assert r["beyond_context"] == (r["prompt_len"] + r["gen_len"] > 24)
-    assert any("past the model's context of 24" in n for n in result["notes"])
+        assert r["beyond_context"] == (r["prompt_len"] + r["gen_len"] > 25)
+    assert any("past the model's context of 25" in n for n in result["notes"])
 
 
 def test_memory_of_each_variant(fp_result):
