@@ -85,9 +85,10 @@ def add_manifest(directory) -> dict:
     Raises:
         FileNotFoundError / ValueError: not a model directory (no valid config.json).
     """
-    from .io import MANIFEST, Manifest, check_config
+    from .io import MANIFEST, Manifest, check_config, recover_interrupted
 
     directory = Path(directory)
+    recover_interrupted(directory)  # a replacement killed between its renames: restored, as verify does
     check_config(directory)
     info = {}
     if os.path.lexists(directory / MANIFEST):

@@ -9,10 +9,12 @@ Writes follow one destination rule (:func:`check_destination`): an existing
 path is replaced only when it is a previous mlxqat output (a directory whose
 manifest lists all its files, or a GGUF file mlxqat wrote), never the source
 model, the working directory or one of its parents, a device, a link or a
-folder holding anything else. Replacement is atomic: the new version is built
-in a temporary sibling; the old one is renamed to ``.NAME.mlxqat-old`` and the
-new one into place; a run killed between the two renames is repaired (the old
-version restored) by the next write to the same path or by :func:`load`.
+folder holding anything else, and only where this process can create files.
+Replacement is atomic: the new version is built in a temporary sibling
+``.NAME.tmp-PID@HOST-XXXXXXXX``; the old one is renamed to ``.NAME.mlxqat-old``
+and the new one into place; a run killed between the two renames is repaired
+(the old version restored) by the next write to the same path, by :func:`load`
+or by :func:`verify`, which also remove the temporaries of writers that died.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import json
 import os
 import re
 import shutil
+import socket
 import stat
 import sys
 import tempfile
@@ -38,7 +41,7 @@ from mlx.utils import tree_flatten, tree_map_with_path
 
 from ._version import __version__
 from .layers import ActQuantizedLinear, is_fake_quant
-from .validate import check_config_values, read_json_file
+from .validate import check_config_values, check_model_type, read_json_file
 
 MANIFEST = "mlxqat.json"
 FORMAT_VERSION = 2
@@ -184,12 +187,11 @@ def check_destination(dest: PathLike, *, sources: Iterable[PathLike] = (), kind:
     try:
         st = os.lstat(dest)
     except FileNotFoundError:
-        parent = dest.parent
-        if parent.exists() and not parent.is_dir():
-            raise DestinationError(f"{parent} is not a directory, so {dest} cannot be created; {fix}") from None
+        _check_writable_parent(dest, fix)
         return dest
     wanted = stat.S_ISDIR if kind == "dir" else stat.S_ISREG
     if wanted(st.st_mode) and is_mlxqat_output(dest):
+        _check_writable_parent(dest, fix)
         return dest
     what = "directory" if kind == "dir" else "file"
     raise DestinationError(
@@ -198,18 +200,98 @@ def check_destination(dest: PathLike, *, sources: Iterable[PathLike] = (), kind:
     )
 
 
+def _check_writable_parent(dest: Path, fix: str) -> None:
+    """The folder ``dest`` goes in exists (or can be created) and this process can create files there.
+
+    Tried, not read from permission bits (which root, read-only mounts and /proc
+    do not honour): a temporary file is created and removed in the nearest
+    existing folder above ``dest``.
+    """
+    ancestor = Path(os.path.abspath(dest)).parent
+    while not os.path.lexists(ancestor) and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise DestinationError(f"{ancestor} is not a directory, so {dest} cannot be created; {fix}")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=_temp_prefix(dest), dir=ancestor)
+    except OSError as e:
+        raise DestinationError(
+            f"{dest} cannot be written: {ancestor} is not writable (creating a file there failed: {e.strerror}); "
+            f"{fix} in a folder you can write to"
+        ) from None
+    os.close(fd)
+    os.unlink(probe)
+
+
 def _backup_path(dest: Path) -> Path:
     return dest.parent / f".{dest.name}.mlxqat-old"
 
 
+# which machine wrote a temporary (processes of one run may share a file system across machines)
+_HOST = hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
+
+
+def _temp_prefix(dest: Path) -> str:
+    """How the temporary siblings of ``dest`` are named: ``.NAME.tmp-PID@HOST-`` and tempfile's 8 characters.
+
+    The writer's process id and machine let :func:`_remove_stale_temporaries`
+    tell a temporary whose writer died from one still being written.
+    """
+    return f".{dest.name}.tmp-{os.getpid()}@{_HOST}-"
+
+
+def _process_alive(pid: int) -> bool:
+    """False only when no process ``pid`` exists on this machine (when unsure: alive)."""
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (OSError, OverflowError):  # another user's process, or not a pid at all: leave it
+        return True
+    return True
+
+
+def _remove_stale_temporaries(dest: Path) -> list:
+    """Remove temporaries of ``dest`` that mlxqat writers on this machine left when they were killed.
+
+    Only names :func:`_temp_prefix` makes for ``dest``, written on this machine
+    by a process that no longer exists; anything else (other names, a live
+    writer's temporary, older temporaries without a process id) is left alone.
+
+    Returns:
+        The names removed.
+    """
+    pattern = re.compile(rf"\.{re.escape(dest.name)}\.tmp-(\d+)@{_HOST}-[a-z0-9_]{{8}}")
+    try:
+        names = os.listdir(dest.parent)
+    except OSError:
+        return []
+    removed = []
+    for name in sorted(names):
+        match = pattern.fullmatch(name)
+        if match and not _process_alive(int(match.group(1))):
+            with contextlib.suppress(OSError):
+                _remove(dest.parent / name)
+                removed.append(name)
+    if removed:
+        print(f"note: removed {', '.join(removed)}, left in {dest.parent} by an interrupted write of {dest.name}",
+              file=sys.stderr)
+    return removed
+
+
 def recover_interrupted(dest: PathLike) -> Optional[str]:
     """Finish or undo a replacement of ``dest`` that was killed between its two renames.
+
+    Temporaries of ``dest`` whose writer died are removed too (:func:`_remove_stale_temporaries`).
 
     Returns:
         ``"restored"`` (the old version is back at ``dest``), ``"cleaned"`` (the
         new version was in place; the stale old copy was removed), or None.
     """
     dest = Path(dest)
+    _remove_stale_temporaries(dest)
     backup = _backup_path(dest)
     if not os.path.lexists(backup):
         return None
@@ -282,12 +364,13 @@ def atomic_dir(dest: PathLike, *, sources: Iterable[PathLike] = ()) -> Iterator[
 
     ``dest`` must pass :func:`check_destination`. If the body raises (or the
     process dies), ``dest`` keeps its previous content or stays absent, and the
-    temporary directory is removed (after a kill, left as ``.NAME.tmp-*``).
+    temporary directory is removed (after a kill, left as ``.NAME.tmp-*`` until the
+    next write to ``dest`` removes it).
     """
     dest = check_destination(dest, sources=sources, kind="dir")
     with _naming(dest):
         dest.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
+        tmp = Path(tempfile.mkdtemp(prefix=_temp_prefix(dest), dir=dest.parent))
     try:
         yield tmp
         _fsync_tree(tmp)
@@ -306,9 +389,11 @@ def atomic_path(dest: PathLike, *, sources: Iterable[PathLike] = (), check: bool
     directory mlxqat owns, such as a training work directory).
     """
     dest = check_destination(dest, sources=sources, kind="file") if check else Path(dest)
+    if not check:  # check_destination cleans up after killed writers; here, in a directory mlxqat owns, do it now
+        _remove_stale_temporaries(dest)
     with _naming(dest):
         dest.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.tmp-", dir=dest.parent)
+        fd, tmp = tempfile.mkstemp(prefix=_temp_prefix(dest), dir=dest.parent)
     os.close(fd)
     try:
         yield Path(tmp)
@@ -354,7 +439,7 @@ def work_dir(path: PathLike, *, sources: Iterable[PathLike] = ()) -> Path:
         return path
     with _naming(path):
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+        tmp = Path(tempfile.mkdtemp(prefix=_temp_prefix(path), dir=path.parent))
     try:
         (tmp / MANIFEST).write_text(Manifest.work_mark())
         try:
@@ -625,6 +710,9 @@ def _is_hub_blob_link(directory: Path, name: str, st: os.stat_result) -> bool:
 def verify(directory: PathLike) -> dict:
     """Check a saved directory against ``mlxqat.json``: every file listed, unchanged, nothing else.
 
+    A directory whose replacement was killed between its two renames is
+    repaired first, as every command does (:func:`recover_interrupted`).
+
     Returns:
         The manifest.
 
@@ -634,6 +722,7 @@ def verify(directory: PathLike) -> dict:
             extra, changed, or not a regular file.
     """
     directory = Path(directory)
+    recover_interrupted(directory)
     if not directory.is_dir():
         raise FileNotFoundError(f"{directory} is not a directory: nothing to verify (expected a model directory with {MANIFEST})")
     manifest = Manifest.read(directory)
@@ -661,7 +750,10 @@ def model_config(model: nn.Module) -> dict:
             f"{type(model).__name__} has no mlx-lm `args`; pass config= (the dict "
             "mlx_lm.load(..., return_config=True) returns) to save()"
         )
-    cfg = dataclasses.asdict(args)
+    # a field the source config did not set holds its default None: leave it out rather than write null, which
+    # transformers' config classes (read by the tokenizer loader, in mlxqat.load and mlx_lm.load) refuse
+    unset = {f.name for f in dataclasses.fields(args) if f.default is None}
+    cfg = {k: v for k, v in dataclasses.asdict(args).items() if not (v is None and k in unset)}
     if "tie_word_embeddings" not in cfg and hasattr(model, "tie_word_embeddings"):
         cfg["tie_word_embeddings"] = bool(model.tie_word_embeddings)
     return cfg
@@ -998,6 +1090,7 @@ def check_config(directory: PathLike) -> dict:
     check_config_values(cfg, str(cfg_path))
     if "model_type" not in cfg:
         raise ValueError(f"{cfg_path} has no 'model_type'; add the architecture name (e.g. \"llama\")")
+    check_model_type(cfg, str(cfg_path))
     return cfg
 
 
@@ -1015,18 +1108,19 @@ def _smoke_test(model: nn.Module, directory: Path) -> None:
         ) from e
 
 
-def _checked_classes(tensors: dict, where: str):
+def _checked_classes(tensors: dict, directory: Path):
     """mlx-lm's model classes, with the built model checked against the files before it is quantized."""
     from mlx_lm.utils import _get_classes
 
-    from .validate import check_layers_against_files
+    from .validate import check_layers_against_files, check_output_layer
 
     def get(config: dict):
         model_class, args_class = _get_classes(config)
 
         def build(args):
             model = model_class(args)
-            check_layers_against_files(model, tensors, config, where)
+            check_layers_against_files(model, tensors, config, str(directory))
+            check_output_layer(model, tensors, config, directory)
             return model
 
         return build, args_class
@@ -1135,7 +1229,7 @@ def _load(path: PathLike, verify_files: bool, kernel: str, lazy: bool):
     tensors = check_weight_files(directory)
     check_quantized_tensors(tensors, config, str(directory))
     try:
-        model, config = load_model(directory, lazy=True, get_model_classes=_checked_classes(tensors, str(directory)))
+        model, config = load_model(directory, lazy=True, get_model_classes=_checked_classes(tensors, directory))
     except FileNotFoundError:
         raise
     except ValueError as e:

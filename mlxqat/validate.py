@@ -9,6 +9,9 @@ that names the file, the value and the fix.
 
 from __future__ import annotations
 
+import functools
+import importlib.metadata
+import importlib.util
 import json
 import math
 import os
@@ -42,7 +45,8 @@ INT_BOUNDS = {
     "num_local_experts": (1, 4096),
     "num_experts_per_tok": (1, 4096),
 }
-POSITIVE_FLOATS = ("rms_norm_eps", "layer_norm_eps", "rope_theta", "rope_local_base_freq", "query_pre_attn_scalar")
+POSITIVE_FLOATS = ("rope_theta", "rope_local_base_freq", "query_pre_attn_scalar")
+EPSILONS = ("rms_norm_eps", "layer_norm_eps")  # added to a variance before its square root: small, in (0, 1)
 BOOLS = ("tie_word_embeddings", "attention_bias", "mlp_bias")
 QUANT_BITS = (2, 3, 4, 5, 6, 8)
 QUANT_GROUPS = (16, 32, 64, 128)
@@ -150,11 +154,19 @@ def check_config_values(cfg, where: str = "config.json") -> None:
     for key in POSITIVE_FLOATS:
         if key in cfg and cfg[key] is not None and (not _is_number(cfg[key]) or cfg[key] <= 0):
             raise ValueError(f"{where}: {key}={cfg[key]!r}; expected a positive number")
+    for key in EPSILONS:
+        if key in cfg and cfg[key] is not None and (not _is_number(cfg[key]) or not 0 < cfg[key] < 1):
+            raise ValueError(f"{where}: {key}={cfg[key]!r}; expected a small positive number in (0, 1), e.g. 1e-05; "
+                             "restore it from the original model")
     for key in BOOLS:
         if key in cfg and not isinstance(cfg[key], bool):
             raise ValueError(f"{where}: {key}={cfg[key]!r}; expected true or false")
     if "rope_scaling" in cfg and cfg["rope_scaling"] is not None and not isinstance(cfg["rope_scaling"], dict):
         raise ValueError(f"{where}: rope_scaling={cfg['rope_scaling']!r}; expected an object or null")
+    factor = (cfg.get("rope_scaling") or {}).get("factor")
+    if factor is not None and (not _is_number(factor) or factor <= 0):
+        raise ValueError(f"{where}: rope_scaling factor={factor!r}; expected a positive number (how many times the "
+                         "trained context is stretched, e.g. 2.0); restore it from the original model")
     heads, kv = cfg.get("num_attention_heads"), cfg.get("num_key_value_heads")
     if _is_int(heads) and _is_int(kv) and heads % kv:
         raise ValueError(f"{where}: num_attention_heads={heads} is not a multiple of num_key_value_heads={kv}")
@@ -168,6 +180,46 @@ def check_config_values(cfg, where: str = "config.json") -> None:
         _check_quant_entry(value, f"{where}: {key}", per_layer_ok=True)
     if isinstance(cfg.get("text_config"), dict):
         check_config_values(cfg["text_config"], f"{where}: text_config")
+
+
+@functools.lru_cache(maxsize=1)
+def _mlx_lm_modules() -> frozenset:
+    """The architectures mlx-lm has a module for (``mlx_lm/models/NAME.py`` defining ``ModelArgs``), found
+    without importing them."""
+    spec = importlib.util.find_spec("mlx_lm")
+    names = set()
+    for root in (spec.submodule_search_locations or []) if spec is not None else []:
+        for path in Path(root, "models").glob("*.py"):
+            try:
+                if re.search(r"^class ModelArgs\b", path.read_text(encoding="utf-8"), re.MULTILINE):
+                    names.add(path.stem)
+            except (OSError, UnicodeDecodeError):
+                continue
+    return frozenset(names)
+
+
+def check_model_type(cfg: dict, where: str = "config.json") -> None:
+    """``model_type`` names an architecture mlx-lm builds (a module of ``mlx_lm.models`` or a name it remaps).
+
+    Raises:
+        ValueError: naming the value and the supported ones.
+    """
+    model_type = cfg.get("model_type")
+    modules = _mlx_lm_modules()
+    if model_type in modules:
+        return
+    from mlx_lm import utils  # the names mlx-lm remaps to a module (e.g. mistral -> llama)
+
+    remapped = set(getattr(utils, "MODEL_REMAPPING", {}))
+    remapped |= {key[0] for key in getattr(utils, "MODEL_ARCHITECTURE_REMAPPING", {})}
+    if model_type in remapped:
+        return
+    version = importlib.metadata.version("mlx-lm")
+    raise ValueError(
+        f"{where}: model_type={model_type!r} is not an architecture mlx-lm {version} supports; supported: "
+        f"{', '.join(sorted(modules | remapped))}. Set model_type to the model's architecture (e.g. \"llama\"), "
+        "or upgrade mlx-lm if the architecture is newer"
+    )
 
 
 # ---------------------------------------------------------------------------
@@ -373,6 +425,8 @@ def check_gguf_structure(path: Path) -> None:
     Raises:
         ValueError: naming the file and the first field that does not fit.
     """
+    import gguf  # ~80 ms: only when a GGUF file is read
+
     check_regular_file(path)
     size = os.stat(path).st_size
     with open(path, "rb") as f:
@@ -391,24 +445,69 @@ def check_gguf_structure(path: Path) -> None:
         data = head + f.read()
     w = _GGUFWalker(path, data)
     w.pos = 24
+    alignment = gguf.GGUF_DEFAULT_ALIGNMENT
     for _ in range(n_kv):
-        w.string("a metadata key")
-        w.value(w.take("<I"))
+        key = w.string("a metadata key")
+        vtype = w.take("<I")
+        start = w.pos
+        w.value(vtype)
+        if key == b"general.alignment":
+            alignment = struct.unpack_from("<I", data, start)[0] if vtype == gguf.GGUFValueType.UINT32 else None
+            if not alignment or alignment & (alignment - 1):
+                raise ValueError(f"{path}: general.alignment is not a power of two stored as uint32 (default "
+                                 f"{gguf.GGUF_DEFAULT_ALIGNMENT}); the file is damaged")
+    tensors = []
     for _ in range(n_tensors):
-        w.string("a tensor name")
+        name = w.string("a tensor name").decode("utf-8", "replace")
         n_dims = w.take("<I")
         if not 1 <= n_dims <= _GGUF_MAX_DIMS:
-            w.fail(f"a tensor with {n_dims} dimensions")
+            w.fail(f"tensor {name!r} with {n_dims} dimensions")
         dims = [w.take("<Q") for _ in range(n_dims)]
-        w.take("<I")  # type: the reader checks it against its table
-        offset = w.take("<Q")
-        if offset > size or math.prod(dims) > 8 * size:
-            w.fail(f"a tensor of shape {dims} at offset {offset}")
+        tensors.append((name, dims, w.take("<I"), w.take("<Q")))
+        if math.prod(dims) > 8 * size:
+            w.fail(f"tensor {name!r} of shape {dims}")
+    data_start = -(-w.pos // alignment) * alignment
+    _check_gguf_tensor_data(path, tensors, data_start, alignment, size)
+
+
+def _check_gguf_tensor_data(path: Path, tensors: list, data_start: int, alignment: int, size: int) -> None:
+    """Each tensor's data is aligned, inside the file and shares no byte with another's.
+
+    ``tensors``: ``(name, dims, type, offset)`` as the header gives them (offsets
+    from ``data_start``, where the aligned data section begins). The GGUF reader
+    trusts the offsets: a misaligned one reads bytes shifted into NaN, one moved
+    onto another tensor reads that tensor's values.
+    """
+    import gguf  # ~80 ms: only when a GGUF file is read
+
+    fix = "the file is damaged; download or export it again"
+    spans = []
+    for name, dims, ttype, offset in tensors:
+        if ttype not in gguf.GGML_QUANT_SIZES:
+            raise ValueError(f"{path}: tensor {name!r} has type {ttype}, which is not a GGML tensor type; {fix}")
+        block, block_bytes = gguf.GGML_QUANT_SIZES[ttype]
+        if dims[0] % block:
+            raise ValueError(f"{path}: tensor {name!r} has rows of {dims[0]} values, not a multiple of the "
+                             f"{block}-value blocks of {gguf.GGMLQuantizationType(ttype).name}; {fix}")
+        nbytes = math.prod(dims) // block * block_bytes
+        if offset % alignment:
+            raise ValueError(f"{path}: tensor {name!r} has data offset {offset}, not a multiple of the alignment "
+                             f"{alignment} (general.alignment); {fix}")
+        if data_start + offset + nbytes > size:
+            raise ValueError(f"{path}: tensor {name!r} has data offset {offset} and {nbytes} bytes, past the end of "
+                             f"the file ({size - data_start} data bytes); the file is damaged or truncated")
+        if nbytes:
+            spans.append((offset, offset + nbytes, name))
+    spans.sort(key=lambda s: s[0])  # stable: of two tensors at one offset, the later one is named
+    for (b0, e0, n0), (b1, e1, n1) in zip(spans, spans[1:]):
+        if b1 < e0:
+            raise ValueError(f"{path}: tensor {n1!r} has data offset {b1}, which overlaps the data of tensor {n0!r} "
+                             f"(offsets {b0} to {e0}); {fix}")
 
 
 def read_gguf(path: Path):
     """A ``gguf.GGUFReader`` for ``path`` after :func:`check_gguf_structure`; any reader error is a ValueError."""
-    import gguf
+    import gguf  # ~80 ms: only when a GGUF file is read
 
     path = Path(path)
     check_gguf_structure(path)
@@ -457,6 +556,52 @@ def check_layers_against_files(model: nn.Module, tensors: Dict[str, Tuple[str, T
                 f"{where}: {path}.weight is stored with shape {list(stored[1])} but config.json makes it "
                 f"{list(expected)}; config.json does not match the weights"
             )
+
+
+def check_output_layer(model: nn.Module, tensors: Dict[str, Tuple[str, Tuple[int, ...]]], config: dict,
+                       directory: Path) -> None:
+    """The weights and config.json agree on whether the model has an output layer of its own (``lm_head``).
+
+    mlx-lm builds ``lm_head`` only when ``tie_word_embeddings`` is false (and
+    defaults it to true), and drops a stored ``lm_head.weight`` when it is true:
+    a deleted or flipped ``tie_word_embeddings`` would silently replace the
+    trained output layer by the embedding. A stored copy of the embedding
+    itself (some checkpoints hold one) is dropped harmlessly and allowed.
+    """
+    has_head = "lm_head" in dict(model.named_modules())
+    stored = sorted(k for k in tensors if k.startswith("lm_head."))
+    tie = config.get("tie_word_embeddings")
+    if stored and not has_head and not _copies_embedding(model, stored, tensors, directory):
+        if tie is None:
+            said = "has no tie_word_embeddings (mlx-lm then ties it)"
+        else:
+            said = f"sets tie_word_embeddings={json.dumps(tie)}"
+        raise ValueError(
+            f"{directory}: the weights hold lm_head.weight, an output layer of its own, but config.json {said}, "
+            "so the model would drop it and use the embedding instead; set \"tie_word_embeddings\": false in "
+            "config.json (or restore config.json from the original model)"
+        )
+    if has_head and not stored and getattr(getattr(model, "args", None), "tie_word_embeddings", None) is False:
+        raise ValueError(
+            f"{directory}: config.json sets tie_word_embeddings=false (an output layer of its own) but the weights "
+            "hold no lm_head.weight; set \"tie_word_embeddings\": true in config.json (or restore config.json from "
+            "the original model)"
+        )
+
+
+def _copies_embedding(model: nn.Module, stored: List[str], tensors: dict, directory: Path) -> bool:
+    """True if every stored ``lm_head.*`` tensor equals the model's one embedding's (headers checked already)."""
+    embeddings = [p for p, m in model.named_modules() if isinstance(m, nn.Embedding)]
+    if len(embeddings) != 1:
+        return False
+    pairs = {name: f"{embeddings[0]}.{name[len('lm_head.'):]}" for name in stored}
+    if any(tensors.get(a) != tensors.get(b) for a, b in pairs.items()):
+        return False
+    arrays = {}
+    for path in weight_files(directory):
+        loaded = mx.load(str(path))  # lazy: only the tensors compared are read
+        arrays.update({k: loaded[k] for k in (*pairs, *pairs.values()) if k in loaded})
+    return all(mx.array_equal(arrays[a], arrays[b]).item() for a, b in pairs.items())
 
 
 def check_module_parameters(model: nn.Module, where: str) -> None:
