@@ -12,12 +12,20 @@ sharply trained tiny models about 0.2 nats on top-5 log-probabilities and
   through a float16 lookup table).
 * Q4_0/Q4_1 against an MLX model that rounds activations the way ggml does
   (``GGMLActivations`` below): chosen-token log-probs within 1e-3 (measured
-  ~1e-4) and the median top-5 difference within 1e-4 (measured ~1e-6). Some
+  5e-6 to 1.2e-4) and the median top-5 difference within 1e-4 (measured ~1e-6). Some
   entries still move by ~0.03: float noise pushes an activation across a
   rounding boundary, and the changed key/value stays in the cache.
-* Q4_0/Q4_1 against the plain MLX model: same greedy tokens, chosen-token
-  log-probs within 0.1 nats and top-5 within 0.5 nats, i.e. the size of the
-  activation-rounding effect measured above, with 2x headroom.
+* Q4_0/Q4_1 against the plain MLX model: top-5 log-probs within 0.5 nats and
+  chosen-token ones within 0.1, i.e. the size of the activation-rounding
+  effect measured above, with 2x headroom; and the same greedy tokens but at
+  a few near-ties (at most 3 of 96), where MLX's top-1 and llama.cpp's choice
+  are closer than twice the largest log-prob difference measured between the
+  two. Which way such a tie falls depends on float summation order, i.e. on
+  the CPU's kernels (AVX2 or AVX-512). MLX is read along llama.cpp's tokens
+  (teacher forcing), so every position after a near-tie is compared too.
+  The chosen-token bounds (both bullets) hold where MLX is sure of the token:
+  where its top two are within the near-tie bound, the chosen token is one of
+  two about equally likely ones and its log-prob moves as the top-5 do.
 """
 
 from __future__ import annotations
@@ -36,6 +44,7 @@ from mlx.utils import tree_flatten, tree_map_with_path, tree_unflatten
 import mlxqat
 import tiny
 from llamacpp import LlamaCpp
+from numerics import logprob_diffs, margins, near_ties, path_logprobs
 from mlxqat.convert import head_path
 from mlxqat import export as ex
 from mlxqat import gguf_export as ge
@@ -303,15 +312,17 @@ def _ggml_like(model, q8_1):
 
 
 def _diffs(model, prompt_ids, out):
-    """|llama.cpp - model| log-probs along llama.cpp's tokens: (chosen, top-5) arrays."""
-    full = mx.array([list(prompt_ids) + out["ids"]])
-    lp = np.array(nn.log_softmax(model(full)[0].astype(mx.float32), axis=-1))
-    chosen, top = [], []
-    for i, (tid, logprob, tops) in enumerate(out["logprobs"]):
-        row = lp[len(prompt_ids) - 1 + i]
-        chosen.append(abs(logprob - row[tid]))
-        top += [abs(v - row[t]) for t, v in tops]
-    return np.array(chosen), np.array(top)
+    """|llama.cpp - model| log-probs along llama.cpp's tokens: (chosen, top-5) arrays, and the model's
+    log-probs there."""
+    lp = path_logprobs(model, prompt_ids, out["ids"])
+    return (*logprob_diffs(lp, out["logprobs"]), lp)
+
+
+def _greedy_near_ties(paths, noise):
+    """The near-ties of llama.cpp's greedy decodings ``paths`` (``[(prompt, MLX log-probs along its
+    tokens, its tokens)]``): wherever else its token is MLX's top-1. ``noise``: the largest difference
+    of one log-prob between the two; two tokens closer than twice that are a near-tie."""
+    return [(prompt, i) for prompt, lp, ids in paths for i in near_ties(lp, ids, 2 * noise, repr(prompt))]
 
 
 @pytest.fixture(scope="module")
@@ -340,27 +351,33 @@ def test_llama_cpp_decodes_like_mlx(tmp_path, tokenizer, trained, arch, recipe):
     cpp = LlamaCpp(tmp_path / "m.gguf")
     emulated, _ = mlxqat.load(src)
     _ggml_like(emulated, q8_1=recipe == "q4_1")
-    plain_c, plain_t, emu_c, emu_t = [], [], [], []
+    plain_c, plain_t, emu_c, emu_t, paths = [], [], [], [], []
     for prompt in PROMPTS:
         ids = tokenizer.encode(prompt)
-        want = tiny.greedy(model, mx.array(ids), N_NEW)
         by_ids = cpp.complete(ids)
-        assert by_ids["ids"] == want, prompt
         by_text = cpp.complete(prompt)  # llama.cpp tokenizes with the embedded tokenizer
         assert by_text["prompt_tokens"] == len(ids)
-        assert by_text["ids"] == want and by_text["text"] == tokenizer.decode(want), prompt
-        c, t = _diffs(model, ids, by_ids)
+        assert by_text["ids"] == by_ids["ids"] and by_text["text"] == tokenizer.decode(by_ids["ids"]), prompt
+        c, t, lp = _diffs(model, ids, by_ids)
         plain_c.append(c), plain_t.append(t)
-        c, t = _diffs(emulated, ids, by_ids)
+        paths.append((prompt, lp, by_ids["ids"]))
+        c, t, _ = _diffs(emulated, ids, by_ids)
         emu_c.append(c), emu_t.append(t)
     plain_c, plain_t, emu_c, emu_t = map(np.concatenate, (plain_c, plain_t, emu_c, emu_t))
-    print(f"\n{arch} {recipe}: {len(PROMPTS) * N_NEW} tokens identical; |dlogprob| vs MLX: chosen max "
-          f"{plain_c.max():.2e}, top-5 max {plain_t.max():.2e}; vs MLX with ggml activation rounding: "
-          f"chosen max {emu_c.max():.2e}, top-5 median {np.median(emu_t):.2e} (plain: {np.median(plain_t):.2e})")
-    assert plain_c.max() <= 0.1 and plain_t.max() <= 0.5
+    # llama.cpp's greedy tokens are MLX's but where 8-bit activation rounding decides a near-tie
+    ties = _greedy_near_ties(paths, plain_t.max())
+    # the chosen token's log-prob is ~0 and moves little where MLX is sure of it; where MLX's top two are
+    # within the near-tie bound, the chosen token is one of two ~equal ones and moves as the top-5 do
+    sure = np.concatenate([margins(lp) > 2 * plain_t.max() for _, lp, _ in paths])
+    print(f"\n{arch} {recipe}: {len(PROMPTS) * N_NEW} tokens, {len(ties)} near-ties {ties}, {np.sum(~sure)} unsure; "
+          f"|dlogprob| vs MLX: chosen (sure) max {plain_c[sure].max():.2e}, top-5 max {plain_t.max():.2e}; vs MLX "
+          f"with ggml activation rounding: chosen (sure) max {emu_c[sure].max():.2e}, top-5 median "
+          f"{np.median(emu_t):.2e} (plain: {np.median(plain_t):.2e})")
+    assert len(ties) <= 3 and np.sum(~sure) <= 6
+    assert plain_c[sure].max() <= 0.1 and plain_t.max() <= 0.5
     if arch != "gemma3_text":  # Gemma's GELU table adds its own ~1e-2 (see the F32 test)
         # With ggml's activation rounding emulated, the rest is float summation order.
-        assert emu_c.max() <= 1e-3
+        assert emu_c[sure].max() <= 1e-3
         assert np.median(emu_t) <= 1e-4 < np.median(plain_t)
 
 
@@ -372,16 +389,16 @@ def test_float32_gguf_matches_mlx_to_float_precision(tmp_path, tokenizer, traine
     src = _saved(tmp_path, tokenizer, model, config, "q4_0")
     assert ex.export_gguf(src, tmp_path / "m.gguf", "f32", exact=True, verbose=False)["exact"]
     cpp = LlamaCpp(tmp_path / "m.gguf")
-    worst = 0.0
+    worst, paths = 0.0, []
     for prompt in PROMPTS[:3]:
         ids = tokenizer.encode(prompt)
         out = cpp.complete(ids)
-        assert out["ids"] == tiny.greedy(model, mx.array(ids), N_NEW)
-        c, t = _diffs(model, ids, out)
+        _, t, lp = _diffs(model, ids, out)
         worst = max(worst, t.max())
-    print(f"\n{arch} f32: top-5 |dlogprob| max {worst:.2e}")
-    assert worst <= tol
-
+        paths.append((prompt, lp, out["ids"]))
+    ties = _greedy_near_ties(paths, worst)
+    print(f"\n{arch} f32: top-5 |dlogprob| max {worst:.2e}, {len(ties)} near-ties")
+    assert worst <= tol and len(ties) <= 1
 
 
 def test_llamacpp_scores_held_out_text_as_mlx_does(tmp_path, tokenizer, trained):
@@ -399,8 +416,10 @@ def test_llamacpp_scores_held_out_text_as_mlx_does(tmp_path, tokenizer, trained)
         lp = np.array(logits - mx.logsumexp(logits, axis=-1, keepdims=True))
         want = lp[np.arange(len(ids) - 1), ids[1:]]
         assert got["logprobs"][i].shape == want.shape
-        assert np.abs(got["logprobs"][i] - want).max() <= 1e-4
-        assert (got["top1"][i] == lp.argmax(-1)).mean() >= 0.9  # equal but for near-ties
+        noise = np.abs(got["logprobs"][i] - want).max()
+        assert noise <= 1e-4
+        # llama.cpp's top-1 is MLX's but at a near-tie: within twice the measured difference of one log-prob
+        assert len(near_ties(lp, got["top1"][i], 2 * noise, f"window {i}:")) <= 1
     ppl = LlamaCpp(tmp_path / "m.gguf").perplexity(windows)
     assert ppl == pytest.approx(float(np.exp(-got["logprobs"].mean())), rel=1e-9)
 

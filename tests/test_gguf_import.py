@@ -29,6 +29,7 @@ from mlx_lm.models import qwen2
 import mlxqat
 import tiny
 from llamacpp import TEXTS, LlamaCpp, documents
+from numerics import near_ties
 from real_models import SMOLLM2, needs
 from mlxqat import export as ex
 from mlxqat import gguf_import as gi
@@ -192,24 +193,19 @@ def _ggml_gelu(x: mx.array) -> mx.array:
 
 
 class GgmlGeluMLP(nn.Module):
-    """A Gemma MLP with :func:`_ggml_gelu` in place of MLX's GELU (same weights); ``noise`` > 0 first
-    multiplies the GELU inputs by ``1 + noise * N(0, 1)``: float32 rounding noise of that relative size."""
+    """A Gemma MLP with :func:`_ggml_gelu` in place of MLX's GELU (same weights)."""
 
-    def __init__(self, mlp, noise=0.0):
+    def __init__(self, mlp):
         super().__init__()
         self.gate_proj, self.up_proj, self.down_proj = mlp.gate_proj, mlp.up_proj, mlp.down_proj
-        self.noise = noise
 
     def __call__(self, x):
-        gate = self.gate_proj(x)
-        if self.noise:
-            gate = gate * (1 + self.noise * mx.random.normal(gate.shape))
-        return self.down_proj(_ggml_gelu(gate) * self.up_proj(x))
+        return self.down_proj(_ggml_gelu(self.gate_proj(x)) * self.up_proj(x))
 
 
-def _ggml_gelu_like(model, noise=0.0):
+def _ggml_gelu_like(model):
     for layer in model.layers:
-        layer.mlp = GgmlGeluMLP(layer.mlp, noise)
+        layer.mlp = GgmlGeluMLP(layer.mlp)
     return model
 
 
@@ -225,17 +221,21 @@ class _Reference:
 
 
 def _compare_next_tokens(model, cpp, tokenizer, n_prompts=8):
-    """Over prefixes of the test corpus: (same most likely token everywhere, top-5 |dlogprob| array)."""
+    """Over prefixes of the test corpus: (near-ties, top-5 |dlogprob| array). ``cpp``'s most likely next
+    token is ``model``'s everywhere but at the near-ties (positions) returned, where ``model`` puts it
+    within twice the largest measured log-prob difference of its own top-1 (:func:`numerics.near_ties`)."""
     ids = tokenizer.encode(tiny.CORPUS[:200])
     force = tokenizer.encode("a")[0]
-    same, diffs = True, []
+    rows, chosen, diffs = [], [], []
     for end in np.linspace(8, len(ids) - 1, n_prompts).astype(int):
         prefix = ids[:end]
         lp = np.array(nn.log_softmax(model(mx.array([prefix]))[0, -1].astype(mx.float32)))
         top = cpp.top5(prefix, force)
-        same &= top[0][0] == int(lp.argmax())
+        rows.append(lp)
+        chosen.append(top[0][0])
         diffs += [abs(v - lp[t]) for t, v in top]
-    return same, np.array(diffs)
+    diffs = np.array(diffs)
+    return near_ties(np.stack(rows), chosen, 2 * float(diffs.max()), "next token:"), diffs
 
 
 # ---------------------------------------------------------------------------
@@ -367,12 +367,12 @@ def test_k_quants_compute_like_llama_cpp(tmp_path, tokenizer):
     model, _ = mlxqat.load(path)
     cpp = LlamaCpp(path, n_ctx=512)
     _, plain = _compare_next_tokens(model, cpp, tokenizer)
-    same, emulated = _compare_next_tokens(_ggml_k_like(model), cpp, tokenizer)
+    ties, emulated = _compare_next_tokens(_ggml_k_like(model), cpp, tokenizer)
     print(f"\nK-quants vs llama.cpp: top-5 |dlogprob| max {plain.max():.2e} (median {np.median(plain):.2e}); "
           f"with ggml's Q8_K input rounding emulated: max {emulated.max():.2e} (median {np.median(emulated):.2e})")
     # measured: median 7e-7 emulated vs 3.6e-2 plain; a few entries move by ~1e-2 where float noise pushes
     # an activation across a rounding boundary
-    assert same and np.median(emulated) <= 1e-5 < np.median(plain) and plain.max() <= 0.5
+    assert len(ties) <= 1 and np.median(emulated) <= 1e-5 < np.median(plain) and plain.max() <= 0.5
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen3", "gemma3_text"])
@@ -381,27 +381,34 @@ def test_float32_gguf_computes_like_llama_cpp(tmp_path, tokenizer, arch):
     path = _f32_gguf(src, tmp_path / "m.gguf")
     model, _ = mlxqat.load(path)
     cpp = LlamaCpp(path, n_ctx=512)
-    same, diffs = _compare_next_tokens(model, cpp, tokenizer)
-    print(f"\n{arch} f32 vs llama.cpp: top-5 |dlogprob| max {diffs.max():.2e}")
+    ties, diffs = _compare_next_tokens(model, cpp, tokenizer)
+    print(f"\n{arch} f32 vs llama.cpp: top-5 |dlogprob| max {diffs.max():.2e}, {len(ties)} near-ties in 8")
     if arch != "gemma3_text":
-        assert same and diffs.max() <= 1e-4
+        assert len(ties) <= 1 and diffs.max() <= 1e-4
         return
-    # llama.cpp's CPU GELU reads a float16 table indexed by the float16 input. Emulated, it takes the
-    # median difference from 1.1e-3 to 1.6e-4 (measured). What is left is the model's own sensitivity to
-    # float32 rounding through that table: noise of one float32 ulp (1e-7 relative) on the GELU inputs
-    # moves some across float16 rounding boundaries (steps of 2^-11), and the same model then differs
-    # from itself as much as from llama.cpp (measured: max 1.35e-3, median 1.52e-4 against llama.cpp's
-    # 1.14e-3 and 1.57e-4). No float32 implementation can agree with llama.cpp more closely than that.
-    same_emulated, emulated = _compare_next_tokens(_ggml_gelu_like(model), cpp, tokenizer)
-    twin, _ = mlxqat.load(path)
-    mx.random.seed(1)
-    _, envelope = _compare_next_tokens(_ggml_gelu_like(model), _Reference(_ggml_gelu_like(twin, 1e-7)), tokenizer)
+    # llama.cpp's CPU GELU reads a float16 table indexed by the float16 input: alone it takes llama.cpp
+    # ~1e-3 from MLX (median), ~1e-2 at most. Emulated, what is left is float32 rounding amplified by that
+    # table: an error of one float32 ulp in a GELU input moves some across a float16 rounding boundary
+    # (steps of 2^-11), so float32 implementations differ by ~1e-4 there, by how much depends on the
+    # CPU's summation order. The yardstick is the same model computed exactly (MLX in float64, the table
+    # emulated): llama.cpp must be about as close to it as MLX's own float32 computation is. Measured, over
+    # 24 positions, AVX-512 / AVX2 / reference BLAS and 9 model seeds: llama.cpp's mean |dlogprob| 0.5x to
+    # 1.5x MLX's, its max 0.2x to 2.4x (one float32 rounding against another: a ratio of two draws).
+    n = 24  # positions: the statistics of rounding through the table need more than 8
+    ties_emulated, emulated = _compare_next_tokens(_ggml_gelu_like(model), cpp, tokenizer, n)
+    exact, _ = mlxqat.load(path)
+    exact.set_dtype(mx.float64)
+    _ggml_gelu_like(exact)
+    _, own = _compare_next_tokens(model, _Reference(exact), tokenizer, n)  # MLX float32's rounding
+    _, cpps = _compare_next_tokens(exact, cpp, tokenizer, n)  # llama.cpp's
     print(f"with ggml's float16 GELU table emulated: max {emulated.max():.2e} (median {np.median(emulated):.2e}, "
-          f"plain median {np.median(diffs):.2e}); the same model against itself with 1e-7 noise on its GELU "
-          f"inputs: max {envelope.max():.2e} (median {np.median(envelope):.2e})")
-    assert same and diffs.max() <= 1e-2
-    assert same_emulated and np.median(emulated) <= 3e-4 and np.median(emulated) < np.median(diffs) / 4
-    assert emulated.max() <= 2 * envelope.max() and np.median(emulated) <= 2 * np.median(envelope)
+          f"plain median {np.median(diffs):.2e}); from the exact (float64) model: llama.cpp mean "
+          f"{cpps.mean():.2e} max {cpps.max():.2e}, MLX float32 mean {own.mean():.2e} max {own.max():.2e}; "
+          f"{len(ties_emulated)} near-ties in {n}")
+    assert len(ties) <= 1 and diffs.max() <= 1e-2
+    assert len(ties_emulated) <= 1
+    assert cpps.mean() <= 2.5 * own.mean() and cpps.max() <= 3 * own.max()
+    assert np.median(diffs) >= 3 * np.median(own)  # the table is what separated them, not rounding
 
 
 # ---------------------------------------------------------------------------
@@ -520,9 +527,9 @@ def test_smollm2_as_a_float32_gguf_computes_like_llama_cpp(tmp_path):
     assert ex.main([str(SMOLLM2), "--format", "mlx", "--out", str(tmp_path / "mlx")]) == 0
     path = _f32_gguf(tmp_path / "mlx", tmp_path / "smollm2-f32.gguf")
     model, tok = mlxqat.load(path)
-    same, diffs = _compare_next_tokens(model, LlamaCpp(path, n_ctx=512), tok)
+    ties, diffs = _compare_next_tokens(model, LlamaCpp(path, n_ctx=512), tok)
     print(f"\nSmolLM2 f32 vs llama.cpp: top-5 |dlogprob| max {diffs.max():.2e} (median {np.median(diffs):.2e})")
-    assert same and diffs.max() <= 1e-4
+    assert len(ties) <= 1 and diffs.max() <= 1e-4
 
 
 # ---------------------------------------------------------------------------

@@ -25,6 +25,7 @@ import pytest
 import mlxqat
 import tiny
 from llamacpp import TEXTS, LlamaCpp, documents
+from numerics import logprob_diffs, near_ties, path_logprobs
 from real_models import GEMMA3, needs
 from mlxqat import export as ex
 from mlxqat import gguf_export as ge
@@ -139,7 +140,10 @@ PROMPTS = ["def fibonacci(n):", "class Point:", "The quick brown", "import os", 
 @pytest.mark.parametrize("recipe", ["q4_0", "f32"])
 def test_gemma_style_model_decodes_like_mlx(tmp_path, recipe):
     """A Gemma 3 model with a SentencePiece-style tokenizer: llama.cpp turns the prompt text into the same
-    ids and greedy-decodes the same tokens as MLX."""
+    ids and greedy-decodes the same tokens as MLX, but at a few near-ties (:func:`numerics.near_ties`:
+    MLX, read along llama.cpp's tokens, puts llama.cpp's choice within twice the largest log-prob
+    difference measured between the two of its own top-1; which way those fall depends on the CPU's
+    float summation order, and for q4_0 on llama.cpp's 8-bit rounding of activations)."""
     tok = spm_tokenizer(tmp_path / "tok")
     model, config = tiny.train_briefly("gemma3_text", tok, steps=150, **GEMMA)
     reference = type(model)(type(model.args).from_dict(config))
@@ -147,12 +151,18 @@ def test_gemma_style_model_decodes_like_mlx(tmp_path, recipe):
     src, path = _export(tmp_path, tok, model, config, recipe)
     mlx_model = mlxqat.load(src)[0] if recipe != "f32" else reference
     cpp = LlamaCpp(path)
+    paths, noise = [], 0.0
     for prompt in PROMPTS:
         ids = tok.encode(prompt)
-        want = tiny.greedy(mlx_model, mx.array(ids), 16)
         out = cpp.complete(prompt)
-        assert out["prompt_tokens"] == len(ids), prompt
-        assert out["ids"] == want and out["text"] == tok.decode(want), prompt
+        assert out["prompt_tokens"] == len(ids) and cpp.tokenize(prompt) == ids, prompt
+        assert out["text"] == tok.decode(out["ids"]), prompt
+        lp = path_logprobs(mlx_model, ids, out["ids"])
+        noise = max(noise, float(logprob_diffs(lp, out["logprobs"])[1].max()))
+        paths.append((prompt, lp, out["ids"]))
+    ties = [(prompt, i) for prompt, lp, got in paths for i in near_ties(lp, got, 2 * noise, repr(prompt))]
+    print(f"\n{recipe}: top-5 |dlogprob| max {noise:.2e}, {len(ties)} near-ties in {len(PROMPTS) * 16}")
+    assert len(ties) <= 3
 
 
 def _edited(tmp_path, name, edit):

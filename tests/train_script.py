@@ -1,6 +1,6 @@
 """Subprocess driver for the resume and distributed tests: a tiny deterministic QAT run.
 
-    python train_script.py OUT_DIR STEPS [--resume] [--sleep S] [--global-batch B]
+    python train_script.py OUT_DIR STEPS [--resume] [--sleep S] [--global-batch B] [--grad-accum A]
 
 Writes OUT_DIR/result_<rank>.json with the per-step losses and a checksum of
 the trained parameters, and OUT_DIR/params_<rank>.safetensors.
@@ -32,13 +32,15 @@ def main():
     resume = "--resume" in sys.argv
     sleep = float(sys.argv[sys.argv.index("--sleep") + 1]) if "--sleep" in sys.argv else 0.0
     batch = int(sys.argv[sys.argv.index("--global-batch") + 1]) if "--global-batch" in sys.argv else 4
+    accum = int(sys.argv[sys.argv.index("--grad-accum") + 1]) if "--grad-accum" in sys.argv else 1
     teacher, _ = tiny.make_model("llama", 0)
     student, _ = tiny.make_model("llama", 0)
     mlxqat.prepare(student, "int2")
     # float32 moments: data-parallel runs are compared with one process, equal up to float rounding,
     # which stochastic rounding to bfloat16 would turn into moments one bfloat16 step apart
     args = TrainingArgs(steps=steps, batch_size=batch, seq_len=16, learning_rate=1e-3, warmup_steps=2,
-                        checkpoint_every=3, log_every=1, seed=7, optimizer_state_dtype="float32")
+                        checkpoint_every=3, log_every=1, seed=7, optimizer_state_dtype="float32",
+                        grad_accum=accum)
     cb = (lambda rec: time.sleep(sleep)) if sleep else None
     summary = train(student, teacher, windows(40, 16), None, args, out_dir=out, resume=resume,
                     callback=cb, progress=False)
