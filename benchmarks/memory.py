@@ -1,4 +1,4 @@
-"""Benchmark: the memory model (:mod:`mlxqat.memory`) against measured peaks, and the largest model each method trains.
+"""Benchmark: the memory model (:mod:`mlxqat.training.memory`) against measured peaks, and the largest model each method trains.
 
 Three parts, each its own flag:
 
@@ -6,7 +6,7 @@ Three parts, each its own flag:
   fresh process) on a grid of small random llamas (hidden 256-1024, 2-8 blocks,
   vocabulary 8k-49k, batches, sequence lengths, checkpointing, moments, loss chunks,
   top-k teacher, trainable all / scales / lora), fits the per-step factors of
-  :data:`mlxqat.memory.FACTORS` (non-negative least squares on relative error; the
+  :data:`mlxqat.training.memory.FACTORS` (non-negative least squares on relative error; the
   resident parts are exact and not fitted) and prints them.
 * ``--validate``: estimate against measured peak on the embedded model, SmolLM2-135M
   (``tools/fetch-models``) and a randomly initialized llama of about 0.5B parameters, at the
@@ -26,12 +26,9 @@ import dataclasses
 import json
 import subprocess
 import sys
-import tempfile
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 SMOLLM2 = ROOT / ".models" / "SmolLM2-135M-Instruct.Q4_1.gguf"
 BASE = dict(hidden_size=256, num_hidden_layers=4, intermediate_size=512, num_attention_heads=4, num_key_value_heads=2,
@@ -132,11 +129,11 @@ def _random_llama(config: dict):
 
 def measure(model_config: dict = None, model_path: str = None, recipe: str = "int4", steps: int = 2,
             **settings) -> dict:
-    """:func:`mlxqat.memory.measure_training` of a random llama (``model_config``) or a model file."""
+    """:func:`mlxqat.training.memory.measure_training` of a random llama (``model_config``) or a model file."""
     import mlx.core as mx
     import numpy as np
-    from mlxqat.io import load
-    from mlxqat.memory import measure_training
+    from mlxqat.storage.load import load
+    from mlxqat.training.memory import measure_training
 
     if model_path is not None:
         config = load(model_path, full_precision=True, return_config=True, lazy=True)[2]
@@ -162,9 +159,9 @@ def measure(model_config: dict = None, model_path: str = None, recipe: str = "in
 
 
 def _row_inputs(row: dict):
-    from mlxqat import memory
+    from mlxqat.training import memory
     from mlxqat.recipes import get
-    from mlxqat.trainer import TrainingArgs
+    from mlxqat.training.args import TrainingArgs
 
     settings = dict(row["settings"])
     recipe = settings.pop("recipe")
@@ -173,8 +170,8 @@ def _row_inputs(row: dict):
 
 
 def estimate_for(row: dict) -> float:
-    """:func:`mlxqat.memory.training_estimate` for a measured row's model and settings."""
-    from mlxqat import memory
+    """:func:`mlxqat.training.memory.training_estimate` for a measured row's model and settings."""
+    from mlxqat.training import memory
 
     shape, args, group = _row_inputs(row)
     return memory.training_estimate(shape, args, group_size=group).total
@@ -190,8 +187,8 @@ def _run_one(spec: dict) -> dict:
 
 
 def _features(row: dict) -> dict:
-    """The per-step sizes :func:`mlxqat.memory._step_parts` multiplies by factors, and the exact rest."""
-    from mlxqat import memory
+    """The per-step sizes :func:`mlxqat.training.memory._step_parts` multiplies by factors, and the exact rest."""
+    from mlxqat.training import memory
 
     shape, args, group = _row_inputs(row)
     trained = memory.trainable_count(shape, args.trainable, group, args.lora_rank)
@@ -243,8 +240,8 @@ def fit(rows: list) -> dict:
 
 
 def largest_table() -> dict:
-    from mlxqat import memory
-    from mlxqat.trainer import TrainingArgs
+    from mlxqat.training import memory
+    from mlxqat.training.args import TrainingArgs
 
     base = TrainingArgs(batch_size=4, seq_len=256)
     out = {}

@@ -37,8 +37,6 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(1, str(ROOT / "benchmarks"))
 
 SMOLLM2 = ROOT / ".models" / "SmolLM2-135M-Instruct.Q4_1.gguf"
 METHODS = {
@@ -54,8 +52,8 @@ def _job(argv: list) -> dict:
     """Run ``python -m mlxqat.train argv`` in this process; the figures of its saved model and the peak."""
     import mlx.core as mx
 
-    from mlxqat import job
-    from mlxqat.io import read_manifest
+    from mlxqat.training import job
+    from mlxqat.storage.manifest import read_manifest
 
     out = argv[argv.index("--out") + 1]
     t0 = time.perf_counter()
@@ -73,20 +71,21 @@ def _job(argv: list) -> dict:
 
 def _dwq(model: str, recipe: str, steps: int, batch_size: int, seq_len: int, eval_windows: int,
          select_windows: int) -> dict:
-    """mlx-lm DWQ on the job's own windows (``mlxqat.job._dataset``), evaluated as the job evaluates."""
+    """mlx-lm DWQ on the job's own windows (``mlxqat.training.job._dataset``), evaluated as the job evaluates."""
     import mlx.core as mx
     import mlx.nn as nn
     import mlx.optimizers as optim
     import numpy as np
     from mlx_lm.quant.dwq import dwq_quantize
 
-    from mlxqat import job, recipes
+    from mlxqat.training import job
+    from mlxqat import recipes
     from mlxqat.convert import head_path
     from mlxqat.data import split_selection
     from mlxqat.evaluate import evaluate
-    from mlxqat.io import load
+    from mlxqat.storage.load import load
     from mlxqat.kernels import use_dequantized_matmul
-    from mlxqat.qat import qat_args
+    from mlxqat.training.qat import qat_args
     from quality import DWQ_LR
 
     t0 = time.perf_counter()
@@ -199,7 +198,7 @@ def main(argv=None) -> int:
               **shape, "rows": {}}
     with tempfile.TemporaryDirectory(prefix="mlxqat-memory-") as tmp:
         model = str(_random_llama(a.random_llama, Path(tmp) / "model")) if a.random_llama else a.model
-        from mlxqat.memory import read_shape
+        from mlxqat.training.memory import read_shape
 
         params = read_shape(model).params
         result.update(model=model if not a.random_llama else f"random llama ({a.random_llama}B, bfloat16)",

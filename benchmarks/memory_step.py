@@ -1,11 +1,11 @@
 """Benchmark: peak memory of full QAT steps, before and after each memory saving.
 
 Loads the model (float32), makes the student as ``python -m mlxqat.train`` does
-(:func:`mlxqat.qat.shared_student`: the teacher's very arrays, no copy; the first
+(:func:`mlxqat.training.qat.shared_student`: the teacher's very arrays, no copy; the first
 rows load it a second time, as the job did before), prepares it as
-:func:`mlxqat.qat.quantize_qat` does (:func:`mlxqat.qat.prepare_qat`, int4 by
+:func:`mlxqat.training.qat.quantize_qat` does (:func:`mlxqat.training.qat.prepare_qat`, int4 by
 default), resets MLX's peak-memory counter and runs a few training steps
-(:func:`mlxqat.trainer.train`) at ``batch_size x seq_len`` tokens. Each
+(:func:`mlxqat.training.loop.train`) at ``batch_size x seq_len`` tokens. Each
 configuration runs in its own process, so one's allocations never count in
 another's peak. Default model: SmolLM2-135M (``tools/fetch-models`` puts it in ``.models/``).
 
@@ -50,9 +50,9 @@ def measure(model: str, recipe: str, batch_size: int, seq_len: int, steps: int, 
     from mlx.utils import tree_flatten
 
     from mlxqat.data import stdlib_windows
-    from mlxqat.io import load
-    from mlxqat.qat import prepare_qat, release_teacher, shared_student
-    from mlxqat.trainer import train
+    from mlxqat.storage.load import load
+    from mlxqat.training.qat import prepare_qat, release_teacher, shared_student
+    from mlxqat.training.loop import train
 
     config = dict(config)
     shared = config.pop("shared", False)

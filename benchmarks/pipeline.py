@@ -2,7 +2,7 @@
 
 For each model and recipe: ``python -m mlxqat.train --model X.gguf --recipe R ...`` (the
 GGUF read directly), then ``python -m mlxqat.export OUT --format gguf``, then llama.cpp
-(``mlxqat.llamacpp``, the xllamacpp server) on the exported file: does it tokenize as the
+(``mlxqat.gguf.llamacpp``, the xllamacpp server) on the exported file: does it tokenize as the
 model's tokenizer does, does it decode the same greedy tokens as MLX, and how fast does it
 generate. Each command runs in its own process, timed; the training figures (tokens/s,
 peak memory, perplexity and KL before and after) are the ones the job saved in the model's
@@ -25,8 +25,6 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tests"))
 
 MODELS = {"SmolLM2-135M": ROOT / ".models" / "SmolLM2-135M-Instruct.Q4_1.gguf",
           "Gemma 3 270M": ROOT / ".models" / "gemma-3-270m-q4_k_m.gguf"}
@@ -58,9 +56,9 @@ def check_llamacpp(model_dir: Path, gguf_path: Path, n_texts: int = 100) -> dict
     import numpy as np
 
     import mlxqat
-    from llamacpp import TEXTS, documents
+    from mlxqat.gguf.llamacpp import PROBE_TEXTS as TEXTS, probe_documents as documents
     from mlxqat.kernels import use_dequantized_matmul
-    from mlxqat.llamacpp import LlamaCpp
+    from mlxqat.gguf.llamacpp import LlamaCpp
 
     model, tok = mlxqat.load(model_dir)
     use_dequantized_matmul(model)
@@ -86,7 +84,7 @@ def check_llamacpp(model_dir: Path, gguf_path: Path, n_texts: int = 100) -> dict
 
 
 def run_one(name: str, recipe: str, fmt: str, flags: list, work: Path) -> dict:
-    from mlxqat.io import read_manifest
+    from mlxqat.storage.manifest import read_manifest
 
     out = work / f"{name.split()[0]}-{recipe}"
     exported = work / (f"{out.name}.gguf" if fmt == "gguf" else f"{out.name}-export")

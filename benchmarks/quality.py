@@ -7,7 +7,7 @@ For every setting (int4 g64, q4_0, int3 g64, int2 g64, a sensitivity-allocated `
 and the ``mobile`` schema) every applicable method quantizes the same full-precision model with
 the same calibration data and the same number of optimizer steps: round-to-nearest
 (``mlxqat.convert.quantize_rtn``), mlx-lm's GPTQ, AWQ and DWQ (``mlx_lm.quant`` as libraries),
-and mlxqat QAT in its three modes (``mlxqat.qat.quantize_qat``, what ``python -m mlxqat.train``
+and mlxqat QAT in its three modes (``mlxqat.training.qat.quantize_qat``, what ``python -m mlxqat.train``
 runs, with the recipe's defaults): all weights, scales only, and QA-LoRA.
 
 Each result is measured on held-out text (perplexity, KL to the full-precision model, top-1
@@ -41,22 +41,21 @@ import numpy as np
 from mlx.utils import tree_flatten, tree_map
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 
 import mlxqat  # noqa: E402
 from mlxqat import mixed, quant, recipes  # noqa: E402
 from mlxqat.convert import head_path, quantize_rtn  # noqa: E402
-from mlxqat.data import (Document, build_dataset, model_context, pack, split_selection, spread,  # noqa: E402
-                         stdlib_windows, tokenize_documents)
+from mlxqat.data import (Document, build_dataset, model_context, pack, split_selection, spread, stdlib_windows,
+                         tokenize_documents)
 from mlxqat.evaluate import evaluate, gap_recovered  # noqa: E402
-from mlxqat.export import memory_report  # noqa: E402
+from mlxqat.footprint import memory_report  # noqa: E402
 from mlxqat.kernels import use_dequantized_matmul  # noqa: E402
 from mlxqat.profile import chip_name  # noqa: E402
-from mlxqat.qat import EVAL_WINDOWS, RECIPE_DEFAULTED, SELECT_WINDOWS, qat_args, quantize_qat, shared_student  # noqa: E402
-from mlxqat.trainer import TrainingArgs  # noqa: E402
+from mlxqat.training.qat import EVAL_WINDOWS, RECIPE_DEFAULTED, SELECT_WINDOWS, qat_args, quantize_qat, shared_student  # noqa: E402
+from mlxqat.training.args import TrainingArgs  # noqa: E402
 from mlxqat.recipes import QAT_DEFAULTS, LayerSpec, Recipe  # noqa: E402
-from mlxqat.teacher import CachedTeacher  # noqa: E402
-from mlxqat.io import load  # noqa: E402
+from mlxqat.training.teacher import CachedTeacher  # noqa: E402
+from mlxqat.storage.load import load  # noqa: E402
 from quality_llamacpp import llamacpp_rows  # noqa: E402  (beside this file)
 from quality_report import write_outputs  # noqa: E402
 
@@ -104,7 +103,7 @@ NOT_APPLICABLE = {
 }
 
 # The QAT modes (TrainingArgs fields; steps/batch/seq come from the budget, learning rates,
-# warmup and learned scales from the recipe: mlxqat.recipes.QAT_DEFAULTS via mlxqat.qat.qat_args).
+# warmup and learned scales from the recipe: mlxqat.recipes.QAT_DEFAULTS via mlxqat.training.qat.qat_args).
 QAT_ARGS = {"QAT": dict(trainable="all"), "QAT scales": dict(trainable="scales"), "QAT LoRA": dict(trainable="lora")}
 # mlx-lm DWQ's learning rate per bit width (constant, Adam, as mlx_lm.quant.dwq's main): the best
 # of 1e-6 / 1e-5 / 1e-4 measured on the reference model, so the baseline is DWQ at its best.
@@ -177,7 +176,7 @@ def load_data(tokenizer, data: Optional[str], budget: Budget, seq_len: int, max_
 
 def stored(model: nn.Module, dtype) -> dict:
     """Round the floating parameters to the dtype the model is saved in (so we measure what ships);
-    its bits per weight and bytes (:func:`mlxqat.export.memory_report`). The model keeps computing in float32."""
+    its bits per weight and bytes (:func:`mlxqat.footprint.memory_report`). The model keeps computing in float32."""
     model.set_dtype(dtype)
     report = memory_report(model)
     model.set_dtype(mx.float32)

@@ -1,5 +1,5 @@
 """The quality benchmark's llama.cpp row: the q4_0 QAT model and round-to-nearest Q4_0 of the same
-full-precision model, both as GGUF files, scored by llama.cpp itself (:mod:`mlxqat.llamacpp`).
+full-precision model, both as GGUF files, scored by llama.cpp itself (:mod:`mlxqat.gguf.llamacpp`).
 
 Round-to-nearest is ``python -m mlxqat.export FP_DIR --format gguf --type q4_0``: the gguf
 package's reference Q4_0 quantizer on every matrix, the output head at Q8_0 as recipe ``q4_0``
@@ -19,7 +19,7 @@ import mlx.nn as nn
 import numpy as np
 
 from mlxqat.export import export_gguf
-from mlxqat.io import save
+from mlxqat.storage.save import save
 from mlxqat.kernels import use_dequantized_matmul
 
 
@@ -40,7 +40,7 @@ def llamacpp_rows(fp_model: nn.Module, qat_model: nn.Module, tokenizer, config: 
     import warnings
 
     from mlxqat.export import ExportWarning
-    from mlxqat.llamacpp import LlamaCpp
+    from mlxqat.gguf.llamacpp import LlamaCpp
 
     windows = np.asarray(windows)
     rows = {}

@@ -70,9 +70,9 @@ def markdown(result: dict) -> str:
         "(dequantize + BLAS: the numbers of `mx.quantized_matmul`, whose CPU kernel is naive at these shapes), "
         "so the table compares quality, not kernels.",
         "- Floating parameters (scales and biases included) are rounded to the model's storage dtype before measuring: "
-        "the numbers are those of the saved model. Bits per weight and bytes: `mlxqat.export.memory_report`.",
+        "the numbers are those of the saved model. Bits per weight and bytes: `mlxqat.footprint.memory_report`.",
         f"- The teacher's logits are computed once ({result['teacher_logits_seconds']:.0f} s, not in any row's wall time; "
-        "`mlxqat.teacher.CachedTeacher`) and shared by DWQ, QAT and the evaluation.",
+        "`mlxqat.training.teacher.CachedTeacher`) and shared by DWQ, QAT and the evaluation.",
         f"- DWQ: `mlx_lm.quant.dwq.dwq_quantize` (Adam, constant learning rate {result['dwq_lr']} by bit width, "
         f"temperature 2, its defaults otherwise). GPTQ: the first {_calibration(result, 'gptq_windows')} training windows; "
         f"AWQ: the first {_calibration(result, 'awq_windows')}, {result['budget'].get('awq_grid', 20)} grid points per search "

@@ -7,13 +7,16 @@
     mlxqat.save(model, tokenizer, "out/")   # mlx_lm.load("out/") opens it
 """
 
-from ._version import __version__
 from . import quant, recipes
+from ._version import __version__
 from .convert import calibrate, convert, dequantize, prepare, use_kernel
-from .io import IntegrityError, load, save, verify
 from .layers import ActQuantizedLinear, FakeQuantEmbedding, FakeQuantLinear
 from .recipes import LayerSpec, Recipe
-from .trainer import TrainingArgs, train
+from .storage.load import load, verify
+from .storage.manifest import IntegrityError
+from .storage.save import save
+from .training.args import TrainingArgs
+from .training.loop import train
 
 __all__ = [
     "__version__",

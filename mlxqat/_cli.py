@@ -5,7 +5,7 @@ Every ``main()`` (``python -m mlxqat.train``, ``generate``, ``profile``,
 :func:`command` decorator), so a failure ends the same way everywhere:
 
 * an expected failure (bad input: ``ValueError``, which includes
-  :class:`mlxqat.io.IntegrityError` and :class:`UsageError`; ``OSError``;
+  :class:`mlxqat.storage.manifest.IntegrityError` and :class:`UsageError`; ``OSError``;
   ``FloatingPointError``; a chat-template error) prints one line
   ``error: <message>`` to stderr and exits with status 2;
 * Ctrl-C prints a one-line note and exits with status 130;
@@ -64,6 +64,7 @@ def _expected_errors() -> Tuple[type, ...]:
     """Exception types that mean bad input or a bad environment, not a bug."""
     types: Tuple[type, ...] = (ValueError, OSError, FloatingPointError)
     try:
+        # lazy: only a failing chat template needs it
         from jinja2.exceptions import TemplateError
     except ImportError:  # jinja2 comes with transformers; without it there are no template errors
         return types

@@ -10,7 +10,7 @@
 ``python -m mlxqat.SUBCOMMAND``.
 
 The ``verify`` command lives here too (:func:`verify_main`): it is a few lines
-over :func:`mlxqat.io.verify`, which is also ``mlxqat.verify``.
+over :func:`mlxqat.storage.load.verify`, which is also ``mlxqat.verify``.
 """
 
 from __future__ import annotations
@@ -24,10 +24,13 @@ from typing import List, Optional
 
 from ._cli import command, run_main
 from ._version import __version__
+from .storage.destinations import recover_interrupted, write_manifest
+from .storage.load import check_config, verify
+from .storage.manifest import MANIFEST, Manifest
 
 # subcommand -> ("module:function" of its main(argv), one-line description)
 COMMANDS = {
-    "train": ("mlxqat.job:main", "quantization-aware training, from a model directory to a quantized one"),
+    "train": ("mlxqat.training.job:main", "quantization-aware training, from a model directory to a quantized one"),
     "export": ("mlxqat.export:main", "export to GGUF, an mlx-lm directory, or unquantized weights"),
     "verify": ("mlxqat.cli:verify_main", "check a model directory against its sha256 manifest"),
     "generate": ("mlxqat.generate:main", "generate text; print tokens/s and peak memory"),
@@ -85,7 +88,6 @@ def add_manifest(directory) -> dict:
     Raises:
         FileNotFoundError / ValueError: not a model directory (no valid config.json).
     """
-    from .io import MANIFEST, Manifest, check_config, recover_interrupted
 
     directory = Path(directory)
     recover_interrupted(directory)  # a replacement killed between its renames: restored, as verify does
@@ -96,13 +98,12 @@ def add_manifest(directory) -> dict:
             info = Manifest.read(directory).info
         except ValueError:
             info = {}
-    return Manifest.for_files(directory, info).write(directory)
+    return write_manifest(directory, info)
 
 
 def verify_main(argv: Optional[List[str]] = None) -> int:
     """``python -m mlxqat.verify DIR`` (``OK <n> files``, status 0) or ``--write DIR``; status 2 and the
     problem on stderr when a file listed in ``mlxqat.json`` is missing or changed, or another is there."""
-    from .io import MANIFEST, verify
 
     parser = argparse.ArgumentParser(
         prog="python -m mlxqat.verify",

@@ -16,8 +16,11 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_map_with_path
 
 from . import quant
+from .kernels import KernelQuantizedLinear, is_supported
 from .layers import HELD_DTYPES, FakeQuantEmbedding, FakeQuantLinear, carry_spec, is_fake_quant
-from .recipes import Recipe, get as get_recipe
+from .lora import QALoRALinear, merge_lora
+from .recipes import Recipe
+from .recipes import get as get_recipe
 
 
 def _swap(model: nn.Module, fn) -> int:
@@ -203,7 +206,6 @@ def convert(model: nn.Module, *, kernel: str = "mlx") -> nn.Module:
     """
     if kernel not in ("mlx", "mlxqat"):
         raise ValueError(f"kernel={kernel!r} is not one of 'mlx', 'mlxqat'")
-    from .lora import merge_lora
 
     merge_lora(model)  # adapters fold into the biases of their converted base
 
@@ -233,7 +235,6 @@ def use_kernel(model: nn.Module, kernel: str = "mlxqat") -> nn.Module:
     """
     if kernel not in ("mlx", "mlxqat"):
         raise ValueError(f"kernel={kernel!r} is not one of 'mlx', 'mlxqat'")
-    from .kernels import KernelQuantizedLinear, is_supported
 
     def swap(path, m):
         if kernel == "mlxqat":
@@ -299,7 +300,6 @@ def dequantize(model: nn.Module, dtype: Optional[mx.Dtype] = None) -> nn.Module:
 def _layer_specs(model: nn.Module) -> dict:
     """``{path: layer}`` of the layers that carry a spec (fake-quant, converted or loaded), LoRA-wrapped
     bases under their wrapper's path."""
-    from .lora import QALoRALinear
 
     out, bases = {}, set()
     for path, m in model.named_modules():

@@ -28,6 +28,8 @@ from typing import Iterator, List, Optional, Sequence, Tuple
 import mlx.core as mx
 import numpy as np
 
+from .stdlib_data import read_split_text
+
 TEXT_SUFFIXES = (".txt", ".py", ".md")
 MIN_SEQ_LEN = 2  # the shortest seq_len (tokens per window) accepted
 
@@ -272,7 +274,6 @@ def stdlib_windows(tokenizer, split: str, seq_len: int, n: int, oversample: Opti
     (the training split is large); every k-th is kept either way, so the windows come from
     many files, not the first few.
     """
-    from .stdlib_data import read_split_text
 
     chars = max(n * oversample, 64) * seq_len * 4 if oversample else None  # ~4 characters per token
     text = read_split_text(split, max_chars=chars)
@@ -403,6 +404,7 @@ def generate_windows(teacher, tokenizer, n: int, seq_len: int, seed: int = 0, te
     Each sequence starts from a random vocabulary token and is sampled at
     ``temperature`` (the data-free recipe of LLM-QAT), so no user data is needed.
     """
+    # lazy: mlx_lm imports transformers (about 1 s); `import mlxqat` does not need it
     from mlx_lm.models.cache import make_prompt_cache
 
     vocab = int(teacher.args.vocab_size) if hasattr(teacher, "args") else tokenizer.vocab_size

@@ -15,6 +15,7 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
+from tqdm import tqdm
 
 
 def kl_divergence(teacher_logits: mx.array, student_logits: mx.array, temperature: float = 1.0) -> mx.array:
@@ -45,7 +46,7 @@ def top_k_kl_divergence(teacher_values: mx.array, teacher_ids: mx.array, student
     """Per-token KL(teacher || student) over the teacher's top-k tokens only (natural log).
 
     ``teacher_values`` / ``teacher_ids`` (``(..., k)``) are the teacher's largest
-    logits and their token ids (:func:`mlxqat.teacher.top_k_logits`); the teacher's
+    logits and their token ids (:func:`mlxqat.training.teacher.top_k_logits`); the teacher's
     distribution is renormalised over them, the student's is its full softmax
     read at those ids.
     """
@@ -118,7 +119,6 @@ def evaluate(
     Returns:
         ``{"ppl", "nll", "tokens"}`` plus ``{"kl", "top1"}`` when ``teacher`` is given.
     """
-    from tqdm import tqdm
 
     nll_sum, kl_sum, agree, tokens = 0.0, 0.0, 0, 0
     if batch_size is None:

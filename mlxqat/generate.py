@@ -61,7 +61,11 @@ from mlx.utils import tree_flatten, tree_unflatten
 
 from ._cli import (ArgumentParser, UsageError, command, non_negative_float, non_negative_int, positive_int,
                    probability, unit_float)
+from .convert import layer_specs, quantize_rtn, use_kernel
 from .data import model_context
+from .kernels import KernelQuantizedLinear
+from .stdlib_data import embedded_model_path
+from .storage.load import load
 
 __all__ = [
     "GenerationStats",
@@ -160,7 +164,6 @@ def apply_dtype(model: nn.Module, dtype: str = "auto") -> Optional[mx.Dtype]:
 def model_label(model: Optional[str]) -> str:
     """How a ``--model`` value is named in notes and results (``None``: the embedded model)."""
     if model is None:
-        from .stdlib_data import embedded_model_path
 
         return f"{embedded_model_path().name} (embedded)"
     p = Path(model).expanduser()
@@ -196,9 +199,6 @@ def load_model(
             an unknown recipe.
         UsageError: a bad option, or ``quantize`` on a model that is already quantized.
     """
-    from .convert import layer_specs, quantize_rtn, use_kernel
-    from .io import load
-    from .kernels import KernelQuantizedLinear
 
     kernel = resolve_kernel(kernel)
     m, tok = load(model)
@@ -360,7 +360,9 @@ def generate(
         ``(text, stats)``. On Ctrl-C the ``KeyboardInterrupt`` propagates with
         the text so far and the statistics in its ``partial`` attribute.
     """
+    # lazy: mlx_lm imports transformers (about 1 s); `import mlxqat` does not need it
     from mlx_lm.generate import stream_generate
+    # lazy: mlx_lm imports transformers (about 1 s); `import mlxqat` does not need it
     from mlx_lm.sample_utils import make_sampler
 
     if seed is not None:

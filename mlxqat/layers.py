@@ -17,9 +17,8 @@ import mlx.nn as nn
 from . import quant
 from .recipes import LayerSpec
 
-
 # Narrower float types a float32 model may hold some weights in (block-wise QAT keeps the blocks it has not
-# trained yet in the checkpoint's own type, :func:`mlxqat.blockwise.hold_weights`): a fake-quant layer given
+# trained yet in the checkpoint's own type, :func:`mlxqat.training.blockwise.hold_weights`): a fake-quant layer given
 # float32 inputs computes with such a weight upcast to float32, exactly as with a float32 copy of it.
 HELD_DTYPES = (mx.bfloat16, mx.float16)
 

@@ -15,6 +15,7 @@ re-quantization, the merged model computes what the adapted model computed.
 from __future__ import annotations
 
 import math
+
 import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_map_with_path, tree_unflatten

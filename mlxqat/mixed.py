@@ -32,11 +32,13 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
-from mlx.utils import tree_flatten
+from mlx.utils import tree_flatten, tree_unflatten
+from tqdm import tqdm
 
 from . import quant
 from .evaluate import distribution, mean_kl
 from .recipes import LayerSpec, Recipe
+from .training.blockwise import model_blocks, wrapped_block_calls
 
 # Options of the `mixed` allocation: g64 affine at these widths (bits per weight
 # 2.5, 3.5, 4.5, 6.5, 8.5).
@@ -106,7 +108,6 @@ def layer_sensitivity(
     Returns:
         ``{path: [mean KL per token for each option]}`` (nats).
     """
-    from tqdm import tqdm
 
     inputs = _inputs(windows)
     batches = [inputs[i : i + batch_size] for i in range(0, inputs.shape[0], batch_size)]
@@ -137,7 +138,6 @@ def layer_sensitivity(
 
 def _blocks(model: nn.Module) -> list:
     """The model's transformer blocks (``model.model.layers``), or [] where it has none."""
-    from .blockwise import model_blocks
 
     try:
         return model_blocks(model)
@@ -171,7 +171,6 @@ class _Replay:
 def _replaying(blocks: list):
     """While active, a block records its output (``recording``) or, when its index is below ``skip``,
     returns the output it recorded for the current batch."""
-    from .blockwise import wrapped_block_calls
 
     replay = _Replay(blocks)
 
@@ -235,7 +234,6 @@ def proxy_sensitivity(
             return self.inner.as_linear(x)
 
     linears = {p: m for p, m in layers.items() if isinstance(m, nn.Linear)}
-    from mlx.utils import tree_unflatten
 
     originals = list(linears.items())
     model.update_modules(tree_unflatten([(p, Recorder(p, m)) for p, m in originals]))

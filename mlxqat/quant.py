@@ -26,6 +26,7 @@ from typing import Optional, Tuple
 
 import mlx.core as mx
 import mlx.nn as nn
+import numpy as np
 
 SUPPORTED_BITS = (2, 3, 4, 5, 6, 8)
 SUPPORTED_GROUP_SIZES = (32, 64, 128)
@@ -62,7 +63,7 @@ def bits_per_weight(bits: int, group_size: int, in_features: int, scale_bits: in
     """Stored bits per weight: the code plus one scale and one bias per storage group.
 
     The one rule for every report (``LayerSpec.bits_per_weight``, the bit
-    allocation of :mod:`mlxqat.mixed`, :func:`mlxqat.export.memory_report`).
+    allocation of :mod:`mlxqat.mixed`, :func:`mlxqat.footprint.memory_report`).
     Channel-wise layers store their per-row scale once per storage group
     (:func:`storage_group_size`), so they cost what that group size costs.
 
@@ -352,7 +353,6 @@ def unpack(packed: mx.array, bits: int) -> mx.array:
 
 def unpack_numpy(words, bits: int):
     """:func:`unpack` for NumPy arrays: uint32 words (..., W) -> uint8 codes (..., W*32/bits)."""
-    import numpy as np
 
     return np.array(unpack(mx.array(np.asarray(words, dtype=np.uint32)), bits)).astype(np.uint8)
 

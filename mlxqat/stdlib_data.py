@@ -1,7 +1,7 @@
 """The CPython standard library as a corpus, and the embedded reference model.
 
 Every machine that runs Python has its standard library source, so it is the
-corpus of the project's reference model (``benchmarks/reference_model.py``
+corpus of the project's reference model (``tools/build_reference_model.py``
 trains it; ``mlxqat/assets/stdlib-llama`` ships it) and the default data of
 ``python -m mlxqat.train``.
 

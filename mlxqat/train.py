@@ -1,12 +1,12 @@
-"""``python -m mlxqat.train``: runs the QAT job, :func:`mlxqat.job.main`.
+"""``python -m mlxqat.train``: runs the QAT job, :func:`mlxqat.training.job.main`.
 
 Only an entry point: ``mlxqat.train`` is the training loop
-(:func:`mlxqat.trainer.train`) and the job is :mod:`mlxqat.job`.
+(:func:`mlxqat.training.loop.train`) and the job is :mod:`mlxqat.training.job`.
 """
 
 if __name__ == "__main__":
     import sys
 
-    from mlxqat.job import main
+    from .training.job import main
 
     sys.exit(main())

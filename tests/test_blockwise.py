@@ -1,4 +1,4 @@
-"""Block-wise QAT (:mod:`mlxqat.blockwise`, ``python -m mlxqat.train --method blockwise``): it converts
+"""Block-wise QAT (:mod:`mlxqat.training.blockwise`, ``python -m mlxqat.train --method blockwise``): it converts
 exactly, every block reconstructs better than its round-to-nearest start, a killed run resumes to the same
 weights, and the job runs it end to end and refuses bad flags with one line."""
 
@@ -13,11 +13,11 @@ from mlx.utils import tree_flatten
 
 import mlxqat
 import tiny
-from mlxqat import job
-from mlxqat.blockwise import blockwise_qat, model_blocks
+from mlxqat.training import job
+from mlxqat.training.blockwise import blockwise_qat, model_blocks
 from mlxqat.kernels import use_dequantized_matmul
 from mlxqat.layers import is_fake_quant
-from mlxqat.qat import quantize_qat
+from mlxqat.training.qat import quantize_qat
 
 SEQ = 40  # longer than gemma3_text's sliding window (32): its local layers get a windowed mask
 
@@ -239,7 +239,7 @@ def _bf16_exact(arch):
 
 @pytest.mark.parametrize("arch", ["llama", "gemma3_text"])
 def test_held_block_weights_train_to_the_very_same_model_in_less_memory(arch):
-    from mlxqat.blockwise import hold_weights
+    from mlxqat.training.blockwise import hold_weights
 
     windows = _windows(8)
     kw = {"steps_per_block": 6, "batch_size": 4, "learning_rate": 1e-3, "scale_init": "minmax", "progress": False}
@@ -293,7 +293,7 @@ def test_the_job_holds_a_bfloat16_checkpoint_and_saves_what_float32_saves(tmp_pa
 
 
 def test_a_killed_held_run_resumes_to_the_same_weights(tmp_path):
-    from mlxqat.blockwise import hold_weights
+    from mlxqat.training.blockwise import hold_weights
 
     windows = _windows(8)
     kw = {"steps_per_block": 6, "batch_size": 4, "learning_rate": 1e-3, "scale_init": "minmax", "progress": False}

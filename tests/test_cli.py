@@ -4,7 +4,9 @@ import pytest
 
 import mlxqat
 import tiny
-from mlxqat import cli, io, trainer
+from mlxqat import cli
+from mlxqat.storage.load import verify
+from mlxqat.training.loop import train
 
 
 @pytest.fixture(scope="module")
@@ -53,5 +55,5 @@ def test_running_every_command_keeps_mlxqat_train_and_verify_the_functions(model
     for argv in runs:
         assert cli.main(argv) == 0, (argv, capsys.readouterr().err)
     capsys.readouterr()
-    assert mlxqat.train is trainer.train and mlxqat.verify is io.verify
+    assert mlxqat.train is train and mlxqat.verify is verify
     assert mlxqat.verify(tmp_path / "qat")["files"]  # still callable as the function

@@ -25,9 +25,9 @@ import tiny
 from mlxqat import _cli, cli, data
 from mlxqat import export as export_mod
 from mlxqat import generate as gen
-from mlxqat import job
+from mlxqat.training import job
 from mlxqat import profile as prof
-from mlxqat.trainer import TrainingArgs
+from mlxqat.training.args import TrainingArgs
 
 ROOT = Path(__file__).resolve().parent.parent
 BUG = ("this is a bug in mlxqat: please report it on the issue tracker of the mlxqat repository, with the "

@@ -6,9 +6,11 @@ import pytest
 
 import tiny
 from mlxqat import evaluate as ev
-from mlxqat import export, mixed, trainer
+from mlxqat import export, mixed
+from mlxqat.training.args import TrainingArgs
+from mlxqat.training.losses import distillation_loss
 from mlxqat.recipes import LayerSpec
-from mlxqat.teacher import top_k_logits
+from mlxqat.training.teacher import top_k_logits
 
 
 def _np_log_softmax(x):
@@ -52,10 +54,10 @@ def test_top_k_kl_renormalises_the_teacher_over_its_top_k(k):
 def test_the_distillation_loss_is_built_on_these_kls():
     t, s, y = _logits(6), _logits(7), mx.zeros((2, 5), dtype=mx.int32)
     for T in (1.0, 2.0):
-        args = trainer.TrainingArgs(temperature=T)
-        full = trainer.distillation_loss(s, t, y, args)
+        args = TrainingArgs(temperature=T)
+        full = distillation_loss(s, t, y, args)
         assert full.item() == (T * T * mx.mean(ev.kl_divergence(t, s, T))).item()
-        top = trainer.distillation_loss(s, top_k_logits(t, 8), y, args)
+        top = distillation_loss(s, top_k_logits(t, 8), y, args)
         assert top.item() == (T * T * mx.mean(ev.top_k_kl_divergence(*top_k_logits(t, 8), s, T))).item()
 
 

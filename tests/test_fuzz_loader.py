@@ -1,6 +1,6 @@
 """Loader fuzzing in CI: 2,000 mutated model directories and GGUF files, only clean refusals.
 
-Runs ``benchmarks/fuzz_loader.py`` as a subprocess (its cases run in a child
+Runs ``tests/fuzz/fuzz_loader.py`` as a subprocess (its cases run in a child
 process under a 4 GB address-space limit and a 10 s per-step timeout, so a
 signal or a hang is counted, not fatal to pytest). Half the cases are
 directories with a manifest (most of their mutations are refused by hashing,
@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-SCRIPT = ROOT / "benchmarks" / "fuzz_loader.py"
+SCRIPT = ROOT / "tests" / "fuzz" / "fuzz_loader.py"
 CASES = 2000
 BUDGET_S = 120  # the whole test, seeds and child start-up included
 MIX = "manifest=5,plain=3,gguf=2,reseal=0.3"

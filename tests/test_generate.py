@@ -1,7 +1,6 @@
 """``python -m mlxqat.generate``: same text as mlx-lm, kernels, chat, bad input, Ctrl-C."""
 
 import json
-import os
 import shutil
 import signal
 import subprocess
@@ -130,7 +129,7 @@ def test_load_model_kernels_and_dtype(models):
 def test_quantize_on_the_fly_stores_scales_as_saved(models):
     m, _, info = gen.load_model(str(models["fp"]), quantize="int4", kernel="mlx")
     assert info["quantized"]
-    from mlxqat.export import memory_report
+    from mlxqat.footprint import memory_report
 
     bpw = memory_report(m).bits_per_weight
     assert m.model.layers[0].mlp.up_proj.scales.dtype == mx.float16

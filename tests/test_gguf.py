@@ -47,7 +47,9 @@ from llamacpp import LlamaCpp
 from numerics import logprob_diffs, margins, near_ties, path_logprobs
 from mlxqat.convert import head_path
 from mlxqat import export as ex
-from mlxqat import gguf_export as ge
+from mlxqat.gguf.format import GGUFExportError
+from mlxqat.gguf.reader import read_gguf_tensors
+from mlxqat.gguf.writer import ARCHS, exact_blocks, permute_rows
 from mlxqat.evaluate import kl_probe_inputs, mean_kl
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # llama.cpp's OpenMP threads: don't spin between calls
@@ -88,10 +90,10 @@ def test_gguf_dequantizers_give_back_the_mlx_weights(tmp_path, tokenizer, arch, 
     src = _saved(tmp_path, tokenizer, model, config, recipe)
     result = ex.export_gguf(src, tmp_path / "m.gguf", recipe, exact=True, verbose=False)
     assert result["exact"] and result["kl"] == 0.0
-    tensors = ge.read_gguf_tensors(tmp_path / "m.gguf")
+    tensors = read_gguf_tensors(tmp_path / "m.gguf")
     modules = dict(model.named_modules())  # the converted model itself
     params = dict(tree_flatten(model.parameters()))
-    spec = ge.ARCHS[config["model_type"]]
+    spec = ARCHS[config["model_type"]]
     a = model.args
     checked = 0
     for t in result["tensors"]:
@@ -109,7 +111,7 @@ def test_gguf_dequantizers_give_back_the_mlx_weights(tmp_path, tokenizer, arch, 
                 want = want + np.float32(spec.norm_shift)
         if spec.permute_qk and t["name"].endswith(("attn_q.weight", "attn_k.weight")):
             heads = a.num_attention_heads if "attn_q" in t["name"] else a.num_key_value_heads
-            got = ge.permute_rows(got, heads, inverse=True)
+            got = permute_rows(got, heads, inverse=True)
         assert np.array_equal(got, want), t["name"]
         checked += 1
     assert checked == len(tensors)
@@ -120,7 +122,7 @@ def test_bf16_model_repacks_exactly(tmp_path, tokenizer):
     src = _saved(tmp_path, tokenizer, model, config, "q4_0")
     result = ex.export_gguf(src, tmp_path / "m.gguf", "q4_0", exact=True, verbose=False)
     assert result["exact"]
-    qtype, data, shape = ge.read_gguf_tensors(tmp_path / "m.gguf")["blk.0.ffn_down.weight"]
+    qtype, data, shape = read_gguf_tensors(tmp_path / "m.gguf")["blk.0.ffn_down.weight"]
     m = model.layers[0].mlp.down_proj
     codes = np.array(mlxqat.quant.unpack(m.weight, 4)).astype(np.float32)
     s = np.repeat(np.array(m.scales.astype(mx.float32)), 32, axis=-1)
@@ -140,11 +142,11 @@ def test_exact_blocks_refuse_what_they_cannot_hold():
         (mlxqat.quant.init_params(w, 3, 32, "symmetric"), 3, 32, gguf.GGMLQuantizationType.Q4_0, "3-bit"),
     ]
     for (packed, s, b), bits, g, qtype, why in cases:
-        blocks, reason = ge.exact_blocks(np.array(packed), np.array(s), np.array(b), bits, g, qtype)
+        blocks, reason = exact_blocks(np.array(packed), np.array(s), np.array(b), bits, g, qtype)
         assert blocks is None
         assert why.replace("\\", "") in reason, reason
     packed, s, b = mlxqat.quant.init_params(w, 4, 32, "symmetric")
-    blocks, reason = ge.exact_blocks(np.array(packed), np.array(s), np.array(b), 4, 32, gguf.GGMLQuantizationType.Q4_0)
+    blocks, reason = exact_blocks(np.array(packed), np.array(s), np.array(b), 4, 32, gguf.GGMLQuantizationType.Q4_0)
     assert reason == "" and blocks.shape == (8, 2 * 18)
 
 
@@ -158,7 +160,7 @@ def test_requantized_export_warns_with_the_kl_of_the_written_file(tmp_path, toke
     reference, tok = mlxqat.load(src)
     candidate, _ = mlxqat.load(src)
     mlxqat.dequantize(candidate)  # the quantized layers, dequantized (mlxqat.quant)
-    tensors = ge.read_gguf_tensors(tmp_path / "m.gguf")
+    tensors = read_gguf_tensors(tmp_path / "m.gguf")
     updates = []
     for t in result["tensors"]:
         qtype, data, shape = tensors[t["name"]]
@@ -185,7 +187,7 @@ def test_full_precision_model_as_q4_0_is_the_reference_quantizer_with_an_8_bit_h
         result = ex.export_gguf(tmp_path / "fp", tmp_path / "rtn.gguf", "q4_0", verbose=False)
     head = head_path(model)
     weights = dict(tree_flatten(model.parameters()))
-    tensors = ge.read_gguf_tensors(tmp_path / "rtn.gguf")
+    tensors = read_gguf_tensors(tmp_path / "rtn.gguf")
     seen = set()
     for t in result["tensors"]:
         qtype, data, shape = tensors[t["name"]]
@@ -208,7 +210,7 @@ def test_full_precision_model_as_q4_0_is_the_reference_quantizer_with_an_8_bit_h
 def test_clear_errors_for_what_gguf_cannot_express(tmp_path, tokenizer):
     model, config = _random_model("llama", seed=4)
     src = _saved(tmp_path, tokenizer, model, config, "int4")
-    with pytest.raises(ge.GGUFExportError, match=r"cannot be written exactly as q4_0.*recipe q4_0, q4_1 or q8_0"):
+    with pytest.raises(GGUFExportError, match=r"cannot be written exactly as q4_0.*recipe q4_0, q4_1 or q8_0"):
         ex.export_gguf(src, tmp_path / "a.gguf", "q4_0", exact=True, verbose=False)
     with pytest.raises(ValueError, match="no GGUF type holds this model's weights exactly.*--type"):
         ex.export_gguf(src, tmp_path / "a.gguf", "auto", verbose=False)
@@ -220,7 +222,7 @@ def test_clear_errors_for_what_gguf_cannot_express(tmp_path, tokenizer):
     mlxqat.calibrate(a8, [mx.arange(24)[None]])
     mlxqat.convert(a8)
     mlxqat.save(a8, tokenizer, tmp_path / "a8", config=a8cfg)
-    with pytest.raises(ge.GGUFExportError, match="static activation quantization has no GGUF form"):
+    with pytest.raises(GGUFExportError, match="static activation quantization has no GGUF form"):
         ex.export_gguf(tmp_path / "a8", tmp_path / "a.gguf", "q4_0", exact=True, verbose=False)
     with pytest.warns(ex.ExportWarning, match="static activation quantization"):
         assert ex.export_gguf(tmp_path / "a8", tmp_path / "a8.gguf", "q4_0", verbose=False)["kl"] > 0
@@ -231,13 +233,13 @@ def test_clear_errors_for_what_gguf_cannot_express(tmp_path, tokenizer):
     (other / "mlxqat.json").unlink()  # a plain mlx-lm directory, free to edit
     cfg = json.loads((other / "config.json").read_text())
     (other / "config.json").write_text(json.dumps(dict(cfg, model_type="olmo2")))
-    with pytest.raises(ge.GGUFExportError, match=r"model_type='olmo2' cannot be exported to GGUF.*--format mlx"):
+    with pytest.raises(GGUFExportError, match=r"model_type='olmo2' cannot be exported to GGUF.*--format mlx"):
         ex.export_gguf(other, tmp_path / "a.gguf", "q4_0", verbose=False)
 
     # Gemma 3 with global layers where llama.cpp has none
     g, gcfg = tiny.make_model("gemma3_text", 0)  # sliding_window_pattern=2
     gsrc = _saved(tmp_path, tokenizer, g, gcfg, "q4_0", name="gemma")
-    with pytest.raises(ge.GGUFExportError, match="sliding_window_pattern=2"):
+    with pytest.raises(GGUFExportError, match="sliding_window_pattern=2"):
         ex.export_gguf(gsrc, tmp_path / "a.gguf", "q4_0", verbose=False)
 
     # no tokenizer
@@ -252,7 +254,7 @@ def test_clear_errors_for_what_gguf_cannot_express(tmp_path, tokenizer):
         {"type": "Split", "pattern": {"Regex": "\\d+|\\w+"}, "behavior": "Isolated", "invert": False},
         {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False}]}
     (other / "tokenizer.json").write_text(json.dumps(tok))
-    with pytest.raises(ge.GGUFExportError, match="would tokenize text differently"):
+    with pytest.raises(GGUFExportError, match="would tokenize text differently"):
         ex.export_gguf(other, tmp_path / "a.gguf", "q4_0", verbose=False)
     assert not (tmp_path / "a.gguf").exists()
     assert not list(tmp_path.glob(".a.gguf.tmp-*"))
@@ -402,7 +404,7 @@ def test_float32_gguf_matches_mlx_to_float_precision(tmp_path, tokenizer, traine
 
 
 def test_llamacpp_scores_held_out_text_as_mlx_does(tmp_path, tokenizer, trained):
-    """mlxqat.llamacpp's per-token scoring (what the quality benchmark's llama.cpp row reads): on an
+    """mlxqat.gguf.llamacpp's per-token scoring (what the quality benchmark's llama.cpp row reads): on an
     F32 file its log-probabilities and top-1 tokens are MLX's, position by position."""
     model, config = trained("llama")
     src = _saved(tmp_path, tokenizer, model, config, "q4_0")
@@ -509,7 +511,7 @@ def test_embedded_tokenizer_splits_text_like_the_model_tokenizer(tmp_path, token
         data["model"]["ignore_merges"] = False
         (src / "mlxqat.json").unlink()
         (src / "tokenizer.json").write_text(json.dumps(data))
-        with pytest.raises(ge.GGUFExportError, match="without ignore_merges"):
+        with pytest.raises(GGUFExportError, match="without ignore_merges"):
             ex.export_gguf(src, tmp_path / "n.gguf", "q4_0", verbose=False)
 
 

@@ -32,7 +32,7 @@ from llamacpp import TEXTS, LlamaCpp, documents
 from numerics import near_ties
 from real_models import SMOLLM2, needs
 from mlxqat import export as ex
-from mlxqat import gguf_import as gi
+from mlxqat.gguf.format import is_gguf_file
 from mlxqat.evaluate import kl_probe_inputs, mean_kl
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
@@ -58,7 +58,7 @@ def _source(tmp_path, tokenizer, arch="llama", seed=0, hidden=None, **overrides)
                                  for k, v in params]))
     mx.eval(model.parameters())
     directory = tiny.save_fp_model(model, config, tokenizer, tmp_path / f"src-{arch}-{seed}")
-    mlxqat.io.write_manifest(directory, {})  # a trusted directory: loads without the unverified warning
+    mlxqat.storage.destinations.write_manifest(directory, {})  # a trusted directory: loads without the unverified warning
     return model, config, directory
 
 
@@ -344,7 +344,7 @@ def test_quantized_types_dequantize_to_what_the_file_holds(tmp_path, tokenizer, 
     t = next(t for t in reader.tensors if t.name == "blk.1.attn_q.weight")
     assert GT(t.tensor_type) == (qtype if qtype != GT.F16 else GT.F16)
     want = gguf.quants.dequantize(t.data, GT(t.tensor_type)).reshape(256, 256)
-    want = mlxqat.gguf_export.permute_rows(want, 4, inverse=True)
+    want = mlxqat.gguf.writer.permute_rows(want, 4, inverse=True)
     assert np.array_equal(np.array(model.layers[1].self_attn.q_proj.weight), want)
     kl = mean_kl(source, model, kl_probe_inputs(source.args.vocab_size, tokenizer))
     print(f"\n{qtype.name}: KL(source || imported) = {kl:.2e}")
@@ -579,7 +579,7 @@ def test_malformed_and_unsupported_files_are_clear_value_errors(tmp_path, tokeni
     (tmp_path / "text.gguf").write_text("not a model")
     with pytest.raises(ValueError, match="not a GGUF file"):
         mlxqat.load(tmp_path / "text.gguf")
-    assert not gi.is_gguf_file(tmp_path) and not gi.is_gguf_file(tmp_path / "absent.gguf")
+    assert not is_gguf_file(tmp_path) and not is_gguf_file(tmp_path / "absent.gguf")
     blob = tmp_path / "sha256-0123"  # an Ollama blob: no extension, GGUF magic
     blob.write_bytes(data)
-    assert gi.is_gguf_file(blob) and mlxqat.load(blob)[0] is not None
+    assert is_gguf_file(blob) and mlxqat.load(blob)[0] is not None

@@ -28,9 +28,9 @@ from llamacpp import TEXTS, LlamaCpp, documents
 from numerics import logprob_diffs, near_ties, path_logprobs
 from real_models import GEMMA3, needs
 from mlxqat import export as ex
-from mlxqat import gguf_export as ge
-from mlxqat import gguf_import as gi
-from mlxqat import gguf_tokenizer as gt
+from mlxqat.gguf.format import GGUFExportError
+from mlxqat.gguf.tokenizer import _spm_merges
+from mlxqat.gguf.tokenizer import SPM_SPACE, read_tokenizer
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 GEMMA = dict(num_hidden_layers=6, sliding_window_pattern=6, sliding_window=16)  # what llama.cpp's Gemma 3 fixes
@@ -49,7 +49,7 @@ def spm_tokenizer(directory, layout="gemma"):
                             pre_tokenizers, processors)
     from transformers import PreTrainedTokenizerFast
 
-    space = gt.SPM_SPACE
+    space = SPM_SPACE
     prefix = layout == "llama2"
     trainer = SentencePieceBPETokenizer(add_prefix_space=True)
     trainer.train_from_iterator([tiny.CORPUS + " naïve café 東京 Москва 0123456789 ======== --------"],
@@ -64,7 +64,7 @@ def spm_tokenizer(directory, layout="gemma"):
     tokens = CONTROL + user + byte + pieces
     scores = [-1000.0] * (len(CONTROL) + len(user)) + [0.0] * 256 + [-float(i) for i in range(len(pieces))]
     normal = set(pieces)
-    merges = [(a, b) for a, b in gi._spm_merges(tokens, np.array(scores)) if a + b in normal]
+    merges = [(a, b) for a, b in _spm_merges(tokens, np.array(scores)) if a + b in normal]
     tok = Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges, byte_fallback=True,
                                unk_token="<unk>", fuse_unk=True))
     replace = normalizers.Replace(" ", space)
@@ -117,7 +117,7 @@ def test_sentencepiece_tokenizer_is_embedded_as_llama_cpp_reads_it(tmp_path, lay
     assert tokens[:6] == CONTROL and types[:6] == [3] * 6
     assert [types[tokens.index(f"<0x{b:02X}>")] for b in range(256)] == [6] * 256
     assert "  " in tokens and types[tokens.index("  ")] == 4  # a user-defined run of spaces, as raw text
-    assert gt.SPM_SPACE * 2 not in tokens[:30]
+    assert SPM_SPACE * 2 not in tokens[:30]
     # scores follow the merge order (here the pieces' order): a piece merged earlier scores higher
     ids = sorted(tokens.index(p) for p in ("==", "===", "====", "▁the", "▁self"))
     assert np.all(np.diff(scores[ids]) < 0), scores[ids]
@@ -181,11 +181,11 @@ def _edited(tmp_path, name, edit):
 
 
 def test_refuses_what_llama_cpp_would_tokenize_differently(tmp_path):
-    assert gt.read_tokenizer(_edited(tmp_path, "ok", lambda d: None))["model"] == "llama"
+    assert read_tokenizer(_edited(tmp_path, "ok", lambda d: None))["model"] == "llama"
 
     def refused(name, edit, match):
-        with pytest.raises(ge.GGUFExportError, match=match) as e:
-            gt.read_tokenizer(_edited(tmp_path, name, edit))
+        with pytest.raises(GGUFExportError, match=match) as e:
+            read_tokenizer(_edited(tmp_path, name, edit))
         assert "llama.cpp would tokenize text differently" in str(e.value)
 
     def drop_merge(d):  # the last merge into '▁the'
@@ -224,8 +224,8 @@ def test_refuses_what_llama_cpp_would_tokenize_differently(tmp_path):
                 a["normalized"] = False
         return edit
 
-    assert gt.read_tokenizer(_edited(tmp_path, "always", metaspace("always")))["add_space_prefix"] is True
-    assert gt.read_tokenizer(_edited(tmp_path, "never", metaspace("never")))["add_space_prefix"] is False
+    assert read_tokenizer(_edited(tmp_path, "always", metaspace("always")))["add_space_prefix"] is True
+    assert read_tokenizer(_edited(tmp_path, "never", metaspace("never")))["add_space_prefix"] is False
 
 
 @pytest.mark.slow

@@ -14,9 +14,11 @@ from mlx_lm import load as mlx_lm_load
 import mlxqat
 import tiny
 from mlxqat import generate as gen
-from mlxqat import job
+from mlxqat.training import job
 from mlxqat import profile as prof
-from mlxqat import trainer
+from mlxqat.training import loop as training_loop
+from mlxqat.training.checkpoints import latest_checkpoint
+from mlxqat.training.loop import _loop
 from mlxqat.data import model_context
 
 CHAT_TEMPLATE = (
@@ -213,7 +215,7 @@ def train_argv(tmp_path, tokenizer):
 
 
 def _failing_loop(after_real_steps: bool):
-    real = trainer._loop
+    real = _loop
 
     def loop(*args, **kwargs):
         if after_real_steps:
@@ -224,23 +226,23 @@ def _failing_loop(after_real_steps: bool):
 
 
 def test_a_run_that_fails_before_its_first_step_leaves_no_work_directory(train_argv, tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(trainer, "_loop", _failing_loop(False))
+    monkeypatch.setattr(training_loop, "_loop", _failing_loop(False))
     assert job.main(train_argv + ["--steps", "2"]) == 2
     assert "loss is nan" in capsys.readouterr().err
     assert not (tmp_path / "q").exists()
     assert not (tmp_path / "q.train").exists(), sorted(p.name for p in (tmp_path / "q.train").iterdir())
     # a work directory that was there before the run stays
-    mlxqat.io.work_dir(tmp_path / "q.train")
+    mlxqat.storage.destinations.work_dir(tmp_path / "q.train")
     assert job.main(train_argv + ["--steps", "2"]) == 2
     assert (tmp_path / "q.train" / "mlxqat.json").is_file()
 
 
 def test_a_failed_run_keeps_the_checkpoints_a_resume_can_use(train_argv, tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(trainer, "_loop", _failing_loop(True))
+    monkeypatch.setattr(training_loop, "_loop", _failing_loop(True))
     assert job.main(train_argv + ["--steps", "3", "--checkpoint-every", "1"]) == 2
     capsys.readouterr()
     work = tmp_path / "q.train"
-    assert trainer.latest_checkpoint(work / "checkpoints") is not None
+    assert latest_checkpoint(work / "checkpoints") is not None
     monkeypatch.undo()
     assert job.main(train_argv + ["--steps", "3", "--checkpoint-every", "1", "--resume"]) == 0
     assert "| QAT |" in capsys.readouterr().out

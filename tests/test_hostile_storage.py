@@ -25,7 +25,9 @@ from mlx_lm import load as mlx_lm_load
 import mlxqat
 import tiny
 from mlxqat import export as ex
-from mlxqat import io, job
+from mlxqat.storage.destinations import DestinationError, check_destination, write_manifest
+from mlxqat.storage.load import verify
+from mlxqat.training import job
 from mlxqat.cli import verify_main
 
 TESTS = Path(__file__).parent
@@ -84,7 +86,7 @@ def f32_gguf(tmp_path_factory, tokenizer):
     root = tmp_path_factory.mktemp("gguf")
     model, config = tiny.make_model("llama", 0)
     src = tiny.save_fp_model(model, config, tokenizer, root / "src")
-    io.write_manifest(src, {})
+    write_manifest(src, {})
     path = root / "m.gguf"
     assert ex.export_gguf(src, path, "f32", exact=True, verbose=False)["exact"]
     return path
@@ -127,7 +129,7 @@ def test_the_real_gguf_files_pass_the_data_offset_checks():
     if not found:
         pytest.skip("no real GGUF files in .models/ (bash tools/fetch-models)")
     for path in found:
-        mlxqat.validate.check_gguf_structure(path)
+        mlxqat.gguf.format.check_gguf_structure(path)
 
 
 # ---------------------------------------------------------------------------
@@ -225,9 +227,9 @@ def unwritable(tmp_path):
 @pytest.mark.parametrize("below", ["out", "new/deeper/out"])
 def test_an_unwritable_parent_is_refused_by_the_destination_check(unwritable, below):
     dest = unwritable / below
-    with pytest.raises(io.DestinationError, match=rf"{re.escape(str(dest))} cannot be written: "
+    with pytest.raises(DestinationError, match=rf"{re.escape(str(dest))} cannot be written: "
                                                   rf"{re.escape(str(unwritable))} is not writable"):
-        io.check_destination(dest)
+        check_destination(dest)
 
 
 def test_train_refuses_an_unwritable_out_before_loading_anything(tmp_path, tokenizer, unwritable, monkeypatch, capsys):
@@ -251,17 +253,17 @@ KILLED_WRITE = """
 import os, sys
 sys.path.insert(0, {tests!r})
 import mlxqat, tiny
-from mlxqat import io
+from mlxqat.storage import destinations
 from pathlib import Path
 from mlx_lm.tokenizer_utils import load as load_tokenizer
 model, config = tiny.make_model("llama", 0)
 tok = load_tokenizer(Path({tok!r}))
 mode = sys.argv[1]
 if mode == "kill":
-    io._fsync_tree = lambda root: os._exit(9)  # killed with the new version half-written
+    destinations._fsync_tree = lambda root: os._exit(9)  # killed with the new version half-written
     mlxqat.save(model, tok, {out!r}, config=config)
 else:  # a live writer: holds its temporary until told to go on, then is killed too
-    with io.atomic_dir({out!r}) as tmp:
+    with destinations.atomic_dir({out!r}) as tmp:
         (tmp / "part").write_text("being written")
         print(tmp.name, flush=True)
         sys.stdin.readline()
@@ -314,4 +316,4 @@ def test_verify_restores_a_destination_killed_between_its_renames(tmp_path, toke
     assert captured.out.startswith("OK ") and "restored" in captured.err, captured
     assert mlxqat.verify(out)["run"] == "old" and not (tmp_path / ".out.mlxqat-old").exists()
     os.rename(out, tmp_path / ".out.mlxqat-old")
-    assert io.verify(out)["run"] == "old"  # the library function repairs too (the one code path)
+    assert verify(out)["run"] == "old"  # the library function repairs too (the one code path)

@@ -11,7 +11,9 @@ from mlx_lm import load as mlx_lm_load
 
 import mlxqat
 import tiny
-from mlxqat import io
+from mlxqat.storage.destinations import DestinationError, recover_interrupted, write_manifest
+from mlxqat.storage.load import verify
+from mlxqat.storage.manifest import Manifest, read_manifest, sha256_file
 from mlxqat.export import export_mlx
 from mlxqat.convert import recipe_of
 from mlxqat.recipes import LayerSpec, Recipe
@@ -201,7 +203,7 @@ def test_a_folder_of_user_files_is_never_replaced(tmp_path, tokenizer, int4_mode
     (d / "sub").mkdir(parents=True)
     (d / "notes.txt").write_text("mine")
     before = _snapshot(tmp_path)
-    with pytest.raises(io.DestinationError, match=r"d already exists and is a folder holding files mlxqat did not write \(notes\.txt\)"):
+    with pytest.raises(DestinationError, match=r"d already exists and is a folder holding files mlxqat did not write \(notes\.txt\)"):
         mlxqat.save(model, tokenizer, d, config=config)
     assert _snapshot(tmp_path) == before
 
@@ -225,7 +227,7 @@ def test_destinations_that_are_refused(tmp_path, tokenizer, int4_model, monkeypa
         "cwd": "current directory", "parent of cwd": "current directory", "plain file": "a file mlxqat did not write",
         "symlink": "a symbolic link", "device": "a device or special file", "empty string": "output path is empty",
     }[what]
-    with pytest.raises(io.DestinationError, match=message):
+    with pytest.raises(DestinationError, match=message):
         mlxqat.save(model, tokenizer, dest, config=config)
     assert _snapshot(tmp_path) == before
     assert os.path.exists("/dev/null") and not os.path.isdir("/dev/null")
@@ -237,9 +239,9 @@ def test_source_model_is_never_the_destination(tmp_path, tokenizer, int4_model):
     mlxqat.save(model, tokenizer, src, config=config)
     before = _snapshot(tmp_path)
     for dest in (src, src / "inside", tmp_path):
-        with pytest.raises(io.DestinationError, match="source model"):
+        with pytest.raises(DestinationError, match="source model"):
             mlxqat.save(model, tokenizer, dest, config=config, sources=[src])
-    with pytest.raises(io.DestinationError, match="source model"):
+    with pytest.raises(DestinationError, match="source model"):
         export_mlx(src, src)
     assert _snapshot(tmp_path) == before
     mlxqat.verify(src)
@@ -255,7 +257,7 @@ def test_own_outputs_and_empty_folders_are_replaced_atomically(tmp_path, tokeniz
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no temporary or backup left
     # a user file added to an mlxqat output makes it the user's: refused
     (out / "my-notes.md").write_text("mine")
-    with pytest.raises(io.DestinationError, match="my-notes.md"):
+    with pytest.raises(DestinationError, match="my-notes.md"):
         mlxqat.save(model, tokenizer, out, config=config)
     assert (out / "my-notes.md").read_text() == "mine"
 
@@ -264,7 +266,7 @@ KILL_BETWEEN_RENAMES = """
 import os, sys
 sys.path.insert(0, {tests!r})
 import mlxqat, tiny
-from mlxqat import io
+from mlxqat.storage import destinations
 from mlx_lm.tokenizer_utils import load as load_tokenizer
 model, config = tiny.make_model("llama", 0)
 mlxqat.prepare(model, "int4"); mlxqat.convert(model)
@@ -276,7 +278,7 @@ def rename(a, b):
     real(a, b)
     if str(b).endswith(".mlxqat-old"):
         os._exit(9)  # killed between the two renames
-io.os.rename = rename
+destinations.os.rename = rename
 mlxqat.save(model, tok, {out!r}, config=config, info={{"run": "new"}})
 """
 
@@ -301,7 +303,7 @@ def test_recover_finishes_a_replacement_whose_new_version_is_in_place(tmp_path, 
     mlxqat.save(model, tokenizer, out, config=config, info={"run": "new"})
     mlxqat.save(model, tokenizer, tmp_path / "old", config=config, info={"run": "old"})
     os.rename(tmp_path / "old", stale)  # killed after the second rename, before the clean-up
-    assert io.recover_interrupted(out) == "cleaned"
+    assert recover_interrupted(out) == "cleaned"
     assert not stale.exists() and mlxqat.verify(out)["run"] == "new"
 
 
@@ -334,7 +336,7 @@ def _rewrite_manifest(out, edit, redigest=True):
     m = json.loads((out / "mlxqat.json").read_text())
     edit(m)
     if redigest:  # as a careful editor would: digest and layout as mlxqat writes them
-        rewritten = io.Manifest(kind=m["kind"], info=io.Manifest.info_of(m), files=m["files"])
+        rewritten = Manifest(kind=m["kind"], info=Manifest.info_of(m), files=m["files"])
         (out / "mlxqat.json").write_text(rewritten.text())
     else:
         (out / "mlxqat.json").write_text(json.dumps(m))
@@ -369,7 +371,7 @@ def test_manifest_paths_are_confined(saved, name, capsys):
         mlxqat.verify(saved)
     assert verify_main([str(saved)]) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and io.sha256_file("/etc/hostname")[:8] not in err
+    assert err.count("\n") == 1 and sha256_file("/etc/hostname")[:8] not in err
 
 
 def test_fifos_and_links_in_a_model_directory_are_refused_without_hanging(saved):
@@ -416,7 +418,7 @@ def test_manifest_bytes_are_the_version_2_format(tmp_path):
     (tmp_path / "config.json").write_text("{}")
     (tmp_path / "sub").mkdir()
     (tmp_path / "sub" / "a.txt").write_bytes(b"abc")
-    written = io.write_manifest(tmp_path, {"recipe": None, "metrics": {"ppl": 1.5}}, kind="model")
+    written = write_manifest(tmp_path, {"recipe": None, "metrics": {"ppl": 1.5}}, kind="model")
     body = {"format": "mlxqat", "format_version": 2, "kind": "model", "mlxqat_version": mlxqat.__version__,
             "recipe": None, "metrics": {"ppl": 1.5},
             "files": {"config.json": hashlib.sha256(b"{}").hexdigest(), "sub/a.txt": hashlib.sha256(b"abc").hexdigest()}}
@@ -424,11 +426,11 @@ def test_manifest_bytes_are_the_version_2_format(tmp_path):
     body["manifest_sha256"] = hashlib.sha256(canonical.encode()).hexdigest()
     raw = (tmp_path / "mlxqat.json").read_bytes()
     assert raw == (json.dumps(body, indent=2) + "\n").encode() and written == body
-    m = io.Manifest.from_bytes(raw, tmp_path / "mlxqat.json")
+    m = Manifest.from_bytes(raw, tmp_path / "mlxqat.json")
     assert (m.kind, m.info, m.files) == ("model", {"recipe": None, "metrics": {"ppl": 1.5}}, body["files"])
-    assert m.text().encode() == raw and io.read_manifest(tmp_path) == body == io.verify(tmp_path)
+    assert m.text().encode() == raw and read_manifest(tmp_path) == body == verify(tmp_path)
     with pytest.raises(ValueError, match=r"reserves for itself"):
-        io.Manifest(info={"files": {}})
+        Manifest(info={"files": {}})
 
 
 def test_recipe_of_reads_the_layers_when_the_recipe_does_not_describe_them(tmp_path, tokenizer):
@@ -457,7 +459,7 @@ def test_save_writes_the_model_card(tmp_path, tokenizer):
     model, config = _converted("llama", MIXED)
     mlxqat.save(model, tokenizer, tmp_path / "m", config=config, info={"metrics": {"QAT": {"ppl": 2.5, "kl": 0.125}}})
     card = (tmp_path / "m" / "README.md").read_text()
-    report = mlxqat.export.memory_report(tmp_path / "m")
+    report = mlxqat.footprint.memory_report(tmp_path / "m")
     assert card.startswith("# m\n") and "Recipe `mixed-test`" in card and "`lm_head`: full precision" in card
     assert f"| {report.bits_per_weight:.3f} | {report.ratio_to_bf16:.3f}x |" in card
     assert "| QAT | ppl 2.5, kl 0.125 |" in card

@@ -1,4 +1,4 @@
-"""The QAT job (``python -m mlxqat.train``, :mod:`mlxqat.job`): end to end on a model directory, bad input
+"""The QAT job (``python -m mlxqat.train``, :mod:`mlxqat.training.job`): end to end on a model directory, bad input
 refused before any work, resume checked, the user's files never replaced; the RTN baseline row."""
 
 import json
@@ -6,12 +6,11 @@ import os
 from pathlib import Path
 
 import mlx.core as mx
-import numpy as np
 import pytest
 
 import mlxqat
 import tiny
-from mlxqat.job import main as train_main
+from mlxqat.training.job import main as train_main
 
 
 @pytest.fixture()
@@ -162,7 +161,7 @@ def test_cli_with_cached_top_k_frees_the_teacher_and_still_measures_against_it(t
 
 
 def test_the_memory_settings_are_flags():
-    from mlxqat.job import build_parser
+    from mlxqat.training.job import build_parser
 
     parse = build_parser().parse_args
     assert parse([]).grad_checkpoint is None  # automatic

@@ -20,10 +20,12 @@ from numerics import gradient_noise
 from mlxqat import recipes
 from mlxqat.head import split_head
 from mlxqat.lora import QALoRALinear, apply_lora
-from mlxqat.qat import release_teacher
-from mlxqat.teacher import TeacherHidden, TeacherTargets
-from mlxqat.trainer import (LowPrecisionAdamW, TrainingArgs, default_loss, distillation_loss, stochastic_round, train,
-                            uses_grad_checkpoint)
+from mlxqat.training.qat import release_teacher
+from mlxqat.training.teacher import TeacherHidden, TeacherTargets
+from mlxqat.training.optim import LowPrecisionAdamW, stochastic_round
+from mlxqat.training.args import TrainingArgs
+from mlxqat.training.losses import default_loss, distillation_loss
+from mlxqat.training.loop import train, uses_grad_checkpoint
 
 
 def _pair(arch="llama", **config):

@@ -1,4 +1,4 @@
-"""The memory model (mlxqat.memory): its estimate against MLX's measured peaks, the shapes it
+"""The memory model (mlxqat.training.memory): its estimate against MLX's measured peaks, the shapes it
 reads without loading weights, and the job's early refusal of a run that does not fit."""
 
 import dataclasses
@@ -7,14 +7,14 @@ import json
 import mlx.core as mx
 import numpy as np
 import pytest
-from mlx.utils import tree_flatten, tree_map
+from mlx.utils import tree_flatten
 from mlx_lm.models import llama
 
 import mlxqat
-from mlxqat import job, memory
+from mlxqat.training import job, memory
 from mlxqat.evaluate import EVAL_LOGIT_BYTES, eval_batch_size
 from mlxqat.stdlib_data import embedded_model_path
-from mlxqat.trainer import TrainingArgs
+from mlxqat.training.args import TrainingArgs
 
 # shapes unlike the ones benchmarks/memory.py fits the factors on
 SHAPE = dict(hidden_size=320, num_hidden_layers=3, intermediate_size=896, num_attention_heads=5, num_key_value_heads=1,

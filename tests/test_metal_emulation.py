@@ -19,6 +19,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
 
 from metal_emu.emulator import EmulatorError, MetalEmulator, capture, cuda_source  # noqa: E402
+from metal_emu.grid import normalized_body, run_grid  # noqa: E402
 
 from mlxqat.kernels import source  # noqa: E402
 from mlxqat.kernels.check import error_ratio  # noqa: E402
@@ -129,19 +130,16 @@ def test_emulated_cuda_twin_matches_quantized_matmul(cuda_emu, dtype, group_size
 
 
 def test_cuda_check_script_runs_its_grid_on_the_emulator(cuda_emu):
-    # benchmarks/cuda_kernel_check.py is for NVIDIA machines; its CPU side runs here.
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-    import cuda_kernel_check as cc
-
-    records = cc.run_grid("emulated-cuda", quick=True, emulator=cuda_emu, rows=CUDA_ROWS)
+    # The grid benchmarks/cuda_kernel_check.py runs on NVIDIA machines, here on the emulator.
+    records = run_grid("emulated-cuda", quick=True, emulator=cuda_emu, rows=CUDA_ROWS)
     assert len(records) == 3 * 3 * 2 * 2 and all(r["ok"] for r in records)
     x, wq, s, b = problem(3, 36, 320, 64, mx.float16)
     plan = source.launch(x, wq, s, b, 64)
     ours = cuda_source(source.kernel_spec(plan.variant, "cuda"), plan.call).source
     as_mlx = ours.replace('#include "cuda_shim.h"', '#include "mlx/backend/cuda/device/utils.cuh"\n'
                           '#include <cooperative_groups.h>\n#define inf cuda::std::numeric_limits<float>::infinity()')
-    assert cc.normalized_body(as_mlx) == cc.normalized_body(ours)
-    assert cc.normalized_body(ours.replace("(4 * i)", "(4 * i + 1)")) != cc.normalized_body(ours)
+    assert normalized_body(as_mlx) == normalized_body(ours)
+    assert normalized_body(ours.replace("(4 * i)", "(4 * i + 1)")) != normalized_body(ours)
 
 
 @pytest.mark.parametrize("m", [5, 40])

@@ -1,7 +1,6 @@
 """The three notebooks run top to bottom in quick mode and produce their figures, tables and files."""
 
 import json
-import os
 from pathlib import Path
 
 import nbformat

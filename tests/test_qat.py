@@ -8,7 +8,7 @@ import tiny
 from mlxqat import recipes
 from mlxqat.data import Document, pack, tokenize_documents
 from mlxqat.evaluate import evaluate
-from mlxqat.qat import qat_args, quantize_qat
+from mlxqat.training.qat import qat_args, quantize_qat
 
 
 def _windows(tokenizer, seq_len=32):
@@ -82,7 +82,7 @@ def test_the_shared_student_is_the_teacher_on_the_same_arrays(arch, tied):
     import mlx.core as mx
     from mlx.utils import tree_flatten
 
-    from mlxqat.qat import shared_student
+    from mlxqat.training.qat import shared_student
 
     teacher, config = tiny.make_model(arch, 0, scale=3.0)
     if arch == "gemma3_text" and tied:  # as mlx-lm's loader leaves it for a checkpoint without lm_head.weight

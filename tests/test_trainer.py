@@ -22,7 +22,9 @@ import tiny
 from mlxqat.evaluate import evaluate
 from mlxqat.lora import QALoRALinear, apply_lora
 from mlxqat.data import iterate_batches
-from mlxqat.trainer import QATOptimizer, TrainingArgs, lr_schedule, train
+from mlxqat.training.optim import QATOptimizer, lr_schedule
+from mlxqat.training.args import TrainingArgs
+from mlxqat.training.loop import train
 
 HERE = Path(__file__).parent
 SCRIPT = HERE / "train_script.py"
@@ -328,7 +330,7 @@ def test_damaged_checkpoint_or_latest_json_names_the_file_and_the_fix(tmp_path):
 
 
 def test_keep_checkpoints_deletes_only_our_older_checkpoints(tmp_path):
-    from mlxqat.io import work_dir
+    from mlxqat.storage.destinations import work_dir
 
     work_dir(tmp_path)  # a work directory mlxqat made, where someone then put other things
     ckpts = tmp_path / "checkpoints"

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 import mlxqat
 import tiny
-from mlxqat import validate
+from mlxqat.storage.checks import check_module_parameters
 
 
 @pytest.fixture(scope="module")
@@ -83,7 +83,7 @@ def test_quantized_shapes_that_disagree_are_refused_before_compute(model_dir):
     layer = model.model.layers[0].mlp.up_proj
     layer.scales = layer.scales[:, :0]
     with pytest.raises(ValueError, match=r"up_proj\.scales has shape"):
-        validate.check_module_parameters(model, "m")
+        check_module_parameters(model, "m")
 
 
 def test_huge_layer_count_is_refused_at_once(model_dir):

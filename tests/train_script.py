@@ -19,7 +19,8 @@ from mlx.utils import tree_flatten  # noqa: E402
 
 import mlxqat  # noqa: E402
 import tiny  # noqa: E402
-from mlxqat.trainer import TrainingArgs, train  # noqa: E402
+from mlxqat.training.args import TrainingArgs
+from mlxqat.training.loop import train  # noqa: E402
 
 
 def windows(n, seq_len, seed=0):

@@ -8,8 +8,7 @@ quantized layer (any bit width, the tied output head included) compute as
 dequantize + matmul, the fast product on a CPU for many tokens at once.
 """
 
-from .dequant import (DequantizedActQuantizedLinear, DequantizedEmbedding, DequantizedLinear,
-                      use_dequantized_matmul)
+from .dequant import DequantizedActQuantizedLinear, DequantizedEmbedding, DequantizedLinear, use_dequantized_matmul
 from .int4 import int4_matmul
 from .layer import KernelQuantizedLinear, is_supported
 

@@ -7,7 +7,7 @@ fake-quantized block reproduces the full-precision block on calibration
 activations (mean squared error). Gradients and optimizer state exist for one
 block at a time. Phase two (EfficientQAT's E2E-QP) freezes the integer codes and
 trains only the scales and biases through the whole model, distilled from the
-full-precision logits as in full QAT: :func:`mlxqat.qat.quantize_qat` with
+full-precision logits as in full QAT: :func:`mlxqat.training.qat.quantize_qat` with
 ``trainable="scales"`` on the student phase one prepared.
 ``python -m mlxqat.train --method blockwise`` runs both.
 
@@ -58,14 +58,17 @@ import mlx.nn as nn
 import mlx.optimizers as optim
 import numpy as np
 from mlx.utils import tree_flatten
+from tqdm import tqdm
 
-from . import recipes as recipes_mod
-from ._cli import positive_float, positive_int
-from .data import iterate_batches
-from .io import atomic_dir, atomic_file, remove_output, verify, work_dir, write_manifest
-from .layers import HELD_DTYPES, freeze_codes, is_fake_quant, set_fake_quant, untie_weights, weight_released
+from .. import recipes as recipes_mod
+from .._cli import positive_float, positive_int
+from ..data import iterate_batches
+from ..layers import HELD_DTYPES, freeze_codes, is_fake_quant, set_fake_quant, untie_weights, weight_released
+from ..storage.destinations import atomic_dir, atomic_file, remove_output, work_dir, write_manifest
+from ..storage.load import verify
+from .args import TrainingArgs
+from .optim import QATOptimizer
 from .qat import prepare_student
-from .trainer import QATOptimizer, TrainingArgs
 
 __all__ = ["blockwise_qat", "model_blocks", "resume_state", "hold_weights", "TARGETS",
            "STEPS_PER_BLOCK", "BLOCK_WINDOWS", "BLOCK_BATCH_SIZE", "BLOCK_LEARNING_RATE"]
@@ -420,7 +423,6 @@ def blockwise_qat(
             float16's range, or a checkpoint written with other settings.
         FileNotFoundError: ``resume`` without a checkpoint.
     """
-    from tqdm import tqdm
 
     windows = _check_arguments(windows, target, steps_per_block, batch_size, learning_rate, scale_learning_rate)
     tokens = windows[:, :-1]

@@ -1,4 +1,4 @@
-"""GGUF mutations for benchmarks/fuzz_loader.py: edits to header fields, metadata entries and tensor
+"""GGUF mutations for tests/fuzz/fuzz_loader.py: edits to header fields, metadata entries and tensor
 descriptions of a valid file, and truncation."""
 
 from __future__ import annotations
@@ -7,9 +7,9 @@ import functools
 import os
 import struct
 
-from mlxqat.validate import GGUF_SCALAR_BYTES as GGUF_SCALARS  # type id -> bytes
+from mlxqat.gguf.format import GGUF_SCALAR_BYTES as GGUF_SCALARS  # type id -> bytes
 
-from fuzz_mutations import Case, _evil_int, m_append, m_byte_flip, m_noop, m_special  # noqa: E402
+from fuzz_mutations import Case, evil_int, m_append, m_byte_flip, m_noop, m_special  # noqa: E402
 
 
 @functools.lru_cache(maxsize=4)  # the seeds' layouts: most cases mutate a pristine copy
@@ -87,7 +87,7 @@ def m_gguf_field(c: Case) -> str:
     role = c.rng.choice(roles)
     off, width, _ = c.rng.choice([f for f in fields if f[2] == role])
     old = int.from_bytes(raw[off:off + width], "little")
-    new = _evil_int(c.rng, width, old)
+    new = evil_int(c.rng, width, old)
     raw[off:off + width] = new.to_bytes(width, "little")
     c.root.write_bytes(bytes(raw))
     return f"gguf_field {role} at {off}: {old} -> {new}"

@@ -26,8 +26,8 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from .head import HeadSplit, chunk_rows, logits_by_chunks, split_head
-from .io import atomic_file
+from ..head import HeadSplit, chunk_rows, logits_by_chunks, split_head
+from ..storage.destinations import atomic_file
 
 
 def top_k_logits(logits: mx.array, k: int) -> Tuple[mx.array, mx.array]:
@@ -68,7 +68,7 @@ class TeacherTargets:
     logits (:func:`top_k_logits`). With ``top_k`` the teacher runs once per
     ``key``; the result is kept under ``cache_dir`` when given
     (``<key>.safetensors``, written atomically; read back when asked again), or
-    else in memory; with every key a run needs cached (:func:`mlxqat.trainer.prefill_teacher_targets`)
+    else in memory; with every key a run needs cached (:func:`mlxqat.training.loop.prefill_teacher_targets`)
     the teacher may be ``None``.
 
     Memory: when the teacher splits into body and head (:func:`mlxqat.head.split_head`)

@@ -16,16 +16,26 @@ import json
 import math
 import os
 import re
+import stat
 import struct
 from pathlib import Path
-from typing import Dict, List, Tuple
+from typing import Dict, List, Tuple, Union
 
 import mlx.core as mx
 import mlx.nn as nn
+from mlx.utils import tree_flatten
+
+PathLike = Union[str, os.PathLike]
+
 
 MAX_CONFIG_BYTES = 16 << 20
+
+
 MAX_HEADER_BYTES = 100 << 20  # safetensors' own limit
+
+
 MAX_DIMS = 8
+
 
 # (low, high) bounds of the integer sizes of a config; generous for real models,
 # small enough that no size makes MLX allocate absurd amounts or loop for minutes.
@@ -45,13 +55,28 @@ INT_BOUNDS = {
     "num_local_experts": (1, 4096),
     "num_experts_per_tok": (1, 4096),
 }
+
+
 POSITIVE_FLOATS = ("rope_theta", "rope_local_base_freq", "query_pre_attn_scalar")
+
+
 EPSILONS = ("rms_norm_eps", "layer_norm_eps")  # added to a variance before its square root: small, in (0, 1)
+
+
 BOOLS = ("tie_word_embeddings", "attention_bias", "mlp_bias")
+
+
 QUANT_BITS = (2, 3, 4, 5, 6, 8)
+
+
 QUANT_GROUPS = (16, 32, 64, 128)
+
+
 QUANT_MODES = ("affine", "mxfp4", "mxfp8", "nvfp4")
+
+
 MODEL_TYPE = re.compile(r"^[A-Za-z0-9_]{1,64}$")
+
 
 # safetensors dtype -> bytes per element (the ones MLX reads)
 ST_DTYPES = {
@@ -66,11 +91,6 @@ def _is_int(v) -> bool:
 
 def _is_number(v) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-
-
-# ---------------------------------------------------------------------------
-# config.json
-# ---------------------------------------------------------------------------
 
 
 def read_json_file(path: Path, what: str, max_bytes: int = MAX_CONFIG_BYTES):
@@ -91,7 +111,6 @@ def check_directory_entries(directory: Path) -> None:
 
     Links to regular files are allowed: a Hugging Face cache snapshot is made of them.
     """
-    import stat
 
     for dirpath, dirnames, filenames in os.walk(directory, followlinks=False):
         for name in dirnames + filenames:
@@ -106,7 +125,6 @@ def check_directory_entries(directory: Path) -> None:
 
 def check_regular_file(path: Path) -> None:
     """Refuse FIFOs, devices and directories (or links to them) where a file is expected."""
-    import stat
 
     try:
         st = os.stat(path)  # a link to a regular file is fine (Hugging Face cache snapshots)
@@ -220,11 +238,6 @@ def check_model_type(cfg: dict, where: str = "config.json") -> None:
         f"{', '.join(sorted(modules | remapped))}. Set model_type to the model's architecture (e.g. \"llama\"), "
         "or upgrade mlx-lm if the architecture is newer"
     )
-
-
-# ---------------------------------------------------------------------------
-# safetensors
-# ---------------------------------------------------------------------------
 
 
 def safetensors_header(path: Path) -> Dict[str, Tuple[str, Tuple[int, ...]]]:
@@ -360,168 +373,6 @@ def check_quantized_tensors(tensors: Dict[str, Tuple[str, Tuple[int, ...]]], con
             raise ValueError(f"{where}: {layer}.biases has shape {list(b[1])}; expected {list(expected)}")
 
 
-# ---------------------------------------------------------------------------
-# GGUF
-# ---------------------------------------------------------------------------
-
-
-# GGUF value types -> bytes (8: string, 9: array are variable)
-GGUF_SCALAR_BYTES = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
-_GGUF_MAX_DIMS = 4
-
-
-class _GGUFWalker:
-    """Walks a GGUF header, checking that every length and count fits in the file."""
-
-    def __init__(self, path: Path, data: bytes):
-        self.path, self.data, self.pos = path, data, 0
-
-    def fail(self, what: str):
-        raise ValueError(f"{self.path}: {what} at byte {self.pos} does not fit the file; the file is damaged or truncated")
-
-    def take(self, fmt: str):
-        size = struct.calcsize(fmt)
-        if self.pos + size > len(self.data):
-            self.fail(f"a field ({fmt})")
-        value = struct.unpack_from(fmt, self.data, self.pos)
-        self.pos += size
-        return value[0] if len(value) == 1 else value
-
-    def string(self, what: str) -> bytes:
-        n = self.take("<Q")
-        if n > len(self.data) - self.pos:
-            self.fail(f"{what} of {n} bytes")
-        self.pos += n
-        return self.data[self.pos - n : self.pos]
-
-    def value(self, vtype: int, depth: int = 0) -> None:
-        if vtype in GGUF_SCALAR_BYTES:
-            self.take(f"<{GGUF_SCALAR_BYTES[vtype]}s")
-        elif vtype == 8:
-            self.string("a string")
-        elif vtype == 9 and depth < 2:
-            itype, count = self.take("<I"), self.take("<Q")
-            least = GGUF_SCALAR_BYTES.get(itype, 8)  # a string or array item takes at least its 8-byte length
-            if itype not in GGUF_SCALAR_BYTES and itype not in (8, 9):
-                self.fail(f"an array of unknown type {itype}")
-            if count * least > len(self.data) - self.pos:
-                self.fail(f"an array of {count} items")
-            if itype in GGUF_SCALAR_BYTES:
-                self.pos += count * least
-            else:
-                for _ in range(count):
-                    self.value(itype, depth + 1)
-        else:
-            self.fail(f"a value of unknown type {vtype}")
-
-
-def check_gguf_structure(path: Path) -> None:
-    """Check a GGUF file's header, metadata and tensor descriptions against its size.
-
-    ``gguf.GGUFReader`` trusts the header: a count of 2**60 or a value type
-    changed from string to array makes it loop for hours. After this check
-    every loop it runs is bounded by the file.
-
-    Raises:
-        ValueError: naming the file and the first field that does not fit.
-    """
-    import gguf  # ~80 ms: only when a GGUF file is read
-
-    check_regular_file(path)
-    size = os.stat(path).st_size
-    with open(path, "rb") as f:
-        head = f.read(24)
-        if len(head) < 24 or head[:4] != b"GGUF":
-            raise ValueError(f"{path} is not a GGUF file (no GGUF header); check the path")
-        version, n_tensors, n_kv = struct.unpack("<IQQ", head[4:24])
-        if version not in (2, 3):
-            raise ValueError(f"{path}: GGUF version {version} is not supported (2 or 3)")
-        # each key/value takes at least 12 bytes, each tensor description at least 24
-        if n_kv * 12 + n_tensors * 24 > size:
-            raise ValueError(
-                f"{path}: the header claims {n_tensors} tensors and {n_kv} metadata entries, more than "
-                f"{size} bytes can hold; the file is damaged or truncated"
-            )
-        data = head + f.read()
-    w = _GGUFWalker(path, data)
-    w.pos = 24
-    alignment = gguf.GGUF_DEFAULT_ALIGNMENT
-    for _ in range(n_kv):
-        key = w.string("a metadata key")
-        vtype = w.take("<I")
-        start = w.pos
-        w.value(vtype)
-        if key == b"general.alignment":
-            alignment = struct.unpack_from("<I", data, start)[0] if vtype == gguf.GGUFValueType.UINT32 else None
-            if not alignment or alignment & (alignment - 1):
-                raise ValueError(f"{path}: general.alignment is not a power of two stored as uint32 (default "
-                                 f"{gguf.GGUF_DEFAULT_ALIGNMENT}); the file is damaged")
-    tensors = []
-    for _ in range(n_tensors):
-        name = w.string("a tensor name").decode("utf-8", "replace")
-        n_dims = w.take("<I")
-        if not 1 <= n_dims <= _GGUF_MAX_DIMS:
-            w.fail(f"tensor {name!r} with {n_dims} dimensions")
-        dims = [w.take("<Q") for _ in range(n_dims)]
-        tensors.append((name, dims, w.take("<I"), w.take("<Q")))
-        if math.prod(dims) > 8 * size:
-            w.fail(f"tensor {name!r} of shape {dims}")
-    data_start = -(-w.pos // alignment) * alignment
-    _check_gguf_tensor_data(path, tensors, data_start, alignment, size)
-
-
-def _check_gguf_tensor_data(path: Path, tensors: list, data_start: int, alignment: int, size: int) -> None:
-    """Each tensor's data is aligned, inside the file and shares no byte with another's.
-
-    ``tensors``: ``(name, dims, type, offset)`` as the header gives them (offsets
-    from ``data_start``, where the aligned data section begins). The GGUF reader
-    trusts the offsets: a misaligned one reads bytes shifted into NaN, one moved
-    onto another tensor reads that tensor's values.
-    """
-    import gguf  # ~80 ms: only when a GGUF file is read
-
-    fix = "the file is damaged; download or export it again"
-    spans = []
-    for name, dims, ttype, offset in tensors:
-        if ttype not in gguf.GGML_QUANT_SIZES:
-            raise ValueError(f"{path}: tensor {name!r} has type {ttype}, which is not a GGML tensor type; {fix}")
-        block, block_bytes = gguf.GGML_QUANT_SIZES[ttype]
-        if dims[0] % block:
-            raise ValueError(f"{path}: tensor {name!r} has rows of {dims[0]} values, not a multiple of the "
-                             f"{block}-value blocks of {gguf.GGMLQuantizationType(ttype).name}; {fix}")
-        nbytes = math.prod(dims) // block * block_bytes
-        if offset % alignment:
-            raise ValueError(f"{path}: tensor {name!r} has data offset {offset}, not a multiple of the alignment "
-                             f"{alignment} (general.alignment); {fix}")
-        if data_start + offset + nbytes > size:
-            raise ValueError(f"{path}: tensor {name!r} has data offset {offset} and {nbytes} bytes, past the end of "
-                             f"the file ({size - data_start} data bytes); the file is damaged or truncated")
-        if nbytes:
-            spans.append((offset, offset + nbytes, name))
-    spans.sort(key=lambda s: s[0])  # stable: of two tensors at one offset, the later one is named
-    for (b0, e0, n0), (b1, e1, n1) in zip(spans, spans[1:]):
-        if b1 < e0:
-            raise ValueError(f"{path}: tensor {n1!r} has data offset {b1}, which overlaps the data of tensor {n0!r} "
-                             f"(offsets {b0} to {e0}); {fix}")
-
-
-def read_gguf(path: Path):
-    """A ``gguf.GGUFReader`` for ``path`` after :func:`check_gguf_structure`; any reader error is a ValueError."""
-    import gguf  # ~80 ms: only when a GGUF file is read
-
-    path = Path(path)
-    check_gguf_structure(path)
-    try:
-        return gguf.GGUFReader(str(path))
-    except Exception as e:  # numpy / struct / gguf errors on damaged fields
-        raise ValueError(f"{path} is not a readable GGUF file ({type(e).__name__}: {e}); the file is damaged") from e
-
-
-# ---------------------------------------------------------------------------
-# A model built from the files, before any tensor is read
-# ---------------------------------------------------------------------------
-
-
 def check_layers_against_files(model: nn.Module, tensors: Dict[str, Tuple[str, Tuple[int, ...]]],
                                config: dict, where: str) -> None:
     """Before quantized layers are built: each layer the files or config.json quantize fits its settings.
@@ -642,7 +493,6 @@ def _check_quantized(path: str, m: nn.Module, where: str) -> None:
 
 def check_finite(model: nn.Module, where: str) -> None:
     """Refuse NaN/Inf in floating parameters (after they were read)."""
-    from mlx.utils import tree_flatten
 
     for k, v in tree_flatten(model.parameters()):
         if mx.issubdtype(v.dtype, mx.floating) and not bool(mx.all(mx.isfinite(v)).item()):

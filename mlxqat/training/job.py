@@ -8,7 +8,7 @@ Loads the model twice (teacher and student), measures full precision and
 round-to-nearest, fine-tunes the student through the quantizer, measures it
 again, prints the before/after table, converts and saves an mlx-lm directory
 with the table in ``mlxqat.json``. ``--method blockwise`` trains the student one
-transformer block at a time first (:func:`mlxqat.blockwise.blockwise_qat`), then
+transformer block at a time first (:func:`mlxqat.training.blockwise.blockwise_qat`), then
 only its scales and biases end to end. Training artifacts (checkpoints, log,
 teacher cache) go to ``<out>.train/``; ``--resume`` continues from there. A run that fails before it
 wrote any of them removes the ``<out>.train/`` it created (never one that was there before).
@@ -31,26 +31,22 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
-from . import recipes as recipes_mod
-from .convert import convert, quantize_rtn
-from .data import (build_dataset, check_seq_len, generate_windows, model_context, split_selection, spread,
-                   stdlib_windows)
-from .evaluate import evaluate, format_table, gap_recovered
-from .io import check_destination, check_work_dir, load, remove_output, save, work_dir
-from .stdlib_data import embedded_model_path
-from ._cli import ArgumentParser, command, non_negative_float, non_negative_int, positive_float, positive_int
-from .qat import EVAL_WINDOWS, RECIPE_DEFAULTED, SELECT_WINDOWS, qat_args, quantize_qat, release_teacher, shared_student
-from .trainer import LATEST, TEACHER_CACHE, TrainingArgs, latest_checkpoint, resume_point
+from .. import recipes as recipes_mod
+from .._cli import ArgumentParser, command, non_negative_float, non_negative_int, positive_float, positive_int
+from ..convert import convert, quantize_rtn
+from ..data import (build_dataset, check_seq_len, generate_windows, model_context, split_selection, spread,
+                    stdlib_windows)
+from ..evaluate import evaluate, format_table, gap_recovered
+from ..layers import weight_released
+from ..stdlib_data import embedded_model_path
+from ..storage.destinations import check_destination, check_work_dir, remove_output, work_dir
+from ..storage.load import load
+from ..storage.save import save
 from . import blockwise, memory
-
-METHODS = ("qat", "blockwise")
-# run()'s block-phase options -> blockwise_qat()'s keyword arguments and defaults
-BLOCK_OPTIONS = {"steps_per_block": ("steps_per_block", blockwise.STEPS_PER_BLOCK),
-                 "block_windows": (None, blockwise.BLOCK_WINDOWS),
-                 "block_batch_size": ("batch_size", blockwise.BLOCK_BATCH_SIZE),
-                 "block_learning_rate": ("learning_rate", blockwise.BLOCK_LEARNING_RATE),
-                 "block_scale_learning_rate": ("scale_learning_rate", None),
-                 "block_target": ("target", "fp")}
+from .args import TrainingArgs
+from .checkpoints import LATEST, TEACHER_CACHE, latest_checkpoint, resume_point
+from .options import METHODS, BlockOptions, JobOptions
+from .qat import RECIPE_DEFAULTED, SELECT_WINDOWS, qat_args, quantize_qat, release_teacher, shared_student
 
 __all__ = ["run", "main", "build_parser"]
 
@@ -59,7 +55,6 @@ __all__ = ["run", "main", "build_parser"]
 def _master_weights(model: nn.Module) -> dict:
     """The trained full-precision weights under the original model's parameter names (none of the
     layers whose codes were frozen and weights released: their codes and scales are the model)."""
-    from .layers import weight_released
 
     released = {f"{name}.weight" for name, m in model.named_modules() if weight_released(m)}
     out = {}
@@ -86,39 +81,17 @@ def _dataset(data, tokenizer, teacher, seq_len, args, n_val, self_generate, seed
     return ds.train, ds.val
 
 
-def run(
-    model: Optional[str] = None,
-    recipe: str = "int4",
-    method: str = "qat",
-    data: Optional[str] = None,
-    out: str = "qat-out",
-    resume: bool = False,
-    learn_scales: Optional[bool] = None,
-    scale_init: Optional[str] = None,
-    scale_dtype: Optional[str] = "float16",
-    self_generate: int = 0,
-    eval_windows: int = EVAL_WINDOWS,
-    select_windows: int = SELECT_WINDOWS,
-    save_master: bool = True,
-    progress: bool = True,
-    callback=None,
-    steps_per_block: Optional[int] = None,
-    block_windows: Optional[int] = None,
-    block_batch_size: Optional[int] = None,
-    block_learning_rate: Optional[float] = None,
-    block_scale_learning_rate: Optional[float] = None,
-    block_target: Optional[str] = None,
-    memory_limit: Optional[float] = None,
-    **training_kwargs,
-) -> dict:
-    """Run QAT end to end (:func:`mlxqat.qat.quantize_qat`) and save the converted model to ``out``.
+def run(options: Optional[JobOptions] = None, **kwargs) -> dict:
+    """Run QAT end to end (:func:`mlxqat.training.qat.quantize_qat`) and save the converted model to ``out``.
 
     Args:
+        options: the job's settings (:class:`~mlxqat.training.options.JobOptions`); or give them as
+            keywords, which build one (the flags of ``python -m mlxqat.train``):
         model: model directory or Hugging Face id (default: the embedded stdlib model).
         recipe: built-in recipe name.
         method: ``"qat"`` (every weight end to end) or ``"blockwise"``: each transformer block
             trained on its own to reproduce the full-precision block, then scales and biases
-            end to end with frozen codes (:mod:`mlxqat.blockwise`; one block's training state at a time).
+            end to end with frozen codes (:mod:`mlxqat.training.blockwise`; one block's training state at a time).
         data: text file, folder or JSONL (default: the Python standard library source).
         out: output mlx-lm directory; training artifacts go to ``<out>.train/``.
         resume: continue from the newest checkpoint in ``<out>.train/``.
@@ -135,72 +108,69 @@ def run(
         callback: called with every logged training record (e.g. to plot the loss live).
         steps_per_block, block_windows, block_batch_size, block_learning_rate,
         block_scale_learning_rate, block_target: the block phase of ``method="blockwise"``
-            (:func:`mlxqat.blockwise.blockwise_qat`; ``block_windows`` calibration windows, spread
+            (:func:`mlxqat.training.blockwise.blockwise_qat`; ``block_windows`` calibration windows, spread
             over the training windows); ``None``: its defaults.
         memory_limit: refuse, before loading anything, a run whose estimated peak memory
-            (:func:`mlxqat.memory.estimate`) exceeds this many GB, naming the settings that fit
+            (:func:`mlxqat.training.memory.estimate`) exceeds this many GB, naming the settings that fit
             (``None``: the memory this machine has; ``0``: no check). The estimate is printed.
-        training_kwargs: :class:`~mlxqat.trainer.TrainingArgs` fields; the learning rates and
-            warmup default to the recipe's measured values (:func:`mlxqat.qat.qat_args`).
+        training_kwargs: :class:`~mlxqat.training.args.TrainingArgs` fields; the learning rates and
+            warmup default to the recipe's measured values (:func:`mlxqat.training.qat.qat_args`).
 
     Returns:
         ``{"table": {...}, "gap_recovered", "kl_reduction_vs_rtn", "training": {...}, "out": path}``;
         the gap and the KL reduction are measured from plain round-to-nearest.
     """
     t_start = time.perf_counter()
-    base = recipes_mod.get(recipe, **({"scale_dtype": scale_dtype} if scale_dtype is not None else {}))
-    block = _block_options(method, training_kwargs, steps_per_block=steps_per_block, block_windows=block_windows,
-                           block_batch_size=block_batch_size, block_learning_rate=block_learning_rate,
-                           block_scale_learning_rate=block_scale_learning_rate, block_target=block_target)
-    args = qat_args(base, **training_kwargs)
-    trained = base.for_qat(args.trainable, learn_scales, scale_init)  # checks the combination now
-    if block is not None and not any(s.learn_scales for s in trained.specs()):
+    o = options if options is not None else JobOptions.from_kwargs(**kwargs)
+    base = recipes_mod.get(o.recipe, **({"scale_dtype": o.scale_dtype} if o.scale_dtype is not None else {}))
+    args = qat_args(base, **o.training)
+    trained = base.for_qat(args.trainable, o.learn_scales, o.scale_init)  # checks the combination now
+    if o.block is not None and not any(s.learn_scales for s in trained.specs()):
         raise ValueError("--method blockwise trains learned scales end to end after the blocks; drop --no-learn-scales")
-    if data is not None and self_generate:
+    if o.data is not None and o.self_generate:
         raise ValueError("give either --data or --self-generate, not both")
     # refuse a destination that is not ours now, not after an hour of training
-    sources = [model if model is not None else embedded_model_path(), data]
-    check_destination(out, sources=sources)
-    work = check_work_dir(str(Path(out)) + ".train", sources=sources)
-    resume_e2e = _resume_plan(work, block, resume)
-    shape = memory.read_shape(model)
+    sources = [o.model if o.model is not None else embedded_model_path(), o.data]
+    check_destination(o.out, sources=sources)
+    work = check_work_dir(str(Path(o.out)) + ".train", sources=sources)
+    resume_e2e = _resume_plan(work, o.block, o.resume)
+    shape = memory.read_shape(o.model)
     check_seq_len(args.seq_len, shape.context)  # before the memory estimate, which grows with it
-    check_memory(shape, args, method, block, trained, eval_windows + select_windows, memory_limit)
+    check_memory(shape, args, o.method, o.block, trained, o.eval_windows + o.select_windows, o.memory_limit)
     with _removed_on_failure(work):
         if resume_e2e:
             resume_point(work, args, trained.to_dict())  # a checkpoint that fits these settings, or refuse now
 
-        teacher, tokenizer, config = load(model, return_config=True, full_precision=True)
-        train_w, val_all = _dataset(data, tokenizer, teacher, args.seq_len, args, eval_windows + select_windows,
-                                    self_generate, args.seed)
-        val_w, select_w = split_selection(val_all, select_windows)
+        teacher, tokenizer, config = load(o.model, return_config=True, full_precision=True)
+        train_w, val_all = _dataset(o.data, tokenizer, teacher, args.seq_len, args, o.eval_windows + o.select_windows,
+                                    o.self_generate, args.seed)
+        val_w, select_w = split_selection(val_all, o.select_windows)
         print(f"data: {len(train_w)} training windows, {len(val_w)} validation windows"
               + (f" (+{len(select_w)} to pick the best step on)" if select_w is not None else "")
               + f" of {args.seq_len} tokens", flush=True)
         stored = dict(tree_flatten(teacher.parameters()))
         teacher.set_dtype(mx.float32)  # fp32 compute and master copies (fast BLAS path on CPU)
-        if block is not None:  # blocks not trained yet stay in the checkpoint's bfloat16/float16 (same values)
+        if o.block is not None:  # blocks not trained yet stay in the checkpoint's bfloat16/float16 (same values)
             held = blockwise.hold_weights(teacher, stored)
             if held:
                 print(f"block-wise: {held / 1e6:.1f}M block weights kept in the checkpoint's 16-bit type, each block "
                       "upcast to float32 when it trains", flush=True)
         del stored
         teacher.freeze()
-        rows = _baselines(config, teacher, base, train_w, val_w, progress)
+        rows = _baselines(config, teacher, base, train_w, val_w, o.progress)
         student = shared_student(teacher, config)
         if args.teacher_top_k:
-            teacher = release_teacher(teacher, train_w, val_all, args, work, progress=progress)
+            teacher = release_teacher(teacher, train_w, val_all, args, work, progress=o.progress)
 
         block_summary = None
-        if block is not None:
-            block_summary = _block_phase(student, train_w, base, block, learn_scales, scale_init, args.seed,
-                                         work_dir(work) / "blockwise", resume, progress)
-        summary = quantize_qat(student, teacher, train_w, base, select_windows=select_w, learn_scales=learn_scales,
-                               scale_init=scale_init, out_dir=work, resume=resume_e2e, progress=progress,
-                               callback=callback, scale_dtype=scale_dtype, **dataclasses.asdict(args))
+        if o.block is not None:
+            block_summary = _block_phase(student, train_w, base, o, args.seed, work_dir(work) / "blockwise")
+        summary = quantize_qat(student, teacher, train_w, base, select_windows=select_w, learn_scales=o.learn_scales,
+                               scale_init=o.scale_init, out_dir=work, resume=resume_e2e, progress=o.progress,
+                               callback=o.callback, scale_dtype=o.scale_dtype, **dataclasses.asdict(args))
         if block_summary is not None:
             summary["block_phase"] = block_summary
-        rows["QAT"] = _evaluate("QAT", student, val_w, teacher, progress)
+        rows["QAT"] = _evaluate("QAT", student, val_w, teacher, o.progress)
 
         ppl_fp, ppl_rtn = rows["full precision"]["ppl"], rows["round-to-nearest"]["ppl"]
         print("\n" + format_table(rows, ppl_fp, ppl_rtn) + "\n", flush=True)
@@ -208,23 +178,23 @@ def run(
         gap = None if gap != gap else gap  # NaN (no RTN gap to recover) is not JSON
         kl_reduction = 1 - rows["QAT"]["kl"] / rows["round-to-nearest"]["kl"] if rows["round-to-nearest"]["kl"] > 0 else None
 
-        master = _master_weights(student) if save_master else None
+        master = _master_weights(student) if o.save_master else None
         convert(student)
         info = {
             "training": {
-                "method": method,
-                "base_model": model or "embedded:stdlib-llama",
-                "data": data or ("self-generated" if self_generate else "python-stdlib"),
+                "method": o.method,
+                "base_model": o.model or "embedded:stdlib-llama",
+                "data": o.data or ("self-generated" if o.self_generate else "python-stdlib"),
                 **{k: v for k, v in summary.items() if k not in ("losses", "val", "recipe")},
             },
             "metrics": {**rows, "gap_recovered": gap, "kl_reduction_vs_rtn": kl_reduction},
         }
         extra = {"train_log.jsonl": (work / "train_log.jsonl").read_text()} if (work / "train_log.jsonl").exists() else {}
-        save(student, tokenizer, out, config=config, info=info, extra_files=extra, master_weights=master, sources=sources,
+        save(student, tokenizer, o.out, config=config, info=info, extra_files=extra, master_weights=master, sources=sources,
              title=f"QAT model ({trained.name})",
              notes="Quantization-aware training distilled from the full-precision model (`python -m mlxqat.train`).")
-        print(f"saved {out} ({time.perf_counter() - t_start:.0f} s in all)", flush=True)
-        return {"table": rows, "gap_recovered": gap, "kl_reduction_vs_rtn": kl_reduction, "training": summary, "out": str(out)}
+        print(f"saved {o.out} ({time.perf_counter() - t_start:.0f} s in all)", flush=True)
+        return {"table": rows, "gap_recovered": gap, "kl_reduction_vs_rtn": kl_reduction, "training": summary, "out": str(o.out)}
 
 
 @contextlib.contextmanager
@@ -251,15 +221,15 @@ def _worth_keeping(work: Path) -> bool:
             or (cache.is_dir() and any(cache.iterdir())) or (log.is_file() and log.stat().st_size > 0))
 
 
-def check_memory(shape: memory.ModelShape, args, method: str, block: Optional[dict], recipe, kept_windows: int,
+def check_memory(shape: memory.ModelShape, args, method: str, block: Optional[BlockOptions], recipe, kept_windows: int,
                  limit_gb: Optional[float]) -> memory.MemoryEstimate:
-    """Print the estimated peak memory of a run on a model of ``shape`` (:func:`mlxqat.memory.read_shape`);
+    """Print the estimated peak memory of a run on a model of ``shape`` (:func:`mlxqat.training.memory.read_shape`);
     refuse it when that exceeds ``limit_gb`` (see :func:`run`)."""
     groups = [s.group_size for s in recipe.specs() if s.group_size > 0]
     kw = dict(group_size=min(groups) if groups else 64, bits=max(s.bits for s in recipe.specs()),
               kept_windows=kept_windows if args.teacher_top_k else 0)
     if block is not None:
-        kw.update(block_batch_size=block["block_batch_size"], calibration_windows=block["block_windows"])
+        kw.update(block_batch_size=block.block_batch_size, calibration_windows=block.block_windows)
     est = memory.estimate(shape, args, method=method, **kw)
     print(est.describe(), flush=True)
     limit = memory.machine_memory() / memory.GB if limit_gb is None else limit_gb
@@ -272,34 +242,7 @@ def check_memory(shape: memory.ModelShape, args, method: str, block: Optional[di
     return est
 
 
-def _block_options(method: str, training_kwargs: dict, **given) -> Optional[dict]:
-    """The block phase's options (``None`` for ``method="qat"``); sets the end-to-end phase's
-    ``trainable`` in ``training_kwargs`` (``"scales"`` for block-wise). Refuses options that do not apply."""
-    if method not in METHODS:
-        raise ValueError(f"method={method!r} is not supported; use one of {METHODS}")
-    if training_kwargs.get("trainable") is None:
-        training_kwargs.pop("trainable", None)
-    if method == "qat":
-        stray = [k for k, v in given.items() if v is not None]
-        if stray:
-            flag = "--" + stray[0].replace("_", "-")
-            raise ValueError(f"{flag} sets the block phase of --method blockwise; add --method blockwise or drop it")
-        return None
-    if mx.distributed.init().size() > 1:
-        raise ValueError("--method blockwise runs in one process (its block phase is not data-parallel); "
-                         "run it without mlx.launch, or use --method qat")
-    trainable = training_kwargs.setdefault("trainable", "scales")
-    if trainable != "scales":
-        raise ValueError(f"--method blockwise trains every weight block by block, then scales and biases end to end "
-                         f"(trainable='scales'); drop --trainable {trainable}")
-    block = {k: (v if v is not None else BLOCK_OPTIONS[k][1]) for k, v in given.items()}
-    if block["block_windows"] < block["block_batch_size"]:
-        raise ValueError(f"--block-windows {block['block_windows']} is fewer than --block-batch-size "
-                         f"{block['block_batch_size']}; give more windows or a smaller block batch")
-    return block
-
-
-def _resume_plan(work: Path, block: Optional[dict], resume: bool) -> bool:
+def _resume_plan(work: Path, block: Optional[BlockOptions], resume: bool) -> bool:
     """Whether the end-to-end phase resumes from a trainer checkpoint; refuses ``resume`` with nothing to resume.
 
     A block-wise run resumes its block phase (which must have a checkpoint) and then the end-to-end
@@ -317,16 +260,15 @@ def _resume_plan(work: Path, block: Optional[dict], resume: bool) -> bool:
     return latest_checkpoint(work / "checkpoints") is not None
 
 
-def _block_phase(student, train_w, recipe, block: dict, learn_scales, scale_init, seed: int, out_dir: Path,
-                 resume: bool, progress: bool) -> dict:
-    """Run :func:`mlxqat.blockwise.blockwise_qat` on ``block_windows`` windows spread over ``train_w``; print
-    each block's reconstruction error before and after."""
-    kwargs = {BLOCK_OPTIONS[k][0]: v for k, v in block.items() if BLOCK_OPTIONS[k][0] is not None}
-    windows = spread(train_w, block["block_windows"])
-    print(f"block-wise QAT: {len(student.model.layers)} blocks x {block['steps_per_block']} steps on "
+def _block_phase(student, train_w, recipe, o: JobOptions, seed: int, out_dir: Path) -> dict:
+    """Run :func:`mlxqat.training.blockwise.blockwise_qat` on ``o.block.block_windows`` windows spread over
+    ``train_w``; print each block's reconstruction error before and after."""
+    windows = spread(train_w, o.block.block_windows)
+    print(f"block-wise QAT: {len(student.model.layers)} blocks x {o.block.steps_per_block} steps on "
           f"{len(windows)} calibration windows", flush=True)
-    summary = blockwise.blockwise_qat(student, windows, recipe, learn_scales=learn_scales, scale_init=scale_init,
-                                      seed=seed, out_dir=out_dir, resume=resume, progress=progress, **kwargs)
+    summary = blockwise.blockwise_qat(student, windows, recipe, learn_scales=o.learn_scales, scale_init=o.scale_init,
+                                      seed=seed, out_dir=out_dir, resume=o.resume, progress=o.progress,
+                                      **o.block.blockwise_kwargs())
     for r in summary["blocks"]:
         print(f"  block {r['block']}: relative reconstruction error {r['before']['rel']:.4g} -> {r['after']['rel']:.4g}"
               f" (mse {r['before']['mse']:.4g} -> {r['after']['mse']:.4g})", flush=True)
@@ -410,7 +352,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _block_flags(p: argparse.ArgumentParser) -> None:
-    """The ``--method blockwise`` flags (:data:`BLOCK_OPTIONS`)."""
+    """The ``--method blockwise`` flags (:class:`~mlxqat.training.options.BlockOptions`)."""
     # (on the parser itself: an argument group would bypass ArgumentParser's flag-naming number checks)
     p.add_argument("--steps-per-block", type=positive_int, default=None,
                    help=f"Optimizer steps per block (default: {blockwise.STEPS_PER_BLOCK}).")

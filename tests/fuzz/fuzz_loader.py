@@ -19,10 +19,10 @@ of an input with the seed's content: reported, not a failure) and the failures
 "Changed" means the names, types or bytes of the files (read through symlinks
 to regular files) differ from the seed's.
 
-    python benchmarks/fuzz_loader.py --cases 2000 --mix manifest=5,plain=3,gguf=2,reseal=0.3   # the CI test's run
-    python benchmarks/fuzz_loader.py --cases 100000 --seconds 1800 \\
+    python tests/fuzz/fuzz_loader.py --cases 2000 --mix manifest=5,plain=3,gguf=2,reseal=0.3   # the CI test's run
+    python tests/fuzz/fuzz_loader.py --cases 100000 --seconds 1800 \\
         --json benchmarks/results/fuzz_loader.json --md benchmarks/results/fuzz_loader.md
-    python benchmarks/fuzz_loader.py --seed 0 --repro 137 --keep /tmp/case137   # one case, in-process
+    python tests/fuzz/fuzz_loader.py --seed 0 --repro 137 --keep /tmp/case137   # one case, in-process
                                                         # (pass the run's --mix: a case depends on it)
 
 Exit status 1 if any failure. On Linux run it with tools/with-blas.
@@ -98,13 +98,14 @@ def reseal(root: Path) -> str:
     """Rewrite mlxqat.json for the mutated files (keeping its other entries, edited or not), as
     someone who changed the files on purpose would: reaches the code behind the manifest check."""
     try:
-        from mlxqat.io import Manifest
+        from mlxqat.storage.destinations import write_manifest
+        from mlxqat.storage.manifest import Manifest
 
         doc = {}
         with contextlib.suppress(OSError, ValueError):
             if stat.S_ISREG(os.stat(root / MANIFEST).st_mode):  # never open a FIFO or /dev/zero
                 doc = json.loads((root / MANIFEST).read_text())
-        Manifest.for_files(root, Manifest.info_of(doc)).write(root)
+        write_manifest(root, Manifest.info_of(doc))
         return "reseal mlxqat.json"
     except Exception as e:  # noqa: BLE001 - the mutated directory cannot get a manifest
         return f"reseal failed ({type(e).__name__}: {str(e)[:80]})"
@@ -131,7 +132,7 @@ def t_load_forward(path: Path):
 
 
 def t_memory_report(path: Path):
-    from mlxqat.export import memory_report
+    from mlxqat.footprint import memory_report
 
     memory_report(path)
 
@@ -325,7 +326,7 @@ def supervise(args, seeds_dir: Path, work: Path, deadline: float) -> tuple:
                "--seeds-dir", str(seeds_dir), "--work", str(work), "--mix", args.mix,
                "--memory-gb", str(args.memory_gb), "--inject", args.inject, "--targets", args.targets]
         env = dict(os.environ, TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
-                   PYTHONPATH=os.pathsep.join([str(Path(__file__).resolve().parents[1]),
+                   PYTHONPATH=os.pathsep.join([str(Path(__file__).resolve().parents[2]),
                                                os.environ.get("PYTHONPATH", "")]))
         with open(err_path, "wb") as err:
             child = subprocess.Popen(cmd, pass_fds=(w,), stdout=subprocess.DEVNULL, stderr=err, env=env,
@@ -436,7 +437,7 @@ def summarize(results: list, args, wall: float, seeds_s: float, info: dict) -> d
         g["count"] += 1
         g["mutations"][r.get("mutation", "?")] += 1
     for g in groups.values():
-        g["example"] = dict(g["example"], repro=f"python benchmarks/fuzz_loader.py --seed {args.seed} "
+        g["example"] = dict(g["example"], repro=f"python tests/fuzz/fuzz_loader.py --seed {args.seed} "
                                                f"--mix {args.mix} --repro {g['example']['i']} --keep /tmp/fuzz-case")
         g["mutations"] = dict(g["mutations"])
     return dict(

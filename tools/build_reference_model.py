@@ -1,8 +1,8 @@
 """Train the project's reference model: a small Llama on the CPython standard library.
 
-    python benchmarks/reference_model.py                    # on a GPU: about 1 min (H100)
-    tools/with-blas python benchmarks/reference_model.py    # on 2 CPU cores: hours (~3 s/step)
-    tools/with-blas python benchmarks/reference_model.py --steps 50 --out /tmp/tiny
+    python tools/build_reference_model.py                    # on a GPU: about 1 min (H100)
+    tools/with-blas python tools/build_reference_model.py    # on 2 CPU cores: hours (~3 s/step)
+    tools/with-blas python tools/build_reference_model.py --steps 50 --out /tmp/tiny
 
 The shipped model was trained with the defaults on an NVIDIA H100 (MLX's CUDA
 backend, ``MLX_ENABLE_TF32=0``, ``--corpus`` pointing at this machine's token
@@ -37,7 +37,6 @@ import hashlib
 import json
 import math
 import platform
-import sys
 import time
 from dataclasses import dataclass
 from functools import partial
@@ -52,10 +51,10 @@ from mlx_lm.models import llama
 from tqdm import tqdm
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 
 from mlxqat import stdlib_data  # noqa: E402
-from mlxqat.io import atomic_dir, atomic_file, work_dir, write_manifest  # noqa: E402
+from mlxqat.storage.destinations import atomic_dir, atomic_file, work_dir
+from mlxqat.storage.destinations import write_manifest  # noqa: E402
 
 CACHE = ROOT / "benchmarks" / "cache"
 # Bump when the tokenizer recipe or the token layout changes (invalidates the cache).
@@ -450,7 +449,7 @@ def save_model_dir(out: Path, model, cfg_dict: dict, tok_dir: Path, training: di
         for f in sorted(tok_dir.iterdir()):
             (tmp / f.name).write_bytes(f.read_bytes())
         (tmp / "training.json").write_text(json.dumps(training, indent=2) + "\n")
-        write_manifest(tmp, {"embedded_model": "stdlib-llama, trained by benchmarks/reference_model.py"})
+        write_manifest(tmp, {"embedded_model": "stdlib-llama, trained by tools/build_reference_model.py"})
 
 
 def main(argv=None) -> dict:
@@ -501,7 +500,7 @@ def main(argv=None) -> dict:
     metrics["eval_wall_s"] = round(time.time() - t_eval, 1)
     training = {
         "description": "mlx-lm llama pre-trained on the CPython standard library source "
-                       "(benchmarks/reference_model.py); perplexities of the saved float16 weights "
+                       "(tools/build_reference_model.py); perplexities of the saved float16 weights "
                        "computed in float32, RTN = mlx nn.quantize of every Linear and the tied embedding",
         "hyperparameters": dataclasses.asdict(cfg),
         "optimizer": "AdamW betas (0.9, 0.95), linear warmup + cosine, decay on matrices only",

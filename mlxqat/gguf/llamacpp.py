@@ -2,7 +2,7 @@
 ``pip install 'mlxqat[llamacpp]'``): tokenization, greedy decoding with log-probabilities, and
 per-token scoring of held-out text, the numbers a llama.cpp or Ollama user gets from the file.
 
-    from mlxqat.llamacpp import LlamaCpp
+    from mlxqat.gguf.llamacpp import LlamaCpp
     lc = LlamaCpp("model-q4_0.gguf")
     lc.tokenize("def f(x):")              # token ids, as llama.cpp splits the text
     lc.score([[1, 2, 3, ...], ...])       # log-probabilities of each next token, and llama.cpp's top-1
@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+import random
 import urllib.request
 from typing import Dict, Iterable, List, Sequence
 
@@ -20,6 +21,7 @@ import numpy as np
 
 def _xllamacpp():
     try:
+        # lazy: optional dependency (pip install 'mlxqat[llamacpp]')
         import xllamacpp
     except ImportError:
         raise ImportError("running a GGUF in llama.cpp needs the xllamacpp package: pip install 'mlxqat[llamacpp]'") from None
@@ -115,3 +117,38 @@ class LlamaCpp:
 
     def detokenize(self, ids):
         return self._post("/detokenize", {"tokens": ids})["content"]
+
+
+# Texts that llama.cpp and a model's own tokenizer must split alike: code, contractions, numbers,
+# Unicode, runs of spaces, tabs and newlines, special tokens, the empty string.
+PROBE_TEXTS = [
+    "def fibonacci(n):\n    if n < 2:\n        return n\n",
+    "don't it's we'll THEY'RE I'M",
+    "x=1;y=22;z=333;w=4444 3.14159 1234567",
+    "héllo wörld — naïve café ✓ 日本語 😀👍🏽",
+    "   leading spaces and trailing   ",
+    "\ttabs\tand\n\n\nnewlines\r\n",
+    "<|endoftext|>The quick brown fox<|endoftext|>",
+    "                                fifty-ish spaces",
+    "", " ", "\n", "0000", "a" * 80,
+]
+_WORDS = ("the of and to in is model token llama gemma quantization café naïve 東京 Москва 12 345 6789 "
+          "x_y fooBar don't I'll <|im_end|> def return self.x == ==== ---- (n - 1) [0x41]").split()
+_SEPS = [" ", "  ", "   ", "\n", "\t", ", ", ". ", "\n\n", "    ", "", " " * 40, "\n    ", "\n" * 7, "\t\t"]
+
+
+def probe_documents(n: int, seed: int = 0) -> list:
+    """Tokenizer probes beyond :data:`PROBE_TEXTS`: ``n`` varied strings: words, code, numbers, Unicode, long runs of spaces, tabs and newlines."""
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        parts = []
+        for _ in range(rng.randint(1, 12)):
+            w = rng.choice(_WORDS)
+            r = rng.random()
+            w = w.upper() if r < 0.15 else str(rng.randint(0, 10 ** rng.randint(1, 9))) if r < 0.25 else (
+                chr(rng.choice([0x4E00, 0x3042, 0x0410, 0x00E9, 0x1F600, 0x05D0]) + rng.randint(0, 40))
+                if r < 0.3 else w)
+            parts += [w, rng.choice(_SEPS)]
+        out.append("".join(parts))
+    return out

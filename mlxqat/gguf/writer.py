@@ -20,7 +20,7 @@ measures what that costs.
 Tensor names come from :class:`gguf.TensorNameMap`; llama's query/key rows are
 reordered to the interleaved rotary layout llama.cpp expects; Gemma 3 norm
 weights get the ``+1`` that mlx-lm applies at run time; the tokenizer is
-embedded (:mod:`mlxqat.gguf_tokenizer`) so llama.cpp splits text as the
+embedded (:mod:`mlxqat.gguf.tokenizer`) so llama.cpp splits text as the
 model's own tokenizer does.
 """
 
@@ -37,8 +37,11 @@ import numpy as np
 from gguf import GGMLQuantizationType as GT
 from mlx.utils import tree_flatten
 
-from . import __version__, quant
-from .convert import head_path
+from .. import quant
+from .._version import __version__
+from ..convert import head_path
+from .format import GGUFExportError
+from .tokenizer import add_tokenizer
 
 #: ``--type`` names and their GGUF tensor types.
 QTYPES: Dict[str, GT] = {
@@ -49,6 +52,8 @@ QTYPES: Dict[str, GT] = {
     "bf16": GT.BF16,
     "f32": GT.F32,
 }
+
+
 _FILE_TYPES = {
     GT.Q4_0: gguf.LlamaFileType.MOSTLY_Q4_0,
     GT.Q4_1: gguf.LlamaFileType.MOSTLY_Q4_1,
@@ -57,7 +62,11 @@ _FILE_TYPES = {
     GT.BF16: gguf.LlamaFileType.MOSTLY_BF16,
     GT.F32: gguf.LlamaFileType.ALL_F32,
 }
+
+
 _FLOAT_TYPES = (GT.F32, GT.F16, GT.BF16)
+
+
 _FOUR_BIT = (GT.Q4_0, GT.Q4_1)  # block types whose files keep the output head at Q8_0 (recipes.HEAD)
 
 
@@ -77,10 +86,6 @@ ARCHS: Dict[str, ArchSpec] = {
     "qwen3": ArchSpec("qwen3"),
     "gemma3_text": ArchSpec("gemma3", norm_shift=1.0),
 }
-
-
-class GGUFExportError(ValueError):
-    """The model (or the request) cannot be written as asked."""
 
 
 @dataclass
@@ -110,11 +115,6 @@ class GGUFTensor:
         if self.n_head is not None:
             w = permute_rows(w, self.n_head, inverse=True)
         return w
-
-
-# ---------------------------------------------------------------------------
-# Numerics: MLX affine storage <-> GGUF blocks
-# ---------------------------------------------------------------------------
 
 
 def permute_rows(w: np.ndarray, n_head: int, inverse: bool = False) -> np.ndarray:
@@ -195,11 +195,6 @@ def _float_tensor(w: mx.array, qtype: GT) -> Tuple[np.ndarray, GT, bool]:
 
 def _dtype_type(dtype: mx.Dtype) -> GT:
     return {mx.float16: GT.F16, mx.bfloat16: GT.BF16}.get(dtype, GT.F32)
-
-
-# ---------------------------------------------------------------------------
-# Planning: which tensor becomes what
-# ---------------------------------------------------------------------------
 
 
 def arch_spec(model_type: str) -> ArchSpec:
@@ -388,11 +383,6 @@ def _rope_freqs(model: nn.Module, spec: ArchSpec) -> List[GGUFTensor]:
     return [GGUFTensor("rope_freqs.weight", "(llama3 rope scaling)", GT.F32, f, f.shape, True, "float32")]
 
 
-# ---------------------------------------------------------------------------
-# Metadata
-# ---------------------------------------------------------------------------
-
-
 def _add_hparams(w: gguf.GGUFWriter, model: nn.Module, spec: ArchSpec) -> None:
     a = model.args
     head_dim = getattr(a, "head_dim", None) or a.hidden_size // a.num_attention_heads
@@ -414,11 +404,6 @@ def _add_hparams(w: gguf.GGUFWriter, model: nn.Module, spec: ArchSpec) -> None:
         w.add_rope_scaling_factor(float(rs["factor"]))
     if spec.gguf_arch == "gemma3":
         w.add_sliding_window(int(a.sliding_window))
-
-
-# ---------------------------------------------------------------------------
-# Writing
-# ---------------------------------------------------------------------------
 
 
 def write_gguf(
@@ -443,7 +428,6 @@ def write_gguf(
         for k, v in (extra or {}).items():
             w.add_string(k, v)
         _add_hparams(w, model, spec)
-        from .gguf_tokenizer import add_tokenizer
 
         add_tokenizer(w, tokenizer, tokenizer_dir, model.args.vocab_size)
         for t in plan:
@@ -456,30 +440,3 @@ def write_gguf(
         w.write_tensors_to_file()
     finally:
         w.close()
-
-
-def read_gguf_tensors(path) -> Dict[str, Tuple[GT, np.ndarray, Tuple[int, ...]]]:
-    """``{name: (type, raw data, shape rows x columns)}`` of a GGUF file (for checks and reports)."""
-    from .validate import read_gguf
-
-    reader = read_gguf(Path(path))
-    out = {}
-    for t in reader.tensors:
-        shape = tuple(int(x) for x in reversed(t.shape.tolist()))
-        out[t.name] = (GT(t.tensor_type), np.array(t.data), shape)
-    return out
-
-
-__all__ = [
-    "ARCHS",
-    "ArchSpec",
-    "GGUFExportError",
-    "GGUFTensor",
-    "QTYPES",
-    "arch_spec",
-    "exact_blocks",
-    "permute_rows",
-    "plan_tensors",
-    "read_gguf_tensors",
-    "write_gguf",
-]

@@ -3,7 +3,7 @@
 :func:`estimate` gives the peak bytes of ``python -m mlxqat.train`` from the
 model's shape (:class:`ModelShape`, read from ``config.json`` or a GGUF file's
 metadata without loading a weight) and the training settings
-(:class:`~mlxqat.trainer.TrainingArgs`). Its parts:
+(:class:`~mlxqat.training.args.TrainingArgs`). Its parts:
 
 * what stays resident: the student's float32 weights and learned scales, the
   teacher (float32; only its head and a few hidden states once its top-k
@@ -31,14 +31,29 @@ any work, a run whose estimate is over the limit and prints them.
 from __future__ import annotations
 
 import dataclasses
+import gc
 import os
 import subprocess
 import sys
+import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
-from .data import config_context
+import mlx.core as mx
+from mlx.utils import tree_flatten
+
+from ..data import config_context
+from ..evaluate import eval_batch_size
+from ..gguf.format import Metadata, is_gguf_file, read_gguf
+from ..gguf.reader import gguf_config
+from ..head import chunk_rows
+from ..stdlib_data import embedded_model_path
+from ..storage.load import check_config, resolve_model_path
+from .args import TrainingArgs
+from .loop import needs_grad_checkpoint, train, uses_grad_checkpoint
+from .qat import prepare_qat, release_teacher, shared_student
 
 GB = 1e9
 
@@ -114,23 +129,18 @@ class ModelShape:
 def read_shape(model=None) -> ModelShape:
     """The shape of a model directory, GGUF file or the embedded model (``None``), from its
     config or metadata alone: no weight is read."""
-    from .gguf_import import is_gguf_file
 
     if model is None:
-        from .stdlib_data import embedded_model_path
 
         model = embedded_model_path()
     if is_gguf_file(model):
-        from .gguf_import import Metadata, gguf_config
-        from .validate import read_gguf
 
         reader = read_gguf(Path(model))
         config = gguf_config(Metadata(reader, Path(model)), {t.name: t for t in reader.tensors})
         config = {k: v for k, v in config.items() if k not in ("torch_dtype", "dtype")}  # read as float32
     else:
-        from .io import _resolve_model_path, check_config
 
-        config = check_config(_resolve_model_path(model))
+        config = check_config(resolve_model_path(model))
     return ModelShape.from_config(config, name=Path(str(model)).name)
 
 
@@ -184,7 +194,7 @@ def trainable_count(shape: ModelShape, trainable: str, group_size: int = 64, lor
 
 def model_bytes(shape: ModelShape, held: bool = False) -> float:
     """The float32 model's bytes; ``held``: its block weights in the checkpoint's own type
-    (:func:`mlxqat.blockwise.hold_weights`, block-wise QAT)."""
+    (:func:`mlxqat.training.blockwise.hold_weights`, block-wise QAT)."""
     blocks = shape.layers * shape.block_linear
     return (shape.weight_bytes if held else 4.0) * blocks + 4.0 * (shape.params - blocks)
 
@@ -197,7 +207,6 @@ def _teacher_bytes(shape: ModelShape, args, kept_windows: int, held: bool = Fals
 
 def _step_parts(shape: ModelShape, args, factors: Dict[str, float], checkpointed: bool,
                 trained: int) -> Dict[str, float]:
-    from .head import chunk_rows
 
     tokens = args.batch_size // args.grad_accum * args.seq_len
     rows = chunk_rows(shape.vocab, tokens, args.loss_chunk)
@@ -222,7 +231,7 @@ def _step_parts(shape: ModelShape, args, factors: Dict[str, float], checkpointed
 
 
 def student_bytes(shape: ModelShape, trainable: str, group_size: int = 64, bits: int = 4) -> float:
-    """What the student holds beyond the teacher's arrays it shares (:func:`mlxqat.qat.shared_student`):
+    """What the student holds beyond the teacher's arrays it shares (:func:`mlxqat.training.qat.shared_student`):
     its own float32 weights once they train (``all``), or packed codes where codes are frozen
     (``scales``: the float weights are released), plus learned scales and biases."""
     if trainable == "all":
@@ -234,9 +243,8 @@ def student_bytes(shape: ModelShape, trainable: str, group_size: int = 64, bits:
 
 def training_estimate(shape: ModelShape, args, *, group_size: int = 64, bits: int = 4,
                       kept_windows: int = 0, held: bool = False) -> MemoryEstimate:
-    """Peak bytes of :func:`mlxqat.trainer.train` on a student prepared by :func:`mlxqat.qat.prepare_qat`
+    """Peak bytes of :func:`mlxqat.training.loop.train` on a student prepared by :func:`mlxqat.training.qat.prepare_qat`
     (``held``: the teacher's block weights in the checkpoint's own type, as block-wise QAT keeps them)."""
-    from .trainer import needs_grad_checkpoint
 
     trained = trainable_count(shape, args.trainable, group_size, args.lora_rank)
     moments = 2 if args.optimizer_state_dtype == "bfloat16" else 4
@@ -258,7 +266,6 @@ def training_estimate(shape: ModelShape, args, *, group_size: int = 64, bits: in
 def evaluation_estimate(shape: ModelShape, seq_len: int, *, student: float = 0.0, held: bool = False) -> MemoryEstimate:
     """Peak bytes of :func:`mlxqat.evaluate.evaluate` against the float32 teacher, for a model holding
     ``student`` bytes of its own beyond the teacher's arrays (0: round-to-nearest on shared weights)."""
-    from .evaluate import eval_batch_size
 
     batch = eval_batch_size(shape.vocab, seq_len)
     parts = {"teacher": model_bytes(shape, held), "student weights": student,
@@ -268,9 +275,9 @@ def evaluation_estimate(shape: ModelShape, seq_len: int, *, student: float = 0.0
 
 def blockwise_estimate(shape: ModelShape, args, *, group_size: int = 64, bits: int = 4, block_batch_size: int = 4,
                        calibration_windows: int = 0) -> MemoryEstimate:
-    """Peak bytes of the block phase of :func:`mlxqat.blockwise.blockwise_qat` in the job: the model's
+    """Peak bytes of the block phase of :func:`mlxqat.training.blockwise.blockwise_qat` in the job: the model's
     weights once (the teacher and the student share them until a block trains; a trained block keeps
-    packed codes; block weights in the checkpoint's own type, :func:`mlxqat.blockwise.hold_weights`),
+    packed codes; block weights in the checkpoint's own type, :func:`mlxqat.training.blockwise.hold_weights`),
     learned scales, one block's float32 copy and training state, and activations."""
     moments = 2 if args.optimizer_state_dtype == "bfloat16" else 4
     block = shape.block_linear + 2 * shape.block_linear // group_size
@@ -295,7 +302,7 @@ def estimate(shape: ModelShape, args=None, *, method: str = "qat", group_size: i
 
     Args:
         shape: the model's :class:`ModelShape`.
-        args: :class:`~mlxqat.trainer.TrainingArgs` (default: its defaults).
+        args: :class:`~mlxqat.training.args.TrainingArgs` (default: its defaults).
         method: ``"qat"`` or ``"blockwise"`` (a block phase, then scales end to end).
         group_size, bits: the recipe's quantization group size and (widest) bit width.
         eval_seq_len: evaluation's window length (default: ``args.seq_len``).
@@ -305,7 +312,6 @@ def estimate(shape: ModelShape, args=None, *, method: str = "qat", group_size: i
     Returns:
         The :class:`MemoryEstimate` of the phase with the highest peak (its ``phase`` names it).
     """
-    from .trainer import TrainingArgs
 
     args = args or TrainingArgs()
     if method not in ("qat", "blockwise"):
@@ -329,7 +335,6 @@ def machine_memory() -> int:
     """Bytes of memory a run may use here: Metal's recommended working set on a Mac, else the
     machine's physical memory."""
     try:
-        import mlx.core as mx
 
         info = mx.metal.device_info() if mx.metal.is_available() else {}
         if info.get("max_recommended_working_set_size"):
@@ -377,23 +382,16 @@ def measure_training(build, windows, recipe="int4", **training_kwargs) -> dict:
     """The measured peak of QAT steps as the job runs them, for checking :func:`estimate`.
 
     ``build()`` returns ``(teacher, config)``: the float32 model and its mlx-lm config; the
-    student shares the teacher's weights (:func:`mlxqat.qat.shared_student`), is prepared (:func:`mlxqat.qat.prepare_qat`), the teacher released to its top-k cache when
-    ``teacher_top_k`` is set (:func:`mlxqat.qat.release_teacher`), then
-    :func:`mlxqat.trainer.train` runs on ``windows`` with ``training_kwargs``.
+    student shares the teacher's weights (:func:`mlxqat.training.qat.shared_student`), is prepared (:func:`mlxqat.training.qat.prepare_qat`), the teacher released to its top-k cache when
+    ``teacher_top_k`` is set (:func:`mlxqat.training.qat.release_teacher`), then
+    :func:`mlxqat.training.loop.train` runs on ``windows`` with ``training_kwargs``.
 
     Returns:
         ``{"peak": bytes, "params", "args", "checkpointed", "s_per_step", "final_loss"}``: ``peak``
         is MLX's peak allocation (``mx.get_peak_memory()``) less what was allocated before ``build``.
     """
-    import gc
-    import tempfile
-    import time
 
-    import mlx.core as mx
-    from mlx.utils import tree_flatten
 
-    from .qat import prepare_qat, release_teacher, shared_student
-    from .trainer import train, uses_grad_checkpoint
 
     gc.collect()
     mx.clear_cache()

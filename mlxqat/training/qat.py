@@ -21,14 +21,17 @@ import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
 
-from . import quant, recipes as recipes_mod
-from .layers import is_fake_quant, untie_weights
-from .convert import prepare_calibrated
-from .evaluate import evaluate
-from .head import split_head
-from .io import work_dir
+from .. import quant
+from .. import recipes as recipes_mod
+from ..convert import prepare_calibrated, recipe_of
+from ..evaluate import evaluate
+from ..head import split_head
+from ..layers import is_fake_quant, untie_weights
+from ..storage.destinations import work_dir
+from .args import TrainingArgs
+from .checkpoints import TEACHER_CACHE, recipe_difference
+from .loop import prefill_teacher_targets, train
 from .teacher import HiddenStateTeacher, TeacherTargets
-from .trainer import TEACHER_CACHE, TrainingArgs, _recipe_difference, prefill_teacher_targets, train
 
 # TrainingArgs fields that default to the recipe's measured values when not given
 RECIPE_DEFAULTED = ("learning_rate", "scale_learning_rate", "warmup_steps")
@@ -101,18 +104,18 @@ def quantize_qat(
 
     Args:
         student: the full-precision model to quantize (float32 recommended on CPU), or one already
-            prepared with the recipe this call trains (e.g. by :func:`mlxqat.blockwise.blockwise_qat`).
+            prepared with the recipe this call trains (e.g. by :func:`mlxqat.training.blockwise.blockwise_qat`).
         teacher: the frozen full-precision model (or any callable giving its logits).
         train_windows: token windows ``(n, seq_len + 1)``.
         recipe: a recipe name or :class:`~mlxqat.recipes.Recipe`.
         select_windows: held-out windows to pick the best step on (KL to the teacher,
             checked at every ``log_every`` steps and at step 0); ``None``: keep the last step.
         learn_scales, scale_init: override :meth:`Recipe.for_qat`'s choice.
-        out_dir, resume, progress, callback: as :func:`mlxqat.trainer.train`.
+        out_dir, resume, progress, callback: as :func:`mlxqat.training.loop.train`.
         scale_dtype: the dtype scales and biases are stored in (``"float16"``: what a saved
             model holds): derived scales are rounded to its values as they are computed, learned
             ones after training, so saving loses nothing; ``None``: leave them in the compute dtype.
-        training_kwargs: :class:`~mlxqat.trainer.TrainingArgs` fields; learning rates and
+        training_kwargs: :class:`~mlxqat.training.args.TrainingArgs` fields; learning rates and
             warmup default to :meth:`Recipe.qat_defaults` (see :func:`qat_args`).
 
     Returns:
@@ -138,7 +141,7 @@ def shared_student(teacher: nn.Module, config: dict) -> nn.Module:
     weight arrays: the student starts as the teacher without a copy. MLX arrays never change in
     place, so training gives the student new arrays for what it changes, and whatever it leaves
     (norms, blocks not trained yet, weights whose codes are frozen) stays shared with the teacher."""
-    from mlx.utils import tree_flatten
+    # lazy: mlx_lm imports transformers (about 1 s); `import mlxqat` does not need it
     from mlx_lm.utils import _get_classes
 
     model_class, args_class = _get_classes(config)
@@ -160,11 +163,10 @@ def prepare_student(student: nn.Module, recipe, windows: np.ndarray) -> nn.Modul
     """
     if not any(is_fake_quant(m) for _, m in student.named_modules()):
         return prepare_calibrated(student, recipe, windows)
-    from .convert import recipe_of
 
     have = recipe_of(student)
     if have is None or have.to_dict() != recipe.to_dict():
-        what = _recipe_difference(have.to_dict(), recipe.to_dict()) if have is not None else "no recipe"
+        what = recipe_difference(have.to_dict(), recipe.to_dict()) if have is not None else "no recipe"
         raise ValueError(f"the student is already prepared, with {what}; pass the full-precision model, "
                          "or prepare it with the recipe this run trains")
     return student
@@ -176,7 +178,7 @@ def prepare_qat(student: nn.Module, train_windows: np.ndarray, recipe="int4", *,
     """The student as :func:`quantize_qat` trains it, in place: the recipe's QAT form, calibrated and untied.
 
     Arguments as :func:`quantize_qat`'s. Returns ``(recipe, args)``: the recipe the student
-    was prepared with and the :class:`~mlxqat.trainer.TrainingArgs` to train it with.
+    was prepared with and the :class:`~mlxqat.training.args.TrainingArgs` to train it with.
     """
     base = recipes_mod.get(recipe)
     if scale_dtype is not None:
@@ -193,9 +195,9 @@ def release_teacher(teacher, train_windows: np.ndarray, kept_windows: Optional[n
                     out_dir, *, progress: bool = True):
     """The teacher as training with cached top-k targets needs it: everything else of it can be freed.
 
-    Fills the top-k cache under ``out_dir`` (where :func:`mlxqat.trainer.train` reads it) for every
-    micro-batch of ``args.steps`` steps (:func:`~mlxqat.trainer.prefill_teacher_targets`), then
-    returns a :class:`~mlxqat.teacher.HiddenStateTeacher` holding the teacher's final hidden states
+    Fills the top-k cache under ``out_dir`` (where :func:`mlxqat.training.loop.train` reads it) for every
+    micro-batch of ``args.steps`` steps (:func:`~mlxqat.training.loop.prefill_teacher_targets`), then
+    returns a :class:`~mlxqat.training.teacher.HiddenStateTeacher` holding the teacher's final hidden states
     on ``kept_windows`` (selection / evaluation windows, which still need its logits) and its head.
     Once the caller drops its own reference to ``teacher``, the teacher's body is freed for the
     whole of training. A teacher that does not split into body and head

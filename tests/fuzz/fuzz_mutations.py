@@ -1,4 +1,4 @@
-"""Seeds and mutations for benchmarks/fuzz_loader.py: tiny saved models and GGUF files, and the ways
+"""Seeds and mutations for tests/fuzz/fuzz_loader.py: tiny saved models and GGUF files, and the ways
 a careless user, a bad disk or a hostile file damages them (one function per kind of damage)."""
 
 
@@ -244,7 +244,7 @@ def _rand_bytes(rng: random.Random, n: int) -> bytes:
     return bytes(rng.randrange(256) for _ in range(n))
 
 
-def _evil_int(rng: random.Random, width: int, old: int) -> int:
+def evil_int(rng: random.Random, width: int, old: int) -> int:
     top = (1 << (8 * width)) - 1
     return rng.choice([0, 1, 2, 3, old + 1, max(old - 1, 0), old * 2, 255, 0x7FFF, 0xFFFF, 0x7FFFFFFF,
                        0xFFFFFFFF, 2**40, top >> 1, top, top - 1, rng.randrange(top + 1)]) & top
@@ -595,7 +595,7 @@ DIR_MUTATIONS = {
 def code_fingerprint() -> str:
     """sha256 of the mlxqat sources the run tested (findings belong to one version of the code)."""
     h = hashlib.sha256()
-    pkg = Path(__file__).resolve().parents[1] / "mlxqat"
+    pkg = Path(__file__).resolve().parents[2] / "mlxqat"
     for p in sorted(pkg.rglob("*.py")):
         h.update(p.relative_to(pkg).as_posix().encode() + b"\0" + p.read_bytes())
     return h.hexdigest()[:16]

@@ -24,21 +24,196 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Dict, Optional
+from typing import Dict, List, Optional, Tuple
 
 import gguf
+import numpy as np
+from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 
-from .gguf_export import GGUFExportError
+from .format import GGUFExportError, Metadata
+
+# llama.cpp's pre-tokenizer names (llama-vocab.cpp) grouped by the split they mean.
+_GPT2_SPLIT = "gpt2"  # ByteLevel's own regex
+
+
+_SMOLLM = ("smollm", "starcoder", "refact", "command-r", "codeshell", "exaone", "minerva-7b", "mellum2")
+
+
+_GPT2 = ("gpt-2", "phi-2", "mpt", "olmo", "jina-es", "jina-de", "gigachat", "jina-v2-es", "jina-v2-de", "exaone4")
+
+
+_LLAMA3 = ("llama3", "llama-v3", "llama-bpe", "falcon3", "falcon-h1", "pixtral", "midm-2.0", "lfm2", "jina-v5-nano")
+
+
+_LLAMA3_KEEP_MERGES = ("dbrx", "smaug-bpe")  # the Llama 3 split without ignore_merges
+
+
+_QWEN2 = ("qwen2", "deepseek-r1-qwen", "kormo", "f2llmv2", "megrez", "stablelm2")
+
+
+#: Pre-tokenizer names this importer reproduces.
+PRE_TOKENIZERS = tuple(sorted(_SMOLLM + _GPT2 + _LLAMA3 + _LLAMA3_KEEP_MERGES + _QWEN2))
+
+
+# Token texts llama.cpp ends generation on (besides eos), when the vocabulary has them.
+_END_OF_GENERATION = ("<|eot_id|>", "<|im_end|>", "<|end|>", "<end_of_turn>", "<|endoftext|>", "<|eom_id|>",
+                      "<|end_of_text|>", "<EOT>")
+
+
+_TT_UNKNOWN, _TT_CONTROL, _TT_USER_DEFINED = (int(gguf.TokenType[k]) for k in ("UNKNOWN", "CONTROL", "USER_DEFINED"))
+
+
+def _pre_tokenizer(pre: str, path: Path):
+
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    if pre in _GPT2:
+        return byte_level, False
+    if pre in _SMOLLM:  # llama.cpp: "\p{N}" then the GPT-2 regex
+        return pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level]), False
+    if pre in _LLAMA3 + _LLAMA3_KEEP_MERGES + _QWEN2:
+        split = QWEN2_SPLIT if pre in _QWEN2 else LLAMA3_SPLIT
+        return pre_tokenizers.Sequence([
+            pre_tokenizers.Split(Regex(split), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]), pre in _LLAMA3
+    raise ValueError(
+        f"{path}: tokenizer.ggml.pre={pre!r} is a pre-tokenizer mlxqat's GGUF import cannot reproduce yet; "
+        f"supported: {', '.join(PRE_TOKENIZERS)}"
+    )
+
+
+def _spm_merges(tokens: List[str], scores: np.ndarray) -> List[Tuple[str, str]]:
+    """BPE merges equivalent to llama.cpp's SentencePiece merging: the best-scored result first."""
+    vocab = {t: i for i, t in enumerate(tokens)}
+    found = []
+    for token, i in vocab.items():
+        for cut in range(1, len(token)):
+            left, right = token[:cut], token[cut:]
+            if left in vocab and right in vocab:
+                found.append((-float(scores[i]), i, vocab[left], left, right))
+    found.sort()
+    return [(left, right) for *_, left, right in found]
+
+
+def _backend_tokenizer(meta: Metadata, tokens: List[str], types: np.ndarray, path: Path):
+    """``(tokenizers.Tokenizer, add_space_prefix)`` as llama.cpp tokenizes with this vocabulary."""
+
+    model = meta.str("tokenizer.ggml.model")
+    if model == "gpt2":
+        merges = []
+        vocab = {t: i for i, t in enumerate(tokens)}
+        for m in meta.strings("tokenizer.ggml.merges"):
+            cut = m.find(" ", 1)  # llama.cpp splits at the first space after the first character
+            pair = (m[:cut], m[cut + 1:]) if cut > 0 else None
+            if pair and pair[0] in vocab and pair[1] in vocab and pair[0] + pair[1] in vocab:
+                merges.append(pair)
+        pre, ignore_merges = _pre_tokenizer(meta.str("tokenizer.ggml.pre", ""), path)
+        tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, ignore_merges=ignore_merges))
+        tok.pre_tokenizer = pre
+        tok.decoder = decoders.ByteLevel()
+        prefix = False
+    elif model == "llama":
+        scores = meta.numbers("tokenizer.ggml.scores", np.zeros(len(tokens)), dtype=np.float32)
+        if len(scores) < len(tokens):
+            raise ValueError(f"{path}: {len(scores)} tokenizer scores for {len(tokens)} tokens")
+        unk = meta.int("tokenizer.ggml.unknown_token_id", 0, high=len(tokens))
+        vocab = {t: i for i, t in enumerate(tokens)}
+        tok = Tokenizer(models.BPE(vocab=vocab, merges=_spm_merges(tokens, scores), byte_fallback=True,
+                                   unk_token=tokens[unk] if unk < len(tokens) else None, fuse_unk=True))
+        prefix = meta.bool("tokenizer.ggml.add_space_prefix", True)
+        steps = ([normalizers.Prepend(SPM_SPACE)] if prefix else []) + [normalizers.Replace(" ", SPM_SPACE)]
+        tok.normalizer = normalizers.Sequence(steps)
+        tok.decoder = decoders.Sequence(
+            [decoders.Replace(SPM_SPACE, " "), decoders.ByteFallback(), decoders.Fuse()]
+            + ([decoders.Strip(" ", 1, 0)] if prefix else [])
+        )
+    else:
+        raise ValueError(f"{path}: tokenizer.ggml.model={model!r} is not supported by mlxqat's GGUF import "
+                         "(supported: gpt2, i.e. byte-level BPE, and llama, i.e. SentencePiece)")
+    # llama.cpp matches control, user-defined and unknown tokens whole before splitting the text.
+    special = [AddedToken(t, special=k != _TT_USER_DEFINED, normalized=False)
+               for t, k in zip(tokens, types.tolist()) if k in (_TT_UNKNOWN, _TT_CONTROL, _TT_USER_DEFINED)]
+    tok.add_special_tokens([a for a in special if a.special])
+    tok.add_tokens([a for a in special if not a.special])
+    return tok, prefix
+
+
+def gguf_tokenizer(meta: Metadata, n_vocab: int):
+    """The file's tokenizer as an mlx-lm ``TokenizerWrapper`` (a Hugging Face fast tokenizer inside).
+
+    Returns:
+        ``(tokenizer, eos_token_ids)``.
+    """
+    # lazy: mlx_lm imports transformers (about 1 s); `import mlxqat` does not need it
+    from mlx_lm.tokenizer_utils import (
+        BPEStreamingDetokenizer,
+        SPMStreamingDetokenizer,
+        TokenizerWrapper,
+    )
+
+    # lazy: transformers costs about 1 s at import; only this path needs it
+    from transformers import PreTrainedTokenizerFast
+
+    path = meta.path
+    tokens = meta.strings("tokenizer.ggml.tokens")
+    if not tokens or len(tokens) > n_vocab:
+        raise ValueError(f"{path}: the tokenizer has {len(tokens)} tokens but the embedding has {n_vocab} rows; "
+                         "the vocabulary does not belong to this model")
+    if len(set(tokens)) != len(tokens):
+        seen = set()
+        dup = next(t for t in tokens if t in seen or seen.add(t))
+        raise ValueError(f"{path}: token {dup!r} appears twice in tokenizer.ggml.tokens; the file is damaged")
+    types = meta.numbers("tokenizer.ggml.token_type", np.ones(len(tokens)), dtype=np.int64)[: len(tokens)]
+    if len(types) < len(tokens):
+        raise ValueError(f"{path}: {len(types)} token types for {len(tokens)} tokens; the file is damaged")
+    backend, prefix = _backend_tokenizer(meta, tokens, types, path)
+
+    def token(key):
+        i = meta.int(f"tokenizer.ggml.{key}_token_id", None, high=1 << 31)
+        if i is not None and i >= len(tokens):
+            raise ValueError(f"{path}: tokenizer.ggml.{key}_token_id={i} is not a token id (< {len(tokens)})")
+        return i
+
+    bos, eos, unk, pad = token("bos"), token("eos"), token("unknown"), token("padding")
+    spm = meta.str("tokenizer.ggml.model") == "llama"
+    add_bos = meta.bool("tokenizer.ggml.add_bos_token", spm or meta.str("tokenizer.ggml.pre", "") in _LLAMA3)
+    add_eos = meta.bool("tokenizer.ggml.add_eos_token", False)
+    if (add_bos and bos is None) or (add_eos and eos is None):
+        raise ValueError(f"{path}: the tokenizer adds a bos/eos token but names none")
+    single = " ".join(([f"{tokens[bos]}:0"] if add_bos else []) + ["$A:0"] + ([f"{tokens[eos]}:0"] if add_eos else []))
+    pair = single + " " + single.replace(":0", ":1").replace("$A", "$B")
+    marks = {tokens[i]: i for i, on in ((bos, add_bos), (eos, add_eos)) if on}
+    backend.post_processor = processors.TemplateProcessing(single=single, pair=pair, special_tokens=list(marks.items()))
+    named = {k: tokens[i] for k, i in (("bos_token", bos), ("eos_token", eos), ("unk_token", unk), ("pad_token", pad))
+             if i is not None}
+    chat_template = meta.str("tokenizer.chat_template", None)
+    fast = PreTrainedTokenizerFast(tokenizer_object=backend, add_bos_token=add_bos, add_eos_token=add_eos,
+                                   clean_up_tokenization_spaces=False, chat_template=chat_template, **named)
+    index = {t: i for i, t in enumerate(tokens)}
+    eos_ids = sorted({i for i in [eos] if i is not None}
+                     | {index[t] for t in _END_OF_GENERATION if t in index})
+    detok = (lambda t: SPMStreamingDetokenizer(t, trim_space=prefix)) if spm else BPEStreamingDetokenizer
+    return TokenizerWrapper(fast, detok, eos_token_ids=eos_ids), eos_ids
+
 
 #: The character SentencePiece vocabularies write for a space.
 SPM_SPACE = "\u2581"
+
+
 #: Regex splits of llama.cpp's pre-tokenizers (llama-vocab.cpp), by the name the exporter writes.
 LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
                 r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+
+
 QWEN2_SPLIT = LLAMA3_SPLIT.replace(r"\p{N}{1,3}", r"\p{N}")
+
+
 _SPLIT_NAMES = {LLAMA3_SPLIT: "llama-bpe", QWEN2_SPLIT: "qwen2"}
 
+
 _T = gguf.TokenType
+
+
 # Scores llama.cpp's own converter gives tokens that are never merged into.
 _ADDED_SCORE, _UNUSED_SCORE = -1000.0, -10000.0
 
@@ -46,11 +221,6 @@ _ADDED_SCORE, _UNUSED_SCORE = -1000.0, -10000.0
 def _error(where: Path, what: str) -> GGUFExportError:
     return GGUFExportError(f"{where}: {what}; llama.cpp would tokenize text differently from the model's tokenizer, "
                            "so mlxqat does not embed it")
-
-
-# ---------------------------------------------------------------------------
-# Byte-level BPE
-# ---------------------------------------------------------------------------
 
 
 def _pre_tokenizer_name(tok: dict, where: Path) -> str:
@@ -82,11 +252,6 @@ def _byte_level(tok: dict, path: Path) -> dict:
     if norm is not None and norm.get("type") != "NFC":
         raise _error(path, f"normalizer {norm.get('type')!r} has no llama.cpp equivalent")
     return {"model": "gpt2", "pre": _pre_tokenizer_name(tok, path), "add_space_prefix": None}
-
-
-# ---------------------------------------------------------------------------
-# SentencePiece-style BPE
-# ---------------------------------------------------------------------------
 
 
 def _is_replace(step: Optional[dict], old: str, new: str) -> bool:
@@ -198,11 +363,6 @@ def _added_text(added: dict, spm: bool, prefix: bool, path: Path) -> str:
             raise _error(path, f"added token {content!r} is matched after the '▁' prefix is added")
         return content.replace(SPM_SPACE, " ")
     return content
-
-
-# ---------------------------------------------------------------------------
-# Reading and writing
-# ---------------------------------------------------------------------------
 
 
 def read_tokenizer(tokenizer_dir: Path, n_vocab: Optional[int] = None) -> dict:

@@ -1,0 +1,8 @@
+"""GGUF, the file format of llama.cpp, Ollama and LM Studio, both ways.
+
+    format.py     the checked reader of the header and metadata, the format's errors
+    reader.py     a GGUF file -> an MLX model (llama, qwen2, qwen3, gemma3), tensors dequantized exactly
+    tokenizer.py  the tokenizer rebuilt from GGUF metadata, and embedded into a GGUF file
+    writer.py     an MLX model -> GGUF (Q4_0 / Q4_1 / Q8_0 blocks repacked exactly, or float types)
+    llamacpp.py   llama.cpp itself, in process: tokenize, complete, score (optional: xllamacpp)
+"""
