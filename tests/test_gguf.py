@@ -531,7 +531,7 @@ def test_rope_scaling_reaches_llama_cpp(tmp_path, tokenizer, rope_scaling):
     cpp = LlamaCpp(tmp_path / "m.gguf")
     ids = tokenizer.encode(tiny.CORPUS[:120])  # long enough for the scaled frequencies to matter
     out = cpp.complete(ids, n=4)
-    _, top = _diffs(model, ids, out)
+    _, top, _ = _diffs(model, ids, out)
     assert top.max() <= 1e-4
 
 
@@ -555,5 +555,5 @@ def test_attention_biases_and_qwen2(tmp_path, tokenizer, arch, extra):
     assert {"blk.0.attn_q.bias", "blk.0.attn_k.bias"} <= {t["name"] for t in result["tensors"]}
     cpp = LlamaCpp(tmp_path / "m.gguf")
     ids = tokenizer.encode(tiny.CORPUS[:80])
-    _, top = _diffs(model, ids, cpp.complete(ids, n=4))
+    _, top, _ = _diffs(model, ids, cpp.complete(ids, n=4))
     assert top.max() <= 1e-4
