@@ -171,9 +171,23 @@ def test_gradient_checkpointing_and_accumulation_do_not_change_the_math():
 def test_cached_top_k_teacher_equals_live_teacher_when_k_is_the_vocabulary(tmp_path):
     ref = _losses()
     cached = _losses(tmp_path, teacher_top_k=tiny.VOCAB)
-    np.testing.assert_allclose(cached, ref, rtol=1e-4, atol=1e-5)
     files = list((tmp_path / "teacher_cache").glob("*.safetensors"))
     assert len(files) == 4  # one per micro-batch, written once
+    # what the cache holds is the live teacher's logits: every cached row is one training window's, to float
+    # precision (the cache computes them in another batch, so summation order may differ)
+    teacher, _ = tiny.make_model("llama", 0, scale=3.0)
+    windows = np.random.default_rng(0).integers(0, tiny.VOCAB, size=(16, 17)).astype(np.int32)
+    live = np.array(teacher(mx.array(windows[:, :-1])))  # (16, 16, vocab)
+    for f in files:
+        c = mx.load(str(f))
+        full = np.zeros(c["values"].shape, np.float32)
+        np.put_along_axis(full, np.array(c["ids"]), np.array(c["values"]), axis=-1)
+        for row in full:
+            assert np.abs(live - row[None]).max(axis=(1, 2)).min() <= 1e-5 * np.abs(live).max()
+    # the same targets give the same first losses; later ones may part where a float-order difference flips an
+    # int3 code at a rounding boundary (0.2% apart at step 4 with MLX's bundled BLAS), so they only track
+    np.testing.assert_allclose(cached[:2], ref[:2], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(cached, ref, rtol=1e-2)
     # a smaller k: cross-entropy to the renormalised top-k teacher minus its entropy,
     # which is KL(p_k || q_k / Z) - log Z >= 0 with Z = the student's mass on those tokens
     approx = _losses(teacher_top_k=64)
