@@ -1,6 +1,7 @@
 """Export a converted model: GGUF (llama.cpp, Ollama, LM Studio), mlx-lm directory, unquantized weights.
 
     python -m mlxqat.export qat-int4/ --format gguf --out model-q4_0.gguf [--type q4_0|q4_1|q8_0|f16] [--exact]
+    ollama create my-model -f model-q4_0.Modelfile      # the Modelfile written beside the GGUF
     python -m mlxqat.export qat-int4/ --format mlx  --out mlx-dir/
     python -m mlxqat.export qat-int4/ --format fp16 --out unquantized/
     python -m mlxqat.verify mlx-dir/
@@ -9,6 +10,10 @@ The source is a directory written by :func:`mlxqat.save` or any local mlx-lm
 directory. Every export prints a memory report (bytes on disk, bits per
 weight, size relative to bf16). Files appear at the destination only once
 complete: an interrupted export leaves nothing there.
+
+A GGUF export also writes an Ollama ``Modelfile`` beside the file (``model-q4_0.Modelfile``:
+``FROM``, the chat ``TEMPLATE`` when the chat format is one :mod:`mlxqat.gguf.ollama` writes and
+checks, the end-of-turn stop tokens) and prints the ``ollama create`` line.
 
 GGUF exactness: layers quantized by the recipes ``q4_0``, ``q4_1`` and
 ``q8_0`` are repacked into GGUF blocks bit for bit. Anything else is
@@ -20,7 +25,9 @@ sequences), or, with ``exact=True`` / ``--exact``, refuses.
 from __future__ import annotations
 
 import json
+import os
 import re
+import shlex
 import sys
 import warnings
 from pathlib import Path
@@ -36,13 +43,14 @@ from ._cli import ArgumentParser, command
 from .convert import dequantize, recipe_of
 from .evaluate import kl_probe_inputs, mean_kl
 from .footprint import memory_report
+from .gguf import ollama
 from .gguf import writer as ge
 from .gguf.format import is_gguf_file
-from .gguf.tokenizer import read_tokenizer
+from .gguf.tokenizer import adds_bos_eos, end_of_turn, read_tokenizer
 from .storage.checks import PathLike, safetensors_header
-from .storage.destinations import atomic_path, check_destination
+from .storage.destinations import DestinationError, atomic_path, check_destination
 from .storage.load import check_config, load
-from .storage.manifest import MANIFEST, MASTER_FILE, Manifest
+from .storage.manifest import MANIFEST, MASTER_FILE, Manifest, is_mlxqat_output
 from .storage.save import save
 
 FORMATS = ("gguf", "mlx", "fp16")
@@ -110,6 +118,7 @@ def export_gguf(
     exact: bool = False,
     *,
     name: Optional[str] = None,
+    modelfile: bool = True,
     verbose: bool = True,
 ) -> dict:
     """Write a GGUF file (llama.cpp, Ollama, LM Studio) from a model directory.
@@ -122,16 +131,23 @@ def export_gguf(
             that holds the quantized layers exactly.
         exact: refuse (``ValueError``) unless every tensor dequantizes to exactly
             the MLX weight and nothing the MLX model computes is dropped.
-        name: ``general.name`` in the file (default: the source folder's name).
-        verbose: print the plan summary, warnings and the memory report to stderr.
+        name: ``general.name`` in the file (default: the source folder's name), and the
+            Ollama model name the printed ``ollama create`` line suggests.
+        modelfile: also write an Ollama ``Modelfile`` beside the file
+            (:func:`mlxqat.gguf.ollama.modelfile_path`), replacing only one mlxqat wrote.
+        verbose: print the plan summary, warnings, the memory report and the ``ollama create``
+            line to stderr.
 
     Returns:
-        ``{"path", "qtype", "exact", "kl", "tensors": [...], "memory": {...}}``;
-        ``kl`` is the measured mean per-token KL (nats) of a non-exact export, else 0.
+        ``{"path", "qtype", "exact", "kl", "tensors": [...], "memory": {...}, "modelfile",
+        "chat_format", "ollama_create"}``; ``kl`` is the measured mean per-token KL (nats) of a
+        non-exact export, else 0; ``modelfile`` (its path) and ``ollama_create`` are None without
+        one, ``chat_format`` None where no TEMPLATE was written.
 
     Raises:
         GGUFExportError: an architecture or tokenizer GGUF cannot express, or
             ``exact=True`` for a model whose weights need re-quantizing.
+        DestinationError: ``out_path``, or the Modelfile beside it, holds something mlxqat did not write.
         FileNotFoundError: no config, or no tokenizer.json in ``src_dir``.
     """
     src = Path(src_dir)
@@ -143,6 +159,7 @@ def export_gguf(
         )
     config = check_config(src)
     check_destination(out, sources=[src], kind="file")  # fail fast, before any work
+    modelfile_out = _check_modelfile(out, src) if modelfile else None
     ge.arch_spec(config["model_type"])  # fail fast, before loading weights
     read_tokenizer(src)  # fail fast on a missing or unsupported tokenizer
     model, tokenizer = load(src)
@@ -190,6 +207,9 @@ def export_gguf(
                       f"(re-quantizing them to {qtype} would only add error)")
     n_exact = len(plan) - len(inexact)
     _say(verbose, f"wrote {out}: {len(plan)} tensors ({n_exact} exact; {types}), {qtype}; {report}")
+    ollama_info = {"modelfile": None, "chat_format": None, "ollama_create": None}
+    if modelfile_out is not None:
+        ollama_info = _write_modelfile(out, modelfile_out, tokenizer, src, name or out.stem, verbose)
     return {
         "path": str(out),
         "qtype": qtype,
@@ -201,7 +221,39 @@ def export_gguf(
             for t in plan
         ],
         "memory": report.to_dict(),
+        **ollama_info,
     }
+
+
+def _check_modelfile(out: Path, src: Path) -> Path:
+    """The Modelfile path beside ``out``, once it is known that mlxqat may write it (before any work)."""
+    path = ollama.modelfile_path(out)
+    ollama.check_gguf_name(out)
+    if os.path.lexists(path) and not is_mlxqat_output(path):
+        raise DestinationError(
+            f"{path} already exists and is not a Modelfile mlxqat wrote (or it was edited since); the GGUF "
+            f"export writes the Ollama Modelfile there and replaces only its own, so nothing was written: move "
+            f"{path} away, or pass --no-modelfile (modelfile=False)"
+        )
+    return check_destination(path, sources=[src], kind="file")
+
+
+def _write_modelfile(out: Path, path: Path, tokenizer, src: Path, name: str, verbose: bool) -> dict:
+    """Write the Ollama Modelfile of ``out`` to ``path`` atomically; print the ``ollama create`` line."""
+    fmt, why = ollama.chat_format(tokenizer, adds_bos_eos(tokenizer)[0])
+    eot = end_of_turn(tokenizer)
+    stops = [tokenizer.convert_ids_to_tokens(eot)] if fmt is None and eot is not None else []
+    model_name = ollama.ollama_name(name)
+    text = ollama.modelfile_text(out, fmt, why, name=model_name, stops=stops)
+    with atomic_path(path, sources=[src]) as tmp:
+        tmp.write_bytes(text.encode("utf-8"))  # the bytes the mark's sha256 covers, on any platform
+    create = f"ollama create {model_name} -f {shlex.quote(str(path))}"
+    if fmt is not None:
+        _say(verbose, f"wrote {path}: TEMPLATE {why}")
+    else:
+        _say(verbose, f"wrote {path} without a TEMPLATE: {why}")
+    _say(verbose, f"to run it in Ollama: {create}  then: ollama run {model_name}")
+    return {"modelfile": str(path), "chat_format": fmt.name if fmt else None, "ollama_create": create}
 
 
 def _requantization_kl(src: Path, model: nn.Module, tokenizer, plan: List[ge.GGUFTensor]) -> float:
@@ -307,6 +359,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         "that holds the quantized weights exactly",
     )
     parser.add_argument("--exact", action="store_true", help="GGUF: refuse instead of re-quantizing")
+    parser.add_argument("--name", default=None,
+                        help="GGUF: general.name in the file and the Ollama model name (default: the source's name)")
+    parser.add_argument("--no-modelfile", dest="modelfile", action="store_false",
+                        help="GGUF: do not write the Ollama Modelfile beside the file (OUT.Modelfile)")
     parser.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"],
                         help="fp16 format: the float type written")
     parser.add_argument("--json", action="store_true", help="print the export summary as JSON on stdout")
@@ -322,7 +378,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     warnings.showwarning = one_line
     try:
         if args.format == "gguf":
-            result = export_gguf(args.src_dir, args.out, args.qtype, args.exact)
+            result = export_gguf(args.src_dir, args.out, args.qtype, args.exact, name=args.name,
+                                 modelfile=args.modelfile)
             result.pop("tensors")
         elif args.format == "mlx":
             result = {"files": len(export_mlx(args.src_dir, args.out)["files"])}

@@ -222,7 +222,8 @@ def test_failed_export_leaves_no_file(tmp_path, tokenizer, monkeypatch):
     monkeypatch.setattr(gguf.GGUFWriter, "write_tensors_to_file", boom)
     with pytest.raises(OSError):
         ex.export_gguf(src, out, "q4_1", verbose=False)
-    assert out.read_bytes() == good and [p.name for p in out.parent.iterdir()] == ["m.gguf"]
+    assert out.read_bytes() == good  # and its Modelfile beside it, nothing else
+    assert sorted(p.name for p in out.parent.iterdir()) == ["m.Modelfile", "m.gguf"]
 
 
 KILL_MID_WRITE = """
@@ -296,7 +297,7 @@ def test_gguf_export_replaces_only_its_own_file(tmp_path, tokenizer):
     first = out.read_bytes()
     ex.export_gguf(src, out, "q4_0", exact=True, verbose=False)  # our own file: replaced
     assert out.read_bytes() == first
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.gguf", "src"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.Modelfile", "m.gguf", "src"]
     (tmp_path / "folder.gguf").mkdir()
     with pytest.raises(ValueError, match="folder.gguf already exists and is a folder"):
         ex.export_gguf(src, tmp_path / "folder.gguf", "q4_0", exact=True, verbose=False)

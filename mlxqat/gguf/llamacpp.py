@@ -6,6 +6,7 @@ per-token scoring of held-out text, the numbers a llama.cpp or Ollama user gets 
     lc = LlamaCpp("model-q4_0.gguf")
     lc.tokenize("def f(x):")              # token ids, as llama.cpp splits the text
     lc.score([[1, 2, 3, ...], ...])       # log-probabilities of each next token, and llama.cpp's top-1
+    lc.apply_template([{"role": "user", "content": "Hi"}])  # the chat prompt llama.cpp builds from the file
 """
 
 from __future__ import annotations
@@ -31,7 +32,8 @@ def _xllamacpp():
 class LlamaCpp:
     """A llama.cpp server for one GGUF file (float32 KV cache, greedy sampling, 2 threads by default)."""
 
-    def __init__(self, path, n_ctx: int = 256, threads: int = 2):
+    def __init__(self, path, n_ctx: int = 256, threads: int = 2, *, jinja: bool = True):
+        """``jinja``: run the file's chat template itself (False: llama.cpp's built-in format for it)."""
         xlc = _xllamacpp()
         p = xlc.CommonParams()
         p.model.path = str(path)
@@ -41,6 +43,7 @@ class LlamaCpp:
         p.cache_type_k = p.cache_type_v = 0  # float32 KV cache: no float16 rounding of keys/values
         p.flash_attn_type = 0
         p.warmup = False
+        p.use_jinja = jinja
         self.n_ctx = n_ctx
         self.server = xlc.Server(p)
         self.address = self.server.listening_address
@@ -117,6 +120,16 @@ class LlamaCpp:
 
     def detokenize(self, ids):
         return self._post("/detokenize", {"tokens": ids})["content"]
+
+    def props(self) -> dict:
+        """What llama.cpp read from the file: ``chat_template``, ``bos_token``, ``eos_token``, ..."""
+        with urllib.request.urlopen(self.address + "/props", timeout=60) as reply:
+            return json.loads(reply.read())
+
+    def apply_template(self, messages: List[dict]) -> str:
+        """The prompt llama.cpp's chat endpoint builds for ``messages`` (with the generation prompt;
+        a last assistant message is continued)."""
+        return self._post("/apply-template", {"messages": messages})["prompt"]
 
 
 # Texts that llama.cpp and a model's own tokenizer must split alike: code, contractions, numbers,

@@ -174,7 +174,7 @@ def gguf_tokenizer(meta: Metadata, n_vocab: int):
             raise ValueError(f"{path}: tokenizer.ggml.{key}_token_id={i} is not a token id (< {len(tokens)})")
         return i
 
-    bos, eos, unk, pad = token("bos"), token("eos"), token("unknown"), token("padding")
+    bos, eos, unk, pad, eot = token("bos"), token("eos"), token("unknown"), token("padding"), token("eot")
     spm = meta.str("tokenizer.ggml.model") == "llama"
     add_bos = meta.bool("tokenizer.ggml.add_bos_token", spm or meta.str("tokenizer.ggml.pre", "") in _LLAMA3)
     add_eos = meta.bool("tokenizer.ggml.add_eos_token", False)
@@ -190,7 +190,7 @@ def gguf_tokenizer(meta: Metadata, n_vocab: int):
     fast = PreTrainedTokenizerFast(tokenizer_object=backend, add_bos_token=add_bos, add_eos_token=add_eos,
                                    clean_up_tokenization_spaces=False, chat_template=chat_template, **named)
     index = {t: i for i, t in enumerate(tokens)}
-    eos_ids = sorted({i for i in [eos] if i is not None}
+    eos_ids = sorted({i for i in [eos, eot] if i is not None}
                      | {index[t] for t in _END_OF_GENERATION if t in index})
     detok = (lambda t: SPMStreamingDetokenizer(t, trim_space=prefix)) if spm else BPEStreamingDetokenizer
     return TokenizerWrapper(fast, detok, eos_token_ids=eos_ids), eos_ids
@@ -427,11 +427,49 @@ def read_tokenizer(tokenizer_dir: Path, n_vocab: Optional[int] = None) -> dict:
                 scores=None if scores is None else [scores[i] for i in range(n_vocab)])
 
 
+def adds_bos_eos(tokenizer) -> Tuple[bool, bool]:
+    """Whether ``tokenizer`` (a loaded one) really puts its bos / eos token around a text, whatever its
+    configuration files claim: llama.cpp and Ollama add them when the GGUF says so."""
+    with_special = list(tokenizer.encode("hello"))
+    plain = list(tokenizer.encode("hello", add_special_tokens=False))
+    bos, eos = getattr(tokenizer, "bos_token_id", None), getattr(tokenizer, "eos_token_id", None)
+    return (bos is not None and with_special[:1] == [bos] != plain[:1],
+            eos is not None and with_special[-1:] == [eos] != plain[-1:])
+
+
+def end_of_turn(tokenizer) -> Optional[int]:
+    """The id of the special token that closes an assistant turn in ``tokenizer``'s chat template
+    (``<|im_end|>``, ``<end_of_turn>``, ``<|eot_id|>``), or None (no chat template, or none found).
+
+    Read from the template itself: a user turn and an assistant reply are rendered, and the longest
+    special token that starts the text right after the reply is the one. llama.cpp stops a chat
+    there (``tokenizer.ggml.eot_token_id``); without it, it guesses from token texts (on SmolLM2 it
+    guesses ``<|endoftext|>``, not ``<|im_end|>``).
+    """
+    if getattr(tokenizer, "chat_template", None) is None:
+        return None
+    reply = "mlxqat probe reply"
+    conversation = [{"role": "user", "content": "mlxqat probe"}, {"role": "assistant", "content": reply}]
+    try:
+        text = tokenizer.apply_chat_template(conversation, tokenize=False, add_generation_prompt=False)
+    except Exception:  # a template that refuses this conversation (Jinja raise_exception): no answer
+        return None
+    if not isinstance(text, str) or reply not in text:
+        return None
+    rest = text[text.rindex(reply) + len(reply):]
+    special = {str(t): int(i) for i, t in (getattr(tokenizer, "added_tokens_decoder", None) or {}).items()
+               if getattr(t, "special", False)}
+    found = max((t for t in special if t and rest.startswith(t)), key=len, default=None)
+    return special[found] if found is not None else None
+
+
 def add_tokenizer(w: gguf.GGUFWriter, tokenizer, tokenizer_dir: Path, n_vocab: int) -> None:
     """Write the tokenizer of ``tokenizer_dir`` (:func:`read_tokenizer`) and its special tokens to ``w``.
 
-    ``tokenizer`` (the loaded one) says whether a bos/eos token is really added,
-    whatever the configuration files claim.
+    ``tokenizer`` (the loaded one) says whether a bos/eos token is really added, whatever the
+    configuration files claim; its chat template is written verbatim (``tokenizer.chat_template``,
+    which Ollama, LM Studio and llama.cpp read), and the token that ends a chat turn as
+    ``tokenizer.ggml.eot_token_id`` (:func:`end_of_turn`).
     """
     vocab = read_tokenizer(tokenizer_dir, n_vocab)
     w.add_tokenizer_model(vocab["model"])
@@ -442,12 +480,15 @@ def add_tokenizer(w: gguf.GGUFWriter, tokenizer, tokenizer_dir: Path, n_vocab: i
         w.add_token_scores(vocab["scores"])
         w.add_add_space_prefix(vocab["add_space_prefix"])
     special = gguf.SpecialVocab(tokenizer_dir, load_merges=vocab["model"] == "gpt2", n_vocab=n_vocab)
-    with_special = list(tokenizer.encode("hello"))
-    plain = list(tokenizer.encode("hello", add_special_tokens=False))
-    bos, eos = getattr(tokenizer, "bos_token_id", None), getattr(tokenizer, "eos_token_id", None)
-    special.add_special_token["bos"] = bos is not None and with_special[:1] == [bos] != plain[:1]
-    special.add_special_token["eos"] = eos is not None and with_special[-1:] == [eos] != plain[-1:]
+    special.add_special_token["bos"], special.add_special_token["eos"] = adds_bos_eos(tokenizer)
+    template = getattr(tokenizer, "chat_template", None)
+    if isinstance(template, str):  # the template the model is run with (mlx-lm, transformers), as it is
+        special.chat_template = template
+    eot = end_of_turn(tokenizer)
+    if eot is not None and eot < n_vocab:
+        special.special_token_ids["eot"] = eot
     special.add_to_gguf(w, quiet=True)
 
 
-__all__ = ["LLAMA3_SPLIT", "QWEN2_SPLIT", "SPM_SPACE", "add_tokenizer", "read_tokenizer"]
+__all__ = ["LLAMA3_SPLIT", "QWEN2_SPLIT", "SPM_SPACE", "add_tokenizer", "adds_bos_eos", "end_of_turn",
+           "read_tokenizer"]

@@ -13,6 +13,7 @@ from typing import Any, Dict, Iterator, Optional
 
 from .._version import __version__
 from ..gguf.format import read_gguf
+from ..gguf.ollama import is_mlxqat_modelfile
 from .checks import PathLike, read_json_file
 
 MANIFEST = "mlxqat.json"
@@ -67,7 +68,8 @@ def is_mlxqat_output(path: PathLike) -> bool:
     A directory qualifies when its ``mlxqat.json`` is an mlxqat manifest and
     every file under it is listed there (an empty directory qualifies too:
     nothing is lost by replacing it); a file when it is a GGUF whose
-    ``general.quantized_by`` names mlxqat.
+    ``general.quantized_by`` names mlxqat, or an Ollama Modelfile mlxqat wrote and nobody
+    edited since (:func:`mlxqat.gguf.ollama.is_mlxqat_modelfile`).
     """
     path = Path(path)
     try:
@@ -76,7 +78,7 @@ def is_mlxqat_output(path: PathLike) -> bool:
         return False
     if stat.S_ISREG(st.st_mode):
         writer = _gguf_writer(path)
-        return isinstance(writer, str) and writer.startswith("mlxqat")
+        return (isinstance(writer, str) and writer.startswith("mlxqat")) or is_mlxqat_modelfile(path)
     if not stat.S_ISDIR(st.st_mode):
         return False
     try:
