@@ -16,6 +16,7 @@ from .storage.load import load, verify
 from .storage.manifest import IntegrityError
 from .storage.save import save
 from .training.args import TrainingArgs
+from .training.finetune import finetune
 from .training.loop import train
 
 __all__ = [
@@ -30,6 +31,7 @@ __all__ = [
     "calibrate",
     "convert",
     "dequantize",
+    "finetune",
     "load",
     "prepare",
     "quant",

@@ -1,6 +1,7 @@
 """The ``mlxqat`` command: one entry point for every ``python -m mlxqat.X`` command.
 
     mlxqat train --recipe int4 --out qat-int4/
+    mlxqat finetune --model int4-model/ --data data/ --out tuned/
     mlxqat export qat-int4/ --format gguf --out model.gguf
     mlxqat verify qat-int4/
     mlxqat generate --model qat-int4/ --prompt "def fibonacci(n):"
@@ -31,6 +32,8 @@ from .storage.manifest import MANIFEST, Manifest
 # subcommand -> ("module:function" of its main(argv), one-line description)
 COMMANDS = {
     "train": ("mlxqat.training.job:main", "quantization-aware training, from a model directory to a quantized one"),
+    "finetune": ("mlxqat.training.finetune:main",
+                 "fine-tune a quantized model on your own data, saved in the same quantized format"),
     "export": ("mlxqat.export:main", "export to GGUF, an mlx-lm directory, or unquantized weights"),
     "verify": ("mlxqat.cli:verify_main", "check a model directory against its sha256 manifest"),
     "generate": ("mlxqat.generate:main", "generate text; print tokens/s and peak memory"),

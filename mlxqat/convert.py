@@ -17,9 +17,9 @@ from mlx.utils import tree_flatten, tree_map_with_path
 
 from . import quant
 from .kernels import KernelQuantizedLinear, is_supported
-from .layers import HELD_DTYPES, FakeQuantEmbedding, FakeQuantLinear, carry_spec, is_fake_quant
+from .layers import HELD_DTYPES, ActQuantizedLinear, FakeQuantEmbedding, FakeQuantLinear, carry_spec, is_fake_quant
 from .lora import QALoRALinear, merge_lora
-from .recipes import Recipe
+from .recipes import LayerSpec, Recipe
 from .recipes import get as get_recipe
 
 
@@ -130,6 +130,70 @@ def prepare(model: nn.Module, recipe="int4", *, strict: bool = False) -> nn.Modu
         )
     for problem in skipped:
         warnings.warn(f"left in full precision: {problem}", stacklevel=2)
+    return model
+
+
+def quantized_spec(path: str, q: nn.Module) -> LayerSpec:
+    """The spec a loaded quantized layer was made with: the one its saved recipe gives it, else MLX's
+    affine format of its bits and group size (what ``mlx_lm.convert -q`` writes)."""
+    spec = getattr(q, "spec", None)
+    if spec is not None:
+        return spec
+    try:
+        return LayerSpec(q.bits, q.group_size, "affine")
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from None
+
+
+def prepare_quantized(model: nn.Module, *, keep_codes: bool = True, learn_scales: bool = True,
+                      dtype: mx.Dtype = mx.float32) -> nn.Module:
+    """Swap a quantized model's ``nn.QuantizedLinear`` / ``QuantizedEmbedding`` leaves for fake-quant layers, in place.
+
+    Each fake-quant layer holds its quantized layer's own codes, scales and biases
+    (:meth:`FakeQuantLinear.from_quantized`): nothing is re-quantized, and :func:`convert`
+    gives the same arrays back. The fake-quant model computes what the quantized one did.
+
+    Args:
+        model: a quantized model (``mlxqat.load`` of an ``mlx_lm.convert -q`` or ``mlxqat.save`` directory).
+        keep_codes: freeze the integer codes (no float weights are held): scales and biases train,
+            or adapters on top (:func:`mlxqat.lora.apply_lora`); ``False``: float master weights that
+            quantize back to the same codes, for full QAT.
+        learn_scales: with ``keep_codes=False``, train the scales and biases too where the format keeps
+            them (affine); symmetric layers derive them from the weights.
+        dtype: what the fake-quant layers compute in (float32 on a CPU); scales and biases are rounded to
+            the dtype they were stored in, in every forward, so :func:`convert` stores them losslessly.
+
+    Returns:
+        The same model, for chaining.
+
+    Raises:
+        ValueError: no quantized layer, or one that cannot train (activation-quantized, or not MLX's
+            affine format).
+    """
+    leaves = [(p, m) for p, m in tree_flatten(model.leaf_modules(), is_leaf=nn.Module.is_module) if quant.is_quantized(m)]
+    if not leaves:
+        raise ValueError(f"{type(model).__name__} has no quantized layer (nn.QuantizedLinear or QuantizedEmbedding); "
+                         "quantize it first (mlxqat.convert.quantize_rtn(model, recipe)) or pass a quantized model")
+    refused = [f"{p} quantizes its activations" for p, m in leaves
+               if isinstance(m, ActQuantizedLinear) or getattr(getattr(m, "spec", None), "act_bits", None) is not None]
+    refused += [f"{p} is in MLX's {m.mode!r} mode, not affine" for p, m in leaves if getattr(m, "mode", "affine") != "affine"]
+    if not keep_codes:  # the symmetric rule rounds the scales it derives to float16 values, not bfloat16's
+        refused += [f"{p} is symmetric with bfloat16 scales (train its scales alone: keep_codes=True)" for p, m in leaves
+                    if getattr(getattr(m, "spec", None), "mode", None) == "symmetric" and m.scales.dtype == mx.bfloat16]
+    if refused:
+        raise ValueError(f"{len(refused)} quantized layer(s) cannot be fine-tuned yet: {'; '.join(refused[:3])}")
+    specs = {p: quantized_spec(p, m) for p, m in leaves}  # every spec checked before any layer is swapped
+
+    def swap(path, m):
+        if path not in specs:
+            return m
+        spec = specs[path]
+        learn = keep_codes or (learn_scales and spec.mode == "affine")
+        spec = dataclasses.replace(spec, learn_scales=learn, scale_init=spec.scale_init if learn else "minmax")
+        cls = FakeQuantEmbedding if isinstance(m, nn.QuantizedEmbedding) else FakeQuantLinear
+        return cls.from_quantized(m, spec, getattr(m, "recipe", None), keep_codes=keep_codes, dtype=dtype)
+
+    _swap(model, swap)
     return model
 
 

@@ -72,7 +72,7 @@ _JSON_KINDS = {list: "an array", str: "a string", int: "a number", float: "a num
                type(None): "null"}
 
 
-def _parse_jsonl_line(raw: bytes, where: str) -> Optional[dict]:
+def parse_jsonl_line(raw: bytes, where: str) -> Optional[dict]:
     """One JSONL line as a dict (``None`` for a blank line); ValueError naming ``where`` otherwise."""
     try:
         line = raw.decode("utf-8")
@@ -123,7 +123,7 @@ def _jsonl_documents(path: Path, tokenizer) -> List[Document]:
     with open(path, "rb") as f:
         for lineno, raw in enumerate(f, 1):
             where = f"{path}:{lineno}"
-            obj = _parse_jsonl_line(raw, where)
+            obj = parse_jsonl_line(raw, where)
             if obj is not None:
                 docs.append(Document(f"{path.name}:{lineno}", _document_text(obj, tokenizer, where)))
     return docs
@@ -175,8 +175,9 @@ def _template_errors() -> tuple:
     return errors + (TemplateError,)
 
 
-def render_chat(tokenizer, messages, where: str) -> str:
-    """``messages`` rendered with the tokenizer's chat template, within :data:`TEMPLATE_TIME_LIMIT_S`.
+def render_chat(tokenizer, messages, where: str, add_generation_prompt: bool = False) -> str:
+    """``messages`` rendered with the tokenizer's chat template, within :data:`TEMPLATE_TIME_LIMIT_S`
+    (``add_generation_prompt``: followed by the start of the assistant's turn).
 
     Raises:
         ValueError: naming ``where`` (``file:line``): malformed messages, a template
@@ -190,7 +191,7 @@ def render_chat(tokenizer, messages, where: str) -> str:
         )
     try:
         with _time_limit(TEMPLATE_TIME_LIMIT_S):
-            return tokenizer.apply_chat_template(messages, tokenize=False)
+            return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
     except _TemplateTimeout:
         raise ValueError(
             f"{where}: the tokenizer's chat template ran longer than {TEMPLATE_TIME_LIMIT_S:g} s on this "

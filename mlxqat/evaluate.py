@@ -156,6 +156,61 @@ def evaluate(
     return out
 
 
+# Masked windows ``(n, 2, seq_len + 1)``: token ids, and 1 where the next-token target counts in the loss (a
+# completion's tokens) and 0 where it does not (a prompt's, padding). Each batch is cut after its last
+# counted target, rounded up to a multiple of TRIM_MULTIPLE tokens (as mlx-lm pads its batches).
+TRIM_MULTIPLE = 32
+
+
+def trim_masked(inputs: mx.array, targets: mx.array) -> Tuple[mx.array, mx.array, mx.array]:
+    """``(inputs, next tokens, mask)``, each ``(B, T')``, of a batch of masked windows given as ``inputs``
+    ``(B, T)`` (``windows[:, 0, :-1]``) and ``targets`` ``(B, 2, T)`` (``windows[:, :, 1:]``: next tokens and
+    mask), cut after the batch's last counted target rounded up to :data:`TRIM_MULTIPLE` (a causal model's
+    outputs at the positions kept do not depend on the padding dropped)."""
+    mask = targets[:, 1]
+    counted = np.flatnonzero(np.array(mx.any(mask != 0, axis=0)))
+    n = inputs.shape[-1]
+    if counted.size:
+        n = min(n, -(-(int(counted[-1]) + 1) // TRIM_MULTIPLE) * TRIM_MULTIPLE)
+    return inputs[:, :n], targets[:, 0, :n], mask[:, :n]
+
+
+def masked_cross_entropy(logits: mx.array, targets: mx.array, mask: mx.array) -> Tuple[mx.array, mx.array]:
+    """``(sum of the next-token cross-entropy over the counted targets, their number)``, in float32 nats:
+    the fine-tuning loss and its held-out measure (:func:`completion_loss`) are this one sum."""
+    m = mask.astype(mx.float32)
+    ce = nn.losses.cross_entropy(logits.astype(mx.float32), targets)
+    return mx.sum(ce * m), mx.sum(m)
+
+
+def completion_loss(model: nn.Module, windows: np.ndarray, batch_size: int = 8) -> Dict[str, float]:
+    """Mean cross-entropy per counted token (a completion's) of ``model`` on masked windows ``(n, 2, seq_len + 1)``.
+
+    Returns:
+        ``{"loss": nats per counted token, "tokens": how many were counted, "examples": n}``.
+
+    Raises:
+        ValueError: no window, or none with a counted token.
+        FloatingPointError: the loss is NaN/Inf.
+    """
+    windows = np.asarray(windows)
+    # shortest first, so that each batch is cut short (trim_masked); the order is the data's, so the sum is too
+    windows = windows[np.argsort(windows.shape[-1] - np.argmax(windows[:, 1, ::-1] != 0, axis=-1), kind="stable")]
+    total, count = 0.0, 0.0
+    for i in range(0, len(windows), batch_size):
+        batch = mx.array(windows[i : i + batch_size])
+        inputs, targets, mask = trim_masked(batch[:, 0, :-1], batch[:, :, 1:])
+        s, c = masked_cross_entropy(model(inputs), targets, mask)
+        mx.eval(s, c)
+        total, count = total + s.item(), count + c.item()
+    if count == 0:
+        raise ValueError("completion_loss() got no counted tokens (empty data, or every target masked)")
+    loss = total / count
+    if not math.isfinite(loss):
+        raise FloatingPointError("the model's loss is NaN/Inf on the evaluation data")
+    return {"loss": loss, "tokens": int(count), "examples": len(windows)}
+
+
 def gap_recovered(ppl_rtn: float, ppl_method: float, ppl_full: float) -> float:
     """Share of the round-to-nearest perplexity gap a method closes: 1.0 = back to full precision."""
     if ppl_rtn <= ppl_full:

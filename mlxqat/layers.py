@@ -27,6 +27,9 @@ def _init_quant_state(layer: nn.Module, weight: mx.array, spec: LayerSpec, recip
     layer.spec = spec
     layer.recipe = recipe  # the Recipe the spec came from (None: the layer was built by hand)
     layer.fake_quant_enabled = True
+    # the dtype a file stores the layer's learned scales and biases in: every forward rounds them to its
+    # values (None: they compute as they are); set for layers read from a quantized model (from_quantized)
+    layer.stored_dtype = None
     layer.group_size = quant.storage_group_size(spec.group_size, weight.shape[-1])
     if spec.learn_scales:
         _, layer.scales, layer.biases = quant.init_params(
@@ -40,12 +43,28 @@ def _init_quant_state(layer: nn.Module, weight: mx.array, spec: LayerSpec, recip
             layer.scales, layer.biases = s, b
 
 
-def _fake_quant(spec: LayerSpec, group_size: int, w: mx.array, codes=None, scales=None, biases=None) -> mx.array:
-    """The fake-quant weight of rows ``w`` given the layer's state (frozen codes, learned or derived scales)."""
+def _tied_biases(spec: LayerSpec, scales: mx.array) -> mx.array:
+    """A symmetric layer's offsets: ``-2**(bits-1) * scale`` (Q4_0's rule; they are not free parameters)."""
+    return scales * -(2 ** (spec.bits - 1))
+
+
+def _learned(spec: LayerSpec, stored, scales: mx.array, biases: Optional[mx.array]):
+    """Learned scales and biases as the forward and the converted layer use them: rounded to the dtype they are
+    stored in (straight-through), the biases of a symmetric layer without its own derived from its scales."""
+    scales = quant.round_as_stored(scales, stored)
+    if biases is None:
+        return scales, _tied_biases(spec, scales)
+    return scales, quant.round_as_stored(biases, stored)
+
+
+def _fake_quant(spec: LayerSpec, group_size: int, w: mx.array, codes=None, scales=None, biases=None,
+                stored=None) -> mx.array:
+    """The fake-quant weight of rows ``w`` given the layer's state (frozen codes, learned or derived scales;
+    ``stored``: the dtype learned scales and biases are stored in)."""
     if codes is not None:
-        return quant.dequantize_frozen(codes, scales, biases, spec.bits, group_size)
+        return quant.dequantize_frozen(codes, *_learned(spec, stored, scales, biases), spec.bits, group_size)
     if spec.learn_scales:
-        return quant.fake_quant(w, spec.bits, spec.group_size, spec.mode, scales, biases)
+        return quant.fake_quant(w, spec.bits, spec.group_size, spec.mode, *_learned(spec, stored, scales, biases))
     return quant.fake_quant(w, spec.bits, spec.group_size, spec.mode, scale_dtype=spec.scale_dtype)
 
 
@@ -55,19 +74,56 @@ def _dequantized(layer: nn.Module, weight: mx.array) -> mx.array:
             raise ValueError("this layer's full-precision weight was released when its codes were frozen "
                              "(scales-only training); it computes with its quantized weight only")
         return weight
-    return _fake_quant(layer.spec, layer.group_size, weight, layer.get("codes"), layer.get("scales"), layer.get("biases"))
+    return _fake_quant(layer.spec, layer.group_size, weight, layer.get("codes"), layer.get("scales"), layer.get("biases"),
+                       layer.stored_dtype)
 
 
-def _quantized_params(layer: nn.Module):
-    """(packed, scales, biases) exactly as the fake-quant forward uses them."""
+def quantized_params(layer: nn.Module):
+    """(packed, scales, biases) of a fake-quant layer exactly as its forward uses them (and its converted layer holds)."""
     spec = layer.spec
     w = layer.weight
-    if "codes" in layer:
-        return layer.codes, layer.scales.astype(w.dtype), layer.biases.astype(w.dtype)
-    if spec.learn_scales:
-        s, b = layer.scales.astype(w.dtype), layer.biases.astype(w.dtype)
-        return quant.quantize_learned(w, s, b, spec.bits, layer.group_size), s, b
+    if "codes" in layer or spec.learn_scales:
+        biases = layer.get("biases")
+        s, b = _learned(spec, layer.stored_dtype, layer.scales.astype(w.dtype),
+                        None if biases is None else biases.astype(w.dtype))
+        packed = layer.codes if "codes" in layer else quant.quantize_learned(w, s, b, spec.bits, layer.group_size)
+        return packed, s, b
     return quant.init_params(w, spec.bits, spec.group_size, spec.mode, spec.scale_dtype)
+
+
+def _release_weight(layer: nn.Module, shape, dtype) -> None:
+    """Give the layer a zero-stride placeholder weight of ``shape`` and ``dtype`` (4 bytes): its codes are the model."""
+    layer.weight = mx.broadcast_to(mx.zeros((1,) * len(shape), dtype), shape)
+    object.__setattr__(layer, "_weight_released", True)
+
+
+def _init_from_quantized(layer: nn.Module, q: nn.Module, spec: LayerSpec, recipe, keep_codes: bool, dtype) -> None:
+    """Set a fake-quant layer's state from the quantized layer ``q``: its own codes, scales and biases, exactly.
+
+    ``keep_codes``: the codes stay frozen (only scales and biases can train) and no float weight is
+    held; otherwise the master weight is ``q``'s dequantized weight in ``dtype``, which quantizes back
+    to the same codes under the same scales. Scales and biases compute in ``dtype`` and are rounded,
+    in every forward, to the dtype ``q`` stores them in.
+    """
+    if getattr(q, "mode", "affine") != "affine" or q.get("biases") is None:
+        raise ValueError(f"a {type(q).__name__} in mode {getattr(q, 'mode', None)!r}: only MLX's affine format "
+                         "(codes, scales and biases) can be fine-tuned")
+    layer.spec, layer.recipe, layer.fake_quant_enabled = spec, recipe, True
+    layer.group_size = q.group_size
+    layer.stored_dtype = q.scales.dtype
+    scales, biases = q.scales.astype(dtype), q.biases.astype(dtype)
+    shape = (q.weight.shape[0], q.weight.shape[1] * 32 // q.bits)
+    if keep_codes:
+        layer.codes = q.weight
+        _release_weight(layer, shape, dtype)
+        layer.scales = scales
+        if spec.mode != "symmetric":  # a symmetric layer's offsets follow its scales (_tied_biases)
+            layer.biases = biases
+        layer.freeze(keys=["codes"], recurse=False)
+        return
+    layer.weight = quant.dequantize(q.weight, scales, biases, q.bits, q.group_size)
+    if spec.learn_scales:
+        layer.scales, layer.biases = scales, biases
 
 
 def freeze_codes(layer: nn.Module, release: bool = True) -> None:
@@ -82,12 +138,11 @@ def freeze_codes(layer: nn.Module, release: bool = True) -> None:
     if not layer.spec.learn_scales:
         raise ValueError("freeze_codes() needs a layer with learn_scales=True")
     if "codes" not in layer:
-        layer.codes = _quantized_params(layer)[0]
+        layer.codes = quantized_params(layer)[0]
         layer.freeze(keys=["codes"], recurse=False)
     if release and not weight_released(layer):
         mx.eval(layer.codes)
-        layer.weight = mx.broadcast_to(mx.zeros((1,) * layer.weight.ndim, layer.weight.dtype), layer.weight.shape)
-        object.__setattr__(layer, "_weight_released", True)
+        _release_weight(layer, layer.weight.shape, layer.weight.dtype)
 
 
 def weight_released(layer: nn.Module) -> bool:
@@ -119,6 +174,26 @@ class FakeQuantLinear(nn.Module):
     def from_linear(cls, linear: nn.Linear, spec: LayerSpec, recipe=None) -> "FakeQuantLinear":
         """Wrap an ``nn.Linear`` (weights shared, not copied); ``recipe``: the one ``spec`` came from."""
         return cls(linear.weight, linear.get("bias"), spec, recipe)
+
+    @classmethod
+    def from_quantized(cls, q: nn.QuantizedLinear, spec: LayerSpec, recipe=None, *, keep_codes: bool = True,
+                       dtype=mx.float32) -> "FakeQuantLinear":
+        """The fake-quant layer holding ``q``'s own codes, scales and biases (no re-quantization).
+
+        Args:
+            q: an affine ``nn.QuantizedLinear`` (a loaded quantized model's layer).
+            spec: its spec; ``spec.learn_scales`` for layers whose scales and biases train.
+            keep_codes: freeze the codes and hold no float weight (scales-only or LoRA training);
+                ``False``: a float master weight that re-quantizes to the same codes (full QAT).
+            dtype: the dtype it computes in (float32 on a CPU).
+        """
+        layer = cls.__new__(cls)
+        nn.Module.__init__(layer)
+        _init_from_quantized(layer, q, spec, recipe, keep_codes, dtype)
+        if "bias" in q:
+            layer.bias = q.bias.astype(dtype)
+        layer._act_max = None
+        return layer
 
     def _extra_repr(self) -> str:
         out_dims, in_dims = self.weight.shape
@@ -159,7 +234,7 @@ class FakeQuantLinear(nn.Module):
 
     def to_quantized(self, **_ignored) -> nn.Module:
         """The real quantized layer computing what this layer computes."""
-        packed, scales, biases = _quantized_params(self)
+        packed, scales, biases = quantized_params(self)
         out_dims, in_dims = self.weight.shape
         spec = self.spec
         cls = ActQuantizedLinear if spec.act_bits is not None else nn.QuantizedLinear
@@ -201,6 +276,15 @@ class FakeQuantEmbedding(nn.Module):
     def from_embedding(cls, emb: nn.Embedding, spec: LayerSpec, recipe=None) -> "FakeQuantEmbedding":
         return cls(emb.weight, spec, recipe)
 
+    @classmethod
+    def from_quantized(cls, q: nn.QuantizedEmbedding, spec: LayerSpec, recipe=None, *, keep_codes: bool = True,
+                       dtype=mx.float32) -> "FakeQuantEmbedding":
+        """The fake-quant embedding holding ``q``'s own codes, scales and biases (as :meth:`FakeQuantLinear.from_quantized`)."""
+        layer = cls.__new__(cls)
+        nn.Module.__init__(layer)
+        _init_from_quantized(layer, q, spec, recipe, keep_codes, dtype)
+        return layer
+
     def _extra_repr(self) -> str:
         n, d = self.weight.shape
         s = self.spec
@@ -218,7 +302,7 @@ class FakeQuantEmbedding(nn.Module):
         else:
             n = flat.shape[0]
             state = [self[k][ids].reshape(n, -1) if k in self else None for k in ("codes", "scales", "biases")]
-            dq = _fake_quant(spec, self.group_size, flat, *state)
+            dq = _fake_quant(spec, self.group_size, flat, *state, stored=self.stored_dtype)
         return dq.reshape(rows.shape)
 
     def as_linear(self, x: mx.array) -> mx.array:
@@ -226,7 +310,7 @@ class FakeQuantEmbedding(nn.Module):
         return x @ self.dequantized_weight().T
 
     def to_quantized(self, **_ignored) -> nn.Module:
-        packed, scales, biases = _quantized_params(self)
+        packed, scales, biases = quantized_params(self)
         n, d = self.weight.shape
         qe = nn.QuantizedEmbedding(n, d, self.group_size, self.spec.bits)
         qe.weight, qe.scales, qe.biases = packed, scales, biases
@@ -290,7 +374,7 @@ def untie_weights(model: nn.Module) -> int:
     for _, m in model.named_modules():
         if not is_fake_quant(m) or "codes" in m:
             continue
-        _, s, b = _quantized_params(m)
+        _, s, b = quantized_params(m)
         w = quant.untie(m.weight, s, b, m.spec.bits, m.group_size)
         n = int(mx.sum(w != m.weight).item())
         if n:

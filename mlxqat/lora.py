@@ -9,7 +9,9 @@ learned. Here the adapter sees the input summed over each quantization group
 
 and ``scale * code + bias + delta`` is the same codes with new biases. Merging
 adds the delta to the per-group biases of the converted layer: no
-re-quantization, the merged model computes what the adapted model computed.
+re-quantization. The adapted layer computes with those merged biases too
+(rounded to the dtype they are stored in, when the base says), so the merged
+model computes what the adapted model computed, to the bit.
 """
 
 from __future__ import annotations
@@ -20,7 +22,39 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_map_with_path, tree_unflatten
 
-from .layers import FakeQuantLinear
+from . import quant
+from .layers import FakeQuantLinear, quantized_params
+
+
+_MERGED_CACHE: dict = {}
+
+
+def _make_merged_matmul(bits: int, group_size: int):
+    @mx.custom_function
+    def matmul(x, packed, scales, biases):
+        return x @ quant.dequantize(packed, scales, biases, bits, group_size).T
+
+    @matmul.vjp
+    def matmul_vjp(primals, cotangent, output):
+        x, packed, scales, biases = primals
+        dx = cotangent @ quant.dequantize(packed, scales, biases, bits, group_size)
+        # d/d(bias of group k of row n) = sum over the group's inputs of the weight's gradient: the
+        # cotangent against the input summed over each group (no (out, in) weight gradient is formed)
+        pooled = x.reshape(-1, x.shape[-1] // group_size, group_size).sum(-1)  # (tokens, in / g)
+        dbiases = cotangent.reshape(-1, cotangent.shape[-1]).T @ pooled  # (out, in / g)
+        return dx, mx.zeros_like(packed), mx.zeros_like(scales), dbiases.astype(biases.dtype)
+
+    return matmul
+
+
+def merged_matmul(x: mx.array, packed: mx.array, scales: mx.array, biases: mx.array, bits: int,
+                  group_size: int) -> mx.array:
+    """``x @ dequantize(packed, scales, biases).T``, differentiable in ``x`` and the biases only (codes and
+    scales frozen), its bias gradient computed from the group-summed input."""
+    key = (bits, group_size)
+    if key not in _MERGED_CACHE:
+        _MERGED_CACHE[key] = _make_merged_matmul(bits, group_size)
+    return _MERGED_CACHE[key](x, packed, scales, biases)
 
 
 class QALoRALinear(nn.Module):
@@ -52,19 +86,25 @@ class QALoRALinear(nn.Module):
         """The adapter's per-group bias change, shape (out, in // group_size)."""
         return (self.lora_b @ self.lora_a) * self.scale
 
+    def merged(self):
+        """``(packed, scales, biases)`` of the merged layer: the base's, its biases plus :meth:`delta` (differentiable
+        in the adapters; the merged biases rounded to the base's stored dtype, straight-through)."""
+        packed, scales, biases = quantized_params(self.base)
+        biases = mx.stop_gradient(biases) + self.delta().astype(biases.dtype)
+        return packed, mx.stop_gradient(scales), quant.round_as_stored(biases, self.base.stored_dtype)
+
     def __call__(self, x: mx.array) -> mx.array:
         base = self.base
         xq = base.quantize_input(x)
-        y = xq @ base.dequantized_weight().T
+        y = merged_matmul(xq, *self.merged(), base.spec.bits, base.group_size)
         if "bias" in base:
             y = y + base.bias
-        pooled = xq.reshape(*xq.shape[:-1], -1, base.group_size).sum(-1)  # (..., in / g)
-        return y + ((pooled @ self.lora_a.T) @ self.lora_b.T) * self.scale
+        return y
 
     def to_quantized(self, **_ignored) -> nn.QuantizedLinear:
         """Merge: the base's converted layer with the delta added to its biases."""
         ql = self.base.to_quantized()
-        ql.biases = ql.biases + self.delta().astype(ql.biases.dtype)
+        ql.biases = self.merged()[2].astype(ql.biases.dtype)
         ql.freeze()
         return ql
 

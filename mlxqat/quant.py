@@ -516,6 +516,33 @@ def dequantize_frozen(packed: mx.array, scales: mx.array, biases: mx.array, bits
     return _FQ_CACHE[key](packed, scales, biases)
 
 
+def _make_round_as_stored(dtype: mx.Dtype):
+    @mx.custom_function
+    def r(x):
+        return x.astype(dtype).astype(x.dtype)
+
+    @r.vjp
+    def r_vjp(primals, cotangent, output):
+        return (cotangent,)  # straight through: the master copy keeps every update, however small
+
+    return r
+
+
+def round_as_stored(x: mx.array, dtype: Optional[mx.Dtype]) -> mx.array:
+    """``x`` rounded to the values of ``dtype`` (kept in ``x.dtype``), as storing it in ``dtype`` does.
+
+    The gradient passes straight through, so float32 master scales and offsets train while every
+    forward computes with the values a file of ``dtype`` scales will hold (:func:`snap_to`, with
+    a training gradient). ``dtype`` ``None`` or wider than ``x``: ``x`` unchanged.
+    """
+    if dtype is None or dtype == x.dtype or dtype == mx.float32:
+        return x
+    key = ("stored", dtype)
+    if key not in _FQ_CACHE:
+        _FQ_CACHE[key] = _make_round_as_stored(dtype)
+    return _FQ_CACHE[key](x)
+
+
 def _make_fake_quant_activation(bits: int):
     lo, hi = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
 

@@ -1,11 +1,14 @@
 """The ``mlxqat`` dispatcher (:mod:`mlxqat.cli`): every command in process, and the package's functions kept."""
 
+import json
+
 import pytest
 
 import mlxqat
 import tiny
 from mlxqat import cli
 from mlxqat.storage.load import verify
+from mlxqat.training.finetune import finetune
 from mlxqat.training.loop import train
 
 
@@ -37,14 +40,20 @@ def test_mlxqat_command_dispatches_to_each_module(models, capsys):
 
 
 def test_running_every_command_keeps_mlxqat_train_and_verify_the_functions(models, capsys, tmp_path):
-    """``mlxqat.train`` / ``mlxqat.verify`` are functions and ``python -m mlxqat.train`` / ``.verify`` modules:
+    """``mlxqat.train`` / ``.verify`` / ``.finetune`` are functions and ``python -m mlxqat.train`` / ... modules:
     running the commands must not put the modules in the functions' place."""
     fp, q4 = str(models["fp"]), str(models["q4"])
     text = tmp_path / "t.txt"
     text.write_text(tiny.CORPUS * 4)
+    data = tmp_path / "data"
+    data.mkdir()
+    for split in ("train", "valid"):
+        (data / f"{split}.jsonl").write_text(json.dumps({"prompt": "class Point:", "completion": " pass"}) + "\n")
     runs = [
         ["train", "--model", fp, "--data", str(text), "--out", str(tmp_path / "qat"), "--steps", "1",
          "--batch-size", "2", "--seq-len", "16", "--eval-windows", "2", "--select-windows", "0", "--no-progress"],
+        ["finetune", "--model", q4, "--data", str(data), "--out", str(tmp_path / "tuned"), "--steps", "1",
+         "--batch-size", "1", "--no-progress"],
         ["export", q4, "--format", "mlx", "--out", str(tmp_path / "mlx")],
         ["verify", str(tmp_path / "qat")],
         ["generate", "--model", q4, "--prompt", "x", "--max-tokens", "2", "--quiet"],
@@ -55,5 +64,5 @@ def test_running_every_command_keeps_mlxqat_train_and_verify_the_functions(model
     for argv in runs:
         assert cli.main(argv) == 0, (argv, capsys.readouterr().err)
     capsys.readouterr()
-    assert mlxqat.train is train and mlxqat.verify is verify
+    assert mlxqat.train is train and mlxqat.verify is verify and mlxqat.finetune is finetune
     assert mlxqat.verify(tmp_path / "qat")["files"]  # still callable as the function

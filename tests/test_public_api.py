@@ -13,7 +13,7 @@ import mlxqat
 from mlxqat import cli
 
 PUBLIC_NAMES = ["__version__", "ActQuantizedLinear", "FakeQuantEmbedding", "FakeQuantLinear", "IntegrityError",
-                "LayerSpec", "Recipe", "TrainingArgs", "calibrate", "convert", "dequantize", "load", "prepare",
+                "LayerSpec", "Recipe", "TrainingArgs", "calibrate", "convert", "dequantize", "finetune", "load", "prepare",
                 "quant", "recipes", "save", "train", "use_kernel", "verify"]
 
 FLAGS = {
@@ -25,7 +25,12 @@ FLAGS = {
              "--quant-delay --recipe --resume --reverse-kl --scale-dtype --scale-init --scale-learning-rate "
              "--schedule --seed --select-windows --self-generate --seq-len --steps --steps-per-block "
              "--teacher-top-k --temperature --trainable --warmup-steps --weight-decay",
-    "export": "--dtype --exact --format --help --json --out --type",
+    "finetune": "--batch-size --checkpoint-every --data --grad-accum --grad-checkpoint --grad-clip --help "
+                "--keep-checkpoints --learning-rate --log-every --lora-rank --lora-scale --mask-prompt --method "
+                "--min-lr-ratio --model --no-grad-checkpoint --no-mask-prompt --no-progress --optimizer-state-dtype "
+                "--out --recipe --resume --scale-learning-rate --schedule --seed --seq-len --steps --val-batches "
+                "--warmup-steps --weight-decay",
+    "export": "--dtype --exact --format --help --json --name --no-modelfile --out --type",
     "verify": "--help --write",
     "generate": "--chat --dtype --help --kernel --max-tokens --min-p --model --prompt --quantize --quiet --seed "
                 "--system-prompt --temp --top-k --top-p",
@@ -38,7 +43,7 @@ def test_every_public_name_is_there():
     assert set(PUBLIC_NAMES) <= set(mlxqat.__all__)
     for name in PUBLIC_NAMES:
         assert getattr(mlxqat, name) is not None, name
-    assert callable(mlxqat.train) and callable(mlxqat.verify)  # functions, not the command modules
+    assert callable(mlxqat.train) and callable(mlxqat.verify) and callable(mlxqat.finetune)  # not the modules
     assert mlxqat.TrainingArgs().steps > 0
 
 

@@ -1,4 +1,4 @@
-"""Training: QAT by distillation, end to end or block by block, and what it needs.
+"""Training: QAT by distillation, end to end or block by block, fine-tuning a quantized model, and what they need.
 
     args.py         TrainingArgs, every field a checked --flag of `python -m mlxqat.train`
     losses.py       KL to the teacher (forward / reverse, temperature), cross-entropy, chunked through the head
@@ -10,6 +10,7 @@
     blockwise.py    block-wise QAT (EfficientQAT's block phase)
     memory.py       the memory model: a run's peak estimated before it starts
     job.py          `python -m mlxqat.train`: load, baselines, QAT, table, save
+    finetune.py     `python -m mlxqat.finetune`: a quantized model trained on a task's completions, saved as it came
 """
 
 from .args import TrainingArgs

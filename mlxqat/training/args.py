@@ -9,7 +9,7 @@ from .._cli import (Number, finite_float, non_negative_float, non_negative_int, 
                     unit_float)
 from ..data import MIN_SEQ_LEN
 
-TRAINABLE = ("all", "scales", "lora")
+TRAINABLE = ("all", "scales", "lora", "quantized")
 
 
 SCHEDULES = ("cosine", "linear", "constant")
@@ -75,7 +75,9 @@ class TrainingArgs:
     temperature: float = _arg(1.0, "Distillation temperature.", positive_float)
     reverse_kl: float = _arg(0.0, "Weight of reverse KL in the KL mix (0: forward KL).", unit_float)
     ce_weight: float = _arg(0.0, "Weight of next-token cross-entropy added to the KL.", non_negative_float)
-    trainable: str = _arg("all", "all (full QAT), scales (scales/biases only) or lora.", choices=TRAINABLE)
+    trainable: str = _arg("all", "all (full QAT), scales (scales/biases only), lora, or quantized (the fake-quant "
+                          "layers' weights and scales/biases; norms and other float parameters frozen).",
+                          choices=TRAINABLE)
     lora_rank: int = _arg(8, "LoRA rank.", positive_int)
     lora_scale: float = _arg(1.0, "LoRA output multiplier.", finite_float)
     quant_delay: int = _arg(0, "First steps trained without fake quantization (fewer than --steps).",

@@ -137,7 +137,7 @@ def run(options: Optional[JobOptions] = None, **kwargs) -> dict:
     shape = memory.read_shape(o.model)
     check_seq_len(args.seq_len, shape.context)  # before the memory estimate, which grows with it
     check_memory(shape, args, o.method, o.block, trained, o.eval_windows + o.select_windows, o.memory_limit)
-    with _removed_on_failure(work):
+    with removed_on_failure(work):
         if resume_e2e:
             resume_point(work, args, trained.to_dict())  # a checkpoint that fits these settings, or refuse now
 
@@ -198,7 +198,7 @@ def run(options: Optional[JobOptions] = None, **kwargs) -> dict:
 
 
 @contextlib.contextmanager
-def _removed_on_failure(work: Path):
+def removed_on_failure(work: Path):
     """Remove the work directory ``work`` when the run fails (or is interrupted), if the run created it and
     nothing in it is worth keeping (:func:`_worth_keeping`); one that was there before is never removed."""
     existed = os.path.lexists(work)

@@ -53,7 +53,8 @@ def _check_token_ids(windows: Optional[np.ndarray], vocab: Optional[int], what: 
         )
 
 
-def _check_inputs(student: nn.Module, train_data: np.ndarray, val_data, args: TrainingArgs, world: int) -> None:
+def _check_inputs(student: nn.Module, train_data: np.ndarray, val_data, args: TrainingArgs, world: int,
+                  custom_loss: bool = False) -> None:
     """Refuse what would train nothing, crash mid-run or index outside the vocabulary."""
     if not any(is_fake_quant(m) for _, m in student.named_modules()):
         raise ValueError(
@@ -65,15 +66,19 @@ def _check_inputs(student: nn.Module, train_data: np.ndarray, val_data, args: Tr
             f"batch_size={args.batch_size} is not divisible by processes x grad_accum = "
             f"{world} x {args.grad_accum}; pick a multiple"
         )
-    if train_data.ndim != 2 or train_data.shape[1] != args.seq_len + 1:
+    masked = train_data.ndim == 3 and train_data.shape[1] == 2
+    if not (train_data.ndim == 2 or masked) or train_data.shape[-1] != args.seq_len + 1:
         raise ValueError(
-            f"training windows have shape {train_data.shape}; expected (n, seq_len + 1) "
-            f"with seq_len={args.seq_len}"
+            f"training windows have shape {train_data.shape}; expected (n, seq_len + 1), or (n, 2, seq_len + 1) "
+            f"with a loss mask, with seq_len={args.seq_len}"
         )
+    if masked and not custom_loss:
+        raise ValueError("masked windows (n, 2, seq_len + 1) need a loss that reads the mask (loss=...); the "
+                         "distillation loss takes windows (n, seq_len + 1)")
     if not np.issubdtype(train_data.dtype, np.integer):
         raise ValueError(f"training windows are {train_data.dtype}; expected integer token ids")
     vocab = _vocab_rows(student)
-    _check_token_ids(train_data, vocab, "training")
+    _check_token_ids(train_data[:, 0] if masked else train_data, vocab, "training")
     _check_token_ids(None if val_data is None else np.asarray(val_data), vocab, "validation")
     if vocab is not None and args.teacher_top_k > vocab:
         raise ValueError(f"teacher_top_k={args.teacher_top_k} exceeds the vocabulary of {vocab} tokens; "
@@ -159,14 +164,21 @@ def _open_log(path: Optional[Path], resume_step: Optional[int]):
     return open(path, "a")
 
 
+def _no_teacher(key: str, inputs: mx.array) -> None:
+    """The teacher targets of a run without a teacher: none (its loss reads the data alone)."""
+    return None
+
+
 def _micro_batches(batch, step: int, args: TrainingArgs, rank: int, world: int):
     """``(key, inputs, targets)`` of each micro-batch this process trains on at ``step``; ``key`` names
-    its teacher targets (:class:`~mlxqat.training.teacher.TeacherTargets`)."""
+    its teacher targets (:class:`~mlxqat.training.teacher.TeacherTargets`). Masked windows ``(B, 2, seq_len + 1)``
+    give the token inputs ``(B, seq_len)`` and targets ``(B, 2, seq_len)``: next tokens and their loss mask."""
     micro = args.batch_size // (world * args.grad_accum)
     local = batch[rank * micro * args.grad_accum : (rank + 1) * micro * args.grad_accum]
     for j in range(args.grad_accum):
         mb = local[j * micro : (j + 1) * micro]
-        yield f"{step:08d}-{rank}-{j}", mb[:, :-1], mb[:, 1:]
+        inputs = mb[:, 0, :-1] if mb.ndim == 3 else mb[:, :-1]
+        yield f"{step:08d}-{rank}-{j}", inputs, mb[..., 1:]
 
 
 def prefill_teacher_targets(targets: TeacherTargets, train_data: np.ndarray, args: TrainingArgs, *, start: int = 0,
@@ -255,11 +267,15 @@ def train(
             log reports its ``learning_rate``, and checkpoints hold its state.
         loss: ``loss(model, inputs, targets, teacher_out) -> scalar``, where ``teacher_out``
             is the teacher's logits or, with ``teacher_top_k``, ``(top_k_logits, top_k_ids)``
-            (default: :func:`default_loss`, the distillation loss ``args`` describe).
+            (``None`` without a teacher: a loss of the data alone, such as a fine-tuning task's)
+            (default: :func:`default_loss`, the distillation loss ``args`` describe). With masked
+            windows ``(n, 2, seq_len + 1)`` (token ids and a per-token loss mask), ``targets`` is
+            ``(B, 2, seq_len)``: the next tokens and their mask.
         out_dir: where checkpoints (``checkpoints/``) and ``train_log.jsonl`` go.
         resume: continue from the newest checkpoint in ``out_dir``; it must have been
             written with the same recipe, seq_len, batch_size, trainable mode and seed.
-        callback: called with every logged record (dict).
+        callback: called with every logged record (dict), before it is written: it may add entries
+            (e.g. a validation loss).
         teacher_targets: the teacher's logits per micro-batch (default: a
             :class:`TeacherTargets` of ``teacher`` and ``args.teacher_top_k``).
 
@@ -279,12 +295,15 @@ def train(
     train_data = np.asarray(train_data)
     group = mx.distributed.init()
     rank, world = group.rank(), group.size()
-    _check_inputs(student, train_data, val_data, args, world)
+    _check_inputs(student, train_data, val_data, args, world, custom_loss=loss is not None)
     if teacher is not None:
         teacher.freeze()
     optimizer = optimizer if optimizer is not None else make_optimizer(args)
     start = _start(student, optimizer, args, out_dir, resume)
+    custom_loss = loss is not None
     loss = loss or default_loss(args, student)
+    if teacher_targets is None and teacher is None and custom_loss:
+        teacher_targets = _no_teacher  # the loss given needs no teacher
     if teacher_targets is None:
         cache = Path(out_dir) / TEACHER_CACHE if out_dir and args.teacher_top_k else None
         teacher_targets = TeacherTargets(teacher, args.teacher_top_k, cache, chunk=args.loss_chunk,
@@ -354,12 +373,12 @@ def _loop(student, optimizer, step_fn, train_data, args: TrainingArgs, start: in
                 now = time.perf_counter()
                 rec = _record(done, losses[-args.log_every :], optimizer, (tokens - last_tokens) / max(now - last_t, 1e-9))
                 last_t, last_tokens = now, tokens
+                if callback:
+                    callback(rec)  # first: it may add to the record (a validation loss)
                 bar.set_postfix(loss=f"{rec['loss']:.4f}", tok_s=f"{rec['tokens_per_s']:.0f}", mem=f"{rec['peak_memory_gb']:.2f}GB")
                 if log_f:
                     log_f.write(json.dumps(rec) + "\n")
                     log_f.flush()
-                if callback:
-                    callback(rec)
             if ckpt_dir and args.checkpoint_every and done % args.checkpoint_every == 0 and done < args.steps and rank == 0:
                 save_checkpoint(ckpt_dir, student, optimizer, done, args)
     finally:

@@ -69,6 +69,7 @@ FACTORS: Dict[str, Dict[str, float]] = {
     "scales": dict(hidden=0.0, inter=5.99, scores=2.6, inputs=0.0, fake_quant=1.84, embedding=0.0, logits=2.9, teacher_logits=3.44, batch_logits=2.59, update=0.0),
     "lora": dict(hidden=0.0, inter=3.39, scores=0.0, inputs=0.0, fake_quant=1.72, embedding=0.0, logits=1.83, teacher_logits=3.52, batch_logits=4.34, update=0.0),
 }
+FACTORS["quantized"] = FACTORS["all"]  # the same steps, with the few float parameters (norms) frozen
 EVAL_FACTOR = 5.0  # float32 logit-sized arrays evaluation holds at once (student, teacher, their softmaxes, KL)
 BLOCK_FACTOR = 4.0  # a block's weight-sized temporaries while it trains alone (fake-quantized weights, update)
 
@@ -181,7 +182,7 @@ def _scale_count(shape: ModelShape, group_size: int) -> int:
 
 def trainable_count(shape: ModelShape, trainable: str, group_size: int = 64, lora_rank: int = 8) -> int:
     """Parameters that get gradients and AdamW moments in a ``trainable`` mode (learned scales assumed)."""
-    if trainable == "all":
+    if trainable in ("all", "quantized"):
         return shape.params + _scale_count(shape, group_size)
     if trainable == "scales":
         return _scale_count(shape, group_size)
@@ -189,7 +190,7 @@ def trainable_count(shape: ModelShape, trainable: str, group_size: int = 64, lor
         q, kv = shape.heads * shape.head_dim, shape.kv_heads * shape.head_dim
         io = 2 * (shape.hidden + q) + 2 * (shape.hidden + kv) + 3 * (shape.hidden + shape.intermediate)
         return shape.layers * lora_rank * io
-    raise ValueError(f"trainable={trainable!r}: use 'all', 'scales' or 'lora'")
+    raise ValueError(f"trainable={trainable!r}: use 'all', 'quantized', 'scales' or 'lora'")
 
 
 def model_bytes(shape: ModelShape, held: bool = False) -> float:
@@ -234,7 +235,7 @@ def student_bytes(shape: ModelShape, trainable: str, group_size: int = 64, bits:
     """What the student holds beyond the teacher's arrays it shares (:func:`mlxqat.training.qat.shared_student`):
     its own float32 weights once they train (``all``), or packed codes where codes are frozen
     (``scales``: the float weights are released), plus learned scales and biases."""
-    if trainable == "all":
+    if trainable in ("all", "quantized"):
         return 4.0 * (shape.params + _scale_count(shape, group_size))
     if trainable == "scales":
         return _quantized_count(shape) * bits / 8 + 4.0 * _scale_count(shape, group_size)

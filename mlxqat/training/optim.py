@@ -41,6 +41,16 @@ def set_trainable(student: nn.Module, args: TrainingArgs) -> None:
         if not any(isinstance(m, QALoRALinear) for _, m in student.named_modules()):
             apply_lora(student, args.lora_rank, args.lora_scale, seed=args.seed)
         return
+    if args.trainable == "quantized":
+        student.freeze()
+        layers = [(name, m) for name, m in student.named_modules() if isinstance(m, (FakeQuantLinear, FakeQuantEmbedding))]
+        released = [name for name, m in layers if weight_released(m)]
+        if released:
+            raise ValueError(f"{len(released)} layers (e.g. {released[0]}) have frozen codes and no float weights; "
+                             "train them with trainable='scales'")
+        for _, m in layers:
+            m.unfreeze(keys=[k for k in ("weight", "scales", "biases") if k in m], recurse=False)
+        return
     if args.trainable == "all":
 
         released = [name for name, m in student.named_modules() if weight_released(m)]

@@ -1,0 +1,324 @@
+"""Fine-tune a quantized model on your own data and save it in its own format: ``python -m mlxqat.finetune``.
+
+    python -m mlxqat.finetune --model int4-model/ --data data/ --out tuned/                  # QA-LoRA (default)
+    python -m mlxqat.finetune --model int4-model/ --data data/ --out tuned/ --method scales   # scales and offsets
+    python -m mlxqat.finetune --model int4-model/ --data data/ --out tuned/ --method full     # every weight
+    python -m mlxqat.finetune --model fp-model/ --recipe int4 --data data/ --out tuned/      # quantize first (RTN)
+
+The model enters with its own codes, scales and biases (:func:`mlxqat.convert.prepare_quantized`:
+nothing is re-quantized), trains on the completions of ``data`` (:mod:`mlxqat.finetune_data`, mlx-lm's
+layout) with :func:`mlxqat.training.loop.train` and a masked cross-entropy, and is saved by
+:func:`mlxqat.save` with the input's bits, group sizes, mode and stored dtypes. The methods:
+
+* ``lora``: group-pooled adapters (:mod:`mlxqat.lora`) that merge into the per-group offsets; the
+  stored integers and scales stay byte-identical, the offsets change. Needs a free offset (affine).
+* ``scales``: the scales and offsets train, the integers stay byte-identical.
+* ``full``: every quantized weight trains through the quantizer (with its scales and offsets, where
+  the format keeps them); the integers change, the format does not.
+
+Trained scales and offsets compute, in every step, with the values their stored dtype holds, so what
+is evaluated while training is what the saved file computes. The held-out completion loss is
+measured before training, after it, and on the saved directory read back.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import time
+from pathlib import Path
+from typing import Callable, Dict, Optional
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+from mlx.utils import tree_flatten, tree_unflatten
+from tqdm import tqdm
+
+from .. import quant
+from .. import recipes as recipes_mod
+from .._cli import ArgumentParser, command
+from ..convert import convert, layer_specs, prepare_quantized, quantize_rtn
+from ..data import check_seq_len, config_context
+from ..evaluate import completion_loss, masked_cross_entropy, trim_masked
+from ..finetune_data import load_finetune_data
+from ..gguf.format import is_gguf_file
+from ..storage.destinations import check_destination, check_work_dir
+from ..storage.load import load
+from ..storage.save import save
+from .args import TrainingArgs
+from .job import removed_on_failure
+from .loop import train
+
+__all__ = ["finetune", "main", "build_parser", "METHODS"]
+
+METHODS = ("lora", "scales", "full")
+TRAINABLE = {"lora": "lora", "scales": "scales", "full": "quantized"}  # the trainer's mode of each method
+# peak learning rate of what each method trains (--learning-rate)
+LEARNING_RATES = {"lora": 1e-3, "scales": 3e-5, "full": 1e-4}
+DEFAULT_SEQ_LEN = 2048  # the longest example accepted, as mlx-lm's --max-seq-length (or the model's context)
+VAL_BATCHES = 25
+# TrainingArgs fields that are not flags here: the method chooses what trains and at which rate,
+# and the distillation settings have no teacher to apply to
+NOT_FLAGS = ("trainable", "lora_learning_rate", "temperature", "reverse_kl", "ce_weight", "teacher_top_k",
+             "quant_delay", "loss_chunk")
+DEFAULTS = {"steps": 100, "batch_size": 4, "warmup_steps": 5}  # TrainingArgs fields whose default differs here
+
+
+def finetune_loss(model: nn.Module, inputs: mx.array, targets: mx.array, _teacher_out=None) -> mx.array:
+    """Mean next-token cross-entropy over the counted (completion) tokens of a batch of masked windows."""
+    inputs, next_tokens, mask = trim_masked(inputs, targets)
+    total, count = masked_cross_entropy(model(inputs), next_tokens, mask)
+    return total / mx.maximum(count, 1)
+
+
+def finetune_args(method: str, **training_kwargs) -> TrainingArgs:
+    """The :class:`TrainingArgs` of ``method``: ``learning_rate`` is the peak rate of what it trains (default
+    :data:`LEARNING_RATES`); under ``full`` the scales and offsets take ``scale_learning_rate`` (default
+    ``learning_rate / 10``)."""
+    if method not in METHODS:
+        raise ValueError(f"method={method!r} is not one of {METHODS}")
+    bad = sorted(set(training_kwargs) & set(NOT_FLAGS))
+    if bad:
+        raise ValueError(f"{bad} do not apply to fine-tuning: the method ({', '.join(METHODS)}) chooses what trains")
+    kw = {**DEFAULTS, **{k: v for k, v in training_kwargs.items() if v is not None}}
+    lr = kw.setdefault("learning_rate", LEARNING_RATES[method])
+    if method == "lora":
+        kw["lora_learning_rate"] = lr
+    elif method == "scales":
+        kw["scale_learning_rate"] = kw.get("scale_learning_rate") or lr
+    kw.setdefault("seq_len", DEFAULT_SEQ_LEN)
+    return TrainingArgs(trainable=TRAINABLE[method], **kw)
+
+
+def _symmetric_layers(model: nn.Module) -> list:
+    return [p for p, m in model.named_modules() if getattr(getattr(m, "spec", None), "mode", None) == "symmetric"]
+
+
+def load_quantized(path, recipe: Optional[str], method: str):
+    """``(model, tokenizer, config, stored)``: the quantized model at ``path`` (a full-precision one quantized by
+    round-to-nearest with ``recipe`` first) as fake-quant layers for ``method``, computing in float32;
+    ``stored`` maps each parameter to the dtype the input stores it in."""
+    if method not in METHODS:
+        raise ValueError(f"method={method!r} is not one of {METHODS}")
+    if is_gguf_file(path) and recipe is None:
+        raise ValueError(f"{path} is a GGUF file: finetune reads it as full-precision weights (keeping a GGUF's own "
+                         "type is not supported yet); pass --recipe to quantize it (e.g. --recipe q4_1 for a Q4_1 "
+                         "file), and the result is an mlx-lm directory")
+    model, tokenizer, config = load(path, return_config=True)
+    quantized = layer_specs(model)
+    if quantized and recipe is not None:
+        first = next(iter(quantized.values()))
+        raise ValueError(f"{path} is already quantized ({first['bits']}-bit, group {first['group_size']}) and is "
+                         f"fine-tuned in its own format; --recipe {recipe} applies to a full-precision model: drop it")
+    if not quantized:
+        if recipe is None:
+            raise ValueError(f"{path} is not quantized; pass --recipe (e.g. int4) to quantize it by round-to-nearest "
+                             "first, or pass a quantized model (mlx_lm.convert -q, or mlxqat's output)")
+        quantize_rtn(model, recipes_mod.get(recipe))
+    symmetric = _symmetric_layers(model)
+    if symmetric and method == "lora":
+        raise ValueError(f"--method lora needs a free offset per group, and {len(symmetric)} layers (e.g. "
+                         f"{symmetric[0]}) are symmetric (Q4_0-style: each offset is -2^(bits-1) x its scale); "
+                         "use --method scales or --method full")
+    stored = {k: v.dtype for k, v in tree_flatten(model.parameters())}
+    prepare_quantized(model, keep_codes=method != "full")
+    model.set_dtype(mx.float32)  # float32 compute and master copies (fast on a CPU); exact for every stored value
+    mx.eval(model.parameters())
+    return model, tokenizer, config, stored
+
+
+def restore_dtypes(model: nn.Module, stored: Dict[str, mx.Dtype]) -> None:
+    """Give each parameter of a converted model back the dtype it was stored in (``stored``), in place.
+
+    Raises:
+        RuntimeError: a value the stored dtype cannot hold exactly (training keeps every value it changes
+            on its stored dtype's grid, so this is a bug).
+    """
+    changed = []
+    for k, v in tree_flatten(model.parameters()):
+        dt = stored.get(k)
+        if dt is None or dt == v.dtype:
+            continue
+        if mx.issubdtype(dt, mx.floating) and not quant.holds_exactly(dt, v):
+            raise RuntimeError(f"{k}: its trained values are not {dt} values, so saving it as {dt} would change the "
+                               "model; please report this bug")
+        changed.append((k, v.astype(dt)))
+    model.update(tree_unflatten(changed))
+
+
+def read_back(directory) -> nn.Module:
+    """The model saved in ``directory`` as fine-tuning computes: its stored codes, scales and biases in fake-quant
+    layers, in float32 (the numbers ``mlx_lm.load`` gives ``quantized_matmul``, which computes the same up to float
+    rounding, far slower on a CPU)."""
+    model, _ = load(directory)
+    prepare_quantized(model, keep_codes=True)
+    model.set_dtype(mx.float32)
+    return model
+
+
+class ValidationLoss:
+    """A training callback: the completion loss on validation windows at every log record, added to the record."""
+
+    def __init__(self, model: nn.Module, windows: np.ndarray, batch_size: int, then: Optional[Callable] = None):
+        self.model, self.windows, self.batch_size, self.then = model, windows, batch_size, then
+        self.history = []
+
+    def __call__(self, record: dict) -> None:
+        self.model.eval()
+        record["val_loss"] = completion_loss(self.model, self.windows, self.batch_size)["loss"]
+        self.model.train()
+        self.history.append((record["step"], record["val_loss"]))
+        tqdm.write(f"step {record['step']}: train loss {record['loss']:.4f}, validation loss {record['val_loss']:.4f}")
+        if self.then is not None:
+            self.then(record)
+
+
+def _losses(model, data, windows_valid, batch_size: int) -> dict:
+    out = {"valid": completion_loss(model, windows_valid, batch_size)["loss"]}
+    if data.test is not None:
+        out["test"] = completion_loss(model, data.test, batch_size)["loss"]
+    return out
+
+
+def finetune(model, data, out, *, method: str = "lora", recipe: Optional[str] = None, mask_prompt: bool = True,
+             val_batches: int = VAL_BATCHES, resume: bool = False, progress: bool = True,
+             callback: Optional[Callable[[dict], None]] = None, **training_kwargs) -> dict:
+    """Fine-tune the quantized model ``model`` on ``data`` and save it to ``out`` in the same format.
+
+    Args:
+        model: a quantized mlx-lm directory (``mlx_lm.convert -q``, mlxqat's output; affine, 2-8 bits, any
+            group size), or a full-precision one (or GGUF file) with ``recipe``.
+        data: a directory with ``train.jsonl``, ``valid.jsonl`` and optionally ``test.jsonl``
+            (:mod:`mlxqat.finetune_data`).
+        out: the output mlx-lm directory; checkpoints and the training log go to ``<out>.train/``.
+        method: ``"lora"``, ``"scales"`` or ``"full"`` (see :mod:`mlxqat.training.finetune`).
+        recipe: quantize a full-precision ``model`` with this recipe (round-to-nearest) first.
+        mask_prompt: the loss counts only the completions' tokens (``False``: every token).
+        val_batches: validation batches evaluated at each log record (``-1``: the whole split).
+        resume: continue from the newest checkpoint in ``<out>.train/``.
+        progress: show a progress bar.
+        callback: called with every logged record (``val_loss`` included).
+        training_kwargs: :class:`~mlxqat.training.args.TrainingArgs` fields (``steps``, ``batch_size``,
+            ``seq_len``: the longest example accepted, ``learning_rate``: of what the method trains, ...).
+
+    Returns:
+        ``{"method", "before", "after", "saved": {"valid", "test"} completion losses, "gain_kept", "training", "out"}``;
+        ``saved`` is measured on ``out`` read back from disk (:func:`read_back`).
+
+    Raises:
+        ValueError / FileNotFoundError: bad input (named), before any training.
+    """
+    t_start = time.perf_counter()
+    seq_len_given = training_kwargs.get("seq_len") is not None
+    args = finetune_args(method, **training_kwargs)  # every setting checked before any work
+    if val_batches == 0 or val_batches < -1:
+        raise ValueError(f"val_batches={val_batches}: use a positive number of batches, or -1 for the whole split")
+    if recipe is not None:
+        recipes_mod.get(recipe)  # an unknown name is refused now, not after loading the model
+    sources = [model, data]
+    check_destination(out, sources=sources)
+    work = check_work_dir(str(Path(out)) + ".train", sources=sources)
+    with removed_on_failure(work):
+        student, tokenizer, config, stored = load_quantized(model, recipe, method)
+        context = config_context(config)
+        if seq_len_given:
+            check_seq_len(args.seq_len, context)
+        limit = args.seq_len if seq_len_given or context is None else min(args.seq_len, context)
+        ds = load_finetune_data(data, tokenizer, limit, mask_prompt=mask_prompt)
+        args = dataclasses.replace(args, seq_len=ds.seq_len)  # rows are as long as the longest example
+        valid = ds.valid if val_batches == -1 else ds.valid[: val_batches * args.batch_size]
+        print(f"data: {len(ds.train)} training, {len(ds.valid)} validation"
+              + (f", {len(ds.test)} test" if ds.test is not None else "") + f" examples of up to {ds.seq_len + 1} "
+              f"tokens ({', '.join(ds.formats['train'])}); loss on {'completions' if mask_prompt else 'every token'}",
+              flush=True)
+        before = _losses(student, ds, valid, args.batch_size)
+        print("before: " + ", ".join(f"{k} loss {v:.4f}" for k, v in before.items()), flush=True)
+        report = ValidationLoss(student, valid, args.batch_size, callback)
+        summary = train(student, None, ds.train, None, args, loss=finetune_loss, out_dir=work, resume=resume,
+                        callback=report, progress=progress)
+        after = _losses(student, ds, valid, args.batch_size)
+        convert(student)
+        restore_dtypes(student, stored)
+        info = {
+            "finetune": {"method": method, "base_model": str(model), "data": str(data), "mask_prompt": mask_prompt,
+                         "recipe": recipe, "formats": ds.formats, "args": dataclasses.asdict(args),
+                         **{k: v for k, v in summary.items() if k not in ("losses",)},
+                         "validation": report.history},
+            "metrics": {"completion_loss_before": before, "completion_loss_after": after},
+        }
+        extra = {"train_log.jsonl": (work / "train_log.jsonl").read_text()} if (work / "train_log.jsonl").exists() else {}
+        save(student, tokenizer, out, config=config, info=info, extra_files=extra, sources=sources, compact_scales=False,
+             title=f"Fine-tuned model ({method})",
+             notes=f"Fine-tuned with `python -m mlxqat.finetune --method {method}` on `{data}`, in the format of "
+                   f"`{model}` (same bits, group sizes, mode and dtypes).")
+        del student, report  # the trained model's memory, before the saved one is read back
+        saved = _losses(read_back(out), ds, valid, args.batch_size)
+    key = "test" if "test" in before else "valid"
+    gain = before[key] - after[key]
+    kept = (before[key] - saved[key]) / gain if gain > 0 else None
+    print(f"{key} completion loss: before {before[key]:.4f}, after training {after[key]:.4f}, saved file "
+          f"{saved[key]:.4f}" + (f" (gain kept {100 * kept:.2f}%)" if kept is not None else ""), flush=True)
+    print(f"saved {out} ({time.perf_counter() - t_start:.0f} s in all)", flush=True)
+    return {"method": method, "before": before, "after": after, "saved": saved, "gain_kept": kept,
+            "training": summary, "out": str(out)}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The flags of ``python -m mlxqat.finetune``: :func:`finetune`'s options plus the :class:`TrainingArgs`
+    fields that apply (named as ``python -m mlxqat.train`` names them)."""
+    p = ArgumentParser(
+        prog="python -m mlxqat.finetune",
+        description="Fine-tune a quantized model on your own data (mlx-lm's train/valid/test.jsonl) and save it in "
+                    "the same quantized format, with what it learned.",
+    )
+    p.add_argument("--model", required=True,
+                   help="Quantized mlx-lm directory (mlx_lm.convert -q, or mlxqat's output), or a full-precision "
+                        "model / GGUF file with --recipe.")
+    p.add_argument("--data", required=True, help="Directory with train.jsonl, valid.jsonl and optionally test.jsonl.")
+    p.add_argument("--out", required=True, help="Output mlx-lm directory (same bits, group size and mode).")
+    p.add_argument("--method", default="lora", choices=METHODS,
+                   help="lora: group-wise adapters merged into the offsets (integers and scales unchanged); "
+                        "scales: scales and offsets (integers unchanged); full: every weight through the quantizer "
+                        "(default: lora).")
+    p.add_argument("--recipe", default=None,
+                   help=f"Quantize a full-precision --model with this recipe first ({', '.join(recipes_mod.names())}).")
+    p.add_argument("--mask-prompt", dest="mask_prompt", action=argparse.BooleanOptionalAction, default=True,
+                   help="Count only the completion's (assistant's) tokens in the loss (default: on; "
+                        "--no-mask-prompt trains on every token).")
+    p.add_argument("--val-batches", type=int, default=VAL_BATCHES,
+                   help=f"Validation batches evaluated at each log record; -1: the whole split (default: {VAL_BATCHES}).")
+    p.add_argument("--resume", action="store_true", help="Continue from the newest checkpoint in <out>.train/.")
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="No progress bar.")
+    for f in dataclasses.fields(TrainingArgs):
+        if f.name in NOT_FLAGS:
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        default = DEFAULTS.get(f.name, f.default)
+        help_ = f.metadata.get("help", "")
+        if f.name == "learning_rate":
+            help_ = ("Peak learning rate of what the method trains (default: "
+                     + ", ".join(f"{m} {lr:g}" for m, lr in LEARNING_RATES.items()) + ").")
+            default = None
+        elif f.name == "seq_len":
+            help_ = (f"The longest example accepted, in tokens; a longer line is an error (default: {DEFAULT_SEQ_LEN}, "
+                     "or the model's context if shorter).")
+            default = None
+        elif f.name == "scale_learning_rate":
+            help_ = "Peak learning rate of the scales and offsets under --method full (default: learning rate / 10)."
+        else:
+            help_ += f" (default: {default})"
+        if f.type in ("bool", bool, "Optional[bool]"):
+            p.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=default, help=help_)
+        else:
+            typ = f.metadata.get("check") or {"int": int, "float": float, "Optional[float]": float}.get(str(f.type), str)
+            p.add_argument(flag, dest=f.name, type=typ, choices=f.metadata.get("choices"), default=default, help=help_)
+    return p
+
+
+@command(interrupted="interrupted; resume with --resume (from the checkpoints in <out>.train/, if any were written)")
+def main(argv=None) -> int:
+    """Entry point of ``python -m mlxqat.finetune``; returns the exit status (2: bad input, 130: Ctrl-C)."""
+    kwargs = vars(build_parser().parse_args(argv))
+    finetune(kwargs.pop("model"), kwargs.pop("data"), kwargs.pop("out"), **kwargs)
+    return 0
