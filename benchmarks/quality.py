@@ -45,10 +45,10 @@ ROOT = Path(__file__).resolve().parent.parent
 import mlxqat  # noqa: E402
 from mlxqat import mixed, quant, recipes  # noqa: E402
 from mlxqat.convert import head_path, quantize_rtn  # noqa: E402
-from mlxqat.data import (Document, build_dataset, model_context, pack, split_selection, spread, stdlib_windows,
-                         tokenize_documents)
+from mlxqat.data import build_dataset, model_context, split_selection, spread, stdlib_windows  # noqa: E402
 from mlxqat.evaluate import evaluate, gap_recovered  # noqa: E402
 from mlxqat.footprint import memory_report  # noqa: E402
+from mlxqat.heldout import heldout_windows  # noqa: E402
 from mlxqat.kernels import use_dequantized_matmul  # noqa: E402
 from mlxqat.profile import chip_name  # noqa: E402
 from mlxqat.training.qat import EVAL_WINDOWS, RECIPE_DEFAULTED, SELECT_WINDOWS, qat_args, quantize_qat, shared_student  # noqa: E402
@@ -112,6 +112,9 @@ DWQ_LR = {4: 1e-5, 3: 1e-5, 2: 1e-4}
 SENSITIVITY_BITS = (2, 3, 4)
 # Windows that set static activation scales (mlxqat.calibrate) where a recipe asks.
 CALIBRATION_WINDOWS = 16
+# Kinds of held-out text (mlxqat.heldout) every row is measured on besides its training text's test split;
+# none is trained or selected on. "chat" needs a chat template (left out where the model has none).
+HELD_OUT_KINDS = ("prose", "code", "docs", "chat")
 
 
 @dataclass
@@ -120,7 +123,7 @@ class Budget:
     batch_size: int  # windows per step
     seq_len: int  # tokens per window
     eval_windows: int  # held-out windows (in-domain)
-    ood_windows: int  # out-of-domain windows
+    ood_windows: int  # held-out windows of each other kind of text (mlxqat.heldout)
     select_windows: int  # validation windows QAT picks its best step on
     select_every: int  # steps between those checks
     sensitivity_windows: int  # windows of the sensitivity pass
@@ -144,8 +147,9 @@ QUICK = Budget(steps=12, batch_size=4, seq_len=128, eval_windows=12, ood_windows
                select_every=6, sensitivity_windows=4, awq_windows=8, gptq_windows=16, settings=("int4", "int2", "mixed", "mobile"))
 
 
-def load_data(tokenizer, data: Optional[str], budget: Budget, seq_len: int, max_context) -> dict:
-    """Training, selection, held-out and out-of-domain windows, each (n, seq_len + 1)."""
+def load_data(tokenizer, data: Optional[str], budget: Budget, seq_len: int, max_context, teacher=None) -> dict:
+    """Training, selection and held-out windows, each (n, seq_len + 1); ``held``: ``{kind: windows}`` of
+    :mod:`mlxqat.heldout` text (``chat``: conversations with ``teacher``'s own replies, where it has a template)."""
     n_train = budget.steps * budget.batch_size
     if data is None:  # the windows python -m mlxqat.train trains on (mlxqat.data.stdlib_windows)
         train_w = stdlib_windows(tokenizer, "train", seq_len, n_train, oversample=4)
@@ -166,12 +170,9 @@ def load_data(tokenizer, data: Optional[str], budget: Budget, seq_len: int, max_
         select_w = ds.train[np.sort(order[n_train : n_train + budget.select_windows])]
         eval_w = spread(ds.val, budget.eval_windows)
         source = f"{data} (hash split: 95% train / 5% held out)"
-    from pydoc_data.topics import topics  # out-of-domain text every Python has
-
-    ood = Document("ood", "\n\n".join(topics[k] for k in sorted(topics)))
-    ood_w = spread(pack(tokenize_documents([ood], tokenizer), seq_len), budget.ood_windows)
-    return dict(train=train_w, select=select_w, eval=eval_w, ood=ood_w, source=source,
-                ood_source="Python documentation prose (pydoc_data.topics, not in any stdlib split)")
+    held = heldout_windows(tokenizer, seq_len, budget.ood_windows, kinds=HELD_OUT_KINDS, model=teacher)
+    return dict(train=train_w, select=select_w, eval=eval_w, held=held, source=source,
+                ood_source="held-out text of other kinds (mlxqat.heldout: " + ", ".join(held) + "), none of it trained on")
 
 
 def stored(model: nn.Module, dtype) -> dict:
@@ -371,15 +372,17 @@ def run(model: Optional[str] = None, data: Optional[str] = None, quick: bool = F
     teacher_model.freeze()
     ctx = model_context(teacher_model)
     seq_len = min(budget.seq_len, ctx) if ctx else budget.seq_len
-    data_sets = load_data(tokenizer, data, budget, seq_len, ctx)
+    data_sets = load_data(tokenizer, data, budget, seq_len, ctx, teacher_model)
     model_type = config.get("model_type", "")
     n_params = sum(v.size for _, v in tree_flatten(teacher_model.parameters()))
     bf16_bytes = 2 * n_params
     on_cpu = mx.default_device() == mx.cpu
 
     teacher = CachedTeacher(teacher_model)  # every method and the evaluation read the same logits
-    for name in ("train", "select", "eval", "ood"):
+    for name in ("train", "select", "eval"):
         teacher.prefill(data_sets[name], budget.batch_size)
+    for windows in data_sets["held"].values():
+        teacher.prefill(windows, budget.batch_size)
 
     rows: List[dict] = list(earlier["rows"]) if earlier else []
     skipped: List[dict] = []  # rebuilt by the loop below
@@ -392,16 +395,18 @@ def run(model: Optional[str] = None, data: Optional[str] = None, quick: bool = F
         if on_cpu:
             use_dequantized_matmul(m)
         m.eval()
-        ev, ood = evaluate(m, data_sets["eval"], teacher), evaluate(m, data_sets["ood"], teacher)
+        ev = evaluate(m, data_sets["eval"], teacher)
+        held = {k: evaluate(m, w, teacher) for k, w in data_sets["held"].items()}
+        off = off_domain(held)
         row = {"setting": setting.name if setting else "fp", "setting_label": setting.label if setting else "full precision",
-               "method": name, "ppl": ev["ppl"], "kl": ev["kl"], "top1": ev["top1"], "ood_ppl": ood["ppl"],
-               "ood_kl": ood["kl"], "bpw": st["bpw"], "bytes": st["bytes"], "wall_s": wall,
-               "ratio_bf16": st["bytes"] / bf16_bytes}
+               "method": name, "ppl": ev["ppl"], "kl": ev["kl"], "top1": ev["top1"], "ood_ppl": off["ppl"],
+               "ood_kl": off["kl"], "ood_top1": off["top1"], "held_out": held, "bpw": st["bpw"], "bytes": st["bytes"],
+               "wall_s": wall, "ratio_bf16": st["bytes"] / bf16_bytes}
         if extra:
             row["info"] = extra
         rows.append(row)
         print(f"  {row['setting']:>6} {name:<11} ppl {row['ppl']:.4f}  kl {row['kl']:.5f}  top1 {100 * row['top1']:.2f}%  "
-              f"ood {row['ood_ppl']:.3f}  bpw {row['bpw']:.3f}  {wall:.1f} s", flush=True)
+              f"off-domain ppl {row['ood_ppl']:.3f} kl {row['ood_kl']:.5f}  bpw {row['bpw']:.3f}  {wall:.1f} s", flush=True)
         return row
 
     def tune(method: str, job_for) -> Tuple[nn.Module, Optional[dict]]:
@@ -445,8 +450,11 @@ def run(model: Optional[str] = None, data: Optional[str] = None, quick: bool = F
             "budget": dataclasses.asdict(budget),
             "seq_len": seq_len,
             "data": {"train": data_sets["source"], "out_of_domain": data_sets["ood_source"],
-                     "windows": {k: int(len(data_sets[k])) for k in ("train", "select", "eval", "ood")},
-                     "tokens_eval": int(len(data_sets["eval"]) * seq_len), "tokens_ood": int(len(data_sets["ood"]) * seq_len)},
+                     "windows": {**{k: int(len(data_sets[k])) for k in ("train", "select", "eval")},
+                                 **{f"held-out {k}": int(len(w)) for k, w in data_sets["held"].items()}},
+                     "held_out_kinds": list(data_sets["held"]),
+                     "tokens_eval": int(len(data_sets["eval"]) * seq_len),
+                     "tokens_ood": int(sum(len(w) for w in data_sets["held"].values()) * seq_len)},
             "teacher_logits_seconds": teacher.seconds,
             "qat_args": QAT_ARGS,
             "qat_defaults": {str(k): dataclasses.asdict(v) for k, v in QAT_DEFAULTS.items()},
@@ -536,6 +544,14 @@ def _earlier_run(out: Path, model: Optional[str], budget: Budget) -> Optional[di
         raise ValueError(f"--resume: {path} was measured with model {earlier.get('model')!r} and a different budget "
                          f"({', '.join(differ) or 'same budget'}); use the same --model/--budget, or another --out")
     return earlier
+
+
+def off_domain(held: Dict[str, dict]) -> dict:
+    """The figures over every kind of held-out text, each kind weighing the same: mean KL and top-1,
+    perplexity from the mean per-token loss."""
+    nll = float(np.mean([h["nll"] for h in held.values()]))
+    return {"kl": float(np.mean([h["kl"] for h in held.values()])), "top1": float(np.mean([h["top1"] for h in held.values()])),
+            "nll": nll, "ppl": math.exp(nll)}
 
 
 def _finite(x: float) -> Optional[float]:

@@ -27,22 +27,32 @@ def markdown(result: dict) -> str:
         f"Command: `{result['command'] or 'benchmarks/quality.py'}`; total {result['total_seconds'] / 60:.1f} min"
         + ("." if result.get("complete", True) else " so far (**partial**: the rows measured before the run stopped)."),
         "",
-        f"Held-out text: {result['data']['tokens_eval']} tokens of {result['data']['train']} (test split). "
-        f"Out of domain (OOD): {result['data']['tokens_ood']} tokens of {result['data']['out_of_domain']}.",
+        f"Off-domain: {result['data']['tokens_ood']} tokens of {result['data']['out_of_domain']}; each kind "
+        f"weighs the same (mean KL; perplexity from the mean loss). In-domain: {result['data']['tokens_eval']} "
+        f"tokens of {result['data']['train']} (test split).",
         f"Every training method: {result['budget']['steps']} steps x {result['budget']['batch_size']} windows x "
         f"{result['seq_len']} tokens, the same windows and the same teacher logits.",
         "",
-        "| setting | method | ppl | ppl / fp | KL to fp | top-1 | gap recovered | OOD ppl | OOD gap rec. | bpw | MB on disk | vs bf16 | wall s |",
+        "| setting | method | off-domain KL | off-domain ppl | off-domain gap rec. | in-domain KL | in-domain ppl | "
+        "in-domain gap rec. | top-1 | bpw | MB on disk | vs bf16 | wall s |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
+        kl = lambda x: abs(x) if r["setting"] == "fp" else x  # noqa: E731  (fp: 0, not -0)
         lines.append(
-            f"| {r['setting_label']} | {r['method']} | {r['ppl']:.3f} | {r['ppl'] / fp['ppl']:.3f}x | "
-            f"{abs(r['kl']) if r['setting'] == 'fp' else r['kl']:.5f} | {100 * r['top1']:.2f}% | "
-            f"{_pct(r.get('gap_recovered'))} | {r['ood_ppl']:.3f} | {_pct(r.get('ood_gap_recovered'))} | "
-            f"{r['bpw']:.3f} | {r['bytes'] / 1e6:.2f} | {r['ratio_bf16']:.3f} | {r['wall_s']:.1f} |"
+            f"| {r['setting_label']} | {r['method']} | {kl(r['ood_kl']):.5f} | {r['ood_ppl']:.3f} | "
+            f"{_pct(r.get('ood_gap_recovered'))} | {kl(r['kl']):.5f} | {r['ppl']:.3f} | {_pct(r.get('gap_recovered'))} | "
+            f"{100 * r['top1']:.2f}% | {r['bpw']:.3f} | {r['bytes'] / 1e6:.2f} | {r['ratio_bf16']:.3f} | {r['wall_s']:.1f} |"
         )
-    lines += ["", f"Full-precision perplexity {fp['ppl']:.3f} (OOD {fp['ood_ppl']:.3f})."]
+    lines += ["", f"Full-precision perplexity: off-domain {fp['ood_ppl']:.3f}, in-domain {fp['ppl']:.3f}."]
+    kinds = result["data"].get("held_out_kinds") or []
+    if kinds:
+        lines += ["", "KL to full precision by kind of off-domain text:", "",
+                  "| setting | method | " + " | ".join(kinds) + " |", "|---|---|" + "---|" * len(kinds)]
+        for r in rows:
+            if r["setting"] != "fp" and r.get("held_out"):
+                lines.append(f"| {r['setting_label']} | {r['method']} | "
+                             + " | ".join(f"{r['held_out'][k]['kl']:.5f}" for k in kinds) + " |")
     lc = result.get("llamacpp")
     if lc:
         lines += ["", f"In llama.cpp itself, on the same held-out windows ({lc['tokens']} tokens; {lc['how']}):", "",
@@ -106,21 +116,23 @@ def target_summary(rows: List[dict]) -> List[str]:
         return next((r for r in rows if r["setting"] == setting and r["method"] == method), None)
 
     def gap(r):
-        return r.get("gap_recovered") if r else None
+        return r.get("ood_gap_recovered") if r else None
 
     out = []
     for setting, goal in (("int4", 0.90), ("int3", 0.80), ("int2", 0.85)):
         q = row(setting, "QAT")
         if gap(q) is not None:
             verdict = "met" if gap(q) >= goal else "missed"
-            out.append(f"{q['setting_label']}: QAT recovers {_pct(gap(q))} of the RTN perplexity gap "
-                       f"(target >= {goal:.0%}: {verdict}).")
-    for setting in dict.fromkeys(r["setting"] for r in rows if r["method"] == "DWQ"):  # in run order
-        q, d = row(setting, "QAT"), row(setting, "DWQ")
-        if q and d:
-            verdict = "beats" if q["ppl"] < d["ppl"] and q["kl"] < d["kl"] else "does not beat"
-            out.append(f"{q['setting_label']}: QAT {verdict} DWQ (ppl {q['ppl']:.3f} vs {d['ppl']:.3f}, "
-                       f"KL {q['kl']:.5f} vs {d['kl']:.5f}).")
+            out.append(f"{q['setting_label']}: QAT recovers {_pct(gap(q))} of the RTN perplexity gap off-domain "
+                       f"(in-domain {_pct(q.get('gap_recovered'))}; target >= {goal:.0%} off-domain: {verdict}).")
+    for setting in dict.fromkeys(r["setting"] for r in rows if r["method"] == "QAT"):  # in run order
+        q = row(setting, "QAT")
+        others = [r for r in rows if r["setting"] == setting and r["method"] in ("RTN", "GPTQ", "AWQ", "DWQ")]
+        if q and others:
+            best = min(others, key=lambda r: r["ood_kl"])
+            verdict = "at least as good as" if q["ood_kl"] <= best["ood_kl"] and q["ood_ppl"] <= best["ood_ppl"] else "behind"
+            out.append(f"{q['setting_label']}: off-domain, QAT is {verdict} the best other method, {best['method']} "
+                       f"(KL {q['ood_kl']:.5f} vs {best['ood_kl']:.5f}, ppl {q['ood_ppl']:.3f} vs {best['ood_ppl']:.3f}).")
     fp = row("fp", "full precision")
     m = row("mobile", "QAT")
     if m and fp:
@@ -140,13 +152,13 @@ def plot(result: dict, path: Path) -> None:
     fp = next(r for r in result["rows"] if r["setting"] == "fp")
     fig, ax = plt.subplots(figsize=(8, 5))
     for method in dict.fromkeys(r["method"] for r in rows):
-        pts = sorted((r["bpw"], r["ppl"]) for r in rows if r["method"] == method)
+        pts = sorted((r["bpw"], r["ood_ppl"]) for r in rows if r["method"] == method)
         if pts:
             xs, ys = zip(*pts)
             ax.plot(xs, ys, marker="o", label=method)
-    ax.axhline(fp["ppl"], color="k", linestyle="--", linewidth=1, label="full precision")
+    ax.axhline(fp["ood_ppl"], color="k", linestyle="--", linewidth=1, label="full precision")
     ax.set_xlabel("bits per weight (scales and biases included)")
-    ax.set_ylabel("perplexity (held-out)")
+    ax.set_ylabel("perplexity (off-domain held-out text)")
     ax.set_yscale("log")
     ax.set_title(f"{result['model_type']} {result['parameters'] / 1e6:.1f}M: perplexity vs bits per weight")
     ax.grid(True, alpha=0.3)

@@ -399,33 +399,34 @@ def iterate_batches(
         step += 1
 
 
-def generate_windows(teacher, tokenizer, n: int, seq_len: int, seed: int = 0, temperature: float = 1.0) -> np.ndarray:
+def generate_windows(teacher, tokenizer, n: int, seq_len: int, seed: int = 0, temperature: float = 1.0,
+                     batch_size: int = 16) -> np.ndarray:
     """Self-generated data: ``n`` windows sampled from the teacher itself.
 
     Each sequence starts from a random vocabulary token and is sampled at
-    ``temperature`` (the data-free recipe of LLM-QAT), so no user data is needed.
+    ``temperature`` (the data-free recipe of LLM-QAT), so no user data is needed;
+    ``batch_size`` sequences are sampled side by side.
     """
     # lazy: mlx_lm imports transformers (about 1 s); `import mlxqat` does not need it
     from mlx_lm.models.cache import make_prompt_cache
 
     vocab = int(teacher.args.vocab_size) if hasattr(teacher, "args") else tokenizer.vocab_size
     rng = np.random.default_rng(seed)
+    starts = rng.integers(0, min(vocab, tokenizer.vocab_size), size=n)
     key = mx.random.key(seed)
     out = np.zeros((n, seq_len + 1), dtype=np.int32)
-    for row in range(n):
-        tok = int(rng.integers(0, min(vocab, tokenizer.vocab_size)))
+    for row in range(0, n, batch_size):
+        y = mx.array(starts[row : row + batch_size, None].astype(np.int32))
         cache = make_prompt_cache(teacher)
-        seq = [tok]
-        y = mx.array([[tok]])
+        seq = [y]
         for _ in range(seq_len):
             logits = teacher(y, cache=cache)[:, -1, :]
             key, sub = mx.random.split(key)
             if temperature == 0:
-                nxt = mx.argmax(logits, axis=-1)
+                y = mx.argmax(logits, axis=-1, keepdims=True)
             else:
-                nxt = mx.random.categorical(logits / temperature, key=sub)
-            tok = int(nxt.item())
-            seq.append(tok)
-            y = mx.array([[tok]])
-        out[row] = seq
+                y = mx.random.categorical(logits / temperature, key=sub)[:, None]
+            seq.append(y)
+            mx.eval(y)
+        out[row : row + batch_size] = np.array(mx.concatenate(seq, axis=1))
     return out

@@ -4,11 +4,14 @@ Perplexity on held-out windows, KL(teacher || model) per token and top-1
 agreement (how often both models put the same token first). Every KL in the
 package is computed here: the distillation loss (:func:`kl_divergence`,
 :func:`top_k_kl_divergence`), the per-layer sensitivity of mixed precision and
-the export checks (:func:`mean_kl`).
+the export checks (:func:`mean_kl`). A fake-quant model is evaluated with its weights quantized once per
+call (:func:`mlxqat.layers.quantized_once`): the same numbers, bit for bit, without re-quantizing every
+weight for every batch.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
@@ -16,6 +19,8 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 from tqdm import tqdm
+
+from .layers import quantized_once
 
 
 def kl_divergence(teacher_logits: mx.array, student_logits: mx.array, temperature: float = 1.0) -> mx.array:
@@ -69,12 +74,13 @@ def mean_kl(reference: Union[nn.Module, Sequence[mx.array]], candidate: nn.Modul
         inputs: token id arrays ``(B, T)``, one per forward pass.
     """
     total, count = 0.0, 0
-    for i, x in enumerate(inputs):
-        ref = reference[i] if isinstance(reference, (list, tuple)) else reference(x)
-        ref = ref if isinstance(ref, tuple) else distribution(ref)
-        kl = kl_to_distribution(ref, candidate(x))
-        total += float(mx.sum(kl).item())
-        count += kl.size
+    with quantized_once(candidate):
+        for i, x in enumerate(inputs):
+            ref = reference[i] if isinstance(reference, (list, tuple)) else reference(x)
+            ref = ref if isinstance(ref, tuple) else distribution(ref)
+            kl = kl_to_distribution(ref, candidate(x))
+            total += float(mx.sum(kl).item())
+            count += kl.size
     return total / max(count, 1)
 
 
@@ -109,6 +115,7 @@ def evaluate(
     teacher: Optional[nn.Module] = None,
     batch_size: Optional[int] = None,
     progress: Union[bool, str] = False,
+    quantize_once: bool = True,
 ) -> Dict[str, float]:
     """Perplexity of ``model`` on ``windows`` (n, seq_len + 1) and, with a teacher, KL and top-1 agreement.
 
@@ -116,15 +123,33 @@ def evaluate(
     :data:`EVAL_LOGIT_BYTES` of float32 logits per batch). ``progress``: show a progress bar over
     the windows (a string: its label).
 
+    ``quantize_once``: fake-quant layers quantize their weights once for the whole call
+    (:func:`mlxqat.layers.quantized_once`; the same numbers, bit for bit), not once per batch.
+
     Returns:
         ``{"ppl", "nll", "tokens"}`` plus ``{"kl", "top1"}`` when ``teacher`` is given.
     """
-
-    nll_sum, kl_sum, agree, tokens = 0.0, 0.0, 0, 0
     if batch_size is None:
         windows = np.asarray(windows)
         vocab = getattr(getattr(model, "args", None), "vocab_size", None)
         batch_size = eval_batch_size(vocab, windows.shape[1] - 1) if isinstance(vocab, int) else 8
+    with quantized_once(model) if quantize_once else contextlib.nullcontext():
+        sums = _evaluate_batches(model, windows, teacher, batch_size, progress)
+    nll_sum, kl_sum, agree, tokens = sums
+    if tokens == 0:
+        raise ValueError("evaluate() got no windows")
+    out = {"nll": nll_sum / tokens, "ppl": math.exp(nll_sum / tokens), "tokens": tokens}
+    if not math.isfinite(out["nll"]):
+        raise FloatingPointError("the model's loss is NaN/Inf on the evaluation data")
+    if teacher is not None:
+        out["kl"] = kl_sum / tokens
+        out["top1"] = agree / tokens
+    return out
+
+
+def _evaluate_batches(model, windows, teacher, batch_size: int, progress) -> Tuple[float, float, int, int]:
+    """``(nll sum, KL sum, top-1 agreements, tokens)`` of :func:`evaluate`, a batch of windows at a time."""
+    nll_sum, kl_sum, agree, tokens = 0.0, 0.0, 0, 0
     bar = tqdm(total=len(windows), desc=progress if isinstance(progress, str) else "evaluating", unit="window",
                disable=not progress, dynamic_ncols=True, leave=False)
     for i in range(0, len(windows), batch_size):
@@ -134,7 +159,8 @@ def evaluate(
         nll = nn.losses.cross_entropy(logits, targets, reduction="sum")
         parts = [nll]
         if teacher is not None:
-            t_logits = mx.stop_gradient(teacher(inputs)).astype(mx.float32)
+            # a model measured against itself: its own logits (the same ops on the same tokens, so the same bits)
+            t_logits = logits if teacher is model else mx.stop_gradient(teacher(inputs)).astype(mx.float32)
             parts.append(mx.sum(kl_divergence(t_logits, logits)))
             parts.append(mx.sum(mx.argmax(logits, -1) == mx.argmax(t_logits, -1)))
         mx.eval(*parts)
@@ -145,15 +171,7 @@ def evaluate(
         tokens += targets.size
         bar.update(len(batch))
     bar.close()
-    if tokens == 0:
-        raise ValueError("evaluate() got no windows")
-    out = {"nll": nll_sum / tokens, "ppl": math.exp(nll_sum / tokens), "tokens": tokens}
-    if not math.isfinite(out["nll"]):
-        raise FloatingPointError("the model's loss is NaN/Inf on the evaluation data")
-    if teacher is not None:
-        out["kl"] = kl_sum / tokens
-        out["top1"] = agree / tokens
-    return out
+    return nll_sum, kl_sum, agree, tokens
 
 
 # Masked windows ``(n, 2, seq_len + 1)``: token ids, and 1 where the next-token target counts in the loss (a
@@ -197,12 +215,13 @@ def completion_loss(model: nn.Module, windows: np.ndarray, batch_size: int = 8) 
     # shortest first, so that each batch is cut short (trim_masked); the order is the data's, so the sum is too
     windows = windows[np.argsort(windows.shape[-1] - np.argmax(windows[:, 1, ::-1] != 0, axis=-1), kind="stable")]
     total, count = 0.0, 0.0
-    for i in range(0, len(windows), batch_size):
-        batch = mx.array(windows[i : i + batch_size])
-        inputs, targets, mask = trim_masked(batch[:, 0, :-1], batch[:, :, 1:])
-        s, c = masked_cross_entropy(model(inputs), targets, mask)
-        mx.eval(s, c)
-        total, count = total + s.item(), count + c.item()
+    with quantized_once(model):
+        for i in range(0, len(windows), batch_size):
+            batch = mx.array(windows[i : i + batch_size])
+            inputs, targets, mask = trim_masked(batch[:, 0, :-1], batch[:, :, 1:])
+            s, c = masked_cross_entropy(model(inputs), targets, mask)
+            mx.eval(s, c)
+            total, count = total + s.item(), count + c.item()
     if count == 0:
         raise ValueError("completion_loss() got no counted tokens (empty data, or every target masked)")
     loss = total / count

@@ -5,11 +5,15 @@ weights, and compute with the weight a converted layer will hold
 (:func:`mlxqat.quant.fake_quant`). ``to_quantized()`` returns MLX's own
 ``nn.QuantizedLinear`` / ``nn.QuantizedEmbedding`` holding exactly that
 weight, or :class:`ActQuantizedLinear` when activations are quantized too.
+
+Inside :func:`quantized_once`, a fake-quant layer computes its dequantized
+weight once and reuses it for every forward pass (evaluation, not training).
 """
 
 from __future__ import annotations
 
-from typing import Optional
+import contextlib
+from typing import Iterator, Optional
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -150,6 +154,75 @@ def weight_released(layer: nn.Module) -> bool:
     return bool(getattr(layer, "_weight_released", False))
 
 
+def _weight_state(layer: nn.Module) -> tuple:
+    """What a fake-quant layer's forward weight is computed from: its settings and its arrays (by identity)."""
+    return (layer.fake_quant_enabled, layer.stored_dtype, layer.spec, layer.group_size,
+            layer.get("weight"), layer.get("codes"), layer.get("scales"), layer.get("biases"))
+
+
+def _same_state(a: tuple, b: tuple) -> bool:
+    # settings compare by value; arrays by identity (MLX arrays never change in place: a new value is a new array)
+    return a[:4] == b[:4] and all(x is y for x, y in zip(a[4:], b[4:]))
+
+
+def _kept(layer: nn.Module, upcast: bool) -> Optional[mx.array]:
+    """The forward weight :func:`quantized_once` computed for ``layer`` (``upcast``: from a held weight made
+    float32), while the layer still has the settings and arrays it was computed from; else ``None``."""
+    cache = layer._quantized_once
+    kept = cache.get(upcast) if cache is not None else None
+    if kept is None or not _same_state(kept[0], _weight_state(layer)):
+        return None
+    return kept[1]
+
+
+def _forward_weight(layer: nn.Module, upcast: bool = False) -> mx.array:
+    """The weight a fake-quant layer computes with (the kept one inside :func:`quantized_once`)."""
+    w = _kept(layer, upcast)
+    if w is None:
+        w = _dequantized(layer, layer.weight.astype(mx.float32) if upcast else layer.weight)
+    return w
+
+
+@contextlib.contextmanager
+def quantized_once(model) -> Iterator:
+    """Within the context, every fake-quant layer of ``model`` computes with a weight quantized once, on entry.
+
+    On entry each fake-quant layer's dequantized weight is computed by the very ops of the
+    ordinary forward (so every output is the same, bit for bit) and evaluated; forward passes
+    inside the context reuse it instead of re-quantizing the weight in every pass. Nothing is
+    added to the module tree: parameters, ``trainable_parameters()``, ``save_weights`` and
+    ``update`` see the model as it was, and on exit (also on an exception) nothing is left. A layer
+    whose weight, codes, scales or biases have been replaced since (``model.update``, an optimizer
+    step, a gradient transform's inputs) or whose fake quantization was switched computes as it
+    does outside the context, so gradients are those of the ordinary forward. Layers with fake
+    quantization off compute with their weight as it is (nothing to keep), and layers whose float
+    weight was released (frozen codes, :func:`freeze_codes`) dequantize their codes as outside: that
+    is one cheap pass, and keeping its result would hold a float copy of weights the model keeps
+    as packed codes.
+
+    Meant for forward passes without gradients (evaluation, selection, probes); it costs one
+    float copy of the kept layers' weights (which the model holds in float already) while open.
+    ``model`` may be any callable; without fake-quant layers this does nothing. Nested contexts
+    keep the outermost one's weights.
+    """
+    layers = []
+    if isinstance(model, nn.Module):
+        layers = [m for _, m in model.named_modules() if is_fake_quant(m) and m._quantized_once is None]
+    try:
+        for m in layers:
+            # a held narrower weight computes as float32 (FakeQuantLinear.__call__ on float32 inputs)
+            upcast = isinstance(m, FakeQuantLinear) and m.weight.dtype in HELD_DTYPES
+            keep = m.fake_quant_enabled and not weight_released(m)
+            cache = {upcast: (_weight_state(m), _forward_weight(m, upcast))} if keep else {}
+            object.__setattr__(m, "_quantized_once", cache)  # an instance attribute: not a parameter, never saved
+        mx.eval([w for m in layers for _, w in m._quantized_once.values()])
+        yield model
+    finally:
+        for m in layers:
+            if "_quantized_once" in vars(m):
+                object.__delattr__(m, "_quantized_once")  # back to the class's None
+
+
 class FakeQuantLinear(nn.Module):
     """A linear layer whose weight (and optionally input) is fake-quantized.
 
@@ -158,6 +231,8 @@ class FakeQuantLinear(nn.Module):
         bias: optional (output_dims,) bias, kept in full precision.
         spec: how to quantize (see :class:`mlxqat.recipes.LayerSpec`).
     """
+
+    _quantized_once = None  # {upcast: (state, weight)} inside quantized_once()
 
     def __init__(self, weight: mx.array, bias: Optional[mx.array], spec: LayerSpec, recipe=None):
         super().__init__()
@@ -206,7 +281,7 @@ class FakeQuantLinear(nn.Module):
 
     def dequantized_weight(self) -> mx.array:
         """The weight the converted layer will hold (differentiable, STE)."""
-        return _dequantized(self, self.weight)
+        return _forward_weight(self)
 
     def quantize_input(self, x: mx.array) -> mx.array:
         """Static activation fake-quant (identity for weight-only specs)."""
@@ -224,10 +299,9 @@ class FakeQuantLinear(nn.Module):
 
     def __call__(self, x: mx.array) -> mx.array:
         x = self.quantize_input(x)
-        w = self.weight
-        if w.dtype in HELD_DTYPES and x.dtype == mx.float32:
-            w = w.astype(mx.float32)  # a weight held narrower computes as float32, as a plain matmul promotes it
-        y = x @ _dequantized(self, w).T
+        # a weight held narrower computes as float32, as a plain matmul promotes it
+        upcast = self.weight.dtype in HELD_DTYPES and x.dtype == mx.float32
+        y = x @ _forward_weight(self, upcast).T
         if "bias" in self:
             y = y + self.bias
         return y
@@ -272,6 +346,8 @@ class FakeQuantEmbedding(nn.Module):
         self.weight = weight
         _init_quant_state(self, weight, spec, recipe)
 
+    _quantized_once = None  # {upcast: (state, weight)} inside quantized_once()
+
     @classmethod
     def from_embedding(cls, emb: nn.Embedding, spec: LayerSpec, recipe=None) -> "FakeQuantEmbedding":
         return cls(emb.weight, spec, recipe)
@@ -291,9 +367,12 @@ class FakeQuantEmbedding(nn.Module):
         return f"{n}, {d}, bits={s.bits}, group_size={s.group_size}, mode={s.mode}"
 
     def dequantized_weight(self) -> mx.array:
-        return _dequantized(self, self.weight)
+        return _forward_weight(self)
 
     def __call__(self, ids: mx.array) -> mx.array:
+        table = _kept(self, False)
+        if table is not None:  # the table quantized once (rows quantize independently: the same values)
+            return table[ids]
         spec = self.spec
         rows = self.weight[ids]  # (..., dims)
         flat = rows.reshape(-1, rows.shape[-1])

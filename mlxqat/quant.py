@@ -212,6 +212,25 @@ def mse_clip_params(
     Returns:
         ``(scales, biases)`` in ``w.dtype``, shaped ``(out, in / storage group)``.
     """
+    return _clip_search(w, bits, group_size, grid, min_ratio, None)
+
+
+def weighted_clip_params(
+    w: mx.array, bits: int, group_size: int, column_weights: mx.array, grid: int = 20, min_ratio: float = 0.5,
+) -> Tuple[mx.array, mx.array]:
+    """:func:`mse_clip_params` with each input column's squared error weighted by ``column_weights``
+    (``(in_features,)``; negative, NaN or Inf count as 0).
+
+    With the diagonal of a layer's ``E[x x^T]`` as weights, a group's error is the diagonal part of
+    the layer's output error ``tr((W - Wq) H (W - Wq)^T)``: columns fed large inputs are clipped less.
+    """
+    c = mx.array(column_weights).astype(mx.float32).reshape(-1)
+    if c.shape[0] != w.shape[-1]:
+        raise ValueError(f"column_weights has {c.shape[0]} values; the weight has {w.shape[-1]} input columns")
+    return _clip_search(w, bits, group_size, grid, min_ratio, mx.where(mx.isfinite(c) & (c > 0), c, 0.0))
+
+
+def _clip_search(w, bits, group_size, grid, min_ratio, column_weights):
     if not 0 < min_ratio <= 1:
         raise ValueError(f"min_ratio={min_ratio} must be in (0, 1]")
     if grid < 1:
@@ -222,10 +241,14 @@ def mse_clip_params(
     wg = w32[..., None, :] if group_size == CHANNELWISE else _grouped(w32, g)
     lo0 = mx.min(wg, axis=-1, keepdims=True)
     hi0 = mx.max(wg, axis=-1, keepdims=True)
+    if column_weights is not None:  # laid out as the groups are
+        cw = column_weights[None, :] if group_size == CHANNELWISE else _grouped(column_weights, g)
 
     def error(s, b):
         q = mx.clip(mx.round((wg - b) / s), 0, qmax)
-        return mx.sum(mx.square(q * s + b - wg), axis=-1, keepdims=True)
+        if column_weights is None:
+            return mx.sum(mx.square(q * s + b - wg), axis=-1, keepdims=True)
+        return mx.sum(mx.square(q * s + b - wg) * cw, axis=-1, keepdims=True)
 
     # The first candidate is the min/max quantizer itself (MLX's, which also
     # places one range end exactly on a code), so the search never loses to it.

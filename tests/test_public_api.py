@@ -21,8 +21,8 @@ FLAGS = {
              "--block-windows --ce-weight --checkpoint-every --data --eval-windows --grad-accum --grad-checkpoint "
              "--grad-clip --help --keep-checkpoints --learn-scales --learning-rate --log-every --lora-learning-rate "
              "--lora-rank --lora-scale --loss-chunk --memory-limit --method --min-lr-ratio --model "
-             "--no-grad-checkpoint --no-learn-scales --no-progress --no-save-master --optimizer-state-dtype --out "
-             "--quant-delay --recipe --resume --reverse-kl --scale-dtype --scale-init --scale-learning-rate "
+             "--no-grad-checkpoint --no-learn-scales --no-progress --no-ptq-start --no-save-master --optimizer-state-dtype "
+             "--out --ptq-start --quant-delay --recipe --resume --reverse-kl --scale-dtype --scale-init --scale-learning-rate "
              "--schedule --seed --select-windows --self-generate --seq-len --steps --steps-per-block "
              "--teacher-top-k --temperature --trainable --warmup-steps --weight-decay",
     "finetune": "--batch-size --checkpoint-every --data --grad-accum --grad-checkpoint --grad-clip --help "

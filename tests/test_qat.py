@@ -3,12 +3,11 @@
 import numpy as np
 import pytest
 
-import mlxqat
 import tiny
 from mlxqat import recipes
 from mlxqat.data import Document, pack, tokenize_documents
 from mlxqat.evaluate import evaluate
-from mlxqat.training.qat import qat_args, quantize_qat
+from mlxqat.training.qat import prepare_qat, qat_args, quantize_qat
 
 
 def _windows(tokenizer, seq_len=32):
@@ -67,7 +66,7 @@ def test_a_diverging_run_returns_its_starting_point(tokenizer):
     teacher, _ = tiny.make_model("llama", 0, scale=3.0)
     student, _ = tiny.make_model("llama", 0, scale=3.0)
     start, _ = tiny.make_model("llama", 0, scale=3.0)
-    mlxqat.prepare(start, recipes.get("int3").for_qat())
+    prepare_qat(start, windows[:-8], "int3", seq_len=32)  # the start quantize_qat makes: its PTQ start included
     select = windows[-8:-4]
     summary = quantize_qat(student, teacher, windows[:-8], "int3", select_windows=select, steps=6, batch_size=4,
                            seq_len=32, log_every=3, learning_rate=0.5, warmup_steps=0, progress=False)

@@ -56,8 +56,11 @@ def test_outputs_written(result):
     for suffix in (".md", ".json", ".png"):
         assert Path(str(out) + suffix).stat().st_size > 0
     md = Path(str(out) + ".md").read_text()
-    assert "| setting | method | ppl | ppl / fp | KL to fp | top-1 | gap recovered | OOD ppl |" in md
-    assert md.count("\n| ") == len(res["rows"]) + 1  # header + one line per row
+    assert "| setting | method | off-domain KL | off-domain ppl | off-domain gap rec. | in-domain KL |" in md
+    kinds = res["data"]["held_out_kinds"]
+    assert kinds == ["prose", "code", "docs"]  # the tiny tokenizer has no chat template: no chat kind
+    quantized = sum(r["setting"] != "fp" for r in res["rows"])
+    assert md.count("\n| ") == len(res["rows"]) + 1 + quantized + 1  # the main table, then KL by kind
     assert "wrote " in stdout and res["budget"]["steps"] == 3 and res["seq_len"] == 32
     assert res["fast_cpu_matmul"] is True  # CPU: every quantized model ran dequantize + matmul
     assert res["complete"] is True and "partial" not in md  # written after every row, complete at the end
@@ -84,6 +87,10 @@ def test_values_finite_and_consistent(result):
         for c in cols:
             assert math.isfinite(r[c]), (r["setting"], r["method"], c)
         assert 0 <= r["top1"] <= 1 and r["kl"] >= -1e-6
+        held = r["held_out"]  # off-domain: each kind weighs the same
+        assert r["ood_kl"] == pytest.approx(np.mean([held[k]["kl"] for k in held]), rel=1e-12)
+        assert r["ood_ppl"] == pytest.approx(math.exp(np.mean([held[k]["nll"] for k in held])), rel=1e-12)
+        assert all(held[k]["tokens"] == 2 * 32 for k in held)
         if r["setting"] != "fp":
             assert r["ratio_bf16"] < 0.7  # quantized models are smaller than bf16
     expected_bpw = {"int4": 4.5, "int3": 3.5, "int2": 2.5}

@@ -100,6 +100,9 @@ def run(options: Optional[JobOptions] = None, **kwargs) -> dict:
             clip search; the default where scales are learned).
         scale_dtype: round scales/biases to this dtype's values so they are stored
             as float16 without loss (``None``: keep the compute dtype).
+        ptq_start: start every linear layer from the best post-training quantization of it
+            (:func:`mlxqat.ptq.ptq_start`: round-to-nearest, clip searches and GPTQ, whichever has the lowest
+            output error on training windows); ``False``: the recipe's round-to-nearest start.
         self_generate: train on this many windows sampled from the teacher instead of data.
         eval_windows: validation windows for the before/after table.
         select_windows: further validation windows the best step is picked on (0: keep the last step).
@@ -167,7 +170,8 @@ def run(options: Optional[JobOptions] = None, **kwargs) -> dict:
             block_summary = _block_phase(student, train_w, base, o, args.seed, work_dir(work) / "blockwise")
         summary = quantize_qat(student, teacher, train_w, base, select_windows=select_w, learn_scales=o.learn_scales,
                                scale_init=o.scale_init, out_dir=work, resume=resume_e2e, progress=o.progress,
-                               callback=o.callback, scale_dtype=o.scale_dtype, **dataclasses.asdict(args))
+                               callback=o.callback, scale_dtype=o.scale_dtype, ptq_start=o.ptq_start,
+                               **dataclasses.asdict(args))
         if block_summary is not None:
             summary["block_phase"] = block_summary
         rows["QAT"] = _evaluate("QAT", student, val_w, teacher, o.progress)
@@ -315,6 +319,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="Continue from the newest checkpoint in <out>.train/.")
     p.add_argument("--learn-scales", dest="learn_scales", action=argparse.BooleanOptionalAction, default=None,
                    help="Train scales/biases too (overrides the recipe).")
+    p.add_argument("--ptq-start", dest="ptq_start", action=argparse.BooleanOptionalAction, default=True,
+                   help="Start every linear layer from its best post-training quantization (round-to-nearest, clip "
+                        "searches, GPTQ: the lowest output error on training windows; default). --no-ptq-start: "
+                        "round-to-nearest of the recipe's scales.")
     p.add_argument("--scale-init", default=None, choices=["minmax", "mse"],
                    help="Start learned scales from min/max or from a per-group clip search that minimises the "
                         "reconstruction error (mse; implies --learn-scales; helps most at 2-3 bits).")

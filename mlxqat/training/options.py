@@ -65,6 +65,7 @@ class JobOptions:
     learn_scales: Optional[bool] = None
     scale_init: Optional[str] = None
     scale_dtype: Optional[str] = "float16"
+    ptq_start: bool = True  # start every linear layer from its best post-training quantization (mlxqat.ptq)
     self_generate: int = 0
     eval_windows: int = EVAL_WINDOWS
     select_windows: int = SELECT_WINDOWS

@@ -4,8 +4,10 @@
 it, and so does ``benchmarks/quality.py``, so the figures the benchmark reports
 are the ones a user gets. It prepares the student with the recipe's QAT form
 (:meth:`Recipe.for_qat`: learned scales from a clip search where the format
-keeps them), fills the learning rates and warmup the recipe's bit width
-measured best at (:meth:`Recipe.qat_defaults`), trains, and, given selection
+keeps them; with ``ptq_start``, each linear layer set to its best post-training
+quantization by :func:`mlxqat.ptq.ptq_start`), fills the learning rates and
+warmup the recipe's bit width measured best at (:meth:`Recipe.qat_defaults`),
+trains, and, given selection
 windows, keeps the parameters of the step with the lowest KL to the teacher on
 them (step 0, the starting point, included: QAT never returns a model worse on
 them than the one it started from).
@@ -21,17 +23,18 @@ import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
 
-from .. import quant
+from .. import ptq, quant
 from .. import recipes as recipes_mod
 from ..convert import prepare_calibrated, recipe_of
-from ..evaluate import evaluate
+from ..data import spread
+from ..evaluate import EVAL_LOGIT_BYTES, evaluate
 from ..head import split_head
 from ..layers import is_fake_quant, untie_weights
 from ..storage.destinations import work_dir
 from .args import TrainingArgs
 from .checkpoints import TEACHER_CACHE, recipe_difference
 from .loop import prefill_teacher_targets, train
-from .teacher import HiddenStateTeacher, TeacherTargets
+from .teacher import CachedTeacher, HiddenStateTeacher, TeacherTargets
 
 # TrainingArgs fields that default to the recipe's measured values when not given
 RECIPE_DEFAULTED = ("learning_rate", "scale_learning_rate", "warmup_steps")
@@ -39,6 +42,8 @@ RECIPE_DEFAULTED = ("learning_rate", "scale_learning_rate", "warmup_steps")
 # set aside (mlxqat.data.split_selection) from the validation windows of the job's before/after table
 SELECT_WINDOWS = 16
 EVAL_WINDOWS = 128
+# calibration windows of the PTQ start (mlxqat.ptq.ptq_start), spread over the training windows
+PTQ_WINDOWS = 32
 
 
 def qat_args(recipe, **overrides) -> TrainingArgs:
@@ -57,10 +62,21 @@ def qat_args(recipe, **overrides) -> TrainingArgs:
 
 
 class BestStep:
-    """A training callback: KL to the teacher on held-out windows at every log record; keeps the best."""
+    """A training callback: KL to the teacher on held-out windows at every log record; keeps the best.
+
+    The teacher's logits on the windows are the same at every check: when they take at most
+    :data:`~mlxqat.evaluate.EVAL_LOGIT_BYTES` (one evaluation batch's worth), they are computed at the
+    first check and kept (:class:`~mlxqat.training.teacher.CachedTeacher`, whole batches, so the same
+    numbers). The student's fake-quant weights are quantized once per check (:func:`~mlxqat.evaluate.evaluate`).
+    """
 
     def __init__(self, model: nn.Module, windows: np.ndarray, teacher, then: Optional[Callable] = None):
         self.model, self.windows, self.teacher, self.then = model, windows, teacher, then
+        vocab = getattr(getattr(model, "args", None), "vocab_size", None)
+        shape = np.shape(windows)
+        if (isinstance(vocab, int) and not isinstance(teacher, CachedTeacher)
+                and shape[0] * (shape[1] - 1) * vocab * 4 <= EVAL_LOGIT_BYTES):
+            self.teacher = CachedTeacher(teacher, max_bytes=EVAL_LOGIT_BYTES)  # every row fits: kept whole
         self.history: List[Tuple[int, float]] = []
         self.best: Optional[Tuple[float, int, dict]] = None
         self.check(0)
@@ -98,6 +114,8 @@ def quantize_qat(
     progress: bool = True,
     callback: Optional[Callable[[dict], None]] = None,
     scale_dtype: Optional[str] = None,
+    ptq_start: bool = True,
+    ptq_windows: int = PTQ_WINDOWS,
     **training_kwargs,
 ) -> dict:
     """Prepare ``student`` with ``recipe``'s QAT form and train it towards ``teacher`` (not converted).
@@ -115,19 +133,27 @@ def quantize_qat(
         scale_dtype: the dtype scales and biases are stored in (``"float16"``: what a saved
             model holds): derived scales are rounded to its values as they are computed, learned
             ones after training, so saving loses nothing; ``None``: leave them in the compute dtype.
+        ptq_start: start each fake-quant linear layer from the best post-training quantization of it
+            (:func:`mlxqat.ptq.ptq_start`: round-to-nearest, clip searches and GPTQ, whichever has the
+            lowest output error on calibration inputs) instead of the recipe's round-to-nearest start.
+        ptq_windows: how many training windows (spread over them) calibrate the PTQ start.
         training_kwargs: :class:`~mlxqat.training.args.TrainingArgs` fields; learning rates and
             warmup default to :meth:`Recipe.qat_defaults` (see :func:`qat_args`).
 
     Returns:
         The training summary, plus ``recipe`` (what was trained), ``args``,
-        ``best_step`` and ``selection_kl`` (``[(step, kl)]``) when selecting.
+        ``best_step`` and ``selection_kl`` (``[(step, kl)]``) when selecting, and ``ptq``
+        (:func:`mlxqat.ptq.ptq_start`'s report) with ``ptq_start``.
     """
-    trained, args = prepare_qat(student, train_windows, recipe, learn_scales=learn_scales, scale_init=scale_init,
-                                scale_dtype=scale_dtype, **training_kwargs)
+    trained, args, ptq_report = _prepare_qat(student, train_windows, recipe, learn_scales=learn_scales,
+                                             scale_init=scale_init, scale_dtype=scale_dtype, ptq_start=ptq_start,
+                                             ptq_windows=ptq_windows, progress=progress, **training_kwargs)
     selector = BestStep(student, select_windows, teacher, callback) if select_windows is not None else None
     summary = train(student, teacher, train_windows, None, args, out_dir=out_dir, resume=resume,
                     progress=progress, callback=selector or callback)
     summary.update(recipe=trained.to_dict(), args=dataclasses.asdict(args))
+    if ptq_report is not None:
+        summary["ptq"] = ptq_report
     if selector is not None:
         summary["best_step"] = selector.restore()
         summary["selection_kl"] = selector.history
@@ -173,22 +199,41 @@ def prepare_student(student: nn.Module, recipe, windows: np.ndarray) -> nn.Modul
 
 
 def prepare_qat(student: nn.Module, train_windows: np.ndarray, recipe="int4", *, learn_scales: Optional[bool] = None,
-                scale_init: Optional[str] = None, scale_dtype: Optional[str] = None,
-                **training_kwargs) -> Tuple["recipes_mod.Recipe", TrainingArgs]:
-    """The student as :func:`quantize_qat` trains it, in place: the recipe's QAT form, calibrated and untied.
+                scale_init: Optional[str] = None, scale_dtype: Optional[str] = None, ptq_start: bool = True,
+                ptq_windows: int = PTQ_WINDOWS, **training_kwargs) -> Tuple["recipes_mod.Recipe", TrainingArgs]:
+    """The student as :func:`quantize_qat` trains it, in place: the recipe's QAT form, calibrated, started
+    from the best post-training quantization with ``ptq_start``, and untied.
 
     Arguments as :func:`quantize_qat`'s. Returns ``(recipe, args)``: the recipe the student
     was prepared with and the :class:`~mlxqat.training.args.TrainingArgs` to train it with.
     """
+    trained, args, _ = _prepare_qat(student, train_windows, recipe, learn_scales=learn_scales, scale_init=scale_init,
+                                    scale_dtype=scale_dtype, ptq_start=ptq_start, ptq_windows=ptq_windows,
+                                    **training_kwargs)
+    return trained, args
+
+
+def _prepare_qat(student: nn.Module, train_windows: np.ndarray, recipe, *, learn_scales, scale_init, scale_dtype,
+                 ptq_start: bool, ptq_windows: int, progress: bool = False,
+                 **training_kwargs) -> Tuple["recipes_mod.Recipe", TrainingArgs, Optional[dict]]:
+    """:func:`prepare_qat`, also returning :func:`mlxqat.ptq.ptq_start`'s report (``None`` without ``ptq_start``)."""
+    if ptq_start and not (isinstance(ptq_windows, int) and ptq_windows >= 1):
+        raise ValueError(f"ptq_windows={ptq_windows!r}: give the number of calibration windows, e.g. {PTQ_WINDOWS}")
     base = recipes_mod.get(recipe)
     if scale_dtype is not None:
         base = base.with_options(scale_dtype=scale_dtype)
     args = qat_args(base, **training_kwargs)
     trained = base.for_qat(args.trainable, learn_scales, scale_init)
+    fresh = not any(is_fake_quant(m) for _, m in student.named_modules())
     prepare_student(student, trained, train_windows)
+    report = None
+    if ptq_start and fresh:
+        report = ptq.ptq_start(student, spread(np.asarray(train_windows), ptq_windows), progress=progress)
+    elif ptq_start:  # its layers were prepared (and trained, block-wise) before: they are the start
+        report = {"skipped": "the student was prepared before; its layers keep their state"}
     if args.trainable == "all" and args.quant_delay == 0:
         untie_weights(student)  # same codes; the first update does not flip every boundary weight at once
-    return trained, args
+    return trained, args, report
 
 
 def release_teacher(teacher, train_windows: np.ndarray, kept_windows: Optional[np.ndarray], args: TrainingArgs,
