@@ -51,7 +51,7 @@ from mlxqat.kernels import use_dequantized_matmul  # noqa: E402
 from mlxqat.storage.load import load  # noqa: E402
 from mlxqat.training.qat import EVAL_WINDOWS, prepare_qat, quantize_qat, shared_student  # noqa: E402
 from mlxqat.training.teacher import CachedTeacher  # noqa: E402
-from quality import SETTINGS, Budget, Job, run_dwq, stored  # noqa: E402
+from quality import SETTINGS, Budget, Job, off_domain, run_dwq, stored  # noqa: E402
 
 VARIANTS = ("RTN", "start", "start, clip search", "DWQ", "QAT", "QAT clip start", "QAT scales", "QAT gen", "QAT mix",
             "QAT fast scales")
@@ -158,19 +158,13 @@ def main(argv=None) -> int:
                     awq_windows=4, gptq_windows=16)
 
     def write():
-        rows = []
-        rtn = results.get("RTN")
-        for name, r in results.items():
-            by = r["by_kind"]
-            off = [k for k in by if k != "in-domain"]
-            row = {"variant": name, "seconds": r["seconds"], "best_step": r.get("best_step"),
-                   "kl_in": by["in-domain"].get("kl", 0.0), "kl_off": float(np.mean([by[k].get("kl", 0.0) for k in off])),
-                   **{f"kl_{k}": by[k].get("kl", 0.0) for k in by}, **{f"ppl_{k}": by[k]["ppl"] for k in by}}
-            if rtn and name != "full precision":
+        rows = [summary(name, r) for name, r in results.items()]
+        rtn = next((row for row in rows if row["variant"] == "RTN"), None)
+        for row in rows:
+            if rtn and row["variant"] != "full precision":
                 for k in ("in", "off"):
-                    base = rtn_row(rtn)[f"kl_{k}"]
+                    base = rtn[f"kl_{k}"]
                     row[f"kl_removed_{k}"] = 1 - row[f"kl_{k}"] / base if base > 0 else None
-            rows.append(row)
         result = {"command": "python benchmarks/generalization.py " + " ".join(argv or sys.argv[1:]),
                   "model": a.model or "embedded", "data": a.data or "standard-library source", "setting": a.setting, "steps": a.steps, "batch_size": a.batch_size,
                   "seq_len": seq_len, "windows_per_kind": {k: int(len(data[k])) for k in kinds},
@@ -182,11 +176,6 @@ def main(argv=None) -> int:
         os.replace(tmp, f"{out}.json")
         Path(f"{out}.md").write_text(table(result, kinds))
         return result
-
-    def rtn_row(r):
-        by = r["by_kind"]
-        off = [k for k in by if k != "in-domain"]
-        return {"kl_in": by["in-domain"]["kl"], "kl_off": float(np.mean([by[k]["kl"] for k in off]))}
 
     for name in a.variants:
         if name in results:
@@ -223,6 +212,15 @@ def main(argv=None) -> int:
     return 0
 
 
+def summary(name: str, r: dict) -> dict:
+    """One variant's row: KL and perplexity by kind, in-domain KL and the off-domain mean (quality.off_domain)."""
+    by = r["by_kind"]
+    off = off_domain({k: v for k, v in by.items() if k != "in-domain"})
+    return {"variant": name, "seconds": r["seconds"], "best_step": r.get("best_step"),
+            "kl_in": by["in-domain"]["kl"], "kl_off": off["kl"],
+            **{f"kl_{k}": by[k]["kl"] for k in by}, **{f"ppl_{k}": by[k]["ppl"] for k in by}}
+
+
 def table(result: dict, kinds) -> str:
     lines = [f"# Quality on text the training never saw: {result['model']}, {result['setting']}",
              "", f"{result['steps']} steps of {result['batch_size']} x {result['seq_len']} tokens of {result['data']}; held-out windows per kind: {result['windows_per_kind']}. Command: `{result['command']}`",
@@ -237,11 +235,9 @@ def table(result: dict, kinds) -> str:
         cells = [f"{r.get(f'kl_{k}', 0):.4f}" for k in kinds]
         rem = [f"{100 * r[k]:.0f}%" if r.get(k) is not None else "" for k in ("kl_removed_off", "kl_removed_in")]
         lines.append(f"| {r['variant']} | " + " | ".join(cells) + f" | {r['kl_off']:.4f} | {rem[0]} | {rem[1]} | {r['seconds']:.0f} |")
-    fp = next(r for r in result["rows"] if r["variant"] == "full precision")
     lines += ["", "Perplexity:", "", "| method | " + " | ".join(kinds) + " |", "|---|" + "---|" * len(kinds)]
     for r in result["rows"]:
         lines.append(f"| {r['variant']} | " + " | ".join(f"{r[f'ppl_{k}']:.3f}" for k in kinds) + " |")
-    del fp
     return "\n".join(lines) + "\n"
 
 
