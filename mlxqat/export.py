@@ -91,18 +91,31 @@ def _type_from_name(path: Path) -> Optional[str]:
     return found[0] if len(found) == 1 else None
 
 
-def _auto_qtype(plan_model: nn.Module) -> str:
-    """The GGUF type that holds most of the model's quantized layers exactly (``q4_0``'s 8-bit head,
-    one layer among many, leaves the file Q4_0, as llama.cpp names its own files by their main type)."""
-    counts: Dict[str, int] = {}
-    for _, m in plan_model.named_modules():
-        if quant.is_quantized(m) and getattr(m, "mode", "affine") == "affine":
+def exact_types(model: nn.Module) -> Dict[str, Optional[str]]:
+    """``{quantized layer: the GGUF type that holds it exactly}`` (``q4_0``, ``q8_0`` or ``q4_1``, the first that
+    does), ``None`` for a layer none holds (it would be re-quantized)."""
+    out: Dict[str, Optional[str]] = {}
+    for path, m in model.named_modules():
+        if quant.is_quantized(m):
+            out[path] = None
+            if getattr(m, "mode", "affine") != "affine":
+                continue
             scales, biases = np.array(m.scales.astype(mx.float32)), np.array(m.biases.astype(mx.float32))
             for name in ("q4_0", "q8_0", "q4_1"):
                 blocks, _ = ge.exact_blocks(np.array(m.weight), scales, biases, m.bits, m.group_size, ge.QTYPES[name])
                 if blocks is not None:
-                    counts[name] = counts.get(name, 0) + 1
+                    out[path] = name
                     break
+    return out
+
+
+def _auto_qtype(plan_model: nn.Module) -> str:
+    """The GGUF type that holds most of the model's quantized layers exactly (``q4_0``'s 8-bit head,
+    one layer among many, leaves the file Q4_0, as llama.cpp names its own files by their main type)."""
+    counts: Dict[str, int] = {}
+    for name in exact_types(plan_model).values():
+        if name is not None:
+            counts[name] = counts.get(name, 0) + 1
     if not counts:
         raise ValueError(
             "no GGUF type holds this model's weights exactly (exact: recipes q4_0, q4_1, q8_0); "

@@ -323,7 +323,7 @@ def test_bad_settings_are_one_clear_error(workspace, tmp_path, capsys):
     fake = tmp_path / "model.gguf"
     fake.write_bytes(b"GGUF" + bytes(60))
     data = _data_dir(tmp_path)
-    assert "is a GGUF file" in _error(capsys, {"int4": fake, "root": workspace["root"]}, data)
+    assert "model.gguf: GGUF version 0 is not supported" in _error(capsys, {"int4": fake, "root": workspace["root"]}, data)
     assert "--learning-rate -1: must be" in _error(capsys, workspace, data, "--learning-rate", "-1")
     assert "val_batches=0" in _error(capsys, workspace, data, "--val-batches", "0")
 

@@ -104,6 +104,31 @@ class LlamaCpp:
             raise FloatingPointError("llama.cpp gave a non-finite log-probability")
         return out
 
+    def completion_loss(self, windows) -> Dict[str, float]:
+        """llama.cpp's mean negative log-probability per counted token of masked windows ``(n, 2, width)``
+        (:mod:`mlxqat.finetune_data`: token ids, and 1 where the token is a completion's): the figure
+        :func:`mlxqat.evaluate.completion_loss` computes in MLX, computed by llama.cpp from the file.
+
+        Each counted token is scored after the tokens before it (the prompt evaluated once, then reused
+        from llama.cpp's cache). Returns ``{"loss", "tokens", "examples"}``.
+        """
+        total, count = 0.0, 0
+        windows = np.asarray(windows)
+        for ids, mask in windows:
+            ids = [int(i) for i in ids]
+            for t in np.flatnonzero(mask):
+                if t + 1 > self.n_ctx:
+                    raise ValueError(f"a completion token at position {t} is past n_ctx={self.n_ctx}; pass n_ctx > {t}")
+                step = self.complete(ids[:t], n=1, n_probs=1, force=ids[t], cache_prompt=True,
+                                     ignore_eos=False)["logprobs"][0]
+                total -= step[1]
+                count += 1
+        if count == 0:
+            raise ValueError("completion_loss() got no counted tokens (empty data, or every target masked)")
+        if not math.isfinite(total):
+            raise FloatingPointError("llama.cpp gave a non-finite log-probability")
+        return {"loss": total / count, "tokens": count, "examples": len(windows)}
+
     def perplexity(self, windows) -> float:
         """``exp`` of the mean negative log-probability of :meth:`score`."""
         return math.exp(-float(self.score(windows)["logprobs"].mean()))

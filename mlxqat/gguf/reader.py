@@ -35,7 +35,9 @@ from gguf import GGMLQuantizationType as GT
 from gguf import GGUFValueType as VT
 from mlx.utils import tree_flatten
 
+from .. import recipes
 from ..storage.checks import PathLike, check_config_values, check_finite
+from .blocks import EXACT_TYPES, GROUP, mlx_arrays
 from .writer import ARCHS, permute_rows
 from .format import Metadata, read_gguf
 from .tokenizer import gguf_tokenizer
@@ -210,8 +212,9 @@ def _name_map(model_type: str, n_layers: int):
     return gguf.get_tensor_name_map(enum, n_layers)
 
 
-def _load_weights(model: nn.Module, config: dict, tensors: dict, path: Path, dtype: mx.Dtype) -> None:
-    """Dequantize every tensor into ``model`` (built from ``config``), undoing llama.cpp's conversions."""
+def _load_weights(model: nn.Module, config: dict, tensors: dict, path: Path, dtype: mx.Dtype) -> Dict[str, str]:
+    """Dequantize every tensor into ``model`` (built from ``config``), undoing llama.cpp's conversions;
+    returns ``{MLX parameter: GGUF tensor}``."""
 
     spec = ARCHS[config["model_type"]]
     names = _name_map(config["model_type"], config["num_hidden_layers"])
@@ -250,9 +253,49 @@ def _load_weights(model: nn.Module, config: dict, tensors: dict, path: Path, dty
         del w
     weights = model.sanitize(weights)
     model.load_weights(list(weights.items()), strict=True)
+    return plan
 
 
-def load_gguf(path: PathLike, *, dtype: mx.Dtype = mx.float32) -> Tuple[nn.Module, object, dict]:
+def _keep_blocks(model: nn.Module, config: dict, tensors: dict, plan: Dict[str, str], path: Path) -> Dict[str, str]:
+    """Make each linear layer and embedding stored as Q4_0, Q4_1 or Q8_0 an MLX quantized layer holding the
+    file's own codes, scales and offsets (:func:`mlxqat.gguf.blocks.mlx_arrays`), with the spec of the recipe
+    that exports it exactly; returns ``{layer path: GGUF type name}`` of the matrices kept as floats."""
+    spec = ARCHS[config["model_type"]]
+    heads = {"attn_q": config["num_attention_heads"], "attn_k": config["num_key_value_heads"]}
+    modules = dict(model.named_modules())
+    kept, floats = {}, {}
+    for mlx_name, gguf_name in plan.items():
+        prefix, _, leaf = mlx_name.rpartition(".")
+        if leaf != "weight" or not isinstance(modules.get(prefix), (nn.Linear, nn.Embedding)):
+            continue
+        t = tensors[gguf_name]
+        qtype = GT(t.tensor_type)
+        if qtype not in EXACT_TYPES:
+            floats[prefix] = qtype.name
+            continue
+        shape = tuple(int(x) for x in reversed(t.shape.tolist()))
+        try:
+            blocks = np.array(t.data).reshape(shape[0], -1)
+            kind = gguf_name.split(".")[-2]
+            if spec.permute_qk and kind in heads:  # whole rows of blocks move, as the dequantized rows do
+                blocks = permute_rows(blocks, heads[kind], inverse=True)
+            kept[prefix] = (qtype, *mlx_arrays(blocks, qtype, shape))
+        except ValueError as e:
+            raise ValueError(f"{path}: tensor {gguf_name} ({qtype.name} {list(shape)}) cannot be read ({e}); "
+                             "the file is damaged or truncated") from e
+    nn.quantize(model, class_predicate=lambda p, m: p in kept and {"group_size": GROUP,
+                                                                   "bits": EXACT_TYPES[kept[p][0]][0]})
+    new = dict(model.named_modules())
+    for prefix, (qtype, words, scales, biases) in kept.items():
+        layer = new[prefix]
+        layer.weight, layer.scales, layer.biases = words, scales, biases
+        recipe = recipes.get(EXACT_TYPES[qtype][1])
+        layer.spec, layer.recipe = recipe.default, recipe
+    return floats
+
+
+def load_gguf(path: PathLike, *, dtype: mx.Dtype = mx.float32,
+              keep_quantized: bool = False) -> Tuple[nn.Module, object, dict]:
     """Load a GGUF file as an mlx-lm model, tokenizer and config (in memory; nothing is written).
 
     Args:
@@ -260,10 +303,16 @@ def load_gguf(path: PathLike, *, dtype: mx.Dtype = mx.float32) -> Tuple[nn.Modul
             type F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q5_K or Q6_K.
         dtype: the float type of the model's weights (default float32: quantized tensors are
             dequantized exactly, and MLX on the CPU computes fastest in float32).
+        keep_quantized: linear layers and embeddings stored as Q4_0, Q4_1 or Q8_0 become MLX
+            quantized layers with the file's own codes, scales and offsets (4- or 8-bit, group 32,
+            float16 scales), each with the spec of recipe ``q4_0`` / ``q4_1`` / ``q8_0``, so the
+            model fine-tunes in its own type and exports back to exactly those blocks; matrices of
+            other types are dequantized, and ``config["gguf_float_layers"]`` names them with their type.
 
     Returns:
-        ``(model, tokenizer, config)``: an mlx-lm model with float weights, an mlx-lm
-        ``TokenizerWrapper``, and the mlx-lm ``config.json`` dict (``mlxqat.save`` writes both).
+        ``(model, tokenizer, config)``: an mlx-lm model with float weights (quantized layers where
+        kept), an mlx-lm ``TokenizerWrapper``, and the mlx-lm ``config.json`` dict (``mlxqat.save``
+        writes both).
 
     Raises:
         ValueError: a malformed file, an unsupported architecture, tensor type or tokenizer (named).
@@ -295,7 +344,9 @@ def load_gguf(path: PathLike, *, dtype: mx.Dtype = mx.float32) -> Tuple[nn.Modul
     except Exception as e:  # the architecture's own checks on the sizes
         raise ValueError(f"{path}: mlx-lm cannot build a {config['model_type']} model from this file's metadata "
                          f"({type(e).__name__}: {e})") from e
-    _load_weights(model, config, tensors, path, dtype)
+    plan = _load_weights(model, config, tensors, path, dtype)
+    if keep_quantized:
+        config["gguf_float_layers"] = _keep_blocks(model, config, tensors, plan, path)
     mx.eval(model.parameters())
     check_finite(model, str(path))
     try:

@@ -1,20 +1,8 @@
 """GGUF files for llama.cpp, Ollama and LM Studio, written from MLX models.
 
-A quantized MLX layer stores integer codes with one ``scale`` and one ``bias``
-per group. Three GGUF block types store the same numbers with group 32 and
-float16 headers, so those layers are *repacked* bit for bit, never re-rounded:
-
-==========  =======================================  ==========================
-GGUF type   GGUF value of code ``q``                 MLX layer that maps exactly
-==========  =======================================  ==========================
-``Q4_0``    ``(q - 8) * d``                          4-bit, group 32, bias = -8*scale
-``Q4_1``    ``q * d + m``                            4-bit, group 32 (any bias)
-``Q8_0``    ``int8 * d`` with ``int8 = q - 128``     8-bit, group 32, bias = -128*scale
-==========  =======================================  ==========================
-
-and ``d``/``m`` must be float16 values (recipes ``q4_0``, ``q4_1``, ``q8_0``
-guarantee it). Any other layer is dequantized and re-quantized to the
-requested type with :func:`gguf.quants.quantize`; :mod:`mlxqat.export` then
+Quantized layers that a GGUF block type holds exactly (Q4_0, Q4_1, Q8_0:
+:mod:`mlxqat.gguf.blocks`) are *repacked* bit for bit, never re-rounded. Any
+other layer is dequantized and re-quantized to the requested type with :func:`gguf.quants.quantize`; :mod:`mlxqat.export` then
 measures what that costs.
 
 Tensor names come from :class:`gguf.TensorNameMap`; llama's query/key rows are
@@ -40,6 +28,7 @@ from mlx.utils import tree_flatten
 from .. import quant
 from .._version import __version__
 from ..convert import head_path
+from .blocks import exact_blocks
 from .format import GGUFExportError
 from .tokenizer import add_tokenizer
 
@@ -131,48 +120,6 @@ def permute_rows(w: np.ndarray, n_head: int, inverse: bool = False) -> np.ndarra
     else:
         out = w.reshape(n_head, half, 2, *w.shape[1:]).swapaxes(1, 2)
     return out.reshape(w.shape)
-
-
-def _f16_bytes(x: np.ndarray) -> np.ndarray:
-    return x.astype(np.float16)[..., None].view(np.uint8)  # (..., 2)
-
-
-def exact_blocks(
-    words: np.ndarray, scales: np.ndarray, biases: np.ndarray, bits: int, group_size: int, qtype: GT
-) -> Tuple[Optional[np.ndarray], str]:
-    """Repack one MLX quantized matrix as GGUF ``qtype`` blocks without re-rounding.
-
-    Args:
-        words: (N, K*bits/32) uint32 packed codes.
-        scales, biases: (N, K/group_size) float32 (exact copies of the MLX values).
-
-    Returns:
-        ``(blocks, "")`` with blocks (N, bytes per row) uint8, or ``(None, why)``
-        when ``qtype`` cannot hold these numbers exactly.
-    """
-    want = {GT.Q4_0: 4, GT.Q4_1: 4, GT.Q8_0: 8}.get(qtype)
-    if want is None:
-        return None, f"{qtype.name} is not a block type"
-    if bits != want or group_size != 32:
-        return None, f"{bits}-bit group {group_size} has no exact {qtype.name} form ({want}-bit group 32)"
-    if not quant.holds_exactly(mx.float16, scales):
-        return None, "scales are not float16 values (use a recipe with scale_dtype='float16')"
-    n, n_groups = scales.shape
-    codes = quant.unpack_numpy(words, bits).reshape(n, n_groups, 32)
-    d = _f16_bytes(scales)
-    if qtype == GT.Q8_0:
-        if not np.array_equal(biases, -128.0 * scales):
-            return None, "biases are not -128*scales (Q8_0 is symmetric; use recipe q8_0)"
-        q = (codes.astype(np.int16) - 128).astype(np.int8).view(np.uint8)
-        return np.concatenate([d, q], axis=-1).reshape(n, -1), ""
-    nibbles = codes[..., :16] | (codes[..., 16:] << np.uint8(4))  # GGUF: q[j] low, q[j+16] high
-    if qtype == GT.Q4_0:
-        if not np.array_equal(biases, -8.0 * scales):
-            return None, "biases are not -8*scales (Q4_0 is symmetric; use recipe q4_0)"
-        return np.concatenate([d, nibbles], axis=-1).reshape(n, -1), ""
-    if not quant.holds_exactly(mx.float16, biases):
-        return None, "biases are not float16 values (use recipe q4_1)"
-    return np.concatenate([d, _f16_bytes(biases), nibbles], axis=-1).reshape(n, -1), ""
 
 
 def _np32(a: mx.array) -> np.ndarray:

@@ -4,11 +4,12 @@
     python -m mlxqat.finetune --model int4-model/ --data data/ --out tuned/ --method scales   # scales and offsets
     python -m mlxqat.finetune --model int4-model/ --data data/ --out tuned/ --method full     # every weight
     python -m mlxqat.finetune --model fp-model/ --recipe int4 --data data/ --out tuned/      # quantize first (RTN)
+    python -m mlxqat.finetune --model model.Q4_1.gguf --data data/ --out tuned.Q4_1.gguf    # GGUF blocks in and out
 
 The model enters with its own codes, scales and biases (:func:`mlxqat.convert.prepare_quantized`:
-nothing is re-quantized), trains on the completions of ``data`` (:mod:`mlxqat.finetune_data`, mlx-lm's
-layout) with :func:`mlxqat.training.loop.train` and a masked cross-entropy, and is saved by
-:func:`mlxqat.save` with the input's bits, group sizes, mode and stored dtypes. The methods:
+nothing is re-quantized; a GGUF file's Q4_0 / Q4_1 / Q8_0 blocks too, :func:`mlxqat.gguf.reader.load_gguf`),
+trains on the completions of ``data`` (:mod:`mlxqat.finetune_data`, mlx-lm's layout) with
+:func:`mlxqat.training.loop.train` and a masked cross-entropy, and is saved by :func:`mlxqat.save` with the input's bits, group sizes, mode and stored dtypes. The methods:
 
 * ``lora``: group-pooled adapters (:mod:`mlxqat.lora`) that merge into the per-group offsets; the
   stored integers and scales stay byte-identical, the offsets change. Needs a free offset (affine).
@@ -39,10 +40,13 @@ from .. import quant
 from .. import recipes as recipes_mod
 from .._cli import ArgumentParser, command
 from ..convert import convert, layer_specs, prepare_quantized, quantize_rtn
+from ..export import exact_types, export_gguf
 from ..data import check_seq_len, config_context
 from ..evaluate import completion_loss, masked_cross_entropy, trim_masked
 from ..finetune_data import load_finetune_data
+from ..gguf.blocks import EXACT_TYPES
 from ..gguf.format import is_gguf_file
+from ..gguf.reader import load_gguf
 from ..storage.destinations import check_destination, check_work_dir
 from ..storage.load import load
 from ..storage.save import save
@@ -91,21 +95,33 @@ def finetune_args(method: str, **training_kwargs) -> TrainingArgs:
     return TrainingArgs(trainable=TRAINABLE[method], **kw)
 
 
-def _symmetric_layers(model: nn.Module) -> list:
-    return [p for p, m in model.named_modules() if getattr(getattr(m, "spec", None), "mode", None) == "symmetric"]
+def _symmetric_linears(model: nn.Module) -> list:
+    """The symmetric quantized linear layers (LoRA adapts linear layers only; embeddings stay as they are)."""
+    return [p for p, m in model.named_modules()
+            if isinstance(m, nn.QuantizedLinear) and getattr(getattr(m, "spec", None), "mode", None) == "symmetric"]
 
 
-def load_quantized(path, recipe: Optional[str], method: str):
+def load_quantized(path, recipe: Optional[str], method: str, gguf_out: bool = False):
     """``(model, tokenizer, config, stored)``: the quantized model at ``path`` (a full-precision one quantized by
-    round-to-nearest with ``recipe`` first) as fake-quant layers for ``method``, computing in float32;
-    ``stored`` maps each parameter to the dtype the input stores it in."""
+    round-to-nearest with ``recipe`` first; a GGUF file's Q4_0 / Q4_1 / Q8_0 matrices with their own blocks) as
+    fake-quant layers for ``method``, computing in float32; ``stored`` maps each parameter to the dtype the
+    input stores it in. ``gguf_out``: refuse a model that no GGUF type holds exactly, layer by layer, before
+    anything trains (the output will be written as GGUF blocks)."""
     if method not in METHODS:
         raise ValueError(f"method={method!r} is not one of {METHODS}")
     if is_gguf_file(path) and recipe is None:
-        raise ValueError(f"{path} is a GGUF file: finetune reads it as full-precision weights (keeping a GGUF's own "
-                         "type is not supported yet); pass --recipe to quantize it (e.g. --recipe q4_1 for a Q4_1 "
-                         "file), and the result is an mlx-lm directory")
-    model, tokenizer, config = load(path, return_config=True)
+        model, tokenizer, config = load_gguf(path, keep_quantized=True)
+        floats = config.pop("gguf_float_layers")
+        if floats:
+            first = next(iter(floats))
+            types = sorted(set(floats.values()))
+            raise ValueError(
+                f"{path}: {len(floats)} matrices are {', '.join(types)} (e.g. {first}: {floats[first]}), which "
+                f"fine-tuning cannot keep in their own type (kept: {', '.join(t.name for t in EXACT_TYPES)}); pass "
+                "--recipe q4_0, q4_1 or q8_0 to re-quantize the whole model by round-to-nearest from its "
+                "dequantized weights (the output is then that type)")
+    else:
+        model, tokenizer, config = load(path, return_config=True)
     quantized = layer_specs(model)
     if quantized and recipe is not None:
         first = next(iter(quantized.values()))
@@ -116,7 +132,16 @@ def load_quantized(path, recipe: Optional[str], method: str):
             raise ValueError(f"{path} is not quantized; pass --recipe (e.g. int4) to quantize it by round-to-nearest "
                              "first, or pass a quantized model (mlx_lm.convert -q, or mlxqat's output)")
         quantize_rtn(model, recipes_mod.get(recipe))
-    symmetric = _symmetric_layers(model)
+    if gguf_out:
+        misfits = [p for p, t in exact_types(model).items() if t is None]
+        if misfits:
+            first = dict(model.named_modules())[misfits[0]]
+            raise ValueError(
+                f"{len(misfits)} layer(s) have no exact GGUF form (e.g. {misfits[0]}: {first.bits}-bit, group "
+                f"{first.group_size}; exact: Q4_0, Q4_1 and Q8_0, 4- or 8-bit in groups of 32 with float16 scales), "
+                "so a .gguf output would re-quantize what was trained; write an mlx-lm directory (an --out without "
+                ".gguf) and export it, or start from a model quantized with recipe q4_0, q4_1 or q8_0")
+    symmetric = _symmetric_linears(model)
     if symmetric and method == "lora":
         raise ValueError(f"--method lora needs a free offset per group, and {len(symmetric)} layers (e.g. "
                          f"{symmetric[0]}) are symmetric (Q4_0-style: each offset is -2^(bits-1) x its scale); "
@@ -148,10 +173,13 @@ def restore_dtypes(model: nn.Module, stored: Dict[str, mx.Dtype]) -> None:
 
 
 def read_back(directory) -> nn.Module:
-    """The model saved in ``directory`` as fine-tuning computes: its stored codes, scales and biases in fake-quant
-    layers, in float32 (the numbers ``mlx_lm.load`` gives ``quantized_matmul``, which computes the same up to float
-    rounding, far slower on a CPU)."""
-    model, _ = load(directory)
+    """The model saved in ``directory`` (or a GGUF file) as fine-tuning computes: its stored codes, scales and
+    biases in fake-quant layers, in float32 (the numbers ``mlx_lm.load`` gives ``quantized_matmul``, or llama.cpp
+    its blocks, which compute the same up to float rounding, far slower on a CPU)."""
+    if is_gguf_file(directory):
+        model, _, _ = load_gguf(directory, keep_quantized=True)
+    else:
+        model, _ = load(directory)
     prepare_quantized(model, keep_codes=True)
     model.set_dtype(mx.float32)
     return model
@@ -188,10 +216,15 @@ def finetune(model, data, out, *, method: str = "lora", recipe: Optional[str] = 
 
     Args:
         model: a quantized mlx-lm directory (``mlx_lm.convert -q``, mlxqat's output; affine, 2-8 bits, any
-            group size), or a full-precision one (or GGUF file) with ``recipe``.
+            group size), a GGUF file of Q4_0 / Q4_1 / Q8_0 matrices (kept in their blocks), or a full-precision
+            model (or any GGUF file) with ``recipe``.
         data: a directory with ``train.jsonl``, ``valid.jsonl`` and optionally ``test.jsonl``
             (:mod:`mlxqat.finetune_data`).
-        out: the output mlx-lm directory; checkpoints and the training log go to ``<out>.train/``.
+        out: the output mlx-lm directory, or a ``.gguf`` file (for a model whose layers GGUF's Q4_0, Q4_1 or
+            Q8_0 blocks hold exactly: a GGUF file of those types, or recipe ``q4_0`` / ``q4_1`` / ``q8_0``),
+            written exactly with an Ollama ``Modelfile`` beside it (:func:`mlxqat.export.export_gguf`; the
+            mlx-lm directory it is made from stays in ``<out>.train/model``); checkpoints and the training log
+            go to ``<out>.train/``.
         method: ``"lora"``, ``"scales"`` or ``"full"`` (see :mod:`mlxqat.training.finetune`).
         recipe: quantize a full-precision ``model`` with this recipe (round-to-nearest) first.
         mask_prompt: the loss counts only the completions' tokens (``False``: every token).
@@ -217,10 +250,11 @@ def finetune(model, data, out, *, method: str = "lora", recipe: Optional[str] = 
     if recipe is not None:
         recipes_mod.get(recipe)  # an unknown name is refused now, not after loading the model
     sources = [model, data]
-    check_destination(out, sources=sources)
+    gguf_out = Path(out).suffix.lower() == ".gguf"
+    check_destination(out, sources=sources, kind="file" if gguf_out else "dir")
     work = check_work_dir(str(Path(out)) + ".train", sources=sources)
     with removed_on_failure(work):
-        student, tokenizer, config, stored = load_quantized(model, recipe, method)
+        student, tokenizer, config, stored = load_quantized(model, recipe, method, gguf_out=gguf_out)
         context = config_context(config)
         if seq_len_given:
             check_seq_len(args.seq_len, context)
@@ -248,11 +282,14 @@ def finetune(model, data, out, *, method: str = "lora", recipe: Optional[str] = 
             "metrics": {"completion_loss_before": before, "completion_loss_after": after},
         }
         extra = {"train_log.jsonl": (work / "train_log.jsonl").read_text()} if (work / "train_log.jsonl").exists() else {}
-        save(student, tokenizer, out, config=config, info=info, extra_files=extra, sources=sources, compact_scales=False,
-             title=f"Fine-tuned model ({method})",
+        directory = work / "model" if gguf_out else out
+        save(student, tokenizer, directory, config=config, info=info, extra_files=extra, sources=sources,
+             compact_scales=False, title=f"Fine-tuned model ({method})",
              notes=f"Fine-tuned with `python -m mlxqat.finetune --method {method}` on `{data}`, in the format of "
                    f"`{model}` (same bits, group sizes, mode and dtypes).")
         del student, report  # the trained model's memory, before the saved one is read back
+        if gguf_out:
+            export_gguf(directory, out, exact=True, name=Path(out).stem)
         saved = _losses(read_back(out), ds, valid, args.batch_size)
     key = "test" if "test" in before else "valid"
     gain = before[key] - after[key]
@@ -273,10 +310,13 @@ def build_parser() -> argparse.ArgumentParser:
                     "the same quantized format, with what it learned.",
     )
     p.add_argument("--model", required=True,
-                   help="Quantized mlx-lm directory (mlx_lm.convert -q, or mlxqat's output), or a full-precision "
-                        "model / GGUF file with --recipe.")
+                   help="Quantized mlx-lm directory (mlx_lm.convert -q, or mlxqat's output), a GGUF file of Q4_0, "
+                        "Q4_1 and Q8_0 tensors (kept in their own blocks), or a full-precision model / any GGUF file "
+                        "with --recipe.")
     p.add_argument("--data", required=True, help="Directory with train.jsonl, valid.jsonl and optionally test.jsonl.")
-    p.add_argument("--out", required=True, help="Output mlx-lm directory (same bits, group size and mode).")
+    p.add_argument("--out", required=True,
+                   help="Output mlx-lm directory (same bits, group size and mode), or a .gguf file (same block types: "
+                        "Q4_0, Q4_1, Q8_0) with an Ollama Modelfile beside it.")
     p.add_argument("--method", default="lora", choices=METHODS,
                    help="lora: group-wise adapters merged into the offsets (integers and scales unchanged); "
                         "scales: scales and offsets (integers unchanged); full: every weight through the quantizer "

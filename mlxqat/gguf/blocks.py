@@ -1,0 +1,115 @@
+"""The GGUF block types that hold an MLX quantized matrix exactly, both ways.
+
+A quantized MLX layer stores integer codes with one ``scale`` and one ``bias``
+per group. Three GGUF block types store the same numbers with group 32 and
+float16 headers, so those layers are *repacked* bit for bit, never re-rounded:
+
+==========  =======================================  ==========================
+GGUF type   GGUF value of code ``q``                 MLX layer that maps exactly
+==========  =======================================  ==========================
+``Q4_0``    ``(q - 8) * d``                          4-bit, group 32, bias = -8*scale
+``Q4_1``    ``q * d + m``                            4-bit, group 32 (any bias)
+``Q8_0``    ``int8 * d`` with ``int8 = q - 128``     8-bit, group 32, bias = -128*scale
+==========  =======================================  ==========================
+
+and ``d``/``m`` must be float16 values (recipes ``q4_0``, ``q4_1``, ``q8_0``
+guarantee it). :func:`exact_blocks` writes such a layer as blocks (the GGUF
+export); :func:`mlx_arrays` reads blocks back into the layer's arrays (a GGUF
+file fine-tuned in its own type).
+"""
+
+from __future__ import annotations
+
+from typing import Dict, Optional, Tuple
+
+import mlx.core as mx
+import numpy as np
+from gguf import GGMLQuantizationType as GT
+
+from .. import quant
+
+#: The block types an MLX layer holds exactly: ``{type: (bits, the recipe whose layers they are)}``.
+EXACT_TYPES: Dict[GT, Tuple[int, str]] = {GT.Q4_0: (4, "q4_0"), GT.Q4_1: (4, "q4_1"), GT.Q8_0: (8, "q8_0")}
+GROUP = 32  # weights per block of every exact type
+
+
+def _f16_bytes(x: np.ndarray) -> np.ndarray:
+    return x.astype(np.float16)[..., None].view(np.uint8)  # (..., 2)
+
+
+def exact_blocks(
+    words: np.ndarray, scales: np.ndarray, biases: np.ndarray, bits: int, group_size: int, qtype: GT
+) -> Tuple[Optional[np.ndarray], str]:
+    """Repack one MLX quantized matrix as GGUF ``qtype`` blocks without re-rounding.
+
+    Args:
+        words: (N, K*bits/32) uint32 packed codes.
+        scales, biases: (N, K/group_size) float32 (exact copies of the MLX values).
+
+    Returns:
+        ``(blocks, "")`` with blocks (N, bytes per row) uint8, or ``(None, why)``
+        when ``qtype`` cannot hold these numbers exactly.
+    """
+    want = EXACT_TYPES.get(qtype, (None,))[0]
+    if want is None:
+        return None, f"{qtype.name} is not a block type"
+    if bits != want or group_size != GROUP:
+        return None, f"{bits}-bit group {group_size} has no exact {qtype.name} form ({want}-bit group {GROUP})"
+    if not quant.holds_exactly(mx.float16, scales):
+        return None, "scales are not float16 values (use a recipe with scale_dtype='float16')"
+    n, n_groups = scales.shape
+    codes = quant.unpack_numpy(words, bits).reshape(n, n_groups, GROUP)
+    d = _f16_bytes(scales)
+    if qtype == GT.Q8_0:
+        if not np.array_equal(biases, -128.0 * scales):
+            return None, "biases are not -128*scales (Q8_0 is symmetric; use recipe q8_0)"
+        q = (codes.astype(np.int16) - 128).astype(np.int8).view(np.uint8)
+        return np.concatenate([d, q], axis=-1).reshape(n, -1), ""
+    nibbles = codes[..., :16] | (codes[..., 16:] << np.uint8(4))  # GGUF: q[j] low, q[j+16] high
+    if qtype == GT.Q4_0:
+        if not np.array_equal(biases, -8.0 * scales):
+            return None, "biases are not -8*scales (Q4_0 is symmetric; use recipe q4_0)"
+        return np.concatenate([d, nibbles], axis=-1).reshape(n, -1), ""
+    if not quant.holds_exactly(mx.float16, biases):
+        return None, "biases are not float16 values (use recipe q4_1)"
+    return np.concatenate([d, _f16_bytes(biases), nibbles], axis=-1).reshape(n, -1), ""
+
+
+def mlx_arrays(blocks: np.ndarray, qtype: GT, shape: Tuple[int, int]) -> Tuple[mx.array, mx.array, mx.array]:
+    """The MLX layer that ``qtype`` blocks hold: ``(packed uint32 codes, float16 scales, float16 biases)``.
+
+    The inverse of :func:`exact_blocks`: ``exact_blocks(*mlx_arrays(b, t, shape), bits, 32, t)`` gives ``b``
+    back, and MLX's ``scale * code + bias`` is the value llama.cpp dequantizes each weight to.
+
+    Args:
+        blocks: the tensor's raw blocks, (rows, bytes per row) or flat, uint8.
+        qtype: ``Q4_0``, ``Q4_1`` or ``Q8_0``.
+        shape: (rows, columns) of the matrix.
+
+    Raises:
+        ValueError: another type, or blocks that do not fill ``shape``.
+    """
+    if qtype not in EXACT_TYPES:
+        raise ValueError(f"{qtype.name} blocks have no exact MLX form (exact: {', '.join(t.name for t in EXACT_TYPES)})")
+    bits = EXACT_TYPES[qtype][0]
+    rows, cols = shape
+    header = 4 if qtype == GT.Q4_1 else 2
+    block_bytes = header + GROUP * bits // 8
+    if cols % GROUP or np.asarray(blocks).size != rows * cols // GROUP * block_bytes:
+        raise ValueError(f"{qtype.name} blocks of {np.asarray(blocks).size} bytes do not hold a {rows} x {cols} matrix")
+    b = np.ascontiguousarray(blocks, dtype=np.uint8).reshape(rows, cols // GROUP, block_bytes)
+    d = b[..., :2].copy().view(np.float16)[..., 0]
+    payload = b[..., header:]
+    if qtype == GT.Q8_0:
+        codes = (payload.view(np.int8).astype(np.int16) + 128).astype(np.uint8)
+        biases = (-128.0 * d.astype(np.float32)).astype(np.float16)  # exact: a power of two times a float16
+    else:
+        codes = np.concatenate([payload & np.uint8(15), payload >> np.uint8(4)], axis=-1)
+        if qtype == GT.Q4_0:
+            biases = (-8.0 * d.astype(np.float32)).astype(np.float16)
+        else:
+            biases = b[..., 2:4].copy().view(np.float16)[..., 0]
+    if not (np.all(np.isfinite(d)) and np.all(np.isfinite(biases))):
+        raise ValueError(f"{qtype.name} blocks hold NaN or Inf scales (or offsets that overflow float16)")
+    words = quant.pack(mx.array(codes.reshape(rows, cols).astype(np.uint32)), bits)
+    return words, mx.array(d), mx.array(biases)
