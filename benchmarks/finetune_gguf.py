@@ -126,8 +126,9 @@ def table(result: dict) -> str:
     for r in result["rows"]:
         changed = "; ".join(f"{t}: " + ", ".join(f"{f} {n}/{c['tensors']}" for f, n in c.items() if f != "tensors")
                             for t, c in r["changed"].items())
+        kept = f"{100 * r['gain_kept']:.2f}%" if r["gain_kept"] is not None else "no gain"
         lines.append(f"| {r['method']} | {r['learning_rate']:g} | {r['mlx_before']:.4f} | {r['mlx_after']:.4f} | "
-                     f"{r['mlx_saved']:.4f} | {100 * r['gain_kept']:.2f}% | {r['llamacpp_before']:.4f} | "
+                     f"{r['mlx_saved']:.4f} | {kept} | {r['llamacpp_before']:.4f} | "
                      f"{r['llamacpp_after']:.4f} | {r['llamacpp_gain_vs_mlx']:.3f} | {changed} | {r['seconds']:.0f} |")
     return "\n".join(lines) + "\n"
 
