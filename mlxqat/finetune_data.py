@@ -13,6 +13,11 @@ Each line is one of (as ``mlx_lm.lora`` reads them):
 * ``{"messages": [...]}``: the conversation rendered with the tokenizer's chat template; the last
   message, the assistant's, is the completion.
 
+A plain text file (``.txt``, ``.md``, ``.py``) or a folder of them (and no ``train.jsonl``) also works: its
+documents are split into training and validation by a hash of their names and cut into windows of
+``text_window`` tokens, every token trained on (:func:`mlxqat.data.build_dataset`, what ``python -m
+mlxqat.train --data`` reads).
+
 With ``mask_prompt`` (the default) only the completion's tokens count in the loss; otherwise every
 token does (mlx-lm's ``--mask-prompt`` is off by default; here it is on, ``--no-mask-prompt`` turns it
 off). An example is one row, padded to the longest example (never packed with others, as mlx-lm
@@ -29,7 +34,7 @@ from typing import List, Optional, Tuple
 
 import numpy as np
 
-from .data import parse_jsonl_line, render_chat
+from .data import TEXT_SUFFIXES, build_dataset, parse_jsonl_line, render_chat
 
 SPLITS = ("train", "valid", "test")
 REQUIRED = ("train", "valid")
@@ -145,14 +150,34 @@ def masked_rows(examples, width: int, pad: int) -> np.ndarray:
     return rows
 
 
-def load_finetune_data(directory, tokenizer, seq_len: int, *, mask_prompt: bool = True) -> FinetuneData:
-    """Read ``train.jsonl``, ``valid.jsonl`` and (if there) ``test.jsonl`` from ``directory``.
+def text_rows(path, tokenizer, window: int) -> FinetuneData:
+    """Plain text (a file, or a folder without ``train.jsonl``) as fine-tuning rows: documents split by name into
+    training and validation (:func:`mlxqat.data.build_dataset`), windows of ``window`` tokens, all counted."""
+    ds = build_dataset(path, tokenizer, window)
+    rows = {}
+    for split, windows in (("train", ds.train), ("valid", ds.val)):
+        r = np.zeros((len(windows), 2, windows.shape[1]), dtype=np.int32)
+        r[:, 0], r[:, 1, 1:] = windows, 1
+        rows[split] = r
+    return FinetuneData(rows["train"], rows["valid"], None, {"train": ["plain text"], "valid": ["plain text"]})
+
+
+def _is_text(path: Path) -> bool:
+    if path.is_dir():
+        return not any(os.path.isfile(path / f"{s}.jsonl") for s in SPLITS)
+    return path.suffix in TEXT_SUFFIXES
+
+
+def load_finetune_data(directory, tokenizer, seq_len: int, *, mask_prompt: bool = True,
+                       text_window: Optional[int] = None) -> FinetuneData:
+    """Read ``train.jsonl``, ``valid.jsonl`` and (if there) ``test.jsonl`` from ``directory``, or plain text.
 
     Args:
-        directory: the data directory (mlx-lm's layout).
+        directory: the data directory (mlx-lm's layout), or a text file or folder of text files (:func:`text_rows`).
         tokenizer: the model's tokenizer.
         seq_len: the longest example accepted, in tokens.
         mask_prompt: count only the completions' tokens in the loss.
+        text_window: the window length of plain text, in tokens (default ``seq_len``).
 
     Returns:
         :class:`FinetuneData`, every split padded to the longest example of any.
@@ -165,9 +190,12 @@ def load_finetune_data(directory, tokenizer, seq_len: int, *, mask_prompt: bool 
     directory = Path(directory)
     if not directory.exists():
         raise FileNotFoundError(f"data directory {directory} does not exist")
+    if _is_text(directory):
+        return text_rows(directory, tokenizer, text_window or seq_len)
     if not directory.is_dir():
         raise ValueError(f"--data {directory} is a file; give a directory holding train.jsonl and valid.jsonl "
-                         "(and optionally test.jsonl), mlx-lm's layout")
+                         f"(and optionally test.jsonl), mlx-lm's layout, or plain text ({', '.join(TEXT_SUFFIXES)} "
+                         "files or a folder of them)")
     for split in REQUIRED:
         if not os.path.isfile(directory / f"{split}.jsonl"):
             raise FileNotFoundError(f"{directory} has no {split}.jsonl; a fine-tuning data directory holds train.jsonl "

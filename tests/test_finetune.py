@@ -347,3 +347,21 @@ def test_the_adapters_gradient_is_that_of_the_merged_weight():
     for k in ("lora_a", "lora_b"):
         a, b = got["layers"][0][k], want["layers"][0][k]
         assert float(mx.abs(a - b).max()) <= 1e-5 * float(mx.abs(b).max()), k  # float32 sums in another order
+
+
+def test_plain_text_trains_on_every_token(workspace, tokenizer, tmp_path):
+    """A folder of text files (no train.jsonl) is split by document, cut into windows, every token counted."""
+    folder = tmp_path / "notes"
+    folder.mkdir()
+    for i in range(40):  # enough documents that the name hash sends some to validation
+        (folder / f"doc{i}.txt").write_text(tiny.CORPUS[i:] + tiny.CORPUS[:i])
+    data = load_finetune_data(folder, tokenizer, 2048, text_window=32)
+    assert data.formats == {"train": ["plain text"], "valid": ["plain text"]} and data.test is None
+    assert data.train.shape[1:] == (2, 33) and len(data.valid) >= 1
+    assert data.train[:, 1, 1:].all() and not data.train[:, 1, 0].any()  # every next token counts
+    result = mlxqat.finetune(str(workspace["int4"]), str(folder), str(tmp_path / "out"), method="scales",
+                             learning_rate=LEARNING_RATES["scales"], seq_len=32, **FAST)
+    assert result["saved"]["valid"] == result["after"]["valid"] != result["before"]["valid"]  # trained, and kept
+    single = tmp_path / "one.md"
+    single.write_text(tiny.CORPUS * 4)
+    assert load_finetune_data(single, tokenizer, 2048, text_window=32).train.shape[1:] == (2, 33)

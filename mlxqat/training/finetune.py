@@ -62,6 +62,7 @@ TRAINABLE = {"lora": "lora", "scales": "scales", "full": "quantized"}  # the tra
 LEARNING_RATES = {"lora": 1e-3, "scales": 3e-5, "full": 1e-4}
 DEFAULT_SEQ_LEN = 2048  # the longest example accepted, as mlx-lm's --max-seq-length (or the model's context)
 VAL_BATCHES = 25
+TEXT_WINDOW = 512  # tokens per window of plain-text data, unless --seq-len says otherwise
 # TrainingArgs fields that are not flags here: the method chooses what trains and at which rate,
 # and the distillation settings have no teacher to apply to
 NOT_FLAGS = ("trainable", "lora_learning_rate", "temperature", "reverse_kl", "ce_weight", "teacher_top_k",
@@ -219,7 +220,8 @@ def finetune(model, data, out, *, method: str = "lora", recipe: Optional[str] = 
             group size), a GGUF file of Q4_0 / Q4_1 / Q8_0 matrices (kept in their blocks), or a full-precision
             model (or any GGUF file) with ``recipe``.
         data: a directory with ``train.jsonl``, ``valid.jsonl`` and optionally ``test.jsonl``
-            (:mod:`mlxqat.finetune_data`).
+            (:mod:`mlxqat.finetune_data`), or plain text (a file or folder: documents split by name, windows
+            of ``seq_len`` tokens, default :data:`TEXT_WINDOW`, every token trained on).
         out: the output mlx-lm directory, or a ``.gguf`` file (for a model whose layers GGUF's Q4_0, Q4_1 or
             Q8_0 blocks hold exactly: a GGUF file of those types, or recipe ``q4_0`` / ``q4_1`` / ``q8_0``),
             written exactly with an Ollama ``Modelfile`` beside it (:func:`mlxqat.export.export_gguf`; the
@@ -259,12 +261,14 @@ def finetune(model, data, out, *, method: str = "lora", recipe: Optional[str] = 
         if seq_len_given:
             check_seq_len(args.seq_len, context)
         limit = args.seq_len if seq_len_given or context is None else min(args.seq_len, context)
-        ds = load_finetune_data(data, tokenizer, limit, mask_prompt=mask_prompt)
+        ds = load_finetune_data(data, tokenizer, limit, mask_prompt=mask_prompt,
+                                text_window=args.seq_len if seq_len_given else min(limit, TEXT_WINDOW))
         args = dataclasses.replace(args, seq_len=ds.seq_len)  # rows are as long as the longest example
         valid = ds.valid if val_batches == -1 else ds.valid[: val_batches * args.batch_size]
         print(f"data: {len(ds.train)} training, {len(ds.valid)} validation"
               + (f", {len(ds.test)} test" if ds.test is not None else "") + f" examples of up to {ds.seq_len + 1} "
-              f"tokens ({', '.join(ds.formats['train'])}); loss on {'completions' if mask_prompt else 'every token'}",
+              f"tokens ({', '.join(ds.formats['train'])}); loss on "
+              f"{'every token' if not mask_prompt or ds.formats['train'] == ['plain text'] else 'completions'}",
               flush=True)
         before = _losses(student, ds, valid, args.batch_size)
         print("before: " + ", ".join(f"{k} loss {v:.4f}" for k, v in before.items()), flush=True)
@@ -313,7 +317,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Quantized mlx-lm directory (mlx_lm.convert -q, or mlxqat's output), a GGUF file of Q4_0, "
                         "Q4_1 and Q8_0 tensors (kept in their own blocks), or a full-precision model / any GGUF file "
                         "with --recipe.")
-    p.add_argument("--data", required=True, help="Directory with train.jsonl, valid.jsonl and optionally test.jsonl.")
+    p.add_argument("--data", required=True,
+                   help="Directory with train.jsonl, valid.jsonl and optionally test.jsonl (mlx-lm's layout), or plain "
+                        f"text: a .txt/.md/.py file or a folder of them (windows of --seq-len tokens, default {TEXT_WINDOW}).")
     p.add_argument("--out", required=True,
                    help="Output mlx-lm directory (same bits, group size and mode), or a .gguf file (same block types: "
                         "Q4_0, Q4_1, Q8_0) with an Ollama Modelfile beside it.")
