@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import time
 from pathlib import Path
 from typing import Callable, Dict, Optional
@@ -41,8 +42,8 @@ from .. import recipes as recipes_mod
 from .._cli import ArgumentParser, command
 from ..convert import convert, layer_specs, prepare_quantized, quantize_rtn
 from ..export import exact_types, export_gguf
-from ..data import check_seq_len, config_context
-from ..evaluate import completion_loss, masked_cross_entropy, trim_masked
+from ..data import build_dataset, check_seq_len, config_context, spread
+from ..evaluate import completion_loss, evaluate, masked_cross_entropy, trim_masked
 from ..finetune_data import load_finetune_data
 from ..gguf.blocks import EXACT_TYPES
 from ..gguf.format import is_gguf_file
@@ -63,6 +64,8 @@ LEARNING_RATES = {"lora": 1e-3, "scales": 3e-5, "full": 1e-4}
 DEFAULT_SEQ_LEN = 2048  # the longest example accepted, as mlx-lm's --max-seq-length (or the model's context)
 VAL_BATCHES = 25
 TEXT_WINDOW = 512  # tokens per window of plain-text data, unless --seq-len says otherwise
+GENERAL = 2  # the mask value of a general-text token that --general-data distils from the starting model
+DRIFT_WINDOWS = 16  # general-text validation windows the drift (KL to the starting model) is measured on
 # TrainingArgs fields that are not flags here: the method chooses what trains and at which rate,
 # and the distillation settings have no teacher to apply to
 NOT_FLAGS = ("trainable", "lora_learning_rate", "temperature", "reverse_kl", "ce_weight", "teacher_top_k",
@@ -75,6 +78,32 @@ def finetune_loss(model: nn.Module, inputs: mx.array, targets: mx.array, _teache
     inputs, next_tokens, mask = trim_masked(inputs, targets)
     total, count = masked_cross_entropy(model(inputs), next_tokens, mask)
     return total / mx.maximum(count, 1)
+
+
+def keep_general_loss(start: nn.Module, weight: float) -> Callable:
+    """The fine-tuning loss with general text distilled from the starting model: rows whose mask is
+    :data:`GENERAL` (general-text windows mixed into the training rows) add ``weight`` x the mean KL from
+    ``start`` (frozen) to the model over their tokens; task rows (mask 1) give the completion loss."""
+
+    def loss(model: nn.Module, inputs: mx.array, targets: mx.array, _teacher_out=None) -> mx.array:
+        inputs, next_tokens, mask = trim_masked(inputs, targets)
+        logits = model(inputs)
+        task = mask == 1
+        total, count = masked_cross_entropy(logits, next_tokens, task)
+        out = total / mx.maximum(count, 1)
+        general = (mask == GENERAL).astype(mx.float32)
+        if not bool(mx.any(general).item()):
+            return out
+        rows = mx.array(np.flatnonzero(np.array(mx.any(general, axis=-1))))  # only they need the start's logits
+        ref = mx.stop_gradient(start(inputs[rows]).astype(mx.float32))
+        lt = ref - mx.logsumexp(ref, axis=-1, keepdims=True)
+        ls = logits[rows].astype(mx.float32)
+        ls = ls - mx.logsumexp(ls, axis=-1, keepdims=True)
+        kl = mx.sum(mx.exp(lt) * (lt - ls), axis=-1)
+        g = general[rows]
+        return out + weight * mx.sum(kl * g) / mx.maximum(mx.sum(g), 1)
+
+    return loss
 
 
 def finetune_args(method: str, **training_kwargs) -> TrainingArgs:
@@ -211,7 +240,8 @@ def _losses(model, data, windows_valid, batch_size: int) -> dict:
 
 
 def finetune(model, data, out, *, method: str = "lora", recipe: Optional[str] = None, mask_prompt: bool = True,
-             val_batches: int = VAL_BATCHES, resume: bool = False, progress: bool = True,
+             val_batches: int = VAL_BATCHES, general_data=None, general_weight: float = 1.0,
+             general_share: float = 0.25, resume: bool = False, progress: bool = True,
              callback: Optional[Callable[[dict], None]] = None, **training_kwargs) -> dict:
     """Fine-tune the quantized model ``model`` on ``data`` and save it to ``out`` in the same format.
 
@@ -231,6 +261,12 @@ def finetune(model, data, out, *, method: str = "lora", recipe: Optional[str] = 
         recipe: quantize a full-precision ``model`` with this recipe (round-to-nearest) first.
         mask_prompt: the loss counts only the completions' tokens (``False``: every token).
         val_batches: validation batches evaluated at each log record (``-1``: the whole split).
+        general_data: general text (a file or folder, :func:`mlxqat.data.build_dataset`) to hold the model to its
+            start on: windows of it are mixed into the training rows and distilled from the starting model
+            (:func:`keep_general_loss`), and the drift (KL from the starting model) is measured on its validation
+            documents after training; ``None``: train on the task alone.
+        general_weight: the weight of that KL beside the completion loss.
+        general_share: general windows mixed in per training example.
         resume: continue from the newest checkpoint in ``<out>.train/``.
         progress: show a progress bar.
         callback: called with every logged record (``val_loss`` included).
@@ -238,8 +274,9 @@ def finetune(model, data, out, *, method: str = "lora", recipe: Optional[str] = 
             ``seq_len``: the longest example accepted, ``learning_rate``: of what the method trains, ...).
 
     Returns:
-        ``{"method", "before", "after", "saved": {"valid", "test"} completion losses, "gain_kept", "training", "out"}``;
-        ``saved`` is measured on ``out`` read back from disk (:func:`read_back`).
+        ``{"method", "before", "after", "saved": {"valid", "test"} completion losses, "gain_kept", "drift", "training",
+        "out"}``; ``saved`` is measured on ``out`` read back from disk (:func:`read_back`); ``drift`` (with
+        ``general_data``) is ``{"kl_to_start", "windows"}`` on its validation windows, else None.
 
     Raises:
         ValueError / FileNotFoundError: bad input (named), before any training.
@@ -251,6 +288,13 @@ def finetune(model, data, out, *, method: str = "lora", recipe: Optional[str] = 
         raise ValueError(f"val_batches={val_batches}: use a positive number of batches, or -1 for the whole split")
     if recipe is not None:
         recipes_mod.get(recipe)  # an unknown name is refused now, not after loading the model
+    if general_data is not None:
+        if not (math.isfinite(general_weight) and general_weight > 0):
+            raise ValueError(f"--general-weight {general_weight}: use a positive weight, e.g. 1.0")
+        if not (math.isfinite(general_share) and general_share > 0):
+            raise ValueError(f"--general-share {general_share}: use a positive share of general windows, e.g. 0.25")
+        if not Path(general_data).exists():
+            raise FileNotFoundError(f"--general-data {general_data} does not exist")
     sources = [model, data]
     gguf_out = Path(out).suffix.lower() == ".gguf"
     check_destination(out, sources=sources, kind="file" if gguf_out else "dir")
@@ -270,12 +314,32 @@ def finetune(model, data, out, *, method: str = "lora", recipe: Optional[str] = 
               f"tokens ({', '.join(ds.formats['train'])}); loss on "
               f"{'every token' if not mask_prompt or ds.formats['train'] == ['plain text'] else 'completions'}",
               flush=True)
+        rows, loss, start, drift_windows = ds.train, finetune_loss, None, None
+        if general_data is not None:
+            gen = build_dataset(general_data, tokenizer, ds.seq_len)
+            mixed = spread(gen.train, max(1, round(general_share * len(ds.train))))
+            general_rows = np.zeros((len(mixed), 2, mixed.shape[1]), dtype=np.int32)
+            general_rows[:, 0], general_rows[:, 1, 1:] = mixed, GENERAL
+            rows = np.concatenate([ds.train, general_rows])
+            start = load_quantized(model, recipe, "scales")[0]  # the starting model's numbers, frozen
+            start.freeze()
+            loss = keep_general_loss(start, general_weight)
+            drift_windows = spread(gen.val, DRIFT_WINDOWS)
+            print(f"general text: {len(general_rows)} windows of {general_data} mixed in, distilled from the starting "
+                  f"model (weight {general_weight:g})", flush=True)
         before = _losses(student, ds, valid, args.batch_size)
         print("before: " + ", ".join(f"{k} loss {v:.4f}" for k, v in before.items()), flush=True)
         report = ValidationLoss(student, valid, args.batch_size, callback)
-        summary = train(student, None, ds.train, None, args, loss=finetune_loss, out_dir=work, resume=resume,
+        summary = train(student, None, rows, None, args, loss=loss, out_dir=work, resume=resume,
                         callback=report, progress=progress)
         after = _losses(student, ds, valid, args.batch_size)
+        drift = None
+        if start is not None:
+            student.eval()
+            drift = {"kl_to_start": evaluate(student, drift_windows, start)["kl"], "windows": len(drift_windows)}
+            print(f"drift on general text: KL from the starting model {drift['kl_to_start']:.5f} "
+                  f"({len(drift_windows)} validation windows)", flush=True)
+            del start
         convert(student)
         restore_dtypes(student, stored)
         info = {
@@ -283,7 +347,7 @@ def finetune(model, data, out, *, method: str = "lora", recipe: Optional[str] = 
                          "recipe": recipe, "formats": ds.formats, "args": dataclasses.asdict(args),
                          **{k: v for k, v in summary.items() if k not in ("losses",)},
                          "validation": report.history},
-            "metrics": {"completion_loss_before": before, "completion_loss_after": after},
+            "metrics": {"completion_loss_before": before, "completion_loss_after": after, "drift": drift},
         }
         extra = {"train_log.jsonl": (work / "train_log.jsonl").read_text()} if (work / "train_log.jsonl").exists() else {}
         directory = work / "model" if gguf_out else out
@@ -301,7 +365,7 @@ def finetune(model, data, out, *, method: str = "lora", recipe: Optional[str] = 
     print(f"{key} completion loss: before {before[key]:.4f}, after training {after[key]:.4f}, saved file "
           f"{saved[key]:.4f}" + (f" (gain kept {100 * kept:.2f}%)" if kept is not None else ""), flush=True)
     print(f"saved {out} ({time.perf_counter() - t_start:.0f} s in all)", flush=True)
-    return {"method": method, "before": before, "after": after, "saved": saved, "gain_kept": kept,
+    return {"method": method, "before": before, "after": after, "saved": saved, "gain_kept": kept, "drift": drift,
             "training": summary, "out": str(out)}
 
 
@@ -334,6 +398,13 @@ def build_parser() -> argparse.ArgumentParser:
                         "--no-mask-prompt trains on every token).")
     p.add_argument("--val-batches", type=int, default=VAL_BATCHES,
                    help=f"Validation batches evaluated at each log record; -1: the whole split (default: {VAL_BATCHES}).")
+    p.add_argument("--general-data", default=None,
+                   help="General text (a file or folder) to hold the model to its start: windows of it are mixed into "
+                        "training and distilled from the starting model, and the drift is reported (default: none).")
+    p.add_argument("--general-weight", type=float, default=1.0,
+                   help="Weight of the general-text KL beside the completion loss (default: 1.0).")
+    p.add_argument("--general-share", type=float, default=0.25,
+                   help="General windows mixed in per training example (default: 0.25).")
     p.add_argument("--resume", action="store_true", help="Continue from the newest checkpoint in <out>.train/.")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="No progress bar.")
     for f in dataclasses.fields(TrainingArgs):
