@@ -331,7 +331,7 @@ def finetune(model, data, out, *, method: str = "lora", recipe: Optional[str] = 
         print("before: " + ", ".join(f"{k} loss {v:.4f}" for k, v in before.items()), flush=True)
         report = ValidationLoss(student, valid, args.batch_size, callback)
         summary = train(student, None, rows, None, args, loss=loss, out_dir=work, resume=resume,
-                        callback=report, progress=progress)
+                        callback=report, progress=progress and f"fine-tune ({method})")
         after = _losses(student, ds, valid, args.batch_size)
         drift = None
         if start is not None:

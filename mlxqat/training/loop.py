@@ -12,7 +12,7 @@ import json
 import math
 import time
 from pathlib import Path
-from typing import Callable, List, Optional
+from typing import Callable, List, Optional, Union
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -250,7 +250,7 @@ def train(
     out_dir: Optional[Path] = None,
     resume: bool = False,
     callback: Optional[Callable[[dict], None]] = None,
-    progress: bool = True,
+    progress: Union[bool, str] = True,
     teacher_targets: Optional[TeacherTargets] = None,
 ) -> dict:
     """Fine-tune a prepared ``student`` towards ``teacher`` on ``dataset.train``.
@@ -276,6 +276,7 @@ def train(
             written with the same recipe, seq_len, batch_size, trainable mode and seed.
         callback: called with every logged record (dict), before it is written: it may add entries
             (e.g. a validation loss).
+        progress: show a progress bar (a string: its label, default ``"QAT"``).
         teacher_targets: the teacher's logits per micro-batch (default: a
             :class:`TeacherTargets` of ``teacher`` and ``args.teacher_top_k``).
 
@@ -344,13 +345,14 @@ def _start(student: nn.Module, optimizer, args: TrainingArgs, out_dir, resume: b
 
 
 def _loop(student, optimizer, step_fn, train_data, args: TrainingArgs, start: int, ckpt_dir, log_f,
-          callback, progress: bool, rank: int):
+          callback, progress: Union[bool, str], rank: int):
     """Steps ``start .. args.steps - 1``: log, call back, checkpoint. Returns ``(losses, tokens, t0)``."""
 
     losses = []
     t0 = time.perf_counter()
     tokens = 0
-    bar = tqdm(total=args.steps, initial=start, desc="QAT", disable=not progress or rank != 0, dynamic_ncols=True)
+    bar = tqdm(total=args.steps, initial=start, desc=progress if isinstance(progress, str) else "QAT",
+               disable=not progress or rank != 0, dynamic_ncols=True)
     last_t, last_tokens = t0, 0  # at the previous log record
     try:
         for step, batch in iterate_batches(train_data, args.batch_size, args.seed, start_step=start):
