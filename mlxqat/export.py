@@ -46,6 +46,7 @@ from .footprint import memory_report
 from .gguf import ollama
 from .gguf import writer as ge
 from .gguf.format import is_gguf_file
+from .gguf.reader import load_gguf
 from .gguf.tokenizer import adds_bos_eos, end_of_turn, read_tokenizer
 from .storage.checks import PathLike, safetensors_header
 from .storage.destinations import DestinationError, atomic_path, check_destination
@@ -60,12 +61,17 @@ class ExportWarning(UserWarning):
     """An export that is not exact (re-quantized weights, dropped activation quantization)."""
 
 
-def _open_source(src_dir: PathLike, out_dir: PathLike):
-    """``(src, model, tokenizer, config)`` of an export's source, once ``out_dir`` is known to be writable."""
+def _open_source(src_dir: PathLike, out_dir: PathLike, keep_blocks: bool = False):
+    """``(src, model, tokenizer, config)`` of an export's source, once ``out_dir`` is known to be writable;
+    ``keep_blocks``: a GGUF file's Q4_0 / Q4_1 / Q8_0 matrices stay quantized layers with their own blocks."""
     src = Path(src_dir)
     config = None if is_gguf_file(src) else check_config(src)  # a GGUF file: config from its metadata
     check_destination(out_dir, sources=[src])  # fail fast, before loading
-    model, tokenizer, loaded_config = load(src, return_config=True)
+    if keep_blocks and config is None:
+        model, tokenizer, loaded_config = load_gguf(src, keep_quantized=True)
+        loaded_config.pop("gguf_float_layers")
+    else:
+        model, tokenizer, loaded_config = load(src, return_config=True)
     return src, model, tokenizer, loaded_config if config is None else config
 
 
@@ -286,14 +292,15 @@ def export_mlx(src_dir: PathLike, out_dir: PathLike, *, verbose: bool = True) ->
     """Write an mlx-lm directory (``mlx_lm.load`` opens it) with a model card and sha256 manifest.
 
     Args:
-        src_dir: a directory saved by :func:`mlxqat.save`, any mlx-lm directory, or a GGUF file
-            (dequantized to float32, :mod:`mlxqat.gguf.reader`).
+        src_dir: a directory saved by :func:`mlxqat.save`, any mlx-lm directory, or a GGUF file (its Q4_0,
+            Q4_1 and Q8_0 matrices as MLX quantized layers holding the same codes, scales and offsets,
+            4- or 8-bit in groups of 32; other tensors dequantized to float32, :mod:`mlxqat.gguf.reader`).
         out_dir: destination directory (replaced atomically).
 
     Returns:
         The manifest written to ``mlxqat.json``.
     """
-    src, model, tokenizer, config = _open_source(src_dir, out_dir)
+    src, model, tokenizer, config = _open_source(src_dir, out_dir, keep_blocks=True)
     info = _source_info(src)
     info.update({"exported_from": str(src), "memory": memory_report(model).to_dict()})
     manifest = save(model, tokenizer, out_dir, config=config, info=info, sources=[src], title=src.resolve().name)

@@ -146,3 +146,27 @@ def test_what_cannot_stay_in_its_type_is_refused_before_training(files, workspac
 @pytest.fixture(scope="module")
 def workspace_int4(files, tokenizer):
     return _quantized_dir(files["root"], tokenizer, "int4")
+
+
+def test_a_q4_1_gguf_exports_to_mlx_in_its_own_blocks(files, tmp_path):
+    """``export X.gguf --format mlx`` keeps Q4_1 / Q8_0 matrices quantized, with the file's numbers."""
+    from mlx_lm import load as mlx_lm_load
+
+    from mlxqat.export import export_mlx
+
+    export_mlx(files["q4_1"], tmp_path / "mlx", verbose=False)
+    import json
+
+    q = json.loads((tmp_path / "mlx" / "config.json").read_text())["quantization"]
+    assert q["bits"] == 4 and q["group_size"] == 32
+    reference, _, _ = load_gguf(files["q4_1"])  # dequantized to float32
+    plain, _ = mlx_lm_load(str(tmp_path / "mlx"))
+    layer = plain.model.layers[0].mlp.down_proj
+    assert isinstance(layer, nn.QuantizedLinear) and layer.bits == 4 and layer.group_size == 32
+    w = mx.dequantize(layer.weight, layer.scales.astype(mx.float32), layer.biases.astype(mx.float32), group_size=32, bits=4)
+    assert mx.array_equal(w, reference.model.layers[0].mlp.down_proj.weight)
+    x = mx.array([[1, 2, 3, 4, 5, 6]])
+    plain.set_dtype(mx.float32)
+    assert mx.allclose(plain(x), reference(x), atol=1e-4)
+    gguf_bytes = files["q4_1"].stat().st_size
+    assert sum(f.stat().st_size for f in (tmp_path / "mlx").glob("*.safetensors")) < 1.5 * gguf_bytes
