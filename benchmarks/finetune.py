@@ -160,7 +160,7 @@ class Bench:
         """mlx-lm's LoRA training (``mlx_lm lora --train``, its own code and defaults: rank 8, scale 20, Adam,
         constant rate), run in this process so that a quantized base computes as dequantize + matmul on a CPU
         (:func:`mlxqat.kernels.use_dequantized_matmul`: the same numbers as ``quantized_matmul``, whose CPU
-        path makes one step take minutes)."""
+        path makes one step take minutes), in float32 as mlxqat's methods compute here."""
         import contextlib
         import io
         import types
@@ -181,6 +181,7 @@ class Bench:
         np.random.seed(0)
         model, tokenizer = mlx_lm_load(str(base))
         use_dequantized_matmul(model)
+        model.set_dtype(mx.float32)  # a CPU multiplies bfloat16 without BLAS, many times slower; values are exact
         train_set, valid_set, _ = load_dataset(args, tokenizer)
         t = time.time()
         log = io.StringIO()
