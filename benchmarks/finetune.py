@@ -27,9 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import platform
-import re
 import shutil
 import subprocess
 import sys
@@ -68,11 +66,6 @@ def run(cmd, log: Path) -> str:
 
 def dir_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in Path(path).glob("*.safetensors"))
-
-
-def tokens_per_second(log_text: str):
-    found = re.findall(r"Tokens/sec ([0-9.]+)", log_text)
-    return float(np.mean([float(x) for x in found])) if found else None
 
 
 class Bench:
@@ -188,8 +181,7 @@ class Bench:
         with contextlib.redirect_stdout(log):
             train_model(args, model, train_set, valid_set)
         (self.work / f"{adapter.name}.log").write_text(log.getvalue())
-        (adapter / "bench.json").write_text(json.dumps({"seconds": time.time() - t,
-                                                        "tokens_per_second": tokens_per_second(log.getvalue())}))
+        (adapter / "bench.json").write_text(json.dumps({"seconds": time.time() - t}))
         return adapter
 
     def with_adapter(self, base: Path, adapter: Path):
@@ -260,8 +252,7 @@ class Bench:
             r = self.measure(self.quantized(fused), answers=False)
             self.keep("fused", dict(r, **self.answers_of(self.quantized(fused)), bytes=dir_bytes(fused), dir=str(fused)))
         out.append(dict(self.cache["fused"], method="mlx-lm LoRA on 4-bit + mlx_lm fuse (4-bit)",
-                        learning_rate=l4["learning_rate"], seconds=l4["seconds"],
-                        tokens_per_second=l4["tokens_per_second"], reference=l4))
+                        learning_rate=l4["learning_rate"], seconds=l4["seconds"], reference=l4))
         if "fp fused rtn" not in self.cache:
             f16 = self.fused(self.fp_dir, Path(up["adapter"]), "mlx-lm-fused-16bit")
             q = self.rtn(f16, "mlx-lm-fused-16bit-rtn")
@@ -281,8 +272,7 @@ class Bench:
                                     progress=False)
                 seconds = time.time() - t
                 m = self.measure(self.quantized(target), answers=False)
-                return dict(m, dir=str(target), seconds=seconds, after_test=r["after"]["test"],
-                            tokens_per_second=r["training"].get("tokens_per_second"), bytes=dir_bytes(target))
+                return dict(m, dir=str(target), seconds=seconds, after_test=r["after"]["test"], bytes=dir_bytes(target))
             row = self.search(f"mlxqat {method}", getattr(a, f"{method}_lrs"), ours)
             row.update(self.cache.get(f"{method} answers") or self.keep(f"{method} answers", self.answers_of(self.quantized(Path(row["dir"])))))
             out.append(dict(row, method=f"mlxqat {method} (4-bit)", reference={"test": row["after_test"]}))

@@ -212,13 +212,22 @@ def _name_map(model_type: str, n_layers: int):
     return gguf.get_tensor_name_map(enum, n_layers)
 
 
+def _hf_rows(rows: np.ndarray, gguf_name: str, config: dict) -> np.ndarray:
+    """A matrix's rows (values or whole rows of blocks) back from llama.cpp's interleaved rotary order to Hugging
+    Face's halves, for the query and key projections of architectures whose converter permutes them."""
+    heads = {"attn_q": config["num_attention_heads"], "attn_k": config["num_key_value_heads"]}
+    kind = gguf_name.split(".")[-2]
+    if ARCHS[config["model_type"]].permute_qk and kind in heads:
+        return permute_rows(rows, heads[kind], inverse=True)
+    return rows
+
+
 def _load_weights(model: nn.Module, config: dict, tensors: dict, path: Path, dtype: mx.Dtype) -> Dict[str, str]:
     """Dequantize every tensor into ``model`` (built from ``config``), undoing llama.cpp's conversions;
     returns ``{MLX parameter: GGUF tensor}``."""
 
     spec = ARCHS[config["model_type"]]
     names = _name_map(config["model_type"], config["num_hidden_layers"])
-    heads = {"attn_q": config["num_attention_heads"], "attn_k": config["num_key_value_heads"]}
     params = dict(tree_flatten(model.parameters()))
     plan = {}
     for mlx_name, p in params.items():
@@ -242,10 +251,7 @@ def _load_weights(model: nn.Module, config: dict, tensors: dict, path: Path, dty
                          "the file holds an architecture variant mlxqat cannot import")
     weights = {}
     for mlx_name, gguf_name in plan.items():
-        w = _dequantize(tensors[gguf_name], path)
-        kind = gguf_name.split(".")[-2]
-        if spec.permute_qk and kind in heads:  # llama.cpp's interleaved rotary rows -> Hugging Face's halves
-            w = permute_rows(w, heads[kind], inverse=True)
+        w = _hf_rows(_dequantize(tensors[gguf_name], path), gguf_name, config)
         if spec.norm_shift and mlx_name.endswith("norm.weight"):
             w = w - np.float32(spec.norm_shift)  # mlx-lm adds it back: rms_norm(x, 1 + w)
         weights[mlx_name] = mx.array(w).astype(dtype)
@@ -260,8 +266,6 @@ def _keep_blocks(model: nn.Module, config: dict, tensors: dict, plan: Dict[str, 
     """Make each linear layer and embedding stored as Q4_0, Q4_1 or Q8_0 an MLX quantized layer holding the
     file's own codes, scales and offsets (:func:`mlxqat.gguf.blocks.mlx_arrays`), with the spec of the recipe
     that exports it exactly; returns ``{layer path: GGUF type name}`` of the matrices kept as floats."""
-    spec = ARCHS[config["model_type"]]
-    heads = {"attn_q": config["num_attention_heads"], "attn_k": config["num_key_value_heads"]}
     modules = dict(model.named_modules())
     kept, floats = {}, {}
     for mlx_name, gguf_name in plan.items():
@@ -275,10 +279,7 @@ def _keep_blocks(model: nn.Module, config: dict, tensors: dict, plan: Dict[str, 
             continue
         shape = tuple(int(x) for x in reversed(t.shape.tolist()))
         try:
-            blocks = np.array(t.data).reshape(shape[0], -1)
-            kind = gguf_name.split(".")[-2]
-            if spec.permute_qk and kind in heads:  # whole rows of blocks move, as the dequantized rows do
-                blocks = permute_rows(blocks, heads[kind], inverse=True)
+            blocks = _hf_rows(np.array(t.data).reshape(shape[0], -1), gguf_name, config)  # whole rows of blocks
             kept[prefix] = (qtype, *mlx_arrays(blocks, qtype, shape))
         except ValueError as e:
             raise ValueError(f"{path}: tensor {gguf_name} ({qtype.name} {list(shape)}) cannot be read ({e}); "
