@@ -29,7 +29,7 @@ PAIRS = [("def fibonacci(n):", "\n    if n < 2:\n        return n"), ("class Poi
          ("The quick brown fox", " jumps over the lazy dog."), ("import os,", " sys, json")]
 CHAT_TEMPLATE = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
                  "{% if add_generation_prompt %}assistant:{% endif %}")
-LEARNING_RATES = {"lora": 3e-3, "scales": 3e-4, "full": 3e-4}  # high: a few steps must show a gain
+LEARNING_RATES = {"lora": 3e-3, "scales": 3e-3, "full": 3e-4}  # high: a few steps must show a gain (scales: relative)
 FAST = dict(steps=6, batch_size=4, log_every=3, progress=False, val_batches=-1)
 
 

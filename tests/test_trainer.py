@@ -230,6 +230,29 @@ def test_the_log_reports_the_weights_learning_rate_of_the_named_optimizer_parts(
     assert [float(o.learning_rate) for o in (opt.scales, opt.lora, opt.weights)] == pytest.approx([1e-4, 1e-2, 1e-3])
 
 
+def test_relative_scale_steps_move_every_group_by_the_same_fraction_of_its_scale():
+    # two layers whose scales differ 1000-fold get the same gradients: absolute steps move the small
+    # scales 1000 times further, relative ones move every group's scale and offset by lr x |scale|
+    layers = {"a": {"scales": mx.array([[0.001, 0.002]]), "biases": mx.array([[-0.008, 0.004]])},
+              "b": {"scales": mx.array([[1.0, 2.0]]), "biases": mx.array([[-8.0, 4.0]])}}
+    grads = {k: {"scales": mx.array([[1.0, -1.0]]), "biases": mx.array([[-1.0, 1.0]])} for k in layers}
+    steps = {}
+    for step in ("absolute", "relative"):
+        args = TrainingArgs(steps=2, scale_learning_rate=1e-2, schedule="constant", warmup_steps=0,
+                            optimizer_state_dtype="float32", scale_step=step)
+        new = QATOptimizer(args).apply_gradients(grads, layers)
+        steps[step] = {(k, p): np.array(new[k][p] - layers[k][p]) for k in layers for p in ("scales", "biases")}
+    first = np.abs(steps["absolute"]["a", "scales"][0, 0])  # Adam's first step: the same size for every |gradient|
+    assert first > 1e-3
+    for (k, p), d in steps["absolute"].items():
+        np.testing.assert_allclose(np.abs(d), first, rtol=1e-4)
+    for (k, p), d in steps["relative"].items():
+        np.testing.assert_allclose(d, steps["absolute"][k, p] * np.abs(np.array(layers[k]["scales"])), rtol=1e-4)
+        np.testing.assert_allclose(np.abs(d) / np.abs(np.array(layers[k]["scales"])), first, rtol=1e-4)
+    with pytest.raises(ValueError, match="scale_step='log' is not supported"):
+        TrainingArgs(scale_step="log")
+
+
 def test_a_given_optimizer_and_loss_replace_the_defaults():
     teacher, _ = tiny.make_model("llama", 0)
     student, _ = tiny.make_model("llama", 0)

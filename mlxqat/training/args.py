@@ -18,6 +18,9 @@ SCHEDULES = ("cosine", "linear", "constant")
 STATE_DTYPES = ("float32", "bfloat16")
 
 
+SCALE_STEPS = ("absolute", "relative")
+
+
 # grad_checkpoint=None turns checkpointing on when a micro-batch's activations, estimated at
 # ACTIVATION_FLOATS per hidden unit, token and block (llama-like blocks), exceed GRAD_CHECKPOINT_BYTES
 ACTIVATION_FLOATS = 16
@@ -53,6 +56,10 @@ class TrainingArgs:
     scale_learning_rate: Optional[float] = _arg(
         None, "Peak learning rate of learned scales/biases (default: learning_rate / 10; scales are small "
         "numbers and Adam steps are absolute).", positive_float)
+    scale_step: str = _arg(
+        "absolute", "How far a learned scale or offset moves per step: absolute (the scales' learning rate, in "
+        "the scales' own units) or relative (the learning rate times the magnitude of its group's scale, so every "
+        "group, layer and format moves by the same fraction of its quantization step).", choices=SCALE_STEPS)
     lora_learning_rate: float = _arg(1e-3, "Peak learning rate of LoRA adapters.", positive_float)
     schedule: str = _arg("cosine", "cosine, linear or constant (after warmup).", choices=SCHEDULES)
     warmup_steps: int = _arg(10, "Linear warmup steps.", non_negative_int)

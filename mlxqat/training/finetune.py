@@ -59,8 +59,9 @@ __all__ = ["finetune", "main", "build_parser", "METHODS"]
 
 METHODS = ("lora", "scales", "full")
 TRAINABLE = {"lora": "lora", "scales": "scales", "full": "quantized"}  # the trainer's mode of each method
-# peak learning rate of what each method trains (--learning-rate)
-LEARNING_RATES = {"lora": 1e-3, "scales": 3e-5, "full": 1e-4}
+# peak learning rate of what each method trains (--learning-rate); under scales it is relative: the fraction
+# of each group's scale a step moves its scale and offset (TrainingArgs.scale_step), whatever the format
+LEARNING_RATES = {"lora": 1e-3, "scales": 1e-3, "full": 1e-4}
 DEFAULT_SEQ_LEN = 2048  # the longest example accepted, as mlx-lm's --max-seq-length (or the model's context)
 VAL_BATCHES = 25
 TEXT_WINDOW = 512  # tokens per window of plain-text data, unless --seq-len says otherwise
@@ -108,8 +109,9 @@ def keep_general_loss(start: nn.Module, weight: float) -> Callable:
 
 def finetune_args(method: str, **training_kwargs) -> TrainingArgs:
     """The :class:`TrainingArgs` of ``method``: ``learning_rate`` is the peak rate of what it trains (default
-    :data:`LEARNING_RATES`); under ``full`` the scales and offsets take ``scale_learning_rate`` (default
-    ``learning_rate / 10``)."""
+    :data:`LEARNING_RATES`); under ``scales`` each step moves a scale and its offset by that fraction of the
+    group's scale (``scale_step="relative"``, unless given); under ``full`` the scales and offsets take
+    ``scale_learning_rate`` (default ``learning_rate / 10``)."""
     if method not in METHODS:
         raise ValueError(f"method={method!r} is not one of {METHODS}")
     bad = sorted(set(training_kwargs) & set(NOT_FLAGS))
@@ -121,6 +123,7 @@ def finetune_args(method: str, **training_kwargs) -> TrainingArgs:
         kw["lora_learning_rate"] = lr
     elif method == "scales":
         kw["scale_learning_rate"] = kw.get("scale_learning_rate") or lr
+        kw.setdefault("scale_step", "relative")
     kw.setdefault("seq_len", DEFAULT_SEQ_LEN)
     return TrainingArgs(trainable=TRAINABLE[method], **kw)
 

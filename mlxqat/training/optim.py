@@ -8,6 +8,7 @@ from typing import Callable
 import mlx.core as mx
 import mlx.nn as nn
 import mlx.optimizers as optim
+from mlx.utils import tree_flatten, tree_unflatten
 
 from ..layers import FakeQuantEmbedding, FakeQuantLinear, freeze_codes, weight_released
 from ..lora import QALoRALinear, apply_lora
@@ -134,14 +135,38 @@ class LowPrecisionAdamW(optim.AdamW):
         return parameter - lr * m / (mx.sqrt(v) + self.eps)
 
 
+def relative_steps(optimizer: optim.Optimizer) -> optim.Optimizer:
+    """``optimizer`` (an instance) with each update of a ``scales`` / ``biases`` tensor multiplied by the
+    magnitude of its group's scale, ``|scales|``, before it is applied: its learning rate becomes a fraction
+    of each group's quantization step (a multiplicative step for the scales, as if ``log |scale|`` trained),
+    whatever the layer's or format's scale size. The magnitudes are read from the parameters at every step,
+    so the optimizer's state and checkpoints are those of the plain optimizer."""
+    step = optimizer.apply_gradients
+
+    def apply_gradients(gradients: dict, parameters: dict):
+        new = step(gradients, parameters)
+        old = dict(tree_flatten(parameters))
+        out = []
+        for k, v in tree_flatten(new):
+            group = k.rsplit(".", 1)[0] + ".scales"
+            if _is_scale(k) and group in old:
+                v = old[k] + mx.abs(old[group]).astype(v.dtype) * (v - old[k])
+            out.append((k, v))
+        return tree_unflatten(out)
+
+    optimizer.apply_gradients = apply_gradients
+    return optimizer
+
+
 class QATOptimizer(optim.MultiOptimizer):
     """AdamW with its own warmup and decay (:func:`lr_schedule`) for each kind of trained parameter.
 
     The parts are named: ``scales`` (learned scales and biases, ``args.scale_lr``),
     ``lora`` (adapters, ``args.lora_learning_rate``) and ``weights`` (everything
     else, ``args.learning_rate``). :attr:`learning_rate` is the weights' one, the
-    rate the training log reports. Their moments are stored in ``args.optimizer_state_dtype``
-    (:class:`LowPrecisionAdamW` for bfloat16).
+    rate the training log reports. With ``args.scale_step == "relative"`` the scales' steps are
+    relative to each group's scale (:func:`relative_steps`). Their moments are stored in
+    ``args.optimizer_state_dtype`` (:class:`LowPrecisionAdamW` for bfloat16).
     """
 
     def __init__(self, args: TrainingArgs):
@@ -152,7 +177,10 @@ class QATOptimizer(optim.MultiOptimizer):
             return LowPrecisionAdamW(**kw, state_dtype=getattr(mx, args.optimizer_state_dtype), seed=args.seed)
 
         # the order of the parts is the order of their states in a checkpoint
-        super().__init__([adamw(args.scale_lr), adamw(args.lora_learning_rate), adamw(args.learning_rate)],
+        scales = adamw(args.scale_lr)
+        if args.scale_step == "relative":
+            scales = relative_steps(scales)
+        super().__init__([scales, adamw(args.lora_learning_rate), adamw(args.learning_rate)],
                          [_is_scale, _is_lora])
         self.scales, self.lora, self.weights = self.optimizers
 
