@@ -326,6 +326,7 @@ def test_resume_refuses_other_settings(tmp_path):
         (dict(batch_size=2), "was written with batch_size=4, this run has batch_size=2; resume with --batch-size 4"),
         (dict(trainable="lora"), "was written with trainable='all', this run has trainable='lora'"),
         (dict(seed=3), "was written with seed=0, this run has seed=3; resume with --seed 0"),
+        (dict(scale_step="relative"), "was written with scale_step='absolute', this run has scale_step='relative'"),
         (dict(recipe="int2"), "was written with recipe 'int3', this run has recipe 'int2'; resume with the same --recipe"),
         (dict(recipe=mlxqat.recipes.get("int3", learn_scales=True)),
          "was written with recipe 'int3' with learn_scales=False (now True)"),

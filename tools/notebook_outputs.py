@@ -8,7 +8,8 @@ Each notebook runs top to bottom in ``notebooks/``, where Jupyter runs it, with 
 committed (``QUICK = False``: the real model that ``tools/fetch-models`` puts in ``.models/``). Its
 outputs are written back into the ``.ipynb`` (widget state dropped: progress bars keep their text),
 and its metadata ``mlxqat`` records the sha256 of its code cells (:func:`code_hash`), the command,
-the machine and the time the run took. The test suite compares that hash with the code: a code cell
+the machine and the time the run took. The last figure of each notebook is also written to
+``docs/images/<notebook>.png`` (the README shows the first notebook's). The test suite compares that hash with the code: a code cell
 changed without its outputs made again fails ``tests/test_notebooks.py``. A notebook that fails is
 left as it was.
 """
@@ -16,6 +17,7 @@ left as it was.
 from __future__ import annotations
 
 import argparse
+import base64
 import datetime
 import hashlib
 import os
@@ -27,6 +29,7 @@ from typing import List, Optional
 
 ROOT = Path(__file__).resolve().parent.parent
 NOTEBOOKS = ROOT / "notebooks"
+IMAGES = ROOT / "docs" / "images"
 WIDGET = "application/vnd.jupyter.widget-view+json"
 COMMAND = "make notebooks-outputs"
 
@@ -100,10 +103,20 @@ def run(path: Path, timeout: int = 3600) -> dict:
         "wall_s": round(time.perf_counter() - t0),
     }
     nb.metadata["mlxqat"] = meta
-    tmp = path.with_name(path.name + ".tmp")
-    nbformat.write(nb, str(tmp))
-    os.replace(tmp, path)  # the notebook is the repository's own; never half-written
+    _write(path, nbformat.writes(nb).encode("utf-8"))
+    pngs = [o["data"]["image/png"] for c in nb.cells if c.cell_type == "code" for o in c.outputs
+            if "image/png" in o.get("data", {})]
+    if pngs:
+        IMAGES.mkdir(parents=True, exist_ok=True)
+        _write(IMAGES / f"{path.stem}.png", base64.b64decode(pngs[-1]))
     return meta
+
+
+def _write(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` (the repository's own file) through a temporary file: never half-written."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
 
 
 def _paths(names: List[str]) -> List[Path]:

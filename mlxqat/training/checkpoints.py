@@ -30,7 +30,7 @@ LATEST = "latest.json"
 
 # Settings a resumed run must share with its checkpoint: they decide the parameters,
 # the batches and what a step means. (Learning rates, logging etc. may change.)
-RESUME_MUST_MATCH = ("seq_len", "batch_size", "trainable", "lora_rank", "lora_scale", "seed")
+RESUME_MUST_MATCH = ("seq_len", "batch_size", "trainable", "lora_rank", "lora_scale", "seed", "scale_step")
 
 
 def recipe_dict(student: nn.Module) -> Optional[dict]:

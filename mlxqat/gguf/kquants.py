@@ -1,0 +1,210 @@
+"""GGUF's K-quant blocks (Q4_K, Q5_K, Q6_K) as integers and their two-level scales, both ways.
+
+A K-quant row is cut into super-blocks of 256 weights. Q4_K and Q5_K split each into eight
+sub-blocks of 32 weights; sub-block ``j`` has a 6-bit scale ``sc[j]`` and a 6-bit min ``m[j]``,
+themselves integers against the super-block's float16 ``d`` and ``dmin``, and a weight with code
+``q`` is ``d * sc[j] * q - dmin * m[j]`` (codes of 4 or 5 bits). Q6_K splits it into sixteen
+sub-blocks of 16 weights with signed 8-bit scales and no min: ``d * sc[j] * (q - 32)``, 6-bit codes.
+
+In MLX terms a Q4_K / Q5_K sub-block is an affine group of 32 with ``scale = d * sc[j]`` and
+``bias = -dmin * m[j]``, both exact in float32 (an 11-bit float16 significand times a 6-bit
+integer). :func:`pack` writes the parts as the blocks llama.cpp reads and :func:`unpack` reads
+them back, byte for byte; :func:`factor` finds ``(d, sc)`` for float32 scales that have that
+form (the export of a layer whose scales were trained on that grid).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, Optional, Tuple
+
+import numpy as np
+from gguf import GGMLQuantizationType as GT
+
+QK_K = 256  # weights per super-block
+
+
+@dataclass(frozen=True)
+class KType:
+    """The layout of one K-quant type."""
+
+    bits: int  # of a weight's code
+    sub: int  # weights per sub-block
+    scale_bits: int  # of a sub-block's scale (and min) integer
+    has_min: bool
+    block_bytes: int
+
+    @property
+    def subs(self) -> int:
+        return QK_K // self.sub
+
+
+KTYPES: Dict[GT, KType] = {
+    GT.Q4_K: KType(4, 32, 6, True, 144),
+    GT.Q5_K: KType(5, 32, 6, True, 176),
+    GT.Q6_K: KType(6, 16, 8, False, 210),
+}
+
+
+@dataclass
+class KParts:
+    """A K-quant matrix of ``rows x cols`` as integers: ``codes`` (rows, cols) uint8; ``sc`` and ``m``
+    (rows, cols / sub) the sub-blocks' scale and min integers (``m`` None for Q6_K; Q6_K's ``sc`` is
+    int8); ``d`` and ``dmin`` (rows, cols / 256) float16 (``dmin`` None for Q6_K)."""
+
+    codes: np.ndarray
+    sc: np.ndarray
+    d: np.ndarray
+    m: Optional[np.ndarray] = None
+    dmin: Optional[np.ndarray] = None
+
+    def scales_biases(self, qtype: GT) -> Tuple[np.ndarray, np.ndarray]:
+        """Per sub-block float32 ``(scale, bias)`` with ``weight = scale * code + bias`` (Q6_K: the code is
+        ``q`` in 0..63 and the bias ``-32 * scale``), as llama.cpp computes them."""
+        t = KTYPES[qtype]
+        d = np.repeat(self.d.astype(np.float32), t.subs, axis=-1)
+        scale = d * self.sc.astype(np.float32)
+        if not t.has_min:
+            return scale, -32.0 * scale
+        dmin = np.repeat(self.dmin.astype(np.float32), t.subs, axis=-1)
+        return scale, -(dmin * self.m.astype(np.float32))
+
+    def dequantize(self, qtype: GT) -> np.ndarray:
+        """The float32 weights, in llama.cpp's order of operations."""
+        t = KTYPES[qtype]
+        rows, cols = self.codes.shape
+        scale, bias = self.scales_biases(qtype)
+        q = self.codes.reshape(rows, cols // t.sub, t.sub).astype(np.float32)
+        if not t.has_min:
+            return (scale[..., None] * (q - 32.0)).reshape(rows, cols)
+        return (scale[..., None] * q - (-bias)[..., None]).reshape(rows, cols)
+
+
+def _check(qtype: GT, cols: int) -> KType:
+    if qtype not in KTYPES:
+        raise ValueError(f"{getattr(qtype, 'name', qtype)} is not a K-quant type ({', '.join(t.name for t in KTYPES)})")
+    if cols % QK_K:
+        raise ValueError(f"{qtype.name} needs rows whose length is a multiple of {QK_K}; this one has {cols}")
+    return KTYPES[qtype]
+
+
+def _pack_scales(sc: np.ndarray, m: np.ndarray) -> np.ndarray:
+    """Eight 6-bit scales and mins per super-block (..., 8) -> llama.cpp's 12 bytes (..., 12)."""
+    sc, m = sc.astype(np.uint8), m.astype(np.uint8)
+    lo = sc[..., :4] | ((sc[..., 4:] >> 4) << 6)
+    mid = m[..., :4] | ((m[..., 4:] >> 4) << 6)
+    hi = (sc[..., 4:] & 0x0F) | ((m[..., 4:] & 0x0F) << 4)
+    return np.concatenate([lo, mid, hi], axis=-1).astype(np.uint8)
+
+
+def _unpack_scales(b: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+    lo, mid, hi = b[..., 0:4], b[..., 4:8], b[..., 8:12]
+    sc = np.concatenate([lo & 0x3F, (hi & 0x0F) | ((lo >> 2) & 0x30)], axis=-1)
+    m = np.concatenate([mid & 0x3F, (hi >> 4) | ((mid >> 2) & 0x30)], axis=-1)
+    return sc, m
+
+
+def _f16(x: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(x.astype(np.float16))[..., None].view(np.uint8)
+
+
+def pack(parts: KParts, qtype: GT) -> np.ndarray:
+    """The GGUF blocks of ``parts``: (rows, cols / 256 * block bytes) uint8, as llama.cpp stores them.
+
+    Raises:
+        ValueError: a code, scale or min outside its type's range, or a row length not a multiple of 256.
+    """
+    rows, cols = parts.codes.shape
+    t = _check(qtype, cols)
+    nb = cols // QK_K
+    codes = parts.codes.astype(np.int64)
+    if codes.min(initial=0) < 0 or codes.max(initial=0) >= 1 << t.bits:
+        raise ValueError(f"{qtype.name} codes must be in 0..{(1 << t.bits) - 1}")
+    q = codes.astype(np.uint8).reshape(rows, nb, QK_K)
+    d = _f16(parts.d.reshape(rows, nb))
+    if not t.has_min:
+        sc = parts.sc.astype(np.int64)
+        if sc.min(initial=0) < -128 or sc.max(initial=0) > 127:
+            raise ValueError("Q6_K scales must be int8 (-128..127)")
+        w = q.reshape(rows, nb, 2, 128)  # halves of 128 weights
+        low = w & 0x0F
+        ql = low[..., :64] | (low[..., 64:] << 4)  # (rows, nb, 2, 64): nibble s holds weights s*64 + l
+        high = (w >> 4).reshape(rows, nb, 2, 4, 32)  # 2-bit pieces: t*32 + l
+        qh = high[..., 0, :] | (high[..., 1, :] << 2) | (high[..., 2, :] << 4) | (high[..., 3, :] << 6)
+        scales = sc.astype(np.int8).reshape(rows, nb, 16).view(np.uint8)
+        out = np.concatenate([ql.reshape(rows, nb, 128), qh.reshape(rows, nb, 64), scales, d], axis=-1)
+        return out.reshape(rows, nb * t.block_bytes)
+    for name, v in (("scales", parts.sc), ("mins", parts.m)):
+        v = np.asarray(v).astype(np.int64)
+        if v.min(initial=0) < 0 or v.max(initial=0) > 63:
+            raise ValueError(f"{qtype.name} sub-block {name} must be 6-bit integers (0..63)")
+    scales = _pack_scales(parts.sc.reshape(rows, nb, 8), parts.m.reshape(rows, nb, 8))
+    dmin = _f16(parts.dmin.reshape(rows, nb))
+    low = (q & 0x0F).reshape(rows, nb, 4, 2, 32)
+    qs = (low[..., 0, :] | (low[..., 1, :] << 4)).reshape(rows, nb, 128)  # sub-block 2i low, 2i+1 high
+    pieces = [d, dmin, scales]
+    if t.bits == 5:
+        bit = ((q >> 4) & 1).reshape(rows, nb, 8, 32)
+        qh = np.zeros((rows, nb, 32), np.uint8)
+        for j in range(8):
+            qh |= bit[:, :, j, :] << j
+        pieces.append(qh)
+    pieces.append(qs)
+    return np.concatenate(pieces, axis=-1).reshape(rows, nb * t.block_bytes)
+
+
+def unpack(blocks: np.ndarray, qtype: GT, shape: Tuple[int, int]) -> KParts:
+    """The integers and float16 scales of ``qtype`` blocks holding a ``shape`` matrix (inverse of :func:`pack`)."""
+    rows, cols = shape
+    t = _check(qtype, cols)
+    nb = cols // QK_K
+    b = np.ascontiguousarray(blocks, dtype=np.uint8)
+    if b.size != rows * nb * t.block_bytes:
+        raise ValueError(f"{qtype.name} blocks of {b.size} bytes do not hold a {rows} x {cols} matrix")
+    b = b.reshape(rows, nb, t.block_bytes)
+    if not t.has_min:
+        ql, qh, scales, d = b[..., :128], b[..., 128:192], b[..., 192:208], b[..., 208:210]
+        ql = ql.reshape(rows, nb, 2, 64)
+        low = np.concatenate([ql & 0x0F, ql >> 4], axis=-1)  # (rows, nb, 2, 128)
+        qh = qh.reshape(rows, nb, 2, 1, 32) >> np.array([0, 2, 4, 6], np.uint8).reshape(1, 1, 1, 4, 1)
+        high = (qh & 3).reshape(rows, nb, 2, 128)
+        codes = (low | (high << 4)).reshape(rows, cols)
+        sc = scales.copy().view(np.int8).reshape(rows, nb * 16)
+        return KParts(codes=codes, sc=sc, d=d.copy().view(np.float16)[..., 0])
+    d, dmin = b[..., 0:2].copy().view(np.float16)[..., 0], b[..., 2:4].copy().view(np.float16)[..., 0]
+    sc, m = _unpack_scales(b[..., 4:16])
+    qs = b[..., -128:].reshape(rows, nb, 4, 1, 32) >> np.array([0, 4], np.uint8).reshape(1, 1, 1, 2, 1)
+    codes = (qs & 0x0F).reshape(rows, nb, QK_K)
+    if t.bits == 5:
+        qh = b[..., 16:48].reshape(rows, nb, 1, 32) >> np.arange(8, dtype=np.uint8).reshape(1, 1, 8, 1)
+        codes = codes | ((qh & 1).reshape(rows, nb, QK_K) << 4)
+    return KParts(codes=codes.reshape(rows, cols), sc=sc.reshape(rows, nb * 8), d=d, m=m.reshape(rows, nb * 8),
+                  dmin=dmin)
+
+
+def factor(values: np.ndarray, per: int, largest: int, signed: bool = False) -> Optional[Tuple[np.ndarray, np.ndarray]]:
+    """``(d, ints)`` with ``values == d * ints`` exactly in float32, ``d`` float16 per run of ``per`` values
+    and integers in ``0..largest`` (``-largest-1..largest`` when ``signed``), or ``None`` when some run has
+    no such form. ``values`` (rows, n) float32, n a multiple of ``per``: the float32 scales (or mins) of a
+    layer whose sub-block scales were kept on a K-quant grid."""
+    v = np.asarray(values, dtype=np.float32)
+    rows, n = v.shape
+    runs = v.reshape(rows, n // per, per)
+    top = np.abs(runs).max(axis=-1)  # the largest |value| is d * k for one k in 1..largest (+1 when signed)
+    ks = np.arange(1, largest + (2 if signed else 1), dtype=np.float32)
+    d = np.zeros(top.shape, np.float16)
+    ints = np.zeros(runs.shape, np.int64)
+    found = top == 0
+    for k in ks:
+        cand = (top / k).astype(np.float16)
+        c32 = cand.astype(np.float32)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            q = np.rint(runs / c32[..., None])
+        lo = -largest - 1 if signed else 0
+        ok = (~found) & (c32 > 0) & np.all((q >= lo) & (q <= largest) & ((c32[..., None] * q) == runs), axis=-1)
+        d = np.where(ok, cand, d)
+        ints = np.where(ok[..., None], q.astype(np.int64), ints)
+        found |= ok
+    if not found.all():
+        return None
+    return d, ints.reshape(rows, n)
