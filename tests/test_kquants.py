@@ -66,3 +66,26 @@ def test_bad_parts_are_refused():
         pack(parts, GT.Q4_0)
     with pytest.raises(ValueError, match="do not hold a 3 x 512 matrix"):
         unpack(np.zeros(10, np.uint8), GT.Q4_K, (3, 512))
+
+
+@pytest.mark.parametrize("qtype", [GT.Q4_K, GT.Q5_K, GT.Q6_K])
+def test_round_to_nearest_is_close_and_finer_types_are_closer(qtype):
+    rng = np.random.default_rng(3)
+    w = (rng.standard_normal((16, 768)) * 0.02).astype(np.float32)
+    w[2, :256] = 0.0  # an all-zero super-block
+    w[3, 5] = 0.4  # an outlier
+    parts = kquants.quantize(w, qtype)
+    got = dequantize(pack(parts, qtype), qtype)  # what llama.cpp computes from the blocks
+    assert np.array_equal(got, parts.dequantize(qtype))
+    assert np.all(got[2, :256] == 0)
+    err = np.sqrt(np.mean((got - w) ** 2)) / np.sqrt(np.mean(w ** 2))
+    # relative RMS error of a Gaussian matrix: about 2^-bits x a small factor
+    bound = {GT.Q4_K: 0.12, GT.Q5_K: 0.06, GT.Q6_K: 0.03}[qtype]
+    assert 0 < err < bound, err
+    # each sub-block's codes are the nearest on its own grid (llama.cpp rounds the codes again after the scales)
+    t = kquants.KTYPES[qtype]
+    scale, bias = parts.scales_biases(qtype)
+    x = w.reshape(16, -1, t.sub)
+    near = np.clip(np.rint((x - bias[..., None]) / np.where(scale == 0, 1, scale)[..., None]), 0, (1 << t.bits) - 1)
+    live = scale != 0
+    assert np.array_equal(near[live], parts.codes.reshape(16, -1, t.sub)[live].astype(np.float64))

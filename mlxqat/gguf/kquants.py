@@ -208,3 +208,131 @@ def factor(values: np.ndarray, per: int, largest: int, signed: bool = False) -> 
     if not found.all():
         return None
     return d, ints.reshape(rows, n)
+
+
+# --- round-to-nearest, llama.cpp's reference algorithm (no importance matrix) -----------------------------------
+
+def _rint(x: np.ndarray) -> np.ndarray:
+    return np.rint(x)  # half to even, as llama.cpp's nearest_int
+
+
+def _seqsum(x: np.ndarray) -> np.ndarray:
+    """Sum over the last axis one term after another in float32 (the order of a C loop)."""
+    return np.cumsum(x, axis=-1, dtype=np.float32)[..., -1]
+
+
+def _affine_search(x: np.ndarray, nmax: int, rmin: float, rdelta: float, nstep: int):
+    """Per row of ``x`` (S, n): the weighted least-squares scale and min over a sweep of grid sizes
+    (llama.cpp's ``make_qkx2_quants``, squared error). Returns ``(scale, min >= 0, codes)``; the value of a
+    code ``l`` is ``scale * l - min``."""
+    f = np.float32
+    av = np.sqrt(_seqsum(x * x) / f(x.shape[-1]))
+    w = av[:, None] + np.abs(x)
+    lo = np.minimum(x.min(axis=-1), f(0))
+    hi = x.max(axis=-1)
+    flat = hi == lo
+    span = np.where(flat, f(1), hi - lo)
+    sum_w, sum_x = _seqsum(w), _seqsum(w * x)
+    iscale = f(nmax) / span
+    scale = f(1) / iscale
+    codes = np.clip(_rint(iscale[:, None] * (x - lo[:, None])), 0, nmax)
+    diff = scale[:, None] * codes + lo[:, None] - x
+    best = _seqsum(w * (diff * diff))
+    mn = lo.copy()
+    for i in range(nstep + 1):
+        iscale = (f(rmin) + f(rdelta) * f(i) + f(nmax)) / span
+        l = np.clip(_rint(iscale[:, None] * (x - lo[:, None])), 0, nmax).astype(np.float32)
+        wl = w * l
+        sum_l, sum_l2, sum_xl = _seqsum(wl), _seqsum(wl * l), _seqsum(wl * x)
+        det = sum_w * sum_l2 - sum_l * sum_l
+        ok = det > 0
+        safe = np.where(ok, det, f(1))
+        this_scale = (sum_w * sum_xl - sum_x * sum_l) / safe
+        this_min = (sum_l2 * sum_x - sum_l * sum_xl) / safe
+        pos = this_min > 0
+        this_scale = np.where(pos, sum_xl / np.where(sum_l2 > 0, sum_l2, f(1)), this_scale)
+        this_min = np.where(pos, f(0), this_min)
+        diff = this_scale[:, None] * l + this_min[:, None] - x
+        err = _seqsum(w * (diff * diff))
+        take = ok & (err < best)
+        codes = np.where(take[:, None], l, codes)
+        best, scale, mn = np.where(take, err, best), np.where(take, this_scale, scale), np.where(take, this_min, mn)
+    scale = np.where(flat, f(0), scale)
+    codes = np.where(flat[:, None], f(0), codes)
+    return scale.astype(np.float32), (-mn).astype(np.float32), codes
+
+
+def _symmetric_search(x: np.ndarray, nmax: int):
+    """Per row of ``x`` (S, n): llama.cpp's ``make_qx_quants`` with squared weights: the scale of codes
+    ``l`` in ``-nmax..nmax-1`` (value ``scale * l``) over a sweep of grid sizes. Returns ``(scale, l + nmax)``."""
+    f = np.float32
+    idx = np.argmax(np.abs(x), axis=-1)  # the first largest |x|
+    top = np.take_along_axis(x, idx[:, None], axis=-1)[:, 0]
+    zero = np.abs(top) < f(1e-15)
+    top = np.where(zero, f(1), top)
+    w = x * x
+
+    def sweep(iscale):
+        l = np.clip(_rint(iscale[:, None] * x), -nmax, nmax - 1).astype(np.float32)
+        return l, _seqsum(w * x * l), _seqsum(w * l * l)
+
+    l_best, sumlx, suml2 = sweep(-f(nmax) / top)
+    scale = np.where(suml2 > 0, sumlx / np.where(suml2 > 0, suml2, f(1)), f(0))
+    best = scale * sumlx
+    for i in [k for k in range(-9, 10) if k]:
+        l, slx, sl2 = sweep(-(f(nmax) + f(0.1) * f(i)) / top)
+        take = (sl2 > 0) & (slx * slx > best * sl2)
+        s = slx / np.where(sl2 > 0, sl2, f(1))
+        l_best = np.where(take[:, None], l, l_best)
+        scale = np.where(take, s, scale)
+        best = np.where(take, s * slx, best)
+    scale = np.where(zero, f(0), scale)
+    l_best = np.where(zero[:, None], f(-nmax), l_best)
+    return scale.astype(np.float32), (l_best + nmax).astype(np.uint8)
+
+
+def quantize(w: np.ndarray, qtype: GT) -> KParts:
+    """Round-to-nearest ``qtype`` parts of a float32 matrix ``w`` (rows, cols): llama.cpp's reference
+    quantizer for the type without an importance matrix (each sub-block's scale and min from a least-squares
+    sweep, the scales quantized against the super-block's largest, the codes rounded again with them).
+    Sums run in a C loop's order; where llama.cpp's build fuses multiply-adds a rare tie may round otherwise."""
+    w = np.asarray(w, dtype=np.float32)
+    rows, cols = w.shape
+    t = _check(qtype, cols)
+    f = np.float32
+    nb = cols // QK_K
+    x = w.reshape(-1, t.sub)
+    if not t.has_min:
+        scales, codes = _symmetric_search(x, 32)
+        s = scales.reshape(-1, t.subs)
+        idx = np.argmax(np.abs(s), axis=-1)
+        top = np.take_along_axis(s, idx[:, None], axis=-1)[:, 0]
+        dead = np.abs(top) < f(1e-15)
+        iscale = f(-128) / np.where(dead, f(1), top)
+        d = np.where(dead, f(0), f(1) / iscale).astype(np.float16)
+        sc = np.minimum(127, _rint(iscale[:, None] * s)).astype(np.int64)
+        sc = np.where(dead[:, None], 0, sc)
+        dj = (d.astype(np.float32)[:, None] * sc.astype(np.float32)).reshape(-1)
+        live = dj != 0
+        q = np.clip(_rint(x / np.where(live, dj, f(1))[:, None]), -32, 31) + 32
+        codes = np.where(live[:, None], q, codes).astype(np.uint8)
+        codes = np.where(np.repeat(dead, t.subs)[:, None], 0, codes).astype(np.uint8)  # llama.cpp zeroes the block
+        return KParts(codes=codes.reshape(rows, cols), sc=sc.reshape(rows, nb * t.subs).astype(np.int8),
+                      d=d.reshape(rows, nb))
+    nmax = (1 << t.bits) - 1
+    rmin, rdelta, nstep = (-1.0, 0.1, 20) if t.bits == 4 else (-0.5, 0.1, 15)
+    scales, mins, codes = _affine_search(x, nmax, rmin, rdelta, nstep)
+    s, m = scales.reshape(-1, t.subs), mins.reshape(-1, t.subs)
+    top_s, top_m = np.maximum(s.max(axis=-1), f(0)), np.maximum(m.max(axis=-1), f(0))
+    inv_s = np.where(top_s > 0, f(63) / np.where(top_s > 0, top_s, f(1)), f(0))
+    inv_m = np.where(top_m > 0, f(63) / np.where(top_m > 0, top_m, f(1)), f(0))
+    ls = np.minimum(63, _rint(inv_s[:, None] * s)).astype(np.int64)
+    lm = np.minimum(63, _rint(inv_m[:, None] * m)).astype(np.int64)
+    d, dmin = (top_s / f(63)).astype(np.float16), (top_m / f(63)).astype(np.float16)
+    dj = (d.astype(np.float32)[:, None] * ls.astype(np.float32)).reshape(-1)
+    dm = (dmin.astype(np.float32)[:, None] * lm.astype(np.float32)).reshape(-1)
+    live = dj != 0
+    q = np.clip(_rint((x + dm[:, None]) / np.where(live, dj, f(1))[:, None]), 0, nmax)
+    codes = np.where(live[:, None], q, codes).astype(np.uint8)
+    return KParts(codes=codes.reshape(rows, cols), sc=ls.reshape(rows, nb * 8), d=d.reshape(rows, nb),
+                  m=lm.reshape(rows, nb * 8), dmin=dmin.reshape(rows, nb))
