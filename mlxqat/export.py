@@ -1,6 +1,6 @@
 """Export a converted model: GGUF (llama.cpp, Ollama, LM Studio), mlx-lm directory, unquantized weights.
 
-    python -m mlxqat.export qat-int4/ --format gguf --out model-q4_0.gguf [--type q4_0|q4_1|q8_0|f16] [--exact]
+    python -m mlxqat.export qat-int4/ --format gguf --out model-q4_0.gguf [--type q4_0|q4_1|q5_0|q5_1|q8_0|f16] [--exact]
     ollama create my-model -f model-q4_0.Modelfile      # the Modelfile written beside the GGUF
     python -m mlxqat.export qat-int4/ --format mlx  --out mlx-dir/
     python -m mlxqat.export qat-int4/ --format fp16 --out unquantized/
@@ -45,6 +45,7 @@ from .evaluate import kl_probe_inputs, mean_kl
 from .footprint import memory_report
 from .gguf import ollama
 from .gguf import writer as ge
+from .gguf.blocks import EXACT_TYPES
 from .gguf.format import is_gguf_file
 from .gguf.reader import load_gguf
 from .gguf.tokenizer import adds_bos_eos, end_of_turn, read_tokenizer
@@ -63,7 +64,7 @@ class ExportWarning(UserWarning):
 
 def _open_source(src_dir: PathLike, out_dir: PathLike, keep_blocks: bool = False):
     """``(src, model, tokenizer, config)`` of an export's source, once ``out_dir`` is known to be writable;
-    ``keep_blocks``: a GGUF file's Q4_0 / Q4_1 / Q8_0 matrices stay quantized layers with their own blocks."""
+    ``keep_blocks``: a GGUF file's Q4_0 / Q4_1 / Q5_0 / Q5_1 / Q8_0 matrices stay quantized layers with their own blocks."""
     src = Path(src_dir)
     config = None if is_gguf_file(src) else check_config(src)  # a GGUF file: config from its metadata
     check_destination(out_dir, sources=[src])  # fail fast, before loading
@@ -98,8 +99,9 @@ def _type_from_name(path: Path) -> Optional[str]:
 
 
 def exact_types(model: nn.Module) -> Dict[str, Optional[str]]:
-    """``{quantized layer: the GGUF type that holds it exactly}`` (``q4_0``, ``q8_0`` or ``q4_1``, the first that
-    does), ``None`` for a layer none holds (it would be re-quantized)."""
+    """``{quantized layer: the GGUF type that holds it exactly}`` (the first of
+    :data:`~mlxqat.gguf.blocks.EXACT_TYPES` that does: ``q4_0``, ``q5_0``, ``q8_0``, ``q4_1``, ``q5_1``), ``None``
+    for a layer none holds (it would be re-quantized)."""
     out: Dict[str, Optional[str]] = {}
     for path, m in model.named_modules():
         if quant.is_quantized(m):
@@ -107,8 +109,10 @@ def exact_types(model: nn.Module) -> Dict[str, Optional[str]]:
             if getattr(m, "mode", "affine") != "affine":
                 continue
             scales, biases = np.array(m.scales.astype(mx.float32)), np.array(m.biases.astype(mx.float32))
-            for name in ("q4_0", "q8_0", "q4_1"):
-                blocks, _ = ge.exact_blocks(np.array(m.weight), scales, biases, m.bits, m.group_size, ge.QTYPES[name])
+            for qtype, (bits, name) in EXACT_TYPES.items():
+                if bits != m.bits:
+                    continue
+                blocks, _ = ge.exact_blocks(np.array(m.weight), scales, biases, m.bits, m.group_size, qtype)
                 if blocks is not None:
                     out[path] = name
                     break
@@ -124,8 +128,8 @@ def _auto_qtype(plan_model: nn.Module) -> str:
             counts[name] = counts.get(name, 0) + 1
     if not counts:
         raise ValueError(
-            "no GGUF type holds this model's weights exactly (exact: recipes q4_0, q4_1, q8_0); "
-            "pass --type q4_0, q4_1, q8_0 or f16 to re-quantize (the export reports the KL it adds)"
+            "no GGUF type holds this model's weights exactly (exact: recipes q4_0, q4_1, q5_0, q5_1, q8_0); "
+            "pass --type q4_0, q4_1, q5_0, q5_1, q8_0 or f16 to re-quantize (the export reports the KL it adds)"
         )
     return max(counts, key=counts.get)
 
@@ -201,14 +205,14 @@ def export_gguf(
         if exact:
             raise ge.GGUFExportError(
                 f"{len(problems)} tensor(s) cannot be written exactly as {qtype}, e.g. {problems[0]}. "
-                "Quantize with recipe q4_0, q4_1 or q8_0 (group 32, float16 scales) for an exact "
+                "Quantize with recipe q4_0, q4_1, q5_0, q5_1 or q8_0 (group 32, float16 scales) for an exact "
                 "GGUF, or drop --exact to re-quantize"
             )
         kl = _requantization_kl(src, model, tokenizer, plan)
         msg = (
             f"GGUF {qtype} export is not exact: {len(problems)} tensor(s) re-quantized or changed "
             f"(e.g. {problems[0]}). Measured cost: KL(MLX model || GGUF weights) = {kl:.3g} nats "
-            "per token on fixed sequences. For an exact export train with recipe q4_0, q4_1 or q8_0."
+            "per token on fixed sequences. For an exact export train with recipe q4_0, q4_1, q5_0, q5_1 or q8_0."
         )
         warnings.warn(msg, ExportWarning, stacklevel=2)
     with atomic_path(out, sources=[src]) as tmp:
@@ -220,7 +224,7 @@ def export_gguf(
     types: Dict[str, int] = {}
     for t in plan:
         types[t.qtype.name] = types.get(t.qtype.name, 0) + 1
-    other = [t for t in plan if t.exact and t.qtype != gt and t.qtype in (ge.GT.Q4_0, ge.GT.Q4_1, ge.GT.Q8_0)]
+    other = [t for t in plan if t.exact and t.qtype != gt and t.qtype in EXACT_TYPES]
     if other:
         _say(verbose, f"{len(other)} quantized tensor(s) kept exactly as {other[0].qtype.name} "
                       f"(re-quantizing them to {qtype} would only add error)")
@@ -293,8 +297,8 @@ def export_mlx(src_dir: PathLike, out_dir: PathLike, *, verbose: bool = True) ->
 
     Args:
         src_dir: a directory saved by :func:`mlxqat.save`, any mlx-lm directory, or a GGUF file (its Q4_0,
-            Q4_1 and Q8_0 matrices as MLX quantized layers holding the same codes, scales and offsets,
-            4- or 8-bit in groups of 32; other tensors dequantized to float32, :mod:`mlxqat.gguf.reader`).
+            Q4_1, Q5_0, Q5_1 and Q8_0 matrices as MLX quantized layers holding the same codes, scales and
+            offsets, 4-, 5- or 8-bit in groups of 32; other tensors dequantized to float32, :mod:`mlxqat.gguf.reader`).
         out_dir: destination directory (replaced atomically).
 
     Returns:

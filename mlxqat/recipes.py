@@ -327,6 +327,24 @@ register(
     ),
 )
 register(
+    "q5_0",
+    lambda: Recipe(
+        "q5_0",
+        LayerSpec(5, 32, "symmetric"),
+        overrides=((HEAD, LayerSpec(8, 32, "symmetric")),),
+        description="5-bit symmetric, group 32: exports exactly to GGUF Q5_0; the output head (lm_head, or "
+        "the tied embedding) 8-bit, exactly GGUF Q8_0",
+    ),
+)
+register(
+    "q5_1",
+    lambda: Recipe(
+        "q5_1",
+        LayerSpec(5, 32, "affine", scale_dtype="float16"),
+        description="5-bit affine, group 32: float16 scales/biases: exports exactly to GGUF Q5_1",
+    ),
+)
+register(
     "q8_0",
     lambda: Recipe(
         "q8_0",

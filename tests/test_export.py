@@ -52,7 +52,8 @@ def _run(*args, **kw):
 # ---------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("recipe,bits,gguf_bpw", [("q4_0", 4, 4.5), ("q4_1", 4, 5.0), ("q8_0", 8, 8.5)])
+@pytest.mark.parametrize("recipe,bits,gguf_bpw", [("q4_0", 4, 4.5), ("q4_1", 4, 5.0), ("q5_0", 5, 5.5), ("q5_1", 5, 6.0),
+                                                  ("q8_0", 8, 8.5)])
 def test_memory_report(tmp_path, tokenizer, recipe, bits, gguf_bpw):
     uniform = dataclasses.replace(recipes.get(recipe), overrides=())  # every matrix at `bits` (q4_0's head is 8-bit)
     src, model, config, n_float = _src(tmp_path, tokenizer, uniform)

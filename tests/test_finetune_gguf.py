@@ -26,7 +26,7 @@ GT = gguf.GGMLQuantizationType
 def files(tmp_path_factory, tokenizer):
     root = tmp_path_factory.mktemp("finetune-gguf")
     out = {"root": root, "data": _data_dir(root)}
-    for recipe in ("q4_1", "q4_0"):
+    for recipe in ("q4_1", "q4_0", "q5_1", "q5_0"):
         src = _quantized_dir(root, tokenizer, recipe, dtype=mx.float32)
         out[recipe] = root / f"{recipe}.gguf"
         export_gguf(src, out[recipe], exact=True, modelfile=False, verbose=False)
@@ -37,14 +37,16 @@ def _types(path) -> dict:
     return {k: t for k, (t, _, _) in read_gguf_tensors(path).items()}
 
 
-@pytest.mark.parametrize("qtype", [GT.Q4_0, GT.Q4_1, GT.Q8_0])
+@pytest.mark.parametrize("qtype", [GT.Q4_0, GT.Q4_1, GT.Q5_0, GT.Q5_1, GT.Q8_0])
 def test_blocks_read_back_to_what_llama_cpp_dequantizes(qtype):
     rng = np.random.default_rng(0)
     w = (rng.standard_normal((6, 128)) * 0.05).astype(np.float32)
     blocks = gguf.quants.quantize(w, qtype)
     words, scales, biases = mlx_arrays(blocks, qtype, w.shape)
     assert scales.dtype == biases.dtype == mx.float16
-    bits = 8 if qtype == GT.Q8_0 else 4
+    bits = {GT.Q8_0: 8, GT.Q5_0: 5, GT.Q5_1: 5}.get(qtype, 4)
+    if bits < 8:  # every code occurs: each bit of the layout is read back
+        assert len(np.unique(np.array(mlxqat.quant.unpack(words, bits)))) == 2 ** bits
     ours = mx.dequantize(words, scales.astype(mx.float32), biases.astype(mx.float32), group_size=32, bits=bits)
     assert np.array_equal(np.array(ours), gguf.quants.dequantize(blocks, qtype))
     from mlxqat.gguf.blocks import exact_blocks
@@ -131,11 +133,31 @@ def test_a_q4_0_gguf_trains_its_scales_and_stays_q4_0(files, tmp_path):
             assert np.array_equal(x[:, 2:], y[:, 2:]) and not np.array_equal(x[:, :2], y[:, :2]), name
 
 
+@pytest.mark.parametrize("recipe,method", [("q5_1", "lora"), ("q5_0", "scales")])
+def test_a_5_bit_gguf_comes_out_in_its_own_blocks(files, tmp_path, recipe, method):
+    out = tmp_path / f"tuned-{recipe}.gguf"
+    result = mlxqat.finetune(str(files[recipe]), str(files["data"]), str(out), method=method,
+                             learning_rate=LEARNING_RATES[method], **FAST)
+    assert result["after"]["test"] < result["before"]["test"] and result["gain_kept"] == 1.0
+    a, b = read_gguf_tensors(files[recipe]), read_gguf_tensors(out)
+    assert {k: v[0] for k, v in a.items()} == {k: v[0] for k, v in b.items()}
+    qtype, header = (GT.Q5_1, 4) if recipe == "q5_1" else (GT.Q5_0, 2)
+    n = 0
+    for name, (t, data, _) in a.items():
+        if t == qtype:  # block: d (and m), 4 bytes of fifth bits, 16 bytes of nibbles
+            x, y = data.reshape(-1, header + 20), b[name][1].reshape(-1, header + 20)
+            assert np.array_equal(x[:, header:], y[:, header:]), name  # the 5-bit integers, byte for byte
+            if method == "lora":  # d too; the offsets m took the adapters
+                assert np.array_equal(x[:, :2], y[:, :2]), name
+            n += not np.array_equal(x[:, :header], y[:, :header])
+    assert n >= 10
+
+
 def test_what_cannot_stay_in_its_type_is_refused_before_training(files, workspace_int4, tmp_path):
     f16 = tmp_path / "f16.gguf"
     with pytest.warns(ExportWarning, match="not exact"):  # int4 g64 values in float16: a file of F16 matrices
         export_gguf(workspace_int4, f16, "f16", modelfile=False, verbose=False)
-    with pytest.raises(ValueError, match=r"are F16 .*pass --recipe q4_0, q4_1 or q8_0"):
+    with pytest.raises(ValueError, match=r"are F16 .*pass --recipe q4_0, q4_1, q5_0, q5_1 or q8_0"):
         mlxqat.finetune(str(f16), str(files["data"]), str(tmp_path / "a.gguf"), **FAST)
     with pytest.raises(ValueError, match=r"no exact GGUF form \(e\.g\. .*4-bit, group 64"):
         mlxqat.finetune(str(workspace_int4), str(files["data"]), str(tmp_path / "b.gguf"), **FAST)

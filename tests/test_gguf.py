@@ -84,7 +84,7 @@ def _saved(tmp_path, tokenizer, model, config, recipe, name="src"):
 
 
 @pytest.mark.parametrize("arch", tiny.ARCHS)
-@pytest.mark.parametrize("recipe", ["q4_0", "q4_1", "q8_0"])
+@pytest.mark.parametrize("recipe", ["q4_0", "q4_1", "q5_0", "q5_1", "q8_0"])
 def test_gguf_dequantizers_give_back_the_mlx_weights(tmp_path, tokenizer, arch, recipe):
     model, config = _random_model(arch, seed=1)
     src = _saved(tmp_path, tokenizer, model, config, recipe)
@@ -102,7 +102,7 @@ def test_gguf_dequantizers_give_back_the_mlx_weights(tmp_path, tokenizer, arch, 
         prefix, _, leaf = t["source"].rpartition(".")
         m = modules[prefix]
         if isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding)) and leaf == "weight":
-            head_8bit = recipe == "q4_0" and prefix == head_path(model)  # q4_0 keeps the output head at Q8_0
+            head_8bit = recipe in ("q4_0", "q5_0") and prefix == head_path(model)  # their output head is Q8_0
             assert qtype.name.lower() == ("q8_0" if head_8bit else recipe), t
             want = np.array(mx.dequantize(m.weight, m.scales, m.biases, group_size=m.group_size, bits=m.bits))
         else:
@@ -210,7 +210,7 @@ def test_full_precision_model_as_q4_0_is_the_reference_quantizer_with_an_8_bit_h
 def test_clear_errors_for_what_gguf_cannot_express(tmp_path, tokenizer):
     model, config = _random_model("llama", seed=4)
     src = _saved(tmp_path, tokenizer, model, config, "int4")
-    with pytest.raises(GGUFExportError, match=r"cannot be written exactly as q4_0.*recipe q4_0, q4_1 or q8_0"):
+    with pytest.raises(GGUFExportError, match=r"cannot be written exactly as q4_0.*recipe q4_0, q4_1, q5_0, q5_1 or q8_0"):
         ex.export_gguf(src, tmp_path / "a.gguf", "q4_0", exact=True, verbose=False)
     with pytest.raises(ValueError, match="no GGUF type holds this model's weights exactly.*--type"):
         ex.export_gguf(src, tmp_path / "a.gguf", "auto", verbose=False)
@@ -344,7 +344,7 @@ def trained(tokenizer):
     return get
 
 
-@pytest.mark.parametrize("recipe", ["q4_0", "q4_1"])
+@pytest.mark.parametrize("recipe", ["q4_0", "q4_1", "q5_0", "q5_1"])
 @pytest.mark.parametrize("arch", ["llama", "qwen3", "gemma3_text"])
 def test_llama_cpp_decodes_like_mlx(tmp_path, tokenizer, trained, arch, recipe):
     model, config = trained(arch)
@@ -352,7 +352,7 @@ def test_llama_cpp_decodes_like_mlx(tmp_path, tokenizer, trained, arch, recipe):
     assert ex.export_gguf(src, tmp_path / "m.gguf", recipe, exact=True, verbose=False)["exact"]
     cpp = LlamaCpp(tmp_path / "m.gguf")
     emulated, _ = mlxqat.load(src)
-    _ggml_like(emulated, q8_1=recipe == "q4_1")
+    _ggml_like(emulated, q8_1=recipe in ("q4_1", "q5_1"))
     plain_c, plain_t, emu_c, emu_t, paths = [], [], [], [], []
     for prompt in PROMPTS:
         ids = tokenizer.encode(prompt)
@@ -378,8 +378,10 @@ def test_llama_cpp_decodes_like_mlx(tmp_path, tokenizer, trained, arch, recipe):
     assert len(ties) <= 3 and np.sum(~sure) <= 6
     assert plain_c[sure].max() <= 0.1 and plain_t.max() <= 0.5
     if arch != "gemma3_text":  # Gemma's GELU table adds its own ~1e-2 (see the F32 test)
-        # With ggml's activation rounding emulated, the rest is float summation order.
-        assert emu_c[sure].max() <= 1e-3
+        # With ggml's activation rounding emulated, the rest is float summation order (which can flip the
+        # rounding of one 8-bit activation at a half-way point: a few 1e-3 at one token, seen with Q5_0)
+        assert emu_c[sure].max() <= (1e-3 if recipe.startswith("q4") else 5e-3)
+        assert np.median(emu_c[sure]) <= 1e-5
         assert np.median(emu_t) <= 1e-4 < np.median(plain_t)
 
 

@@ -1,7 +1,7 @@
 """The GGUF block types that hold an MLX quantized matrix exactly, both ways.
 
 A quantized MLX layer stores integer codes with one ``scale`` and one ``bias``
-per group. Three GGUF block types store the same numbers with group 32 and
+per group. Five GGUF block types store the same numbers with group 32 and
 float16 headers, so those layers are *repacked* bit for bit, never re-rounded:
 
 ==========  =======================================  ==========================
@@ -9,11 +9,13 @@ GGUF type   GGUF value of code ``q``                 MLX layer that maps exactly
 ==========  =======================================  ==========================
 ``Q4_0``    ``(q - 8) * d``                          4-bit, group 32, bias = -8*scale
 ``Q4_1``    ``q * d + m``                            4-bit, group 32 (any bias)
+``Q5_0``    ``(q - 16) * d``                         5-bit, group 32, bias = -16*scale
+``Q5_1``    ``q * d + m``                            5-bit, group 32 (any bias)
 ``Q8_0``    ``int8 * d`` with ``int8 = q - 128``     8-bit, group 32, bias = -128*scale
 ==========  =======================================  ==========================
 
-and ``d``/``m`` must be float16 values (recipes ``q4_0``, ``q4_1``, ``q8_0``
-guarantee it). :func:`exact_blocks` writes such a layer as blocks (the GGUF
+and ``d``/``m`` must be float16 values (recipes ``q4_0``, ``q4_1``, ``q5_0``,
+``q5_1`` and ``q8_0`` guarantee it). :func:`exact_blocks` writes such a layer as blocks (the GGUF
 export); :func:`mlx_arrays` reads blocks back into the layer's arrays (a GGUF
 file fine-tuned in its own type).
 """
@@ -28,8 +30,12 @@ from gguf import GGMLQuantizationType as GT
 
 from .. import quant
 
-#: The block types an MLX layer holds exactly: ``{type: (bits, the recipe whose layers they are)}``.
-EXACT_TYPES: Dict[GT, Tuple[int, str]] = {GT.Q4_0: (4, "q4_0"), GT.Q4_1: (4, "q4_1"), GT.Q8_0: (8, "q8_0")}
+#: The block types an MLX layer holds exactly: ``{type: (bits, the recipe whose layers they are)}``; the
+#: symmetric types (offset tied to the scale) come first, so a layer that both kinds hold is written as the
+#: symmetric one, as llama.cpp would.
+EXACT_TYPES: Dict[GT, Tuple[int, str]] = {GT.Q4_0: (4, "q4_0"), GT.Q5_0: (5, "q5_0"), GT.Q8_0: (8, "q8_0"),
+                                          GT.Q4_1: (4, "q4_1"), GT.Q5_1: (5, "q5_1")}
+SYMMETRIC = {GT.Q4_0: 8, GT.Q5_0: 16, GT.Q8_0: 128}  # the tied offset of each symmetric type: -this * scale
 GROUP = 32  # weights per block of every exact type
 
 
@@ -60,19 +66,24 @@ def exact_blocks(
     n, n_groups = scales.shape
     codes = quant.unpack_numpy(words, bits).reshape(n, n_groups, GROUP)
     d = _f16_bytes(scales)
+    if qtype in SYMMETRIC:
+        half = SYMMETRIC[qtype]
+        if not np.array_equal(biases, -float(half) * scales):
+            return None, (f"biases are not -{half}*scales ({qtype.name} is symmetric; use recipe "
+                          f"{EXACT_TYPES[qtype][1]})")
+        header = [d]
+    else:
+        if not quant.holds_exactly(mx.float16, biases):
+            return None, f"biases are not float16 values (use recipe {EXACT_TYPES[qtype][1]})"
+        header = [d, _f16_bytes(biases)]
     if qtype == GT.Q8_0:
-        if not np.array_equal(biases, -128.0 * scales):
-            return None, "biases are not -128*scales (Q8_0 is symmetric; use recipe q8_0)"
         q = (codes.astype(np.int16) - 128).astype(np.int8).view(np.uint8)
-        return np.concatenate([d, q], axis=-1).reshape(n, -1), ""
-    nibbles = codes[..., :16] | (codes[..., 16:] << np.uint8(4))  # GGUF: q[j] low, q[j+16] high
-    if qtype == GT.Q4_0:
-        if not np.array_equal(biases, -8.0 * scales):
-            return None, "biases are not -8*scales (Q4_0 is symmetric; use recipe q4_0)"
-        return np.concatenate([d, nibbles], axis=-1).reshape(n, -1), ""
-    if not quant.holds_exactly(mx.float16, biases):
-        return None, "biases are not float16 values (use recipe q4_1)"
-    return np.concatenate([d, _f16_bytes(biases), nibbles], axis=-1).reshape(n, -1), ""
+        return np.concatenate(header + [q], axis=-1).reshape(n, -1), ""
+    nibbles = (codes[..., :16] & np.uint8(15)) | ((codes[..., 16:] & np.uint8(15)) << np.uint8(4))  # q[j] low, q[j+16] high
+    if bits == 5:  # the fifth bit of code j is bit j of a little-endian uint32
+        high = np.packbits((codes >> np.uint8(4)) & np.uint8(1), axis=-1, bitorder="little")
+        return np.concatenate(header + [high, nibbles], axis=-1).reshape(n, -1), ""
+    return np.concatenate(header + [nibbles], axis=-1).reshape(n, -1), ""
 
 
 def mlx_arrays(blocks: np.ndarray, qtype: GT, shape: Tuple[int, int]) -> Tuple[mx.array, mx.array, mx.array]:
@@ -83,7 +94,7 @@ def mlx_arrays(blocks: np.ndarray, qtype: GT, shape: Tuple[int, int]) -> Tuple[m
 
     Args:
         blocks: the tensor's raw blocks, (rows, bytes per row) or flat, uint8.
-        qtype: ``Q4_0``, ``Q4_1`` or ``Q8_0``.
+        qtype: one of :data:`EXACT_TYPES`.
         shape: (rows, columns) of the matrix.
 
     Raises:
@@ -93,22 +104,25 @@ def mlx_arrays(blocks: np.ndarray, qtype: GT, shape: Tuple[int, int]) -> Tuple[m
         raise ValueError(f"{qtype.name} blocks have no exact MLX form (exact: {', '.join(t.name for t in EXACT_TYPES)})")
     bits = EXACT_TYPES[qtype][0]
     rows, cols = shape
-    header = 4 if qtype == GT.Q4_1 else 2
-    block_bytes = header + GROUP * bits // 8
+    header = 2 if qtype in SYMMETRIC else 4
+    high_bytes = 4 if bits == 5 else 0
+    block_bytes = header + high_bytes + GROUP * min(bits, 4 if bits == 5 else 8) // 8  # 5-bit: 4 + 4 bits a code
     if cols % GROUP or np.asarray(blocks).size != rows * cols // GROUP * block_bytes:
         raise ValueError(f"{qtype.name} blocks of {np.asarray(blocks).size} bytes do not hold a {rows} x {cols} matrix")
     b = np.ascontiguousarray(blocks, dtype=np.uint8).reshape(rows, cols // GROUP, block_bytes)
     d = b[..., :2].copy().view(np.float16)[..., 0]
-    payload = b[..., header:]
+    payload = b[..., header + high_bytes:]
     if qtype == GT.Q8_0:
         codes = (payload.view(np.int8).astype(np.int16) + 128).astype(np.uint8)
-        biases = (-128.0 * d.astype(np.float32)).astype(np.float16)  # exact: a power of two times a float16
     else:
         codes = np.concatenate([payload & np.uint8(15), payload >> np.uint8(4)], axis=-1)
-        if qtype == GT.Q4_0:
-            biases = (-8.0 * d.astype(np.float32)).astype(np.float16)
-        else:
-            biases = b[..., 2:4].copy().view(np.float16)[..., 0]
+        if bits == 5:
+            high = np.unpackbits(b[..., header:header + 4], axis=-1, bitorder="little")
+            codes = codes | (high << np.uint8(4))
+    if qtype in SYMMETRIC:
+        biases = (-float(SYMMETRIC[qtype]) * d.astype(np.float32)).astype(np.float16)  # exact: a power of two x d
+    else:
+        biases = b[..., 2:4].copy().view(np.float16)[..., 0]
     if not (np.all(np.isfinite(d)) and np.all(np.isfinite(biases))):
         raise ValueError(f"{qtype.name} blocks hold NaN or Inf scales (or offsets that overflow float16)")
     words = quant.pack(mx.array(codes.reshape(rows, cols).astype(np.uint32)), bits)

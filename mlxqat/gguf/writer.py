@@ -1,6 +1,6 @@
 """GGUF files for llama.cpp, Ollama and LM Studio, written from MLX models.
 
-Quantized layers that a GGUF block type holds exactly (Q4_0, Q4_1, Q8_0:
+Quantized layers that a GGUF block type holds exactly (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0:
 :mod:`mlxqat.gguf.blocks`) are *repacked* bit for bit, never re-rounded. Any
 other layer is dequantized and re-quantized to the requested type with :func:`gguf.quants.quantize`; :mod:`mlxqat.export` then
 measures what that costs.
@@ -28,7 +28,7 @@ from mlx.utils import tree_flatten
 from .. import quant
 from .._version import __version__
 from ..convert import head_path
-from .blocks import exact_blocks
+from .blocks import EXACT_TYPES, exact_blocks
 from .format import GGUFExportError
 from .tokenizer import add_tokenizer
 
@@ -36,6 +36,8 @@ from .tokenizer import add_tokenizer
 QTYPES: Dict[str, GT] = {
     "q4_0": GT.Q4_0,
     "q4_1": GT.Q4_1,
+    "q5_0": GT.Q5_0,
+    "q5_1": GT.Q5_1,
     "q8_0": GT.Q8_0,
     "f16": GT.F16,
     "bf16": GT.BF16,
@@ -46,6 +48,8 @@ QTYPES: Dict[str, GT] = {
 _FILE_TYPES = {
     GT.Q4_0: gguf.LlamaFileType.MOSTLY_Q4_0,
     GT.Q4_1: gguf.LlamaFileType.MOSTLY_Q4_1,
+    GT.Q5_0: gguf.LlamaFileType.MOSTLY_Q5_0,
+    GT.Q5_1: gguf.LlamaFileType.MOSTLY_Q5_1,
     GT.Q8_0: gguf.LlamaFileType.MOSTLY_Q8_0,
     GT.F16: gguf.LlamaFileType.MOSTLY_F16,
     GT.BF16: gguf.LlamaFileType.MOSTLY_BF16,
@@ -56,7 +60,7 @@ _FILE_TYPES = {
 _FLOAT_TYPES = (GT.F32, GT.F16, GT.BF16)
 
 
-_FOUR_BIT = (GT.Q4_0, GT.Q4_1)  # block types whose files keep the output head at Q8_0 (recipes.HEAD)
+_HEAD_AT_Q8 = (GT.Q4_0, GT.Q4_1, GT.Q5_0, GT.Q5_1)  # block types whose files keep the output head at Q8_0
 
 
 @dataclass(frozen=True)
@@ -207,7 +211,7 @@ def plan_tensors(model: nn.Module, qtype: GT, model_type: str) -> List[GGUFTenso
     their dtype when the model has quantized layers (a recipe left them in
     full precision on purpose) and are quantized when it has none. A float
     ``qtype`` (F32/F16/BF16) applies to every matrix. Norms and biases are
-    float32. A full-precision model written as a 4-bit block type keeps its
+    float32. A full-precision model written as a 4- or 5-bit block type keeps its
     output head (``lm_head``, or the tied embedding) at ``Q8_0``, as recipe
     ``q4_0`` does: round-to-nearest to the same file a QAT run exports.
     """
@@ -242,7 +246,7 @@ def plan_tensors(model: nn.Module, qtype: GT, model_type: str) -> List[GGUFTenso
         elif value.ndim == 2:
             keep = any_quantized and qtype not in _FLOAT_TYPES
             target = _dtype_type(value.dtype) if keep else qtype
-            if not any_quantized and qtype in _FOUR_BIT and prefix == head:
+            if not any_quantized and qtype in _HEAD_AT_Q8 and prefix == head:
                 target = GT.Q8_0
             plan.append(_matrix_tensor(name, path, value, target, heads, any_quantized))
         else:
@@ -263,7 +267,7 @@ def _quantized_tensor(name, path, m, qtype, heads) -> GGUFTensor:
     note = ""
     if mode == "affine" and qtype not in _FLOAT_TYPES:
         scales, biases = _np32(m.scales), _np32(m.biases)
-        candidates = [qtype] + [t for t in (GT.Q4_0, GT.Q4_1, GT.Q8_0) if t != qtype]
+        candidates = [qtype] + [t for t in EXACT_TYPES if t != qtype]
         reasons = []
         for t in candidates:
             blocks, why = exact_blocks(words, scales, biases, m.bits, m.group_size, t)

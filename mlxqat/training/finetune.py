@@ -7,7 +7,7 @@
     python -m mlxqat.finetune --model model.Q4_1.gguf --data data/ --out tuned.Q4_1.gguf    # GGUF blocks in and out
 
 The model enters with its own codes, scales and biases (:func:`mlxqat.convert.prepare_quantized`:
-nothing is re-quantized; a GGUF file's Q4_0 / Q4_1 / Q8_0 blocks too, :func:`mlxqat.gguf.reader.load_gguf`),
+nothing is re-quantized; a GGUF file's Q4_0 / Q4_1 / Q5_0 / Q5_1 / Q8_0 blocks too, :func:`mlxqat.gguf.reader.load_gguf`),
 trains on the completions of ``data`` (:mod:`mlxqat.finetune_data`, mlx-lm's layout) with
 :func:`mlxqat.training.loop.train` and a masked cross-entropy, and is saved by :func:`mlxqat.save` with the input's bits, group sizes, mode and stored dtypes. The methods:
 
@@ -136,7 +136,7 @@ def _symmetric_linears(model: nn.Module) -> list:
 
 def load_quantized(path, recipe: Optional[str], method: str, gguf_out: bool = False):
     """``(model, tokenizer, config, stored)``: the quantized model at ``path`` (a full-precision one quantized by
-    round-to-nearest with ``recipe`` first; a GGUF file's Q4_0 / Q4_1 / Q8_0 matrices with their own blocks) as
+    round-to-nearest with ``recipe`` first; a GGUF file's Q4_0 / Q4_1 / Q5_0 / Q5_1 / Q8_0 matrices with their own blocks) as
     fake-quant layers for ``method``, computing in float32; ``stored`` maps each parameter to the dtype the
     input stores it in. ``gguf_out``: refuse a model that no GGUF type holds exactly, layer by layer, before
     anything trains (the output will be written as GGUF blocks)."""
@@ -151,7 +151,7 @@ def load_quantized(path, recipe: Optional[str], method: str, gguf_out: bool = Fa
             raise ValueError(
                 f"{path}: {len(floats)} matrices are {', '.join(types)} (e.g. {first}: {floats[first]}), which "
                 f"fine-tuning cannot keep in their own type (kept: {', '.join(t.name for t in EXACT_TYPES)}); pass "
-                "--recipe q4_0, q4_1 or q8_0 to re-quantize the whole model by round-to-nearest from its "
+                "--recipe q4_0, q4_1, q5_0, q5_1 or q8_0 to re-quantize the whole model by round-to-nearest from its "
                 "dequantized weights (the output is then that type)")
     else:
         model, tokenizer, config = load(path, return_config=True)
@@ -171,9 +171,9 @@ def load_quantized(path, recipe: Optional[str], method: str, gguf_out: bool = Fa
             first = dict(model.named_modules())[misfits[0]]
             raise ValueError(
                 f"{len(misfits)} layer(s) have no exact GGUF form (e.g. {misfits[0]}: {first.bits}-bit, group "
-                f"{first.group_size}; exact: Q4_0, Q4_1 and Q8_0, 4- or 8-bit in groups of 32 with float16 scales), "
+                f"{first.group_size}; exact: Q4_0, Q4_1, Q5_0, Q5_1 and Q8_0, 4-, 5- or 8-bit in groups of 32 with float16 scales), "
                 "so a .gguf output would re-quantize what was trained; write an mlx-lm directory (an --out without "
-                ".gguf) and export it, or start from a model quantized with recipe q4_0, q4_1 or q8_0")
+                ".gguf) and export it, or start from a model quantized with recipe q4_0, q4_1, q5_0, q5_1 or q8_0")
     symmetric = _symmetric_linears(model)
     if symmetric and method == "lora":
         raise ValueError(f"--method lora needs a free offset per group, and {len(symmetric)} layers (e.g. "
@@ -250,7 +250,7 @@ def finetune(model, data, out, *, method: str = "lora", recipe: Optional[str] = 
 
     Args:
         model: a quantized mlx-lm directory (``mlx_lm.convert -q``, mlxqat's output; affine, 2-8 bits, any
-            group size), a GGUF file of Q4_0 / Q4_1 / Q8_0 matrices (kept in their blocks), or a full-precision
+            group size), a GGUF file of Q4_0 / Q4_1 / Q5_0 / Q5_1 / Q8_0 matrices (kept in their blocks), or a full-precision
             model (or any GGUF file) with ``recipe``.
         data: a directory with ``train.jsonl``, ``valid.jsonl`` and optionally ``test.jsonl``
             (:mod:`mlxqat.finetune_data`), or plain text (a file or folder: documents split by name, windows
@@ -389,7 +389,7 @@ def build_parser() -> argparse.ArgumentParser:
                         f"text: a .txt/.md/.py file or a folder of them (windows of --seq-len tokens, default {TEXT_WINDOW}).")
     p.add_argument("--out", required=True,
                    help="Output mlx-lm directory (same bits, group size and mode), or a .gguf file (same block types: "
-                        "Q4_0, Q4_1, Q8_0) with an Ollama Modelfile beside it.")
+                        "Q4_0, Q4_1, Q5_0, Q5_1, Q8_0) with an Ollama Modelfile beside it.")
     p.add_argument("--method", default="lora", choices=METHODS,
                    help="lora: group-wise adapters merged into the offsets (integers and scales unchanged); "
                         "scales: scales and offsets (integers unchanged); full: every weight through the quantizer "
