@@ -316,50 +316,22 @@ register("int4", lambda: Recipe("int4", LayerSpec(4, 64), description="4-bit aff
 register("int8", lambda: Recipe("int8", LayerSpec(8, 64), description="8-bit affine, group 64"))
 register("int3", lambda: Recipe("int3", LayerSpec(3, 64), description="3-bit affine, group 64"))
 register("int2", lambda: Recipe("int2", LayerSpec(2, 64), description="2-bit affine, group 64"))
-register(
-    "q4_0",
-    lambda: Recipe(
-        "q4_0",
-        LayerSpec(4, 32, "symmetric"),
-        overrides=((HEAD, LayerSpec(8, 32, "symmetric")),),
-        description="4-bit symmetric, group 32: exports exactly to GGUF Q4_0; the output head "
-        "(lm_head, or the tied embedding) 8-bit, exactly GGUF Q8_0",
-    ),
-)
-register(
-    "q5_0",
-    lambda: Recipe(
-        "q5_0",
-        LayerSpec(5, 32, "symmetric"),
-        overrides=((HEAD, LayerSpec(8, 32, "symmetric")),),
-        description="5-bit symmetric, group 32: exports exactly to GGUF Q5_0; the output head (lm_head, or "
-        "the tied embedding) 8-bit, exactly GGUF Q8_0",
-    ),
-)
-register(
-    "q5_1",
-    lambda: Recipe(
-        "q5_1",
-        LayerSpec(5, 32, "affine", scale_dtype="float16"),
-        description="5-bit affine, group 32: float16 scales/biases: exports exactly to GGUF Q5_1",
-    ),
-)
-register(
-    "q8_0",
-    lambda: Recipe(
-        "q8_0",
-        LayerSpec(8, 32, "symmetric"),
-        description="8-bit symmetric, group 32: exports exactly to GGUF Q8_0",
-    ),
-)
-register(
-    "q4_1",
-    lambda: Recipe(
-        "q4_1",
-        LayerSpec(4, 32, "affine", scale_dtype="float16"),
-        description="4-bit affine, group 32: float16 scales/biases: exports exactly to GGUF Q4_1",
-    ),
-)
+def _gguf_block_recipe(bits: int, symmetric: bool) -> Callable[[], Recipe]:
+    """The recipe of GGUF's ``Q{bits}_0`` (symmetric; the output head 8-bit, exactly ``Q8_0``, as llama.cpp keeps
+    it) or ``Q{bits}_1`` (affine, float16 scales and offsets) blocks: group 32, exported bit for bit."""
+    name = f"q{bits}_{0 if symmetric else 1}"
+    if symmetric:
+        head = "" if bits == 8 else "; the output head (lm_head, or the tied embedding) 8-bit, exactly GGUF Q8_0"
+        overrides = () if bits == 8 else ((HEAD, LayerSpec(8, 32, "symmetric")),)
+        return lambda: Recipe(name, LayerSpec(bits, 32, "symmetric"), overrides=overrides,
+                              description=f"{bits}-bit symmetric, group 32: exports exactly to GGUF {name.upper()}{head}")
+    return lambda: Recipe(name, LayerSpec(bits, 32, "affine", scale_dtype="float16"),
+                          description=f"{bits}-bit affine, group 32: float16 scales/biases: exports exactly to GGUF "
+                                      f"{name.upper()}")
+
+
+for _bits, _symmetric in ((4, True), (5, True), (8, True), (4, False), (5, False)):
+    register(f"q{_bits}_{0 if _symmetric else 1}", _gguf_block_recipe(_bits, _symmetric))
 
 
 # Mixed precision. These static recipes are what a name gives without a model;
