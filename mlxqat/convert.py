@@ -19,7 +19,7 @@ from . import quant
 from .kernels import KernelQuantizedLinear, is_supported
 from .layers import HELD_DTYPES, ActQuantizedLinear, FakeQuantEmbedding, FakeQuantLinear, carry_spec, is_fake_quant
 from .lora import QALoRALinear, merge_lora
-from .recipes import LayerSpec, Recipe
+from .recipes import LayerSpec, Recipe, kquant_fallback
 from .recipes import get as get_recipe
 
 
@@ -66,6 +66,9 @@ def _spec_for(recipe: Recipe, path: str, m: nn.Module, head: Optional[str] = Non
     spec = recipe.spec_for(path, path == head)
     if spec is not None and spec.act_bits is not None and isinstance(m, (nn.Embedding, nn.QuantizedEmbedding, FakeQuantEmbedding)):
         spec = dataclasses.replace(spec, act_bits=None)
+    if spec is not None and spec.mode == "kquant" and getattr(m, "weight", None) is not None:
+        width = m.weight.shape[-1] * 32 // m.bits if quant.is_quantized(m) else m.weight.shape[-1]
+        spec = kquant_fallback(spec, width)  # rows K-quant blocks cannot hold: llama.cpp's fallback
     return spec
 
 
@@ -159,7 +162,7 @@ def prepare_quantized(model: nn.Module, *, keep_codes: bool = True, learn_scales
             or adapters on top (:func:`mlxqat.lora.apply_lora`); ``False``: float master weights that
             quantize back to the same codes, for full QAT.
         learn_scales: with ``keep_codes=False``, train the scales and biases too where the format keeps
-            them (affine); symmetric layers derive them from the weights.
+            them (affine, K-quant); symmetric layers derive them from the weights.
         dtype: what the fake-quant layers compute in (float32 on a CPU); scales and biases are rounded to
             the dtype they were stored in, in every forward, so :func:`convert` stores them losslessly.
 
@@ -188,7 +191,7 @@ def prepare_quantized(model: nn.Module, *, keep_codes: bool = True, learn_scales
         if path not in specs:
             return m
         spec = specs[path]
-        learn = keep_codes or (learn_scales and spec.mode == "affine")
+        learn = keep_codes or (learn_scales and spec.mode in ("affine", "kquant"))
         spec = dataclasses.replace(spec, learn_scales=learn, scale_init=spec.scale_init if learn else "minmax")
         cls = FakeQuantEmbedding if isinstance(m, nn.QuantizedEmbedding) else FakeQuantLinear
         return cls.from_quantized(m, spec, getattr(m, "recipe", None), keep_codes=keep_codes, dtype=dtype)

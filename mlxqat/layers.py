@@ -58,7 +58,10 @@ def _learned(spec: LayerSpec, stored, scales: mx.array, biases: Optional[mx.arra
     scales = quant.round_as_stored(scales, stored)
     if biases is None:
         return scales, _tied_biases(spec, scales)
-    return scales, quant.round_as_stored(biases, stored)
+    biases = quant.round_as_stored(biases, stored)
+    if spec.mode == "kquant":  # GGUF's two-level scales: each forward computes with what the file holds
+        return quant.kquant_grid(scales, biases)
+    return scales, biases
 
 
 def _fake_quant(spec: LayerSpec, group_size: int, w: mx.array, codes=None, scales=None, biases=None,

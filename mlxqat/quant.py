@@ -13,6 +13,12 @@ Three ways of choosing scales and biases share that format:
                  stores it) and ``bias = -2**(bits-1) * scale``.
 * channel-wise   ``group_size=-1``: one scale/bias per output row, stored as the
                  same value repeated over every storage group of that row.
+* ``kquant``     GGUF's Q4_K / Q5_K: groups of 32 whose scales and offsets are
+                 themselves 6-bit integers against two float16 numbers per
+                 256 weights (``scale = d * sc``, ``bias = -dmin * m``,
+                 :func:`kquant_grid`); they start from llama.cpp's reference
+                 quantizer (:func:`mlxqat.gguf.kquants.quantize`) and are kept
+                 in float32, where those products are exact.
 
 Every fake-quant forward goes through :func:`mx.dequantize` on the packed codes,
 so the fake-quant weight and the weight of the converted layer are the same
@@ -31,7 +37,10 @@ import numpy as np
 SUPPORTED_BITS = (2, 3, 4, 5, 6, 8)
 SUPPORTED_GROUP_SIZES = (32, 64, 128)
 CHANNELWISE = -1
-MODES = ("affine", "symmetric")
+MODES = ("affine", "symmetric", "kquant")
+KQUANT_BITS = (4, 5)  # Q4_K and Q5_K
+KQUANT_SUPER = 256  # weights per K-quant super-block: a row's length must be a multiple of it
+KQUANT_SUBS = 8  # groups of 32 per super-block
 
 
 def storage_group_size(group_size: int, in_features: int) -> int:
@@ -144,6 +153,8 @@ def init_params(
     """
     in_features = w.shape[-1]
     g = storage_group_size(group_size, in_features)
+    if mode == "kquant":
+        return _kquant_params(w, bits, group_size)
     if mode == "affine" and group_size != CHANNELWISE:
         packed, scales, biases = mx.quantize(w, g, bits)
         if scale_dtype is None:
@@ -158,6 +169,59 @@ def init_params(
         scales, biases = snap_to(getattr(mx, scale_dtype), scales), snap_to(getattr(mx, scale_dtype), biases)
     codes = quantize_codes(w, scales, biases, bits, g)
     return pack(codes, bits), scales, biases
+
+
+def _kquant_params(w: mx.array, bits: int, group_size: int) -> Tuple[mx.array, mx.array, mx.array]:
+    """llama.cpp's round-to-nearest Q4_K / Q5_K of ``w`` as MLX affine arrays (float32 scales and biases)."""
+    from .gguf.kquants import qtype_of, quantize
+
+    if group_size != 32 or w.shape[-1] % KQUANT_SUPER:
+        raise ValueError(f"mode 'kquant' needs group_size 32 and rows of a multiple of {KQUANT_SUPER} weights "
+                         f"(got group_size={group_size}, {w.shape[-1]} weights a row)")
+    parts = quantize(np.array(w.astype(mx.float32)), qtype_of(bits))
+    scales, biases = parts.scales_biases(qtype_of(bits))
+    dt = w.dtype if w.dtype == mx.float32 else mx.float32  # the products d * sc need float32
+    return pack(mx.array(parts.codes.astype(np.uint32)), bits), mx.array(scales).astype(dt), mx.array(biases).astype(dt)
+
+
+def _kquant_round(values: mx.array, top: mx.array) -> mx.array:
+    """``values`` (..., 8) as ``unit * clip(round(values / unit), 0, 63)`` with ``unit = float16(top / 63)``."""
+    unit = snap_to(mx.float16, top / 63.0)
+    safe = mx.where(unit == 0, mx.ones_like(unit), unit)
+    ints = mx.clip(mx.round(values / safe[..., None]), 0, 63)
+    return mx.where((unit == 0)[..., None], mx.zeros_like(values), unit[..., None] * ints)
+
+
+def _make_kquant_grid():
+    @mx.custom_function
+    def grid(scales, biases):
+        shape = scales.shape
+        s = scales.astype(mx.float32).reshape(*shape[:-1], -1, KQUANT_SUBS)
+        m = -biases.astype(mx.float32).reshape(*shape[:-1], -1, KQUANT_SUBS)
+        s_top, m_top = mx.maximum(mx.max(s, axis=-1), 0.0), mx.maximum(mx.max(m, axis=-1), 0.0)
+        sq = _kquant_round(s, s_top).reshape(shape)
+        bq = -_kquant_round(m, m_top).reshape(shape)
+        return sq.astype(scales.dtype), bq.astype(biases.dtype)
+
+    @grid.vjp
+    def grid_vjp(primals, cotangents, outputs):
+        return tuple(cotangents)  # straight through: the float32 masters train, the grid is applied in each forward
+
+    return grid
+
+
+def kquant_grid(scales: mx.array, biases: mx.array) -> Tuple[mx.array, mx.array]:
+    """Per-group ``scales`` and ``biases`` (..., K/32) moved onto GGUF's K-quant grid: in each run of 8 groups
+    (256 weights), ``scale = d * sc`` and ``bias = -dmin * m`` with ``sc``, ``m`` integers in 0..63 and
+    ``d = float16(max scale / 63)``, ``dmin = float16(max -bias / 63)`` (llama.cpp's rule). Values already
+    on the grid are returned unchanged (the largest maps to 63 exactly), so a saved model reads back as it
+    trained. The gradient passes straight through."""
+    if scales.shape[-1] % KQUANT_SUBS:
+        raise ValueError(f"{scales.shape[-1]} groups a row: K-quant scales come in runs of {KQUANT_SUBS}")
+    key = ("kquant_grid",)
+    if key not in _FQ_CACHE:
+        _FQ_CACHE[key] = _make_kquant_grid()
+    return _FQ_CACHE[key](scales, biases)
 
 
 def _symmetric_scales(w, bits, group_size, g):

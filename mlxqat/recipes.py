@@ -27,7 +27,7 @@ class LayerSpec:
 
     bits: int = 4  # weight bits: 2, 3, 4, 5, 6 or 8
     group_size: int = 64  # 32, 64, 128, or -1 for one scale per output channel
-    mode: str = "affine"  # "affine" (MLX min/max) or "symmetric" (llama.cpp Q4_0 rule)
+    mode: str = "affine"  # "affine" (MLX min/max), "symmetric" (llama.cpp Q4_0 rule) or "kquant" (Q4_K / Q5_K)
     learn_scales: bool = False  # train scales and biases along with (or instead of) weights
     act_bits: Optional[int] = None  # static per-tensor activation quantization (8 or 4)
     scale_dtype: Optional[str] = None  # "float16": round scales/biases to float16 (exact GGUF)
@@ -47,6 +47,12 @@ class LayerSpec:
             )
         if self.mode not in MODES:
             raise ValueError(f"mode={self.mode!r} is not supported; use one of {MODES}")
+        if self.mode == "kquant" and (self.bits not in quant.KQUANT_BITS or self.group_size != 32
+                                      or self.scale_dtype is not None):
+            raise ValueError(
+                f"mode='kquant' is GGUF's Q4_K or Q5_K: bits 4 or 5, group_size 32, scale_dtype None (got "
+                f"bits={self.bits}, group_size={self.group_size}, scale_dtype={self.scale_dtype!r})"
+            )
         if self.act_bits is not None and self.act_bits not in ACT_BITS:
             raise ValueError(
                 f"act_bits={self.act_bits!r} is not supported; use one of {ACT_BITS} "
@@ -209,27 +215,31 @@ class Recipe:
         return self.default
 
     def with_options(self, **changes) -> "Recipe":
-        """The same recipe with ``changes`` (e.g. ``learn_scales=True``) applied to every spec."""
+        """The same recipe with ``changes`` (e.g. ``learn_scales=True``) applied to every spec. ``scale_dtype``
+        leaves K-quant specs as they are: their scales are stored on their own grid (float32 products)."""
         unknown = set(changes) - {f.name for f in dataclasses.fields(LayerSpec)}
         if unknown:
             raise ValueError(
                 f"unknown LayerSpec option(s) {sorted(unknown)}; valid options are "
                 f"{[f.name for f in dataclasses.fields(LayerSpec)]}"
             )
-        return dataclasses.replace(
-            self,
-            default=dataclasses.replace(self.default, **changes),
-            overrides=tuple((p, dataclasses.replace(s, **changes)) for p, s in self.overrides),
-        )
+
+        def changed(spec: LayerSpec) -> LayerSpec:
+            if spec.mode == "kquant" and "scale_dtype" in changes:
+                return dataclasses.replace(spec, **{k: v for k, v in changes.items() if k != "scale_dtype"})
+            return dataclasses.replace(spec, **changes)
+
+        return dataclasses.replace(self, default=changed(self.default),
+                                   overrides=tuple((p, changed(s)) for p, s in self.overrides))
 
     def specs(self) -> List[LayerSpec]:
         """The default spec and every override's."""
         return [self.default] + [spec for _, spec in self.overrides]
 
     def keeps_learned_scales(self) -> bool:
-        """Whether learned per-group scales and biases fit the format: affine, group-wise specs only
+        """Whether learned per-group scales and biases fit the format: affine or K-quant, group-wise specs only
         (Q4_0's biases are tied to its scales; channel-wise scales are shared across groups)."""
-        return all(s.mode == "affine" and s.group_size != CHANNELWISE for s in self.specs())
+        return all(s.mode in ("affine", "kquant") and s.group_size != CHANNELWISE for s in self.specs())
 
     def qat_defaults(self) -> QATDefaults:
         """The QAT settings measured best for this recipe's narrowest bit width (:data:`QAT_DEFAULTS`)."""
@@ -249,8 +259,9 @@ class Recipe:
                             or (trainable == "all" and self.keeps_learned_scales()))
         if not learn_scales:
             return self.with_options(learn_scales=False) if any(s.learn_scales for s in self.specs()) else self
-        if scale_init is None:
-            scale_init = self.qat_defaults().scale_init if self.keeps_learned_scales() else "minmax"
+        if scale_init is None:  # K-quant scales start from llama.cpp's own quantizer ("minmax": the format's rule)
+            affine = all(s.mode == "affine" and s.group_size != CHANNELWISE for s in self.specs())
+            scale_init = self.qat_defaults().scale_init if affine else "minmax"
         return self.with_options(learn_scales=True, scale_init=scale_init)
 
     def plain(self) -> "Recipe":
@@ -332,6 +343,29 @@ def _gguf_block_recipe(bits: int, symmetric: bool) -> Callable[[], Recipe]:
 
 for _bits, _symmetric in ((4, True), (5, True), (8, True), (4, False), (5, False)):
     register(f"q{_bits}_{0 if _symmetric else 1}", _gguf_block_recipe(_bits, _symmetric))
+
+
+#: What a K-quant layer becomes when its rows are not a multiple of 256 weights (llama.cpp's own fallbacks:
+#: Q4_K -> Q5_0, Q5_K -> Q5_1), by bits.
+KQUANT_FALLBACK = {4: LayerSpec(5, 32, "symmetric"), 5: LayerSpec(5, 32, "affine", scale_dtype="float16")}
+
+
+def kquant_fallback(spec: LayerSpec, in_features: int) -> LayerSpec:
+    """``spec``, or for a K-quant spec on rows that are not a multiple of 256 weights the block type llama.cpp
+    writes instead (:data:`KQUANT_FALLBACK`), learning its scales where that type keeps them."""
+    if spec.mode != "kquant" or in_features % quant.KQUANT_SUPER == 0:
+        return spec
+    fallback = KQUANT_FALLBACK[spec.bits]
+    return dataclasses.replace(fallback, learn_scales=spec.learn_scales and fallback.mode == "affine",
+                               act_bits=spec.act_bits)
+
+
+for _bits in quant.KQUANT_BITS:
+    register(f"q{_bits}_k", lambda b=_bits: Recipe(
+        f"q{b}_k", LayerSpec(b, 32, "kquant"),
+        description=f"GGUF Q{b}_K: {b}-bit groups of 32 whose scales and offsets are 6-bit integers against two "
+                    f"float16 numbers per 256 weights; exports exactly to Q{b}_K (rows that are not a multiple of "
+                    f"256 weights: Q5_{0 if b == 4 else 1}, as llama.cpp does)"))
 
 
 # Mixed precision. These static recipes are what a name gives without a model;

@@ -1,7 +1,7 @@
 """The GGUF block types that hold an MLX quantized matrix exactly, both ways.
 
 A quantized MLX layer stores integer codes with one ``scale`` and one ``bias``
-per group. Five GGUF block types store the same numbers with group 32 and
+per group. Seven GGUF block types store the same numbers with group 32 and
 float16 headers, so those layers are *repacked* bit for bit, never re-rounded:
 
 ==========  =======================================  ==========================
@@ -12,10 +12,14 @@ GGUF type   GGUF value of code ``q``                 MLX layer that maps exactly
 ``Q5_0``    ``(q - 16) * d``                         5-bit, group 32, bias = -16*scale
 ``Q5_1``    ``q * d + m``                            5-bit, group 32 (any bias)
 ``Q8_0``    ``int8 * d`` with ``int8 = q - 128``     8-bit, group 32, bias = -128*scale
+``Q4_K``    ``d * sc * q - dmin * m``                4-bit, group 32, float32 scales
+``Q5_K``    (``sc``, ``m``: 6-bit, per 32 weights;   5-bit, group 32, float32 scales
+            ``d``, ``dmin``: float16, per 256)       (recipes ``q4_k``, ``q5_k``)
 ==========  =======================================  ==========================
 
 and ``d``/``m`` must be float16 values (recipes ``q4_0``, ``q4_1``, ``q5_0``,
-``q5_1`` and ``q8_0`` guarantee it). :func:`exact_blocks` writes such a layer as blocks (the GGUF
+``q5_1`` and ``q8_0`` guarantee it), the K-quants' scales and offsets on their
+two-level grid (``q4_k`` / ``q5_k``: :func:`mlxqat.quant.kquant_grid`). :func:`exact_blocks` writes such a layer as blocks (the GGUF
 export); :func:`mlx_arrays` reads blocks back into the layer's arrays (a GGUF
 file fine-tuned in its own type).
 """
@@ -29,12 +33,16 @@ import numpy as np
 from gguf import GGMLQuantizationType as GT
 
 from .. import quant
+from . import kquants
+from .kquants import factor
 
 #: The block types an MLX layer holds exactly: ``{type: (bits, the recipe whose layers they are)}``; the
 #: symmetric types (offset tied to the scale) come first, so a layer that both kinds hold is written as the
 #: symmetric one, as llama.cpp would.
 EXACT_TYPES: Dict[GT, Tuple[int, str]] = {GT.Q4_0: (4, "q4_0"), GT.Q5_0: (5, "q5_0"), GT.Q8_0: (8, "q8_0"),
-                                          GT.Q4_1: (4, "q4_1"), GT.Q5_1: (5, "q5_1")}
+                                          GT.Q4_1: (4, "q4_1"), GT.Q5_1: (5, "q5_1"),
+                                          GT.Q4_K: (4, "q4_k"), GT.Q5_K: (5, "q5_k")}
+KQUANT_TYPES = (GT.Q4_K, GT.Q5_K)  # groups of 32 with float32 scales on the K-quant grid (:mod:`.kquants`)
 SYMMETRIC = {GT.Q4_0: 8, GT.Q5_0: 16, GT.Q8_0: 128}  # the tied offset of each symmetric type: -this * scale
 GROUP = 32  # weights per block of every exact type
 
@@ -61,6 +69,8 @@ def exact_blocks(
         return None, f"{qtype.name} is not a block type"
     if bits != want or group_size != GROUP:
         return None, f"{bits}-bit group {group_size} has no exact {qtype.name} form ({want}-bit group {GROUP})"
+    if qtype in KQUANT_TYPES:
+        return _kquant_blocks(words, scales, biases, bits, qtype)
     if not quant.holds_exactly(mx.float16, scales):
         return None, "scales are not float16 values (use a recipe with scale_dtype='float16')"
     n, n_groups = scales.shape
@@ -86,8 +96,23 @@ def exact_blocks(
     return np.concatenate(header + [nibbles], axis=-1).reshape(n, -1), ""
 
 
+def _kquant_blocks(words, scales, biases, bits, qtype) -> Tuple[Optional[np.ndarray], str]:
+    n, n_groups = scales.shape
+    if n_groups % kquants.KTYPES[qtype].subs:
+        return None, f"rows of {n_groups * GROUP} weights: {qtype.name} needs a multiple of {kquants.QK_K}"
+    s = factor(np.asarray(scales, np.float32), 8, 63)
+    m = factor(-np.asarray(biases, np.float32), 8, 63)
+    if s is None or m is None:
+        return None, (f"{'scales' if s is None else 'biases'} are not on the {qtype.name} grid (6-bit integers times "
+                      f"a float16 per 256 weights; use recipe {EXACT_TYPES[qtype][1]})")
+    codes = quant.unpack_numpy(words, bits).reshape(n, n_groups * GROUP)
+    parts = kquants.KParts(codes=codes, sc=s[1], d=s[0], m=m[1], dmin=m[0])
+    return kquants.pack(parts, qtype), ""
+
+
 def mlx_arrays(blocks: np.ndarray, qtype: GT, shape: Tuple[int, int]) -> Tuple[mx.array, mx.array, mx.array]:
-    """The MLX layer that ``qtype`` blocks hold: ``(packed uint32 codes, float16 scales, float16 biases)``.
+    """The MLX layer that ``qtype`` blocks hold: ``(packed uint32 codes, float16 scales, float16 biases)``
+    (float32 for the K-quants, whose ``d * sc`` and ``-dmin * m`` need it).
 
     The inverse of :func:`exact_blocks`: ``exact_blocks(*mlx_arrays(b, t, shape), bits, 32, t)`` gives ``b``
     back, and MLX's ``scale * code + bias`` is the value llama.cpp dequantizes each weight to.
@@ -104,6 +129,11 @@ def mlx_arrays(blocks: np.ndarray, qtype: GT, shape: Tuple[int, int]) -> Tuple[m
         raise ValueError(f"{qtype.name} blocks have no exact MLX form (exact: {', '.join(t.name for t in EXACT_TYPES)})")
     bits = EXACT_TYPES[qtype][0]
     rows, cols = shape
+    if qtype in KQUANT_TYPES:  # float32 scales and biases: d * sc and -dmin * m are exact there
+        parts = kquants.unpack(blocks, qtype, shape)
+        scales, biases = parts.scales_biases(qtype)
+        words = quant.pack(mx.array(parts.codes.astype(np.uint32)), bits)
+        return words, mx.array(scales), mx.array(biases)
     header = 2 if qtype in SYMMETRIC else 4
     high_bytes = 4 if bits == 5 else 0
     block_bytes = header + high_bytes + GROUP * min(bits, 4 if bits == 5 else 8) // 8  # 5-bit: 4 + 4 bits a code

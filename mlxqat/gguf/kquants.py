@@ -80,6 +80,14 @@ class KParts:
         return (scale[..., None] * q - (-bias)[..., None]).reshape(rows, cols)
 
 
+def qtype_of(bits: int) -> GT:
+    """The K-quant type of an MLX ``kquant`` layer of ``bits``: 4 -> Q4_K, 5 -> Q5_K."""
+    try:
+        return {4: GT.Q4_K, 5: GT.Q5_K}[bits]
+    except KeyError:
+        raise ValueError(f"no K-quant type of {bits} bits with groups of 32 (Q4_K: 4, Q5_K: 5)") from None
+
+
 def _check(qtype: GT, cols: int) -> KType:
     if qtype not in KTYPES:
         raise ValueError(f"{getattr(qtype, 'name', qtype)} is not a K-quant type ({', '.join(t.name for t in KTYPES)})")

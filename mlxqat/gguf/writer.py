@@ -28,7 +28,8 @@ from mlx.utils import tree_flatten
 from .. import quant
 from .._version import __version__
 from ..convert import head_path
-from .blocks import EXACT_TYPES, exact_blocks
+from . import kquants
+from .blocks import EXACT_TYPES, KQUANT_TYPES, exact_blocks
 from .format import GGUFExportError
 from .tokenizer import add_tokenizer
 
@@ -39,6 +40,8 @@ QTYPES: Dict[str, GT] = {
     "q5_0": GT.Q5_0,
     "q5_1": GT.Q5_1,
     "q8_0": GT.Q8_0,
+    "q4_k": GT.Q4_K,
+    "q5_k": GT.Q5_K,
     "f16": GT.F16,
     "bf16": GT.BF16,
     "f32": GT.F32,
@@ -51,6 +54,8 @@ _FILE_TYPES = {
     GT.Q5_0: gguf.LlamaFileType.MOSTLY_Q5_0,
     GT.Q5_1: gguf.LlamaFileType.MOSTLY_Q5_1,
     GT.Q8_0: gguf.LlamaFileType.MOSTLY_Q8_0,
+    GT.Q4_K: gguf.LlamaFileType.MOSTLY_Q4_K_S,
+    GT.Q5_K: gguf.LlamaFileType.MOSTLY_Q5_K_S,
     GT.F16: gguf.LlamaFileType.MOSTLY_F16,
     GT.BF16: gguf.LlamaFileType.MOSTLY_BF16,
     GT.F32: gguf.LlamaFileType.ALL_F32,
@@ -61,6 +66,7 @@ _FLOAT_TYPES = (GT.F32, GT.F16, GT.BF16)
 
 
 _HEAD_AT_Q8 = (GT.Q4_0, GT.Q4_1, GT.Q5_0, GT.Q5_1)  # block types whose files keep the output head at Q8_0
+KQUANT_FALLBACK_TYPES = {GT.Q4_K: GT.Q5_0, GT.Q5_K: GT.Q5_1}  # llama.cpp's type for rows not a multiple of 256
 
 
 @dataclass(frozen=True)
@@ -294,6 +300,13 @@ def _requantized(name, path, w32, qtype, heads, note) -> GGUFTensor:
     if w32.shape[-1] % 32:
         h = w32.astype(np.float16)
         return GGUFTensor(name, path, GT.F16, h, w32.shape, False, note + f"; {w32.shape[-1]} columns: kept as F16", heads)
+    if qtype in KQUANT_TYPES:
+        if w32.shape[-1] % kquants.QK_K:  # llama.cpp's fallback for rows K-quant blocks cannot hold
+            qtype = KQUANT_FALLBACK_TYPES[qtype]
+            note += f"; {w32.shape[-1]} columns: {qtype.name}, as llama.cpp writes such rows"
+        else:
+            return GGUFTensor(name, path, qtype, kquants.pack(kquants.quantize(w32, qtype), qtype), w32.shape, False,
+                              note, heads)
     blocks = gguf.quants.quantize(w32, qtype)
     return GGUFTensor(name, path, qtype, blocks, w32.shape, False, note, heads)
 

@@ -128,10 +128,12 @@ def finetune_args(method: str, **training_kwargs) -> TrainingArgs:
     return TrainingArgs(trainable=TRAINABLE[method], **kw)
 
 
-def _symmetric_linears(model: nn.Module) -> list:
-    """The symmetric quantized linear layers (LoRA adapts linear layers only; embeddings stay as they are)."""
-    return [p for p, m in model.named_modules()
-            if isinstance(m, nn.QuantizedLinear) and getattr(getattr(m, "spec", None), "mode", None) == "symmetric"]
+def _tied_offset_linears(model: nn.Module) -> list:
+    """``[(path, mode)]`` of the quantized linear layers without a free float offset per group: symmetric ones
+    (the offset follows the scale) and K-quants (offsets are 6-bit integers on a grid); LoRA adapts linear
+    layers only, embeddings stay as they are."""
+    return [(p, m.spec.mode) for p, m in model.named_modules()
+            if isinstance(m, nn.QuantizedLinear) and getattr(getattr(m, "spec", None), "mode", None) in ("symmetric", "kquant")]
 
 
 def load_quantized(path, recipe: Optional[str], method: str, gguf_out: bool = False):
@@ -174,11 +176,13 @@ def load_quantized(path, recipe: Optional[str], method: str, gguf_out: bool = Fa
                 f"{first.group_size}; exact: Q4_0, Q4_1, Q5_0, Q5_1 and Q8_0, 4-, 5- or 8-bit in groups of 32 with float16 scales), "
                 "so a .gguf output would re-quantize what was trained; write an mlx-lm directory (an --out without "
                 ".gguf) and export it, or start from a model quantized with recipe q4_0, q4_1, q5_0, q5_1 or q8_0")
-    symmetric = _symmetric_linears(model)
-    if symmetric and method == "lora":
-        raise ValueError(f"--method lora needs a free offset per group, and {len(symmetric)} layers (e.g. "
-                         f"{symmetric[0]}) are symmetric (Q4_0-style: each offset is -2^(bits-1) x its scale); "
-                         "use --method scales or --method full")
+    tied = _tied_offset_linears(model)
+    if tied and method == "lora":
+        path, mode = tied[0]
+        why = ("symmetric (Q4_0-style: each offset is -2^(bits-1) x its scale)" if mode == "symmetric" else
+               "K-quants (Q4_K-style: each offset is a 6-bit integer times a float16 per 256 weights)")
+        raise ValueError(f"--method lora needs a free offset per group, and {len(tied)} layers (e.g. {path}) are "
+                         f"{why}; use --method scales or --method full")
     stored = {k: v.dtype for k, v in tree_flatten(model.parameters())}
     prepare_quantized(model, keep_codes=method != "full")
     model.set_dtype(mx.float32)  # float32 compute and master copies (fast on a CPU); exact for every stored value

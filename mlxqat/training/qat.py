@@ -268,6 +268,6 @@ def release_teacher(teacher, train_windows: np.ndarray, kept_windows: Optional[n
 def snap_learned_scales(model: nn.Module, dtype: str) -> None:
     """Round every learned scale/bias to ``dtype`` values (:func:`mlxqat.quant.snap_to`), in place."""
     dt = getattr(mx, dtype)
-    for _, m in model.named_modules():
-        if is_fake_quant(m) and m.spec.learn_scales and "scales" in m:
+    for _, m in model.named_modules():  # K-quant scales are on their own grid (float32), not snapped
+        if is_fake_quant(m) and m.spec.learn_scales and "scales" in m and m.spec.mode != "kquant":
             m.scales, m.biases = quant.snap_to(dt, m.scales), quant.snap_to(dt, m.biases)
