@@ -491,7 +491,8 @@ def quantize_rtn(model: nn.Module, recipe="int4", windows=None, *,
         prepare_calibrated(model, plain, windows)
     if fake_quant:
         return model
-    half = {p for p, m in model.named_modules() if isinstance(m, FakeQuantLinear) and m.spec.scale_dtype == "float16"}
+    half = {p for p, m in model.named_modules()  # a zero-point layer's offsets (-k x scale) stay float32 products
+            if isinstance(m, FakeQuantLinear) and m.spec.scale_dtype == "float16" and m.spec.mode != "zeropoint"}
     convert(model)
     linear = [(m, mx.float16 if p in half else m.scales.dtype, m.scales, m.biases)
               for p, m in model.named_modules() if isinstance(m, nn.QuantizedLinear)]

@@ -4,6 +4,7 @@
     ollama create my-model -f model-q4_0.Modelfile      # the Modelfile written beside the GGUF
     python -m mlxqat.export qat-int4/ --format mlx  --out mlx-dir/
     python -m mlxqat.export qat-int4/ --format fp16 --out unquantized/
+    python -m mlxqat.export qat-q4_0/ --format hf --out hf-dir/    # transformers / vLLM (compressed-tensors)
     python -m mlxqat.verify mlx-dir/
 
 The source is a directory written by :func:`mlxqat.save` or any local mlx-lm
@@ -55,7 +56,7 @@ from .storage.load import check_config, load
 from .storage.manifest import MANIFEST, MASTER_FILE, Manifest, is_mlxqat_output
 from .storage.save import save
 
-FORMATS = ("gguf", "mlx", "fp16")
+FORMATS = ("gguf", "mlx", "fp16", "hf")
 
 
 class ExportWarning(UserWarning):
@@ -367,6 +368,33 @@ def export_fp16(src_dir: PathLike, out_dir: PathLike, *, dtype: str = "float16",
     return manifest
 
 
+def export_hf(src_dir: PathLike, out_dir: PathLike, *, verbose: bool = True) -> dict:
+    """Write a Hugging Face directory that transformers and vLLM load: compressed-tensors "pack-quantized"
+    weights holding the model's own integers and scales (:mod:`mlxqat.hf`).
+
+    Args:
+        src_dir: a directory saved by :func:`mlxqat.save` (or any mlx-lm directory) whose quantized layers have
+            whole-step offsets: symmetric recipes (``q4_0``, ``q5_0``, ``q8_0``) or integer zero points
+            (``int4_zp``, ``mode="zeropoint"``).
+        out_dir: destination directory (replaced atomically).
+
+    Returns:
+        ``{"out", "groups", "ignore", "files"}``.
+
+    Raises:
+        mlxqat.hf.HFExportError: a layer with float offsets (named, with the recipe to use), before anything is written.
+    """
+    from .hf import write_hf
+
+    src, model, tokenizer, config = _open_source(src_dir, out_dir)
+    info = _source_info(src)
+    info["exported_from"] = str(src)
+    result = write_hf(model, tokenizer, config, out_dir, sources=[src], info=info)
+    _say(verbose, f"wrote {out_dir}: {len(result['files'])} files, compressed-tensors pack-quantized "
+                  f"({sum(g['targets'] for g in result['groups'].values())} quantized linear layers)")
+    return result
+
+
 @command()
 def main(argv: Optional[List[str]] = None) -> int:
     """Entry point of ``python -m mlxqat.export``; returns the exit status (2: bad input)."""
@@ -375,7 +403,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         description="Export an mlxqat / mlx-lm model directory to GGUF, an mlx-lm directory, or unquantized weights.",
     )
     parser.add_argument("src_dir", help="model directory (saved by mlxqat.save, or any mlx-lm directory)")
-    parser.add_argument("--format", choices=FORMATS, required=True, help="gguf, mlx (mlx-lm directory) or fp16")
+    parser.add_argument("--format", choices=FORMATS, required=True,
+                        help="gguf, mlx (mlx-lm directory), fp16, or hf (transformers / vLLM, compressed-tensors)")
     parser.add_argument("--out", required=True, help="destination .gguf file or directory")
     parser.add_argument(
         "--type", dest="qtype", default="auto", choices=["auto", *ge.QTYPES],
@@ -407,6 +436,9 @@ def main(argv: Optional[List[str]] = None) -> int:
             result.pop("tensors")
         elif args.format == "mlx":
             result = {"files": len(export_mlx(args.src_dir, args.out)["files"])}
+        elif args.format == "hf":
+            result = export_hf(args.src_dir, args.out)
+            result["files"] = len(result["files"])
         else:
             result = {"files": len(export_fp16(args.src_dir, args.out, dtype=args.dtype)["files"])}
     finally:

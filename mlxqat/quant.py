@@ -13,6 +13,10 @@ Three ways of choosing scales and biases share that format:
                  stores it) and ``bias = -2**(bits-1) * scale``.
 * channel-wise   ``group_size=-1``: one scale/bias per output row, stored as the
                  same value repeated over every storage group of that row.
+* ``zeropoint``  affine with a whole number of steps as offset: ``bias = -k * scale``,
+                 ``k`` an integer in ``0 .. 2**bits - 1`` (:func:`integer_offsets`): the
+                 integer zero point of compressed-tensors, GPTQ and AWQ checkpoints
+                 that transformers and vLLM run (:mod:`mlxqat.hf`).
 * ``kquant``     GGUF's Q4_K / Q5_K: groups of 32 whose scales and offsets are
                  themselves 6-bit integers against two float16 numbers per
                  256 weights (``scale = d * sc``, ``bias = -dmin * m``,
@@ -37,7 +41,7 @@ import numpy as np
 SUPPORTED_BITS = (2, 3, 4, 5, 6, 8)
 SUPPORTED_GROUP_SIZES = (32, 64, 128)
 CHANNELWISE = -1
-MODES = ("affine", "symmetric", "kquant")
+MODES = ("affine", "symmetric", "kquant", "zeropoint")
 KQUANT_BITS = (4, 5)  # Q4_K and Q5_K
 KQUANT_SUPER = 256  # weights per K-quant super-block: a row's length must be a multiple of it
 KQUANT_SUBS = 8  # groups of 32 per super-block
@@ -155,6 +159,15 @@ def init_params(
     g = storage_group_size(group_size, in_features)
     if mode == "kquant":
         return _kquant_params(w, bits, group_size)
+    if mode == "zeropoint":  # min/max scales, the offset moved to the nearest whole step
+        if group_size == CHANNELWISE:
+            scales, biases = _channel_affine_scales(w, bits, g)
+        else:
+            _, scales, biases = mx.quantize(w, g, bits)
+        if scale_dtype is not None:
+            scales = snap_to(getattr(mx, scale_dtype), scales)
+        biases = integer_offsets(scales, biases, bits)
+        return pack(quantize_codes(w, scales, biases, bits, g), bits), scales, biases
     if mode == "affine" and group_size != CHANNELWISE:
         packed, scales, biases = mx.quantize(w, g, bits)
         if scale_dtype is None:
@@ -182,6 +195,33 @@ def _kquant_params(w: mx.array, bits: int, group_size: int) -> Tuple[mx.array, m
     scales, biases = parts.scales_biases(qtype_of(bits))
     dt = w.dtype if w.dtype == mx.float32 else mx.float32  # the products d * sc need float32
     return pack(mx.array(parts.codes.astype(np.uint32)), bits), mx.array(scales).astype(dt), mx.array(biases).astype(dt)
+
+
+def _make_integer_offsets(bits: int):
+    top = 2**bits - 1
+
+    @mx.custom_function
+    def snap(scales, biases):
+        s = scales.astype(mx.float32)
+        safe = mx.where(s == 0, mx.ones_like(s), s)
+        k = mx.clip(mx.round(-biases.astype(mx.float32) / safe), 0, top)
+        return mx.where(s == 0, biases.astype(mx.float32), -k * s).astype(biases.dtype)
+
+    @snap.vjp
+    def snap_vjp(primals, cotangent, output):
+        return mx.zeros_like(primals[0]), cotangent  # straight through to the float offsets
+
+    return snap
+
+
+def integer_offsets(scales: mx.array, biases: mx.array, bits: int) -> mx.array:
+    """``biases`` moved to a whole number of steps: ``-k * scale`` with ``k = clip(round(-bias / scale), 0,
+    2**bits - 1)`` (a group whose scale is 0 keeps its bias). Values already there come back unchanged; the
+    gradient passes straight through to the biases."""
+    key = ("zeropoint", bits)
+    if key not in _FQ_CACHE:
+        _FQ_CACHE[key] = _make_integer_offsets(bits)
+    return _FQ_CACHE[key](scales, biases)
 
 
 def _kquant_round(values: mx.array, top: mx.array) -> mx.array:

@@ -27,7 +27,9 @@ class LayerSpec:
 
     bits: int = 4  # weight bits: 2, 3, 4, 5, 6 or 8
     group_size: int = 64  # 32, 64, 128, or -1 for one scale per output channel
-    mode: str = "affine"  # "affine" (MLX min/max), "symmetric" (llama.cpp Q4_0 rule) or "kquant" (Q4_K / Q5_K)
+    # "affine" (MLX min/max), "symmetric" (llama.cpp Q4_0 rule), "zeropoint" (affine, integer zero point)
+    # or "kquant" (Q4_K / Q5_K)
+    mode: str = "affine"
     learn_scales: bool = False  # train scales and biases along with (or instead of) weights
     act_bits: Optional[int] = None  # static per-tensor activation quantization (8 or 4)
     scale_dtype: Optional[str] = None  # "float16": round scales/biases to float16 (exact GGUF)
@@ -239,7 +241,7 @@ class Recipe:
     def keeps_learned_scales(self) -> bool:
         """Whether learned per-group scales and biases fit the format: affine or K-quant, group-wise specs only
         (Q4_0's biases are tied to its scales; channel-wise scales are shared across groups)."""
-        return all(s.mode in ("affine", "kquant") and s.group_size != CHANNELWISE for s in self.specs())
+        return all(s.mode in ("affine", "kquant", "zeropoint") and s.group_size != CHANNELWISE for s in self.specs())
 
     def qat_defaults(self) -> QATDefaults:
         """The QAT settings measured best for this recipe's narrowest bit width (:data:`QAT_DEFAULTS`)."""
@@ -327,6 +329,10 @@ register("int4", lambda: Recipe("int4", LayerSpec(4, 64), description="4-bit aff
 register("int8", lambda: Recipe("int8", LayerSpec(8, 64), description="8-bit affine, group 64"))
 register("int3", lambda: Recipe("int3", LayerSpec(3, 64), description="3-bit affine, group 64"))
 register("int2", lambda: Recipe("int2", LayerSpec(2, 64), description="2-bit affine, group 64"))
+register("int4_zp", lambda: Recipe(
+    "int4_zp", LayerSpec(4, 64, "zeropoint"),
+    description="4-bit, group 64, offsets of whole steps (an integer zero point): exports exactly to a Hugging Face "
+                "compressed-tensors directory (transformers, vLLM)"))
 def _gguf_block_recipe(bits: int, symmetric: bool) -> Callable[[], Recipe]:
     """The recipe of GGUF's ``Q{bits}_0`` (symmetric; the output head 8-bit, exactly ``Q8_0``, as llama.cpp keeps
     it) or ``Q{bits}_1`` (affine, float16 scales and offsets) blocks: group 32, exported bit for bit."""

@@ -61,7 +61,7 @@ METHODS = ("lora", "scales", "full")
 TRAINABLE = {"lora": "lora", "scales": "scales", "full": "quantized"}  # the trainer's mode of each method
 # peak learning rate of what each method trains (--learning-rate); under scales it is relative: the fraction
 # of each group's scale a step moves its scale and offset (TrainingArgs.scale_step), whatever the format
-LEARNING_RATES = {"lora": 1e-3, "scales": 1e-3, "full": 1e-4}
+LEARNING_RATES = {"lora": 1e-3, "scales": 1e-4, "full": 1e-4}
 DEFAULT_SEQ_LEN = 2048  # the longest example accepted, as mlx-lm's --max-seq-length (or the model's context)
 VAL_BATCHES = 25
 TEXT_WINDOW = 512  # tokens per window of plain-text data, unless --seq-len says otherwise
