@@ -51,7 +51,7 @@ from mlxqat.training.finetune import LEARNING_RATES, read_back  # noqa: E402
 
 PY = sys.executable
 MLX_LM_LRS = (1e-5, 1e-4, 1e-3)
-MLXQAT_LRS = {"lora": (3e-4, 1e-3, 3e-3), "scales": (1e-5, 3e-5, 1e-4), "full": (3e-5, 1e-4, 3e-4)}
+MLXQAT_LRS = {"lora": (3e-4, 1e-3, 3e-3), "scales": (3e-5, 1e-4, 3e-4), "full": (3e-5, 1e-4, 3e-4)}  # scales: relative steps
 
 
 def run(cmd, log: Path) -> str:
