@@ -162,7 +162,7 @@ def prepare_quantized(model: nn.Module, *, keep_codes: bool = True, learn_scales
             or adapters on top (:func:`mlxqat.lora.apply_lora`); ``False``: float master weights that
             quantize back to the same codes, for full QAT.
         learn_scales: with ``keep_codes=False``, train the scales and biases too where the format keeps
-            them (affine, K-quant); symmetric layers derive them from the weights.
+            them (:data:`mlxqat.quant.LEARNED_SCALE_MODES`); symmetric layers derive them from the weights.
         dtype: what the fake-quant layers compute in (float32 on a CPU); scales and biases are rounded to
             the dtype they were stored in, in every forward, so :func:`convert` stores them losslessly.
 
@@ -191,7 +191,7 @@ def prepare_quantized(model: nn.Module, *, keep_codes: bool = True, learn_scales
         if path not in specs:
             return m
         spec = specs[path]
-        learn = keep_codes or (learn_scales and spec.mode in ("affine", "kquant"))
+        learn = keep_codes or (learn_scales and spec.mode in quant.LEARNED_SCALE_MODES)
         spec = dataclasses.replace(spec, learn_scales=learn, scale_init=spec.scale_init if learn else "minmax")
         cls = FakeQuantEmbedding if isinstance(m, nn.QuantizedEmbedding) else FakeQuantLinear
         return cls.from_quantized(m, spec, getattr(m, "recipe", None), keep_codes=keep_codes, dtype=dtype)

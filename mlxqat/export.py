@@ -46,7 +46,7 @@ from .evaluate import kl_probe_inputs, mean_kl
 from .footprint import memory_report
 from .gguf import ollama
 from .gguf import writer as ge
-from .gguf.blocks import EXACT_TYPES
+from .gguf.blocks import EXACT_TYPES, exact_recipes
 from .gguf.format import is_gguf_file
 from .gguf.reader import load_gguf
 from .gguf.tokenizer import adds_bos_eos, end_of_turn, read_tokenizer
@@ -65,7 +65,7 @@ class ExportWarning(UserWarning):
 
 def _open_source(src_dir: PathLike, out_dir: PathLike, keep_blocks: bool = False):
     """``(src, model, tokenizer, config)`` of an export's source, once ``out_dir`` is known to be writable;
-    ``keep_blocks``: a GGUF file's Q4_0 / Q4_1 / Q5_0 / Q5_1 / Q8_0 matrices stay quantized layers with their own blocks."""
+    ``keep_blocks``: a GGUF file's Q4_0 / Q4_1 / Q5_0 / Q5_1 / Q8_0 / Q4_K / Q5_K matrices stay quantized layers with their own blocks."""
     src = Path(src_dir)
     config = None if is_gguf_file(src) else check_config(src)  # a GGUF file: config from its metadata
     check_destination(out_dir, sources=[src])  # fail fast, before loading
@@ -129,8 +129,8 @@ def _auto_qtype(plan_model: nn.Module) -> str:
             counts[name] = counts.get(name, 0) + 1
     if not counts:
         raise ValueError(
-            "no GGUF type holds this model's weights exactly (exact: recipes q4_0, q4_1, q5_0, q5_1, q8_0); "
-            "pass --type q4_0, q4_1, q5_0, q5_1, q8_0 or f16 to re-quantize (the export reports the KL it adds)"
+            f"no GGUF type holds this model's weights exactly (exact: recipes {exact_recipes('and')}); "
+            f"pass --type {exact_recipes()} or f16 to re-quantize (the export reports the KL it adds)"
         )
     return max(counts, key=counts.get)
 
@@ -206,14 +206,14 @@ def export_gguf(
         if exact:
             raise ge.GGUFExportError(
                 f"{len(problems)} tensor(s) cannot be written exactly as {qtype}, e.g. {problems[0]}. "
-                "Quantize with recipe q4_0, q4_1, q5_0, q5_1 or q8_0 (group 32, float16 scales) for an exact "
+                f"Quantize with recipe {exact_recipes()} for an exact "
                 "GGUF, or drop --exact to re-quantize"
             )
         kl = _requantization_kl(src, model, tokenizer, plan)
         msg = (
             f"GGUF {qtype} export is not exact: {len(problems)} tensor(s) re-quantized or changed "
             f"(e.g. {problems[0]}). Measured cost: KL(MLX model || GGUF weights) = {kl:.3g} nats "
-            "per token on fixed sequences. For an exact export train with recipe q4_0, q4_1, q5_0, q5_1 or q8_0."
+            f"per token on fixed sequences. For an exact export train with recipe {exact_recipes()}."
         )
         warnings.warn(msg, ExportWarning, stacklevel=2)
     with atomic_path(out, sources=[src]) as tmp:

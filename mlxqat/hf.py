@@ -10,6 +10,9 @@ exactly: the packed codes are the same words, ``z = k - 2^(b-1)``, and a symmetr
 recipes ``q4_0``, ``q5_0``, ``q8_0``) needs no zero point at all. An MLX affine layer with free float
 offsets (``int4``, ``q4_1``: ``mlx_lm.convert``'s format) has no such form and is refused, naming the layer;
 quantized embeddings, which compressed-tensors does not quantize, are written dequantized.
+
+The dense packing (``ceil(n * bits / 32)`` words for ``n`` values) is that of compressed-tensors 0.20 and
+later; 4- and 8-bit layers pack the same way in every version, 3-, 5- and 6-bit ones need 0.20.
 """
 
 from __future__ import annotations
@@ -36,7 +39,7 @@ class HFExportError(ValueError):
     """A model that the compressed-tensors format cannot hold exactly (named layer, and the recipe to use)."""
 
 
-def integer_offsets(scales: np.ndarray, biases: np.ndarray, bits: int) -> Optional[np.ndarray]:
+def whole_steps(scales: np.ndarray, biases: np.ndarray, bits: int) -> Optional[np.ndarray]:
     """``k`` with ``biases == -k * scales`` exactly (float32), ``k`` integers in ``0 .. 2^bits - 1``, or ``None``.
 
     A group whose scale is 0 takes the ``k`` that keeps its offset (only ``bias == 0`` has one: ``k`` then is
@@ -61,7 +64,7 @@ def _layer_tensors(path: str, m: nn.Module) -> Tuple[Dict[str, mx.array], dict]:
     bits, g = m.bits, m.group_size
     scales = np.array(m.scales.astype(mx.float32))
     biases = np.array(m.biases.astype(mx.float32))
-    k = integer_offsets(scales, biases, bits)
+    k = whole_steps(scales, biases, bits)
     if k is None:
         raise HFExportError(
             f"{path}: {bits}-bit group {g} with float offsets (affine, as mlx_lm.convert and recipes int4 / q4_1 "

@@ -42,9 +42,12 @@ SUPPORTED_BITS = (2, 3, 4, 5, 6, 8)
 SUPPORTED_GROUP_SIZES = (32, 64, 128)
 CHANNELWISE = -1
 MODES = ("affine", "symmetric", "kquant", "zeropoint")
+LEARNED_SCALE_MODES = ("affine", "kquant", "zeropoint")  # modes whose per-group scales and offsets can train
+FREE_OFFSET_MODES = ("affine",)  # modes whose offsets are free floats (QA-LoRA merges adapters into them)
 KQUANT_BITS = (4, 5)  # Q4_K and Q5_K
 KQUANT_SUPER = 256  # weights per K-quant super-block: a row's length must be a multiple of it
 KQUANT_SUBS = 8  # groups of 32 per super-block
+KQUANT_FALLBACK = {4: "q5_0", 5: "q5_1"}  # by bits: the recipe of rows that are not a multiple of 256 (llama.cpp's)
 
 
 def storage_group_size(group_size: int, in_features: int) -> int:
@@ -159,14 +162,11 @@ def init_params(
     g = storage_group_size(group_size, in_features)
     if mode == "kquant":
         return _kquant_params(w, bits, group_size)
-    if mode == "zeropoint":  # min/max scales, the offset moved to the nearest whole step
-        if group_size == CHANNELWISE:
-            scales, biases = _channel_affine_scales(w, bits, g)
-        else:
-            _, scales, biases = mx.quantize(w, g, bits)
+    if mode == "zeropoint":  # the range stretched to hold 0 (a whole step then lands on it), as GPTQ does
+        scales, lo = _zeropoint_range(w, bits, group_size, g)
         if scale_dtype is not None:
             scales = snap_to(getattr(mx, scale_dtype), scales)
-        biases = integer_offsets(scales, biases, bits)
+        biases = integer_offsets(scales, lo, bits)
         return pack(quantize_codes(w, scales, biases, bits, g), bits), scales, biases
     if mode == "affine" and group_size != CHANNELWISE:
         packed, scales, biases = mx.quantize(w, g, bits)
@@ -253,9 +253,11 @@ def _make_kquant_grid():
 def kquant_grid(scales: mx.array, biases: mx.array) -> Tuple[mx.array, mx.array]:
     """Per-group ``scales`` and ``biases`` (..., K/32) moved onto GGUF's K-quant grid: in each run of 8 groups
     (256 weights), ``scale = d * sc`` and ``bias = -dmin * m`` with ``sc``, ``m`` integers in 0..63 and
-    ``d = float16(max scale / 63)``, ``dmin = float16(max -bias / 63)`` (llama.cpp's rule). Values already
-    on the grid are returned unchanged (the largest maps to 63 exactly), so a saved model reads back as it
-    trained. The gradient passes straight through."""
+    ``d = float16(max scale / 63)``, ``dmin = float16(max -bias / 63)`` (llama.cpp's rule). Values on such a
+    grid, whose largest integer in each run is 63 (what llama.cpp's reference quantizer and mlxqat write), come
+    back unchanged, so a saved model reads back as it trained; a file quantized with fewer steps at the top (an
+    importance-matrix quantization) would move, and fine-tuning refuses it. The gradient passes straight
+    through."""
     if scales.shape[-1] % KQUANT_SUBS:
         raise ValueError(f"{scales.shape[-1]} groups a row: K-quant scales come in runs of {KQUANT_SUBS}")
     key = ("kquant_grid",)
@@ -279,6 +281,19 @@ def _symmetric_scales(w, bits, group_size, g):
         scales = mx.repeat(scales, w.shape[-1] // g, axis=-1)
     biases = scales * -half
     return scales, biases
+
+
+def _zeropoint_range(w, bits, group_size, g):
+    """Per-group ``(scale, low end)`` of the range ``[min(w, 0), max(w, 0)]`` in ``2**bits - 1`` steps: a group
+    whose weights all have one sign keeps 0 inside its range, so its offset is a whole number of steps."""
+    w32 = w.astype(mx.float32)
+    wg = w32[..., None, :] if group_size == CHANNELWISE else _grouped(w32, g)
+    lo = mx.minimum(mx.min(wg, axis=-1), 0.0)
+    hi = mx.maximum(mx.max(wg, axis=-1), 0.0)
+    scales = (hi - lo) / (2**bits - 1)
+    if group_size == CHANNELWISE:
+        scales, lo = (mx.repeat(a, w.shape[-1] // g, axis=-1) for a in (scales, lo))
+    return scales.astype(w.dtype), lo.astype(w.dtype)
 
 
 def _channel_affine_scales(w, bits, g):

@@ -241,7 +241,7 @@ class Recipe:
     def keeps_learned_scales(self) -> bool:
         """Whether learned per-group scales and biases fit the format: affine or K-quant, group-wise specs only
         (Q4_0's biases are tied to its scales; channel-wise scales are shared across groups)."""
-        return all(s.mode in ("affine", "kquant", "zeropoint") and s.group_size != CHANNELWISE for s in self.specs())
+        return all(s.mode in quant.LEARNED_SCALE_MODES and s.group_size != CHANNELWISE for s in self.specs())
 
     def qat_defaults(self) -> QATDefaults:
         """The QAT settings measured best for this recipe's narrowest bit width (:data:`QAT_DEFAULTS`)."""
@@ -351,17 +351,13 @@ for _bits, _symmetric in ((4, True), (5, True), (8, True), (4, False), (5, False
     register(f"q{_bits}_{0 if _symmetric else 1}", _gguf_block_recipe(_bits, _symmetric))
 
 
-#: What a K-quant layer becomes when its rows are not a multiple of 256 weights (llama.cpp's own fallbacks:
-#: Q4_K -> Q5_0, Q5_K -> Q5_1), by bits.
-KQUANT_FALLBACK = {4: LayerSpec(5, 32, "symmetric"), 5: LayerSpec(5, 32, "affine", scale_dtype="float16")}
-
-
 def kquant_fallback(spec: LayerSpec, in_features: int) -> LayerSpec:
     """``spec``, or for a K-quant spec on rows that are not a multiple of 256 weights the block type llama.cpp
-    writes instead (:data:`KQUANT_FALLBACK`), learning its scales where that type keeps them."""
+    writes instead (:data:`mlxqat.quant.KQUANT_FALLBACK`: Q4_K -> Q5_0, Q5_K -> Q5_1), learning its scales
+    where that type keeps them."""
     if spec.mode != "kquant" or in_features % quant.KQUANT_SUPER == 0:
         return spec
-    fallback = KQUANT_FALLBACK[spec.bits]
+    fallback = get(quant.KQUANT_FALLBACK[spec.bits]).default
     return dataclasses.replace(fallback, learn_scales=spec.learn_scales and fallback.mode == "affine",
                                act_bits=spec.act_bits)
 

@@ -392,3 +392,12 @@ def test_general_text_holds_the_model_to_its_start(workspace, tokenizer, tmp_pat
     with pytest.raises(ValueError, match="--general-weight -1"):
         mlxqat.finetune(str(workspace["int4"]), str(workspace["data"]), str(tmp_path / "bad"),
                         general_data=str(general), general_weight=-1, **FAST)
+
+
+def test_scales_step_relative_by_default_from_the_command_line_too():
+    kwargs = vars(ft.build_parser().parse_args(["--model", "m", "--data", "d", "--out", "o", "--method", "scales"]))
+    assert kwargs["scale_step"] is None  # left to the method
+    assert ft.finetune_args("scales", scale_step=kwargs["scale_step"]).scale_step == "relative"
+    assert ft.finetune_args("scales", scale_step="absolute").scale_step == "absolute"
+    assert ft.finetune_args("full", scale_step=None).scale_step == "absolute"
+

@@ -16,7 +16,7 @@ from mlxqat import quant
 from mlxqat.convert import quantize_rtn
 from mlxqat.evaluate import evaluate
 from mlxqat.export import export_hf
-from mlxqat.hf import HFExportError, integer_offsets
+from mlxqat.hf import HFExportError, whole_steps
 from mlxqat.training.qat import quantize_qat
 
 
@@ -114,5 +114,17 @@ def test_integer_zero_points_train_and_stay_whole_steps(tokenizer):
     mlxqat.convert(student)
     for _, m in student.named_modules():
         if quant.is_quantized(m):
-            k = integer_offsets(np.array(m.scales.astype(mx.float32)), np.array(m.biases.astype(mx.float32)), m.bits)
+            k = whole_steps(np.array(m.scales.astype(mx.float32)), np.array(m.biases.astype(mx.float32)), m.bits)
             assert k is not None and k.min() >= 0 and k.max() <= 15
+
+
+def test_zero_point_ranges_hold_zero_so_one_signed_groups_keep_their_values():
+    w = mx.array(np.concatenate([np.linspace(1.0, 1.2, 64), np.full(64, 0.05), np.linspace(-0.3, 0.2, 64),
+                                 np.zeros(64)])[None].astype(np.float32))
+    packed, scales, biases = quant.init_params(w, 4, 64, "zeropoint")
+    err = np.abs(np.array(quant.dequantize(packed, scales, biases, 4, 64) - w)).reshape(4, 64).max(-1)
+    step = np.array(scales)[0]
+    assert np.all(err <= step / 2 + 1e-7), (err, step)  # within half a step of the stretched range
+    assert err[1] == 0 and err[3] == 0  # a constant group and a zero group exactly
+    assert whole_steps(np.array(scales), np.array(biases), 4) is not None
+

@@ -134,8 +134,9 @@ def test_llama_cpp_reads_the_q4_k_export_as_mlx_computes(models, tokenizer, tmp_
         c, t = logprob_diffs(path_logprobs(model, ids, out["ids"]), out["logprobs"])
         chosen.append(c), top.append(t)
     chosen, top = np.concatenate(chosen), np.concatenate(top)
-    # llama.cpp rounds activations to 8 bits (Q8_K) in its K-quant dot products: close, not equal
-    assert np.median(top) < 0.05 and top.max() < 0.5 and chosen.max() < 0.2, (np.median(top), top.max())
+    # llama.cpp rounds activations to 8 bits in its K-quant dot products, with one scale per 256 values (Q8_K;
+    # Q4_0's dot products use one per 32), so unlikely tokens of the top 5 move more: close, not equal
+    assert np.median(top) < 0.05 and top.max() < 1.0 and chosen.max() < 0.2, (np.median(top), top.max())
 
 
 def test_a_q4_k_gguf_fine_tunes_in_its_own_blocks(models, tokenizer, tmp_path):
@@ -159,3 +160,21 @@ def test_a_q4_k_gguf_fine_tunes_in_its_own_blocks(models, tokenizer, tmp_path):
     a, b = read_gguf_tensors(tmp_path / "m.gguf"), read_gguf_tensors(out)
     assert {k: v[0] for k, v in a.items()} == {k: v[0] for k, v in b.items()}  # Q4_K in, Q4_K out
     assert sum(not np.array_equal(a[k][1], b[k][1]) for k in a if a[k][0] == GT.Q4_K) >= 8
+
+
+def test_a_k_quant_file_with_fewer_steps_at_the_top_is_refused_for_fine_tuning(models, tokenizer, tmp_path):
+    from test_finetune import FAST, _data_dir
+
+    model, config = models()
+    quantize_rtn(model, "q4_k")
+    layer = model.model.layers[0].mlp.down_proj
+    runs = np.array(layer.scales.astype(mx.float32)).reshape(-1, 8)
+    unit = (runs.max(-1) / 31).astype(np.float16).astype(np.float32)  # a valid grid whose top integer is 31
+    ints = np.clip(np.rint(runs / unit[:, None]), 0, 31)
+    layer.scales = mx.array((unit[:, None] * ints).reshape(layer.scales.shape))
+    mlxqat.save(model, tokenizer, tmp_path / "m", config=config)
+    export_gguf(tmp_path / "m", tmp_path / "m.gguf", "q4_k", exact=True, modelfile=False, verbose=False)
+    with pytest.raises(ValueError, match=r"K-quant layers \(e\.g\. model\.layers\.0\.mlp\.down_proj\) .* not 63 steps"):
+        mlxqat.finetune(str(tmp_path / "m.gguf"), str(_data_dir(tmp_path)), str(tmp_path / "t.gguf"),
+                        method="scales", **FAST)
+

@@ -249,6 +249,11 @@ def test_relative_scale_steps_move_every_group_by_the_same_fraction_of_its_scale
     for (k, p), d in steps["relative"].items():
         np.testing.assert_allclose(d, steps["absolute"][k, p] * np.abs(np.array(layers[k]["scales"])), rtol=1e-4)
         np.testing.assert_allclose(np.abs(d) / np.abs(np.array(layers[k]["scales"])), first, rtol=1e-4)
+    dead = {"c": {"scales": mx.array([[0.0, 0.5]]), "biases": mx.array([[-0.05, -1.0]])}}
+    args = TrainingArgs(steps=2, scale_learning_rate=1e-2, schedule="constant", warmup_steps=0,
+                        optimizer_state_dtype="float32", scale_step="relative")
+    moved = QATOptimizer(args).apply_gradients({"c": {"scales": mx.ones((1, 2)), "biases": mx.ones((1, 2))}}, dead)
+    assert float(moved["c"]["biases"][0, 0]) != -0.05  # a zero-scale group's offset still trains
     with pytest.raises(ValueError, match="scale_step='log' is not supported"):
         TrainingArgs(scale_step="log")
 

@@ -23,6 +23,7 @@ import hashlib
 import os
 import platform
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import List, Optional
@@ -106,17 +107,22 @@ def run(path: Path, timeout: int = 3600) -> dict:
     _write(path, nbformat.writes(nb).encode("utf-8"))
     pngs = [o["data"]["image/png"] for c in nb.cells if c.cell_type == "code" for o in c.outputs
             if "image/png" in o.get("data", {})]
-    if pngs:
+    if pngs and path.resolve().parent == NOTEBOOKS:  # the repository's notebooks only
         IMAGES.mkdir(parents=True, exist_ok=True)
         _write(IMAGES / f"{path.stem}.png", base64.b64decode(pngs[-1]))
     return meta
 
 
 def _write(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` (the repository's own file) through a temporary file: never half-written."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+    """Write ``data`` to ``path`` through a new temporary file beside it: never half-written."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def _paths(names: List[str]) -> List[Path]:
@@ -128,7 +134,9 @@ def _paths(names: List[str]) -> List[Path]:
         if not p.exists():
             p = NOTEBOOKS / (n if n.endswith(".ipynb") else n + ".ipynb")
         if not p.is_file():
-            raise SystemExit(f"no notebook {n!r}: give a name from {', '.join(q.stem for q in sorted(NOTEBOOKS.glob('*.ipynb')))}")
+            print(f"no notebook {n!r}: give a name from {', '.join(q.stem for q in sorted(NOTEBOOKS.glob('*.ipynb')))}",
+                  file=sys.stderr)
+            raise SystemExit(2)
         out.append(p)
     return out
 

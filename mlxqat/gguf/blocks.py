@@ -43,6 +43,12 @@ EXACT_TYPES: Dict[GT, Tuple[int, str]] = {GT.Q4_0: (4, "q4_0"), GT.Q5_0: (5, "q5
                                           GT.Q4_1: (4, "q4_1"), GT.Q5_1: (5, "q5_1"),
                                           GT.Q4_K: (4, "q4_k"), GT.Q5_K: (5, "q5_k")}
 KQUANT_TYPES = (GT.Q4_K, GT.Q5_K)  # groups of 32 with float32 scales on the K-quant grid (:mod:`.kquants`)
+
+
+def exact_recipes(last: str = "or") -> str:
+    """The recipes whose layers a GGUF block type holds exactly, for messages: ``"q4_0, ..., q4_k or q5_k"``."""
+    names = [name for _, name in EXACT_TYPES.values()]
+    return ", ".join(names[:-1]) + f" {last} " + names[-1]
 SYMMETRIC = {GT.Q4_0: 8, GT.Q5_0: 16, GT.Q8_0: 128}  # the tied offset of each symmetric type: -this * scale
 GROUP = 32  # weights per block of every exact type
 
@@ -132,6 +138,8 @@ def mlx_arrays(blocks: np.ndarray, qtype: GT, shape: Tuple[int, int]) -> Tuple[m
     if qtype in KQUANT_TYPES:  # float32 scales and biases: d * sc and -dmin * m are exact there
         parts = kquants.unpack(blocks, qtype, shape)
         scales, biases = parts.scales_biases(qtype)
+        if not (np.all(np.isfinite(scales)) and np.all(np.isfinite(biases))):
+            raise ValueError(f"{qtype.name} blocks hold NaN or Inf scales or mins")
         words = quant.pack(mx.array(parts.codes.astype(np.uint32)), bits)
         return words, mx.array(scales), mx.array(biases)
     header = 2 if qtype in SYMMETRIC else 4

@@ -21,7 +21,9 @@ from typing import Dict, Optional, Tuple
 import numpy as np
 from gguf import GGMLQuantizationType as GT
 
-QK_K = 256  # weights per super-block
+from ..quant import KQUANT_SUPER
+
+QK_K = KQUANT_SUPER  # weights per super-block
 
 
 @dataclass(frozen=True)
@@ -236,20 +238,19 @@ def _affine_search(x: np.ndarray, nmax: int, rmin: float, rdelta: float, nstep: 
     f = np.float32
     av = np.sqrt(_seqsum(x * x) / f(x.shape[-1]))
     w = av[:, None] + np.abs(x)
-    lo = np.minimum(x.min(axis=-1), f(0))
+    mn = np.minimum(x.min(axis=-1), f(0))  # the value of code 0; a winning step moves it (and the grid with it)
     hi = x.max(axis=-1)
-    flat = hi == lo
-    span = np.where(flat, f(1), hi - lo)
+    flat = hi == mn
     sum_w, sum_x = _seqsum(w), _seqsum(w * x)
-    iscale = f(nmax) / span
+    iscale = f(nmax) / np.where(flat, f(1), hi - mn)
     scale = f(1) / iscale
-    codes = np.clip(_rint(iscale[:, None] * (x - lo[:, None])), 0, nmax)
-    diff = scale[:, None] * codes + lo[:, None] - x
+    codes = np.clip(_rint(iscale[:, None] * (x - mn[:, None])), 0, nmax)
+    diff = scale[:, None] * codes + mn[:, None] - x
     best = _seqsum(w * (diff * diff))
-    mn = lo.copy()
     for i in range(nstep + 1):
-        iscale = (f(rmin) + f(rdelta) * f(i) + f(nmax)) / span
-        l = np.clip(_rint(iscale[:, None] * (x - lo[:, None])), 0, nmax).astype(np.float32)
+        span = hi - mn
+        iscale = (f(rmin) + f(rdelta) * f(i) + f(nmax)) / np.where(span == 0, f(1), span)
+        l = np.clip(_rint(iscale[:, None] * (x - mn[:, None])), 0, nmax).astype(np.float32)
         wl = w * l
         sum_l, sum_l2, sum_xl = _seqsum(wl), _seqsum(wl * l), _seqsum(wl * x)
         det = sum_w * sum_l2 - sum_l * sum_l
@@ -262,7 +263,7 @@ def _affine_search(x: np.ndarray, nmax: int, rmin: float, rdelta: float, nstep: 
         this_min = np.where(pos, f(0), this_min)
         diff = this_scale[:, None] * l + this_min[:, None] - x
         err = _seqsum(w * (diff * diff))
-        take = ok & (err < best)
+        take = ok & (err < best) & ~flat
         codes = np.where(take[:, None], l, codes)
         best, scale, mn = np.where(take, err, best), np.where(take, this_scale, scale), np.where(take, this_min, mn)
     scale = np.where(flat, f(0), scale)

@@ -263,7 +263,7 @@ def _load_weights(model: nn.Module, config: dict, tensors: dict, path: Path, dty
 
 
 def _keep_blocks(model: nn.Module, config: dict, tensors: dict, plan: Dict[str, str], path: Path) -> Dict[str, str]:
-    """Make each linear layer and embedding stored as Q4_0, Q4_1, Q5_0, Q5_1 or Q8_0 an MLX quantized layer holding the
+    """Make each linear layer and embedding stored as Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K or Q5_K an MLX quantized layer holding the
     file's own codes, scales and offsets (:func:`mlxqat.gguf.blocks.mlx_arrays`), with the spec of the recipe
     that exports it exactly; returns ``{layer path: GGUF type name}`` of the matrices kept as floats."""
     modules = dict(model.named_modules())
@@ -304,7 +304,7 @@ def load_gguf(path: PathLike, *, dtype: mx.Dtype = mx.float32,
             type F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q5_K or Q6_K.
         dtype: the float type of the model's weights (default float32: quantized tensors are
             dequantized exactly, and MLX on the CPU computes fastest in float32).
-        keep_quantized: linear layers and embeddings stored as Q4_0, Q4_1, Q5_0, Q5_1 or Q8_0 become MLX
+        keep_quantized: linear layers and embeddings stored as Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K or Q5_K become MLX
             quantized layers with the file's own codes, scales and offsets (4- or 8-bit, group 32,
             float16 scales), each with the spec of recipe ``q4_0`` / ``q4_1`` / ``q8_0``, so the
             model fine-tunes in its own type and exports back to exactly those blocks; matrices of

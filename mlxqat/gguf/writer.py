@@ -66,7 +66,8 @@ _FLOAT_TYPES = (GT.F32, GT.F16, GT.BF16)
 
 
 _HEAD_AT_Q8 = (GT.Q4_0, GT.Q4_1, GT.Q5_0, GT.Q5_1)  # block types whose files keep the output head at Q8_0
-KQUANT_FALLBACK_TYPES = {GT.Q4_K: GT.Q5_0, GT.Q5_K: GT.Q5_1}  # llama.cpp's type for rows not a multiple of 256
+# llama.cpp's type for rows not a multiple of 256 (quant.KQUANT_FALLBACK)
+KQUANT_FALLBACK_TYPES = {kquants.qtype_of(bits): QTYPES[name] for bits, name in quant.KQUANT_FALLBACK.items()}
 
 
 @dataclass(frozen=True)

@@ -134,6 +134,7 @@ def _check_resumable(path: Path, state: dict, args: TrainingArgs, recipe: Option
     """Refuse to continue a checkpoint with settings that would make another run of it."""
     fix = "or run without --resume to start over"
     saved = state.get("args") or {}
+    saved = {"scale_step": "absolute", **saved}  # checkpoints from before scale_step stepped absolutely
     for name in RESUME_MUST_MATCH:
         if name in saved and saved[name] != getattr(args, name):
             flag = "--" + name.replace("_", "-")

@@ -7,7 +7,7 @@
     python -m mlxqat.finetune --model model.Q4_1.gguf --data data/ --out tuned.Q4_1.gguf    # GGUF blocks in and out
 
 The model enters with its own codes, scales and biases (:func:`mlxqat.convert.prepare_quantized`:
-nothing is re-quantized; a GGUF file's Q4_0 / Q4_1 / Q5_0 / Q5_1 / Q8_0 blocks too, :func:`mlxqat.gguf.reader.load_gguf`),
+nothing is re-quantized; a GGUF file's Q4_0 / Q4_1 / Q5_0 / Q5_1 / Q8_0 / Q4_K / Q5_K blocks too, :func:`mlxqat.gguf.reader.load_gguf`),
 trains on the completions of ``data`` (:mod:`mlxqat.finetune_data`, mlx-lm's layout) with
 :func:`mlxqat.training.loop.train` and a masked cross-entropy, and is saved by :func:`mlxqat.save` with the input's bits, group sizes, mode and stored dtypes. The methods:
 
@@ -45,7 +45,7 @@ from ..export import exact_types, export_gguf
 from ..data import build_dataset, check_seq_len, config_context, spread
 from ..evaluate import completion_loss, evaluate, masked_cross_entropy, trim_masked
 from ..finetune_data import load_finetune_data
-from ..gguf.blocks import EXACT_TYPES
+from ..gguf.blocks import EXACT_TYPES, exact_recipes
 from ..gguf.format import is_gguf_file
 from ..gguf.reader import load_gguf
 from ..storage.destinations import check_destination, check_work_dir
@@ -129,16 +129,17 @@ def finetune_args(method: str, **training_kwargs) -> TrainingArgs:
 
 
 def _tied_offset_linears(model: nn.Module) -> list:
-    """``[(path, mode)]`` of the quantized linear layers without a free float offset per group: symmetric ones
-    (the offset follows the scale) and K-quants (offsets are 6-bit integers on a grid); LoRA adapts linear
-    layers only, embeddings stay as they are."""
+    """``[(path, mode)]`` of the quantized linear layers without a free float offset per group (symmetric: the
+    offset follows the scale; K-quant and zero-point: offsets on a grid); LoRA adapts linear layers only,
+    embeddings stay as they are."""
     return [(p, m.spec.mode) for p, m in model.named_modules()
-            if isinstance(m, nn.QuantizedLinear) and getattr(getattr(m, "spec", None), "mode", None) in ("symmetric", "kquant")]
+            if isinstance(m, nn.QuantizedLinear) and getattr(getattr(m, "spec", None), "mode", "affine")
+            not in quant.FREE_OFFSET_MODES]
 
 
 def load_quantized(path, recipe: Optional[str], method: str, gguf_out: bool = False):
     """``(model, tokenizer, config, stored)``: the quantized model at ``path`` (a full-precision one quantized by
-    round-to-nearest with ``recipe`` first; a GGUF file's Q4_0 / Q4_1 / Q5_0 / Q5_1 / Q8_0 matrices with their own blocks) as
+    round-to-nearest with ``recipe`` first; a GGUF file's Q4_0 / Q4_1 / Q5_0 / Q5_1 / Q8_0 / Q4_K / Q5_K matrices with their own blocks) as
     fake-quant layers for ``method``, computing in float32; ``stored`` maps each parameter to the dtype the
     input stores it in. ``gguf_out``: refuse a model that no GGUF type holds exactly, layer by layer, before
     anything trains (the output will be written as GGUF blocks)."""
@@ -153,7 +154,7 @@ def load_quantized(path, recipe: Optional[str], method: str, gguf_out: bool = Fa
             raise ValueError(
                 f"{path}: {len(floats)} matrices are {', '.join(types)} (e.g. {first}: {floats[first]}), which "
                 f"fine-tuning cannot keep in their own type (kept: {', '.join(t.name for t in EXACT_TYPES)}); pass "
-                "--recipe q4_0, q4_1, q5_0, q5_1 or q8_0 to re-quantize the whole model by round-to-nearest from its "
+                f"--recipe {exact_recipes()} to re-quantize the whole model by round-to-nearest from its "
                 "dequantized weights (the output is then that type)")
     else:
         model, tokenizer, config = load(path, return_config=True)
@@ -175,12 +176,22 @@ def load_quantized(path, recipe: Optional[str], method: str, gguf_out: bool = Fa
                 f"{len(misfits)} layer(s) have no exact GGUF form (e.g. {misfits[0]}: {first.bits}-bit, group "
                 f"{first.group_size}; exact: Q4_0, Q4_1, Q5_0, Q5_1 and Q8_0, 4-, 5- or 8-bit in groups of 32 with float16 scales), "
                 "so a .gguf output would re-quantize what was trained; write an mlx-lm directory (an --out without "
-                ".gguf) and export it, or start from a model quantized with recipe q4_0, q4_1, q5_0, q5_1 or q8_0")
+                f".gguf) and export it, or start from a model quantized with recipe {exact_recipes()}")
+    off_grid = [p for p, m in model.named_modules() if quant.is_quantized(m)
+                and getattr(getattr(m, "spec", None), "mode", None) == "kquant"
+                and not all(mx.array_equal(a, b) for a, b in zip(quant.kquant_grid(m.scales, m.biases),
+                                                                 (m.scales, m.biases)))]
+    if off_grid:
+        raise ValueError(f"{len(off_grid)} K-quant layers (e.g. {off_grid[0]}) have sub-block scales whose largest is "
+                         "not 63 steps of their super-block scale (an importance-matrix quantization); training "
+                         "on the K grid would change them before the first step. Fine-tune a file quantized "
+                         "without an importance matrix, or pass --recipe q4_k to re-quantize from its weights")
     tied = _tied_offset_linears(model)
     if tied and method == "lora":
         path, mode = tied[0]
-        why = ("symmetric (Q4_0-style: each offset is -2^(bits-1) x its scale)" if mode == "symmetric" else
-               "K-quants (Q4_K-style: each offset is a 6-bit integer times a float16 per 256 weights)")
+        why = {"symmetric": "symmetric (Q4_0-style: each offset is -2^(bits-1) x its scale)",
+               "kquant": "K-quants (Q4_K-style: each offset is a 6-bit integer times a float16 per 256 weights)",
+               }.get(mode, f"in mode {mode!r} (each offset a whole number of steps)")
         raise ValueError(f"--method lora needs a free offset per group, and {len(tied)} layers (e.g. {path}) are "
                          f"{why}; use --method scales or --method full")
     stored = {k: v.dtype for k, v in tree_flatten(model.parameters())}
@@ -254,7 +265,7 @@ def finetune(model, data, out, *, method: str = "lora", recipe: Optional[str] = 
 
     Args:
         model: a quantized mlx-lm directory (``mlx_lm.convert -q``, mlxqat's output; affine, 2-8 bits, any
-            group size), a GGUF file of Q4_0 / Q4_1 / Q5_0 / Q5_1 / Q8_0 matrices (kept in their blocks), or a full-precision
+            group size), a GGUF file of Q4_0 / Q4_1 / Q5_0 / Q5_1 / Q8_0 / Q4_K / Q5_K matrices (kept in their blocks), or a full-precision
             model (or any GGUF file) with ``recipe``.
         data: a directory with ``train.jsonl``, ``valid.jsonl`` and optionally ``test.jsonl``
             (:mod:`mlxqat.finetune_data`), or plain text (a file or folder: documents split by name, windows
@@ -430,6 +441,10 @@ def build_parser() -> argparse.ArgumentParser:
             default = None
         elif f.name == "scale_learning_rate":
             help_ = "Peak learning rate of the scales and offsets under --method full (default: learning rate / 10)."
+        elif f.name == "scale_step":
+            help_ = ("How far a scale or offset moves per step: relative (a fraction of its group's scale) or "
+                     "absolute (default: relative under --method scales, absolute under --method full).")
+            default = None
         else:
             help_ += f" (default: {default})"
         if f.type in ("bool", bool, "Optional[bool]"):

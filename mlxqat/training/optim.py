@@ -139,7 +139,7 @@ def relative_steps(optimizer: optim.Optimizer) -> optim.Optimizer:
     """``optimizer`` (an instance) with each update of a ``scales`` / ``biases`` tensor multiplied by the
     magnitude of its group's scale, ``|scales|``, before it is applied: its learning rate becomes a fraction
     of each group's quantization step (a multiplicative step for the scales, as if ``log |scale|`` trained),
-    whatever the layer's or format's scale size. The magnitudes are read from the parameters at every step,
+    whatever the layer's or format's scale size; a group whose scale is 0 moves by the layer's mean scale. The magnitudes are read from the parameters at every step,
     so the optimizer's state and checkpoints are those of the plain optimizer."""
     step = optimizer.apply_gradients
 
@@ -150,7 +150,9 @@ def relative_steps(optimizer: optim.Optimizer) -> optim.Optimizer:
         for k, v in tree_flatten(new):
             group = k.rsplit(".", 1)[0] + ".scales"
             if _is_scale(k) and group in old:
-                v = old[k] + mx.abs(old[group]).astype(v.dtype) * (v - old[k])
+                size = mx.abs(old[group]).astype(v.dtype)
+                size = mx.where(size > 0, size, mx.mean(size))  # a zero scale's group moves at the layer's mean
+                v = old[k] + size * (v - old[k])
             out.append((k, v))
         return tree_unflatten(out)
 
