@@ -401,3 +401,33 @@ def test_scales_step_relative_by_default_from_the_command_line_too():
     assert ft.finetune_args("scales", scale_step="absolute").scale_step == "absolute"
     assert ft.finetune_args("full", scale_step=None).scale_step == "absolute"
 
+
+def test_resume_after_a_kill_is_exact(workspace, tmp_path):
+    """A fine-tune killed (SIGKILL) after a checkpoint and resumed saves the model an uninterrupted run saves."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    script = tmp_path / "run.py"
+    script.write_text(
+        "import sys, time, mlxqat\n"
+        "out, resume, pause = sys.argv[1], sys.argv[2] == '1', float(sys.argv[3])\n"
+        f"mlxqat.finetune({str(workspace['int4'])!r}, {str(workspace['data'])!r}, out, method='full',\n"
+        f"                learning_rate={LEARNING_RATES['full']}, steps=8, batch_size=4, log_every=1,\n"
+        "                checkpoint_every=2, val_batches=1, progress=False, resume=resume,\n"
+        "                callback=lambda r: time.sleep(pause))\n")
+    full, killed = tmp_path / "full", tmp_path / "killed"
+    subprocess.run([sys.executable, str(script), str(full), "0", "0"], check=True, timeout=300)
+    proc = subprocess.Popen([sys.executable, str(script), str(killed), "0", "0.5"])
+    latest = Path(str(killed) + ".train") / "checkpoints" / "latest.json"
+    deadline = time.time() + 240
+    while time.time() < deadline and not (latest.exists() and json.loads(latest.read_text())["step"] >= 4):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not killed.exists(), "the run finished before it was killed"
+    subprocess.run([sys.executable, str(script), str(killed), "1", "0"], check=True, timeout=300)
+    a, b = _weights(full), _weights(killed)
+    assert set(a) == set(b) and all(mx.array_equal(a[k], b[k]) for k in a)  # bit for bit
+
