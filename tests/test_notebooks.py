@@ -90,6 +90,7 @@ def test_committed_outputs_are_the_real_models_and_come_from_the_committed_code(
     assert len(pngs) >= COMMITTED_FIGURES[name], f"{name}: {len(pngs)} figure(s) stored"
     stream = "".join(o.get("text", "") for o in outputs if o.output_type == "stream")
     assert "QUICK = False" in stream and REAL_MODEL in stream  # the full run, on the real model
+    assert "\r" not in stream  # progress bars stored at their last state (notebook_outputs.tidy)
     assert all(c.outputs for c in code[1:]), "a code cell of the full run stored no output"
 
 

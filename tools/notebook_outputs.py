@@ -68,7 +68,15 @@ def machine() -> str:
             f"MLX {mx.__version__} on {device}; Python {platform.python_version()}")
 
 
-def _strip_widgets(nb) -> None:
+def _as_terminal_shows(text: str) -> str:
+    """``text`` as a terminal leaves it: each carriage return (a progress bar redrawing its line) keeps only
+    what was written after it."""
+    return "\n".join(line.rsplit("\r", 1)[-1] for line in text.split("\n"))
+
+
+def tidy(nb) -> None:
+    """Outputs as a reader should see them, in place: widget state dropped (progress bars keep their text),
+    consecutive stream outputs of a cell merged, and progress bars shown at their last state."""
     nb.metadata.pop("widgets", None)
     for cell in nb.cells:
         if cell.cell_type != "code":
@@ -77,7 +85,19 @@ def _strip_widgets(nb) -> None:
             data = out.get("data")
             if data and WIDGET in data:
                 del data[WIDGET]
-        cell.outputs = [o for o in cell.outputs if not ("data" in o and not o["data"])]
+        merged = []
+        for out in cell.outputs:
+            if "data" in out and not out["data"]:
+                continue
+            if (out.output_type == "stream" and merged and merged[-1].output_type == "stream"
+                    and merged[-1].name == out.name):
+                merged[-1].text += out.text
+            else:
+                merged.append(out)
+        for out in merged:
+            if out.output_type == "stream":
+                out.text = _as_terminal_shows(out.text)
+        cell.outputs = merged
 
 
 def run(path: Path, timeout: int = 3600) -> dict:
@@ -94,7 +114,7 @@ def run(path: Path, timeout: int = 3600) -> dict:
     finally:
         if env_quick is not None:
             os.environ["MLXQAT_QUICK"] = env_quick
-    _strip_widgets(nb)
+    tidy(nb)
     meta = {
         "code_sha256": code_hash(nb),
         "command": COMMAND,

@@ -43,6 +43,7 @@ class LlamaCpp:
         p.cache_type_k = p.cache_type_v = 0  # float32 KV cache: no float16 rounding of keys/values
         p.flash_attn_type = 0
         p.warmup = False
+        p.verbosity = -1  # no log lines from llama.cpp's server
         p.use_jinja = jinja
         self.n_ctx = n_ctx
         self.server = xlc.Server(p)
