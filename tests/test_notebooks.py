@@ -91,7 +91,8 @@ def test_committed_outputs_are_the_real_models_and_come_from_the_committed_code(
     stream = "".join(o.get("text", "") for o in outputs if o.output_type == "stream")
     assert "QUICK = False" in stream and REAL_MODEL in stream  # the full run, on the real model
     assert "\r" not in stream  # progress bars stored at their last state (notebook_outputs.tidy)
-    assert all(c.outputs for c in code[1:]), "a code cell of the full run stored no output"
+    shows = [c for c in code if any(k in c.source for k in ("print(", "display(", "plt.subplots(", "profile.plot("))]
+    assert len(shows) >= len(code) // 2 and all(c.outputs for c in shows), "a cell that shows something stored nothing"
 
 
 def test_a_changed_code_cell_makes_the_stored_outputs_stale(tmp_path):
