@@ -47,6 +47,7 @@ from .footprint import memory_report
 from .gguf import ollama
 from .gguf import writer as ge
 from .gguf.blocks import EXACT_TYPES, exact_recipes
+from .hf import write_hf
 from .gguf.format import is_gguf_file
 from .gguf.reader import load_gguf
 from .gguf.tokenizer import adds_bos_eos, end_of_turn, read_tokenizer
@@ -384,8 +385,6 @@ def export_hf(src_dir: PathLike, out_dir: PathLike, *, verbose: bool = True) -> 
     Raises:
         mlxqat.hf.HFExportError: a layer with float offsets (named, with the recipe to use), before anything is written.
     """
-    from .hf import write_hf
-
     src, model, tokenizer, config = _open_source(src_dir, out_dir)
     info = _source_info(src)
     info["exported_from"] = str(src)

@@ -27,6 +27,11 @@ Three ways of choosing scales and biases share that format:
 Every fake-quant forward goes through :func:`mx.dequantize` on the packed codes,
 so the fake-quant weight and the weight of the converted layer are the same
 bits, whatever the backend does inside ``dequantize``.
+
+This module is about 720 lines, past the project's 600: every rule for what a
+stored scale and offset may be (affine, symmetric, K-quant, whole-step zero
+point) lives here beside the fake-quant gradients that keep them, so that one
+file owns the numerics contract.
 """
 
 from __future__ import annotations
@@ -38,6 +43,9 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
+from .gguf.kquants import QK_K, qtype_of
+from .gguf.kquants import quantize as kquant_quantize
+
 SUPPORTED_BITS = (2, 3, 4, 5, 6, 8)
 SUPPORTED_GROUP_SIZES = (32, 64, 128)
 CHANNELWISE = -1
@@ -45,7 +53,7 @@ MODES = ("affine", "symmetric", "kquant", "zeropoint")
 LEARNED_SCALE_MODES = ("affine", "kquant", "zeropoint")  # modes whose per-group scales and offsets can train
 FREE_OFFSET_MODES = ("affine",)  # modes whose offsets are free floats (QA-LoRA merges adapters into them)
 KQUANT_BITS = (4, 5)  # Q4_K and Q5_K
-KQUANT_SUPER = 256  # weights per K-quant super-block: a row's length must be a multiple of it
+KQUANT_SUPER = QK_K  # weights per K-quant super-block: a row's length must be a multiple of it
 KQUANT_SUBS = 8  # groups of 32 per super-block
 KQUANT_FALLBACK = {4: "q5_0", 5: "q5_1"}  # by bits: the recipe of rows that are not a multiple of 256 (llama.cpp's)
 
@@ -186,12 +194,10 @@ def init_params(
 
 def _kquant_params(w: mx.array, bits: int, group_size: int) -> Tuple[mx.array, mx.array, mx.array]:
     """llama.cpp's round-to-nearest Q4_K / Q5_K of ``w`` as MLX affine arrays (float32 scales and biases)."""
-    from .gguf.kquants import qtype_of, quantize
-
     if group_size != 32 or w.shape[-1] % KQUANT_SUPER:
         raise ValueError(f"mode 'kquant' needs group_size 32 and rows of a multiple of {KQUANT_SUPER} weights "
                          f"(got group_size={group_size}, {w.shape[-1]} weights a row)")
-    parts = quantize(np.array(w.astype(mx.float32)), qtype_of(bits))
+    parts = kquant_quantize(np.array(w.astype(mx.float32)), qtype_of(bits))
     scales, biases = parts.scales_biases(qtype_of(bits))
     dt = w.dtype if w.dtype == mx.float32 else mx.float32  # the products d * sc need float32
     return pack(mx.array(parts.codes.astype(np.uint32)), bits), mx.array(scales).astype(dt), mx.array(biases).astype(dt)

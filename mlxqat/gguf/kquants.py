@@ -21,9 +21,7 @@ from typing import Dict, Optional, Tuple
 import numpy as np
 from gguf import GGMLQuantizationType as GT
 
-from ..quant import KQUANT_SUPER
-
-QK_K = KQUANT_SUPER  # weights per super-block
+QK_K = 256  # weights per super-block (mlxqat.quant.KQUANT_SUPER reads it from here)
 
 
 @dataclass(frozen=True)
