@@ -18,7 +18,6 @@ later; 4- and 8-bit layers pack the same way in every version, 3-, 5- and 6-bit 
 from __future__ import annotations
 
 import json
-from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
 import mlx.core as mx
@@ -52,11 +51,9 @@ def whole_steps(scales: np.ndarray, biases: np.ndarray, bits: int) -> Optional[n
     return k.astype(np.int64) if bool(ok.all()) else None
 
 
-def _scale_dtype(scales: np.ndarray) -> Tuple[mx.Dtype, str]:
-    for dt, name in ((mx.float16, "float16"), (mx.bfloat16, "bfloat16")):
-        if quant.holds_exactly(dt, scales):
-            return dt, name
-    return mx.float32, "float32"
+def _scale_dtype(scales: np.ndarray) -> mx.Dtype:
+    """The narrowest float type that holds every scale exactly."""
+    return next((dt for dt in (mx.float16, mx.bfloat16) if quant.holds_exactly(dt, scales)), mx.float32)
 
 
 def _layer_tensors(path: str, m: nn.Module) -> Tuple[Dict[str, mx.array], dict]:
@@ -73,7 +70,7 @@ def _layer_tensors(path: str, m: nn.Module) -> Tuple[Dict[str, mx.array], dict]:
             "(recipe int4_zp, or mode='zeropoint' for any bits: recipes.get('int3', mode='zeropoint'))")
     half = 2 ** (bits - 1)
     symmetric = bool((k == half).all())
-    dt, _ = _scale_dtype(scales)
+    dt = _scale_dtype(scales)
     out = {
         f"{path}.weight_packed": m.weight.view(mx.int32),  # the same bits: q + 2^(b-1), LSB first
         f"{path}.weight_scale": mx.array(scales).astype(dt),
@@ -155,8 +152,7 @@ def write_hf(model: nn.Module, tokenizer, config: dict, out_dir, *, sources=(), 
         if isinstance(m, nn.QuantizedEmbedding):
             if leaf != "weight":
                 continue
-            v = mx.dequantize(m.weight, m.scales.astype(mx.float32), m.biases.astype(mx.float32),
-                              group_size=m.group_size, bits=m.bits)
+            v = quant.dequantized_weight(m)
         v = v.astype(mx.float32) if mx.issubdtype(v.dtype, mx.floating) else v
         tensors[name] = v.astype(dense_dt) if quant.holds_exactly(dense_dt, v) else v
     if not groups:

@@ -199,8 +199,8 @@ def _kquant_params(w: mx.array, bits: int, group_size: int) -> Tuple[mx.array, m
                          f"(got group_size={group_size}, {w.shape[-1]} weights a row)")
     parts = kquant_quantize(np.array(w.astype(mx.float32)), qtype_of(bits))
     scales, biases = parts.scales_biases(qtype_of(bits))
-    dt = w.dtype if w.dtype == mx.float32 else mx.float32  # the products d * sc need float32
-    return pack(mx.array(parts.codes.astype(np.uint32)), bits), mx.array(scales).astype(dt), mx.array(biases).astype(dt)
+    # float32 whatever w's dtype: the products d * sc need it
+    return pack(mx.array(parts.codes.astype(np.uint32)), bits), mx.array(scales), mx.array(biases)
 
 
 def _make_integer_offsets(bits: int):
