@@ -7,6 +7,7 @@ in place with ``model.update_modules``.
 from __future__ import annotations
 
 import dataclasses
+import re
 import warnings
 from collections import Counter
 from typing import Iterable, Optional
@@ -60,10 +61,16 @@ def head_path(model: nn.Module) -> Optional[str]:
     return embeddings[0] if len(embeddings) == 1 else None
 
 
-def _spec_for(recipe: Recipe, path: str, m: nn.Module, head: Optional[str] = None):
+def block_count(model: nn.Module) -> Optional[int]:
+    """The number of transformer blocks (distinct ``layers.N`` in the module paths), or None when there are none."""
+    found = {int(m.group(1)) for p, _ in model.named_modules() if (m := re.search(r"(?:^|\.)layers\.(\d+)(?:\.|$)", p))}
+    return max(found) + 1 if found else None
+
+
+def _spec_for(recipe: Recipe, path: str, m: nn.Module, head: Optional[str] = None, n_layers: Optional[int] = None):
     """The spec ``recipe`` gives the layer ``m`` at ``path`` (embeddings take no activation bits);
-    ``head`` is the model's :func:`head_path`."""
-    spec = recipe.spec_for(path, path == head)
+    ``head`` is the model's :func:`head_path`, ``n_layers`` its :func:`block_count`."""
+    spec = recipe.spec_for(path, path == head, n_layers)
     if spec is not None and spec.act_bits is not None and isinstance(m, (nn.Embedding, nn.QuantizedEmbedding, FakeQuantEmbedding)):
         spec = dataclasses.replace(spec, act_bits=None)
     if spec is not None and spec.mode == "kquant" and getattr(m, "weight", None) is not None:
@@ -92,7 +99,7 @@ def prepare(model: nn.Module, recipe="int4", *, strict: bool = False) -> nn.Modu
     recipe = get_recipe(recipe)
     skipped = []
     done = {"fake-quant": [], "quantized": []}  # layers prepared or quantized before
-    head = head_path(model)
+    head, n_layers = head_path(model), block_count(model)
 
     def swap(path, m):
         if is_fake_quant(m) or isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding)):
@@ -100,7 +107,7 @@ def prepare(model: nn.Module, recipe="int4", *, strict: bool = False) -> nn.Modu
             return m
         if not isinstance(m, (nn.Linear, nn.Embedding)):
             return m
-        spec = _spec_for(recipe, path, m, head)
+        spec = _spec_for(recipe, path, m, head, n_layers)
         if spec is None:
             return m
         quant.check_finite(m.weight, f"{path}.weight")
@@ -401,9 +408,9 @@ def recipe_of(model: nn.Module) -> Optional[Recipe]:
     }
     origins = {id(m.recipe): m.recipe for m in layers.values()}
     origin = next(iter(origins.values())) if len(origins) == 1 else None
-    head = head_path(model)
-    if origin is not None and all(_spec_for(origin, p, layers[p], head) == s for p, s in specs.items()) and all(
-        origin.spec_for(p, p == head) is None for p in full
+    head, n_layers = head_path(model), block_count(model)
+    if origin is not None and all(_spec_for(origin, p, layers[p], head, n_layers) == s for p, s in specs.items()) and all(
+        origin.spec_for(p, p == head, n_layers) is None for p in full
     ):
         return origin
     default = Counter(specs[p] for p in sorted(specs)).most_common(1)[0][0]
@@ -425,11 +432,11 @@ def attach_recipe(model: nn.Module, recipe: Recipe) -> nn.Module:
         ValueError: a quantized layer the recipe skips, or whose bits or group
             size differ from its spec (the recipe does not describe these weights).
     """
-    head = head_path(model)
+    head, n_layers = head_path(model), block_count(model)
     for path, m in model.named_modules():
         if not quant.is_quantized(m):
             continue
-        spec = _spec_for(recipe, path, m, head)
+        spec = _spec_for(recipe, path, m, head, n_layers)
         in_features = m.weight.shape[-1] * 32 // m.bits
         if spec is None or spec.bits != m.bits or quant.storage_group_size(spec.group_size, in_features) != m.group_size:
             raise ValueError(

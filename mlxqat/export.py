@@ -96,7 +96,7 @@ def _say(verbose: bool, msg: str) -> None:
 def _type_from_name(path: Path) -> Optional[str]:
     """The GGUF type a file name asks for (``model-q4_0.gguf`` -> ``q4_0``), if exactly one."""
     parts = set(re.split(r"[^a-z0-9_]+", path.stem.lower()))
-    found = [t for t in ge.QTYPES if t in parts or any(p.endswith("_" + t) for p in parts)]
+    found = [t for t in list(ge.QTYPES) + list(ge.MIXES) if t in parts or any(p.endswith("_" + t) for p in parts)]
     return found[0] if len(found) == 1 else None
 
 
@@ -123,7 +123,12 @@ def exact_types(model: nn.Module) -> Dict[str, Optional[str]]:
 
 def _auto_qtype(plan_model: nn.Module) -> str:
     """The GGUF type that holds most of the model's quantized layers exactly (``q4_0``'s 8-bit head,
-    one layer among many, leaves the file Q4_0, as llama.cpp names its own files by their main type)."""
+    one layer among many, leaves the file Q4_0, as llama.cpp names its own files by their main type); a model
+    quantized with the recipe of a mix (``q4_k_m``) is that mix."""
+    recipes = {getattr(getattr(m, "recipe", None), "name", None) for _, m in plan_model.named_modules()
+               if quant.is_quantized(m)}
+    if len(recipes) == 1 and next(iter(recipes)) in ge.MIXES:
+        return next(iter(recipes))
     counts: Dict[str, int] = {}
     for name in exact_types(plan_model).values():
         if name is not None:
@@ -151,9 +156,10 @@ def export_gguf(
     Args:
         src_dir: a directory saved by :func:`mlxqat.save`, or any mlx-lm directory.
         out_path: the ``.gguf`` file to write (replaced atomically).
-        qtype: ``q4_0``, ``q4_1``, ``q8_0``, ``f16``, ``bf16``, ``f32``, or ``auto``:
-            the type the file name names (``model-q4_0.gguf``), else the type
-            that holds the quantized layers exactly.
+        qtype: ``q4_0``, ``q4_1``, ``q5_0``, ``q5_1``, ``q8_0``, ``q4_k``, ``q5_k``, ``q6_k``, ``f16``,
+            ``bf16``, ``f32``; ``q4_k_m`` (llama.cpp's mix: each tensor the type llama.cpp's rule gives it); or
+            ``auto``: the type the file name names (``model-q4_0.gguf``), else the mix of the recipe the
+            model was quantized with, else the type that holds the quantized layers exactly.
         exact: refuse (``ValueError``) unless every tensor dequantizes to exactly
             the MLX weight and nothing the MLX model computes is dropped.
         name: ``general.name`` in the file (default: the source folder's name), and the
@@ -193,10 +199,11 @@ def export_gguf(
         if qtype is None:
             qtype, why = _auto_qtype(model), "holds the quantized weights exactly"
         _say(verbose, f"GGUF type {qtype} ({why})")
-    if qtype not in ge.QTYPES:
-        raise ValueError(f"qtype={qtype!r} is not one of {sorted(ge.QTYPES)} or 'auto'")
-    gt = ge.QTYPES[qtype]
-    plan = ge.plan_tensors(model, gt, model.args.model_type)
+    if qtype not in ge.QTYPES and qtype not in ge.MIXES:
+        raise ValueError(f"qtype={qtype!r} is not one of {sorted(ge.QTYPES) + sorted(ge.MIXES)} or 'auto'")
+    mix = qtype if qtype in ge.MIXES else None
+    gt = ge.MIXES[qtype][0] if mix else ge.QTYPES[qtype]
+    plan = ge.plan_tensors(model, gt, model.args.model_type, mix=mix)
     inexact = [t for t in plan if not t.exact]
     act = [p for p, m in model.named_modules() if hasattr(m, "act_bits") and isinstance(m, nn.QuantizedLinear)]
     problems = [f"{t.source}: {t.note}" for t in inexact] + [
@@ -207,26 +214,26 @@ def export_gguf(
         if exact:
             raise ge.GGUFExportError(
                 f"{len(problems)} tensor(s) cannot be written exactly as {qtype}, e.g. {problems[0]}. "
-                f"Quantize with recipe {exact_recipes()} for an exact "
+                f"Quantize with recipe {qtype if mix else exact_recipes()} for an exact "
                 "GGUF, or drop --exact to re-quantize"
             )
         kl = _requantization_kl(src, model, tokenizer, plan)
         msg = (
             f"GGUF {qtype} export is not exact: {len(problems)} tensor(s) re-quantized or changed "
             f"(e.g. {problems[0]}). Measured cost: KL(MLX model || GGUF weights) = {kl:.3g} nats "
-            f"per token on fixed sequences. For an exact export train with recipe {exact_recipes()}."
+            f"per token on fixed sequences. For an exact export train with recipe {qtype if mix else exact_recipes()}."
         )
         warnings.warn(msg, ExportWarning, stacklevel=2)
     with atomic_path(out, sources=[src]) as tmp:
         ge.write_gguf(
             tmp, model, tokenizer, src, plan, gt, name=name or src.resolve().name,
-            extra={"mlxqat.exact": str(not problems).lower()},
+            extra={"mlxqat.exact": str(not problems).lower()}, mix=mix,
         )
     report = memory_report(out)
     types: Dict[str, int] = {}
     for t in plan:
         types[t.qtype.name] = types.get(t.qtype.name, 0) + 1
-    other = [t for t in plan if t.exact and t.qtype != gt and t.qtype in EXACT_TYPES]
+    other = [t for t in plan if t.exact and t.qtype != gt and t.qtype in EXACT_TYPES and mix is None]
     if other:
         _say(verbose, f"{len(other)} quantized tensor(s) kept exactly as {other[0].qtype.name} "
                       f"(re-quantizing them to {qtype} would only add error)")
@@ -406,9 +413,9 @@ def main(argv: Optional[List[str]] = None) -> int:
                         help="gguf, mlx (mlx-lm directory), fp16, or hf (transformers / vLLM, compressed-tensors)")
     parser.add_argument("--out", required=True, help="destination .gguf file or directory")
     parser.add_argument(
-        "--type", dest="qtype", default="auto", choices=["auto", *ge.QTYPES],
-        help="GGUF tensor type; auto: the type named in --out (model-q4_0.gguf), else the type "
-        "that holds the quantized weights exactly",
+        "--type", dest="qtype", default="auto", choices=["auto", *ge.QTYPES, *ge.MIXES],
+        help="GGUF tensor type, or q4_k_m (llama.cpp's mix, each tensor its own type); auto: the type named in "
+        "--out (model-q4_0.gguf), else the type that holds the quantized weights exactly",
     )
     parser.add_argument("--exact", action="store_true", help="GGUF: refuse instead of re-quantizing")
     parser.add_argument("--name", default=None,

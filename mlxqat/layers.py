@@ -60,7 +60,7 @@ def _learned(spec: LayerSpec, stored, scales: mx.array, biases: Optional[mx.arra
         return scales, _tied_biases(spec, scales)
     biases = quant.round_as_stored(biases, stored)
     if spec.mode == "kquant":  # GGUF's two-level scales: each forward computes with what the file holds
-        return quant.kquant_grid(scales, biases)
+        return quant.kquant_grid(scales, biases, spec.bits)
     if spec.mode == "zeropoint":  # offsets of whole steps (an integer zero point)
         return scales, quant.integer_offsets(scales, biases, spec.bits)
     return scales, biases

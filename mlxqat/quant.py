@@ -17,12 +17,14 @@ Three ways of choosing scales and biases share that format:
                  ``k`` an integer in ``0 .. 2**bits - 1`` (:func:`integer_offsets`): the
                  integer zero point of compressed-tensors, GPTQ and AWQ checkpoints
                  that transformers and vLLM run (:mod:`mlxqat.hf`).
-* ``kquant``     GGUF's Q4_K / Q5_K: groups of 32 whose scales and offsets are
+* ``kquant``     GGUF's Q4_K / Q5_K / Q6_K: groups of 32 whose scales and offsets are
                  themselves 6-bit integers against two float16 numbers per
                  256 weights (``scale = d * sc``, ``bias = -dmin * m``,
                  :func:`kquant_grid`); they start from llama.cpp's reference
                  quantizer (:func:`mlxqat.gguf.kquants.quantize`) and are kept
-                 in float32, where those products are exact.
+                 in float32, where those products are exact. At 6 bits, Q6_K
+                 with its 16-weight sub-blocks in pairs: ``scale = d * sc``
+                 with ``sc`` a signed 8-bit integer, ``bias = -32 * scale``.
 
 Every fake-quant forward goes through :func:`mx.dequantize` on the packed codes,
 so the fake-quant weight and the weight of the converted layer are the same
@@ -43,6 +45,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
+from .gguf.kquants import FALLBACK as KTYPE_FALLBACK
 from .gguf.kquants import QK_K, qtype_of
 from .gguf.kquants import quantize as kquant_quantize
 
@@ -52,10 +55,12 @@ CHANNELWISE = -1
 MODES = ("affine", "symmetric", "kquant", "zeropoint")
 LEARNED_SCALE_MODES = ("affine", "kquant", "zeropoint")  # modes whose per-group scales and offsets can train
 FREE_OFFSET_MODES = ("affine",)  # modes whose offsets are free floats (QA-LoRA merges adapters into them)
-KQUANT_BITS = (4, 5)  # Q4_K and Q5_K
+KQUANT_BITS = (4, 5, 6)  # Q4_K, Q5_K and Q6_K
 KQUANT_SUPER = QK_K  # weights per K-quant super-block: a row's length must be a multiple of it
 KQUANT_SUBS = 8  # groups of 32 per super-block
-KQUANT_FALLBACK = {4: "q5_0", 5: "q5_1"}  # by bits: the recipe of rows that are not a multiple of 256 (llama.cpp's)
+# by bits: the recipe of rows that are not a multiple of 256 (llama.cpp's fallback types)
+KQUANT_FALLBACK = {b: KTYPE_FALLBACK[qtype_of(b)].name.lower() for b in KQUANT_BITS}
+KQUANT6_HALF = 32  # a Q6_K weight is scale * (code - 32)
 
 
 def storage_group_size(group_size: int, in_features: int) -> int:
@@ -193,12 +198,15 @@ def init_params(
 
 
 def _kquant_params(w: mx.array, bits: int, group_size: int) -> Tuple[mx.array, mx.array, mx.array]:
-    """llama.cpp's round-to-nearest Q4_K / Q5_K of ``w`` as MLX affine arrays (float32 scales and biases)."""
+    """llama.cpp's round-to-nearest Q4_K / Q5_K / Q6_K (sub-blocks in pairs) of ``w`` as MLX affine arrays
+    (float32 scales and biases)."""
     if group_size != 32 or w.shape[-1] % KQUANT_SUPER:
         raise ValueError(f"mode 'kquant' needs group_size 32 and rows of a multiple of {KQUANT_SUPER} weights "
                          f"(got group_size={group_size}, {w.shape[-1]} weights a row)")
-    parts = kquant_quantize(np.array(w.astype(mx.float32)), qtype_of(bits))
+    parts = kquant_quantize(np.array(w.astype(mx.float32)), qtype_of(bits), paired=bits == 6)
     scales, biases = parts.scales_biases(qtype_of(bits))
+    if bits == 6:  # Q6_K's sub-blocks of 16 in pairs: one MLX group of 32 each
+        scales, biases = scales[..., ::2], biases[..., ::2]
     # float32 whatever w's dtype: the products d * sc need it
     return pack(mx.array(parts.codes.astype(np.uint32)), bits), mx.array(scales), mx.array(biases)
 
@@ -256,19 +264,43 @@ def _make_kquant_grid():
     return grid
 
 
-def kquant_grid(scales: mx.array, biases: mx.array) -> Tuple[mx.array, mx.array]:
+def _make_kquant6_grid():
+    @mx.custom_function
+    def grid(scales, biases):
+        shape = scales.shape
+        s = scales.astype(mx.float32).reshape(*shape[:-1], -1, KQUANT_SUBS)
+        idx = mx.argmax(mx.abs(s), axis=-1, keepdims=True)
+        top = mx.take_along_axis(s, idx, axis=-1)[..., 0]  # the signed scale of largest magnitude
+        unit = snap_to(mx.float16, top / -128.0)  # llama.cpp's d: the largest scale is -128 of it
+        safe = mx.where(unit == 0, mx.ones_like(unit), unit)
+        ints = mx.clip(mx.round(s / safe[..., None]), -128, 127)
+        sq = mx.where((unit == 0)[..., None], mx.zeros_like(s), unit[..., None] * ints).reshape(shape)
+        return sq.astype(scales.dtype), (-KQUANT6_HALF * sq).astype(biases.dtype)
+
+    @grid.vjp
+    def grid_vjp(primals, cotangents, outputs):
+        ds, db = cotangents  # bias = -32 * scale: its gradient reaches the scale; the stored bias is not free
+        return ds - KQUANT6_HALF * db, mx.zeros_like(primals[1])
+
+    return grid
+
+
+def kquant_grid(scales: mx.array, biases: mx.array, bits: int = 4) -> Tuple[mx.array, mx.array]:
     """Per-group ``scales`` and ``biases`` (..., K/32) moved onto GGUF's K-quant grid: in each run of 8 groups
     (256 weights), ``scale = d * sc`` and ``bias = -dmin * m`` with ``sc``, ``m`` integers in 0..63 and
-    ``d = float16(max scale / 63)``, ``dmin = float16(max -bias / 63)`` (llama.cpp's rule). Values on such a
-    grid, whose largest integer in each run is 63 (what llama.cpp's reference quantizer and mlxqat write), come
-    back unchanged, so a saved model reads back as it trained; a file quantized with fewer steps at the top (an
-    importance-matrix quantization) would move, and fine-tuning refuses it. The gradient passes straight
-    through."""
+    ``d = float16(max scale / 63)``, ``dmin = float16(max -bias / 63)`` (llama.cpp's rule). ``bits=6`` (Q6_K):
+    ``scale = d * sc`` with ``sc`` in -128..127, ``d = float16(-s / 128)`` for the scale ``s`` of largest
+    magnitude, and ``bias = -32 * scale``. Values on such a grid, whose largest integer in each run is 63 (-128
+    for Q6_K: what llama.cpp's reference quantizer and mlxqat write), come back unchanged, so a saved model reads
+    back as it trained; a file quantized with fewer steps at the top (an importance-matrix quantization) would
+    move, and fine-tuning refuses it. The gradient passes straight through."""
     if scales.shape[-1] % KQUANT_SUBS:
         raise ValueError(f"{scales.shape[-1]} groups a row: K-quant scales come in runs of {KQUANT_SUBS}")
-    key = ("kquant_grid",)
+    if bits not in KQUANT_BITS:
+        raise ValueError(f"bits={bits!r}: the K-quants are {KQUANT_BITS}-bit")
+    key = ("kquant_grid", bits == 6)
     if key not in _FQ_CACHE:
-        _FQ_CACHE[key] = _make_kquant_grid()
+        _FQ_CACHE[key] = _make_kquant6_grid() if bits == 6 else _make_kquant_grid()
     return _FQ_CACHE[key](scales, biases)
 
 

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Tuple
 
 from . import quant
+from .gguf.kquants import use_more_bits
 from .quant import CHANNELWISE, MODES, SCALE_INITS, SUPPORTED_BITS, SUPPORTED_GROUP_SIZES
 
 ACT_BITS = (4, 8)
@@ -28,7 +29,7 @@ class LayerSpec:
     bits: int = 4  # weight bits: 2, 3, 4, 5, 6 or 8
     group_size: int = 64  # 32, 64, 128, or -1 for one scale per output channel
     # "affine" (MLX min/max), "symmetric" (llama.cpp Q4_0 rule), "zeropoint" (affine, integer zero point)
-    # or "kquant" (Q4_K / Q5_K)
+    # or "kquant" (Q4_K / Q5_K / Q6_K)
     mode: str = "affine"
     learn_scales: bool = False  # train scales and biases along with (or instead of) weights
     act_bits: Optional[int] = None  # static per-tensor activation quantization (8 or 4)
@@ -52,7 +53,7 @@ class LayerSpec:
         if self.mode == "kquant" and (self.bits not in quant.KQUANT_BITS or self.group_size != 32
                                       or self.scale_dtype is not None):
             raise ValueError(
-                f"mode='kquant' is GGUF's Q4_K or Q5_K: bits 4 or 5, group_size 32, scale_dtype None (got "
+                f"mode='kquant' is GGUF's Q4_K, Q5_K or Q6_K: bits 4, 5 or 6, group_size 32, scale_dtype None (got "
                 f"bits={self.bits}, group_size={self.group_size}, scale_dtype={self.scale_dtype!r})"
             )
         if self.act_bits is not None and self.act_bits not in ACT_BITS:
@@ -116,11 +117,24 @@ def _checked_type(f: dataclasses.Field, value):
 
 
 HEAD = "@head"  # the pattern of the layer that computes the logits: lm_head, or the embedding when tied
+# a prefix: "@more_bits:*.down_proj" matches the layers of that glob whose block index llama.cpp's mixes give more
+# bits (mlxqat.gguf.kquants.use_more_bits: the first and last eighth of the blocks, every third between)
+MORE_BITS = "@more_bits:"
+_BLOCK_INDEX = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 
 
-def _matches(pattern: str, path: str, head: bool = False) -> bool:
+def _matches(pattern: str, path: str, head: bool = False, n_layers: Optional[int] = None) -> bool:
     if pattern == HEAD:
         return head
+    if pattern.startswith(MORE_BITS):
+        if not fnmatch.fnmatchcase(path, pattern[len(MORE_BITS):]):
+            return False
+        block = _BLOCK_INDEX.search(path)
+        if block is None or n_layers is None:
+            raise ValueError(f"pattern {pattern!r} picks layers by their block index among the model's blocks; "
+                             f"{path!r} has " + ("no 'layers.N.' index" if block is None else
+                                                 "no block count given (pass n_layers)"))
+        return use_more_bits(int(block.group(1)), n_layers)
     if pattern.startswith("re:"):
         return re.fullmatch(pattern[3:], path) is not None
     return fnmatch.fnmatchcase(path, pattern)
@@ -202,17 +216,18 @@ class Recipe:
         for pattern in [p for p, _ in self.overrides] + list(self.skip):
             _check_pattern(pattern)
 
-    def spec_for(self, path: str, head: bool = False) -> Optional[LayerSpec]:
+    def spec_for(self, path: str, head: bool = False, n_layers: Optional[int] = None) -> Optional[LayerSpec]:
         """The spec of the layer at ``path``, or ``None`` if it is skipped.
 
         ``head``: the layer computes the model's logits (``lm_head``, or the
         embedding of a model that ties them), which the pattern ``"@head"``
-        (:data:`HEAD`) matches.
+        (:data:`HEAD`) matches. ``n_layers``: the model's number of blocks, which
+        patterns starting ``"@more_bits:"`` (:data:`MORE_BITS`) need.
         """
-        if any(_matches(p, path, head) for p in self.skip):
+        if any(_matches(p, path, head, n_layers) for p in self.skip):
             return None
         for pattern, spec in self.overrides:
-            if _matches(pattern, path, head):
+            if _matches(pattern, path, head, n_layers):
                 return spec
         return self.default
 
@@ -362,12 +377,35 @@ def kquant_fallback(spec: LayerSpec, in_features: int) -> LayerSpec:
                                act_bits=spec.act_bits)
 
 
+def _kquant_recipe(bits: int) -> Callable[[], Recipe]:
+    fallback = quant.KQUANT_FALLBACK[bits].upper()
+    if bits == 6:
+        what = ("GGUF Q6_K: 6-bit symmetric codes whose scales are signed 8-bit integers against a float16 per 256 "
+                "weights, the two 16-weight halves of each group of 32 sharing one (the form MLX holds)")
+    else:
+        what = (f"GGUF Q{bits}_K: {bits}-bit groups of 32 whose scales and offsets are 6-bit integers against two "
+                "float16 numbers per 256 weights")
+    return lambda: Recipe(f"q{bits}_k", LayerSpec(bits, 32, "kquant"), description=(
+        f"{what}; exports exactly to Q{bits}_K (rows that are not a multiple of 256 weights: {fallback}, as "
+        "llama.cpp does)"))
+
+
 for _bits in quant.KQUANT_BITS:
-    register(f"q{_bits}_k", lambda b=_bits: Recipe(
-        f"q{b}_k", LayerSpec(b, 32, "kquant"),
-        description=f"GGUF Q{b}_K: {b}-bit groups of 32 whose scales and offsets are 6-bit integers against two "
-                    f"float16 numbers per 256 weights; exports exactly to Q{b}_K (rows that are not a multiple of "
-                    f"256 weights: Q5_{0 if b == 4 else 1}, as llama.cpp does)"))
+    register(f"q{_bits}_k", _kquant_recipe(_bits))
+
+
+def _q4_k_m() -> Recipe:
+    """llama.cpp's Q4_K_M mix (:func:`mlxqat.gguf.kquants.q4_k_m_type`) as a recipe."""
+    q4, q5, q6 = (LayerSpec(b, 32, "kquant") for b in (4, 5, 6))
+    return Recipe("q4_k_m", q4, overrides=(
+        (HEAD, q6), (MORE_BITS + "*.v_proj", q6), (MORE_BITS + "*.down_proj", q6), ("*.qkv_proj", q5)),
+        description="GGUF Q4_K_M, llama.cpp's mix: Q4_K, with Q6_K for the output head and for v_proj and "
+                    "down_proj in the layers llama.cpp gives more bits (the first and last eighth, every third "
+                    "between), Q5_K for fused qkv_proj; rows that are not a multiple of 256 weights take "
+                    "llama.cpp's fallbacks (Q5_0, Q5_1, Q8_0). Exports exactly to a Q4_K_M file")
+
+
+register("q4_k_m", _q4_k_m)
 
 
 # Mixed precision. These static recipes are what a name gives without a model;

@@ -1,5 +1,6 @@
-"""QAT for GGUF's K-quants (recipes q4_k, q5_k): the fake-quant computes what the exported Q4_K / Q5_K blocks
-hold, bit for bit; rows that are not a multiple of 256 weights take llama.cpp's fallback types; llama.cpp reads
+"""QAT for GGUF's K-quants (recipes q4_k, q5_k, q6_k, and llama.cpp's q4_k_m mix): the fake-quant computes what
+the exported Q4_K / Q5_K / Q6_K blocks hold, bit for bit; rows that are not a multiple of 256 weights take
+llama.cpp's fallback types; the mix gives each tensor the type llama.cpp's own Q4_K_M gives it; llama.cpp reads
 the exported files as MLX computes them; a Q4_K file fine-tunes in its own blocks."""
 
 from pathlib import Path
@@ -62,11 +63,56 @@ def test_the_grid_holds_six_bit_integers_and_is_its_own_fixed_point():
     grad = mx.grad(lambda s_, b_: mx.sum(quant.kquant_grid(s_, b_)[0] * 3 + quant.kquant_grid(s_, b_)[1]),
                    argnums=(0, 1))(s, b)
     assert mx.array_equal(grad[0], mx.full(s.shape, 3.0)) and mx.array_equal(grad[1], mx.ones(b.shape))
-    with pytest.raises(ValueError, match="mode='kquant' is GGUF's Q4_K or Q5_K"):
-        mlxqat.LayerSpec(6, 32, "kquant")
+    with pytest.raises(ValueError, match="mode='kquant' is GGUF's Q4_K, Q5_K or Q6_K"):
+        mlxqat.LayerSpec(8, 32, "kquant")
 
 
-@pytest.mark.parametrize("recipe,qtype,fallback", [("q4_k", GT.Q4_K, GT.Q5_0), ("q5_k", GT.Q5_K, GT.Q5_1)])
+def test_the_q6_k_grid_holds_signed_8_bit_integers_and_is_its_own_fixed_point():
+    rng = np.random.default_rng(1)
+    s = mx.array((rng.uniform(0.001, 0.05, (4, 16)) * rng.choice([-1, 1], (4, 16))).astype(np.float32))
+    b = mx.array(rng.normal(size=(4, 16)).astype(np.float32))  # not -32 * s: the grid ties it
+    sq, bq = quant.kquant_grid(s, b, 6)
+    runs = np.array(sq).reshape(4, 2, 8)
+    top = np.take_along_axis(runs, np.abs(runs).argmax(-1)[..., None], -1)[..., 0]
+    unit = (top / -128).astype(np.float16).astype(np.float32)
+    ints = runs / unit[..., None]
+    assert np.array_equal(ints, np.rint(ints)) and ints.min() == -128 and ints.max() <= 127
+    assert np.array_equal(np.array(bq), -32 * np.array(sq))
+    again = quant.kquant_grid(sq, bq, 6)
+    assert mx.array_equal(again[0], sq) and mx.array_equal(again[1], bq)
+    assert float(mx.abs(sq - s).max()) <= float(mx.abs(s).max()) / 128 * 1.01  # within a step
+    grad = mx.grad(lambda s_, b_: mx.sum(quant.kquant_grid(s_, b_, 6)[0] * 3 + quant.kquant_grid(s_, b_, 6)[1]),
+                   argnums=(0, 1))(s, b)
+    assert mx.array_equal(grad[0], mx.full(s.shape, 3.0 - 32.0)) and mx.array_equal(grad[1], mx.zeros(b.shape))
+
+
+def test_paired_q6_k_is_llama_cpps_algorithm_on_groups_of_32_and_reads_back_in_pairs():
+    from mlxqat.gguf import kquants
+    from mlxqat.gguf.blocks import NoMLXForm, exact_blocks, mlx_arrays
+
+    rng = np.random.default_rng(2)
+    w = (rng.standard_normal((8, 512)) * 0.02).astype(np.float32)
+    paired = kquants.quantize(w, GT.Q6_K, paired=True)
+    assert np.array_equal(paired.sc[:, ::2], paired.sc[:, 1::2])
+    # the sub-blocks of 32 are the ones llama.cpp's quantizer makes from the matrix whose rows are halves
+    assert np.array_equal(paired.dequantize(GT.Q6_K), kquants.KParts(
+        codes=paired.codes, sc=paired.sc, d=paired.d).dequantize(GT.Q6_K))
+    blocks = kquants.pack(paired, GT.Q6_K)
+    words, scales, biases = mlx_arrays(blocks, GT.Q6_K, w.shape)
+    assert scales.shape == (8, 16) and mx.array_equal(biases, -32 * scales)
+    mine = np.array(mx.dequantize(words, scales, biases, group_size=32, bits=6))
+    assert np.array_equal(mine, gguf.quants.dequantize(blocks, GT.Q6_K).reshape(w.shape))  # llama.cpp's values
+    again, why = exact_blocks(np.array(words), np.array(scales), np.array(biases), 6, 32, GT.Q6_K)
+    assert why == "" and np.array_equal(again, blocks)  # byte for byte
+    err_paired = np.abs(paired.dequantize(GT.Q6_K) - w).mean()
+    plain = kquants.quantize(w, GT.Q6_K)
+    assert err_paired < 1.3 * np.abs(plain.dequantize(GT.Q6_K) - w).mean()  # the pairs cost little
+    with pytest.raises(NoMLXForm, match="16 weights"):
+        mlx_arrays(kquants.pack(plain, GT.Q6_K), GT.Q6_K, w.shape)  # llama.cpp's own Q6_K: halves differ
+
+
+@pytest.mark.parametrize("recipe,qtype,fallback", [("q4_k", GT.Q4_K, GT.Q5_0), ("q5_k", GT.Q5_K, GT.Q5_1),
+                                                   ("q6_k", GT.Q6_K, GT.Q8_0)])
 @pytest.mark.parametrize("wide", [True, False])
 def test_round_to_nearest_exports_bit_for_bit(models, tokenizer, tmp_path, recipe, qtype, fallback, wide):
     model, config = models(wide)
@@ -179,3 +225,89 @@ def test_a_k_quant_file_with_fewer_steps_at_the_top_is_refused_for_fine_tuning(m
         mlxqat.finetune(str(tmp_path / "m.gguf"), str(_data_dir(tmp_path)), str(tmp_path / "t.gguf"),
                         method="scales", **FAST)
 
+
+
+def _types_follow_the_mix(reader: gguf.GGUFReader, n_layers: int) -> bool:
+    """Every matrix of the file has the type llama.cpp's Q4_K_M rule gives it (the head: ``output``, or the token
+    embedding when there is none)."""
+    from mlxqat.gguf.writer import mix_type
+
+    names = {t.name for t in reader.tensors}
+    head = "output" if "output.weight" in names else "token_embd"
+    for t in reader.tensors:
+        if len(t.shape) == 2:
+            base = t.name.removesuffix(".weight")
+            assert t.tensor_type == mix_type("q4_k_m", base, int(t.shape[0]), n_layers, base == head), t.name
+    return True
+
+
+def test_the_q4_k_m_rule_gives_every_tensor_of_a_real_llama_cpp_file_its_type():
+    """llama.cpp's own Q4_K_M of Gemma 3 270M: the mix's rule gives each of its matrices the type it has."""
+    from real_models import GEMMA3
+
+    if not GEMMA3.is_file():
+        pytest.skip(f"{GEMMA3} is absent: run tools/fetch-models")
+    reader = gguf.GGUFReader(str(GEMMA3))
+    n_layers = int(reader.fields["gemma3.block_count"].parts[-1][0])
+    assert sum(len(t.shape) == 2 for t in reader.tensors) == 1 + 7 * n_layers  # tied: no output.weight
+    assert _types_follow_the_mix(reader, n_layers)
+
+
+def test_q4_k_m_qat_exports_exactly_with_llama_cpps_types_and_llama_cpp_agrees(models, tokenizer, tmp_path):
+    from mlxqat.convert import block_count
+
+    teacher, config = models()
+    teacher.freeze()
+    windows = _windows(tokenizer)
+    student, _ = models()
+    assert block_count(student) == 2
+    quantize_qat(student, teacher, windows[::2], "q4_k_m", steps=8, batch_size=4, seq_len=32, log_every=4,
+                 progress=False)
+    down = [student.model.layers[i].mlp.down_proj.spec.bits for i in range(2)]
+    assert down == [4, 6]  # of 2 blocks, llama.cpp gives the last (7 * 2 // 8 = 1) more bits, not the first
+    mlxqat.convert(student)
+    mlxqat.save(student, tokenizer, tmp_path / "qat", config=config)
+    result = export_gguf(tmp_path / "qat", tmp_path / "qat-q4_k_m.gguf", exact=True, modelfile=False,
+                         verbose=False)
+    assert result["qtype"] == "q4_k_m" and result["exact"]
+    reader = gguf.GGUFReader(str(tmp_path / "qat-q4_k_m.gguf"))
+    assert int(reader.fields["general.file_type"].parts[-1][0]) == gguf.LlamaFileType.MOSTLY_Q4_K_M
+    assert _types_follow_the_mix(reader, 2)
+    assert {t.tensor_type for t in reader.tensors} == {GT.F32, GT.Q4_K, GT.Q6_K}
+    # round-to-nearest from the full-precision model: the same type for every tensor
+    full, _ = models()
+    mlxqat.save(full, tokenizer, tmp_path / "full", config=config)
+    with pytest.warns(UserWarning, match="not exact"):
+        rtn = export_gguf(tmp_path / "full", tmp_path / "rtn.gguf", "q4_k_m", modelfile=False, verbose=False)
+    assert [t["type"] for t in rtn["tensors"]] == [t["type"] for t in result["tensors"]]
+    cpp = LlamaCpp(tmp_path / "qat-q4_k_m.gguf")
+    chosen, top = [], []
+    for prompt in ("def fibonacci(n):", "class Point:"):
+        ids = tokenizer.encode(prompt)
+        out = cpp.complete(ids)
+        c, t = logprob_diffs(path_logprobs(student, ids, out["ids"]), out["logprobs"])
+        chosen.append(c), top.append(t)
+    chosen, top = np.concatenate(chosen), np.concatenate(top)
+    assert np.median(top) < 0.05 and top.max() < 1.0 and chosen.max() < 0.2, (np.median(top), top.max())
+
+
+def test_q6_k_files_load_in_their_blocks_when_the_halves_share_a_scale(models, tokenizer, tmp_path):
+    """mlxqat's Q6_K (recipe q6_k) reads back as the quantized layers it was; llama.cpp's own Q6_K (a scale for
+    every 16 weights, what ``--type q6_k`` writes from a full-precision model) is read as float weights and
+    named as such, so fine-tuning asks for a recipe instead of moving the file's numbers."""
+    model, config = models()
+    mlxqat.save(model, tokenizer, tmp_path / "full", config=config)
+    with pytest.warns(UserWarning, match="not exact"):
+        export_gguf(tmp_path / "full", tmp_path / "rtn.gguf", "q6_k", modelfile=False, verbose=False)
+    _, _, cfg = load_gguf(tmp_path / "rtn.gguf", keep_quantized=True)
+    assert len(cfg["gguf_float_layers"]) == 16 and set(cfg["gguf_float_layers"].values()) == {"Q6_K"}
+    quantize_rtn(model, "q6_k")
+    mlxqat.save(model, tokenizer, tmp_path / "m", config=config)
+    export_gguf(tmp_path / "m", tmp_path / "m.gguf", "q6_k", exact=True, modelfile=False, verbose=False)
+    loaded, _, cfg = load_gguf(tmp_path / "m.gguf", keep_quantized=True)
+    assert cfg["gguf_float_layers"] == {}
+    a, b = dict(model.named_modules()), dict(loaded.named_modules())
+    for path, m in a.items():
+        if quant.is_quantized(m):
+            assert b[path].spec == m.spec and b[path].bits == 6
+            assert all(mx.array_equal(getattr(b[path], k), getattr(m, k)) for k in ("weight", "scales", "biases"))

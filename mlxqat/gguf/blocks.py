@@ -1,7 +1,7 @@
 """The GGUF block types that hold an MLX quantized matrix exactly, both ways.
 
 A quantized MLX layer stores integer codes with one ``scale`` and one ``bias``
-per group. Seven GGUF block types store the same numbers with group 32 and
+per group. Eight GGUF block types store the same numbers with group 32 and
 float16 headers, so those layers are *repacked* bit for bit, never re-rounded:
 
 ==========  =======================================  ==========================
@@ -15,11 +15,14 @@ GGUF type   GGUF value of code ``q``                 MLX layer that maps exactly
 ``Q4_K``    ``d * sc * q - dmin * m``                4-bit, group 32, float32 scales
 ``Q5_K``    (``sc``, ``m``: 6-bit, per 32 weights;   5-bit, group 32, float32 scales
             ``d``, ``dmin``: float16, per 256)       (recipes ``q4_k``, ``q5_k``)
+``Q6_K``    ``d * sc * (q - 32)``, ``sc`` int8 per   6-bit, group 32, float32 scales,
+            16 weights, ``d`` float16 per 256        bias = -32*scale (recipe ``q6_k``):
+                                                     the 16-weight halves share ``sc``
 ==========  =======================================  ==========================
 
 and ``d``/``m`` must be float16 values (recipes ``q4_0``, ``q4_1``, ``q5_0``,
 ``q5_1`` and ``q8_0`` guarantee it), the K-quants' scales and offsets on their
-two-level grid (``q4_k`` / ``q5_k``: :func:`mlxqat.quant.kquant_grid`). :func:`exact_blocks` writes such a layer as blocks (the GGUF
+two-level grid (``q4_k`` / ``q5_k`` / ``q6_k``: :func:`mlxqat.quant.kquant_grid`). :func:`exact_blocks` writes such a layer as blocks (the GGUF
 export); :func:`mlx_arrays` reads blocks back into the layer's arrays (a GGUF
 file fine-tuned in its own type).
 """
@@ -41,8 +44,13 @@ from .kquants import factor
 #: symmetric one, as llama.cpp would.
 EXACT_TYPES: Dict[GT, Tuple[int, str]] = {GT.Q4_0: (4, "q4_0"), GT.Q5_0: (5, "q5_0"), GT.Q8_0: (8, "q8_0"),
                                           GT.Q4_1: (4, "q4_1"), GT.Q5_1: (5, "q5_1"),
-                                          GT.Q4_K: (4, "q4_k"), GT.Q5_K: (5, "q5_k")}
-KQUANT_TYPES = (GT.Q4_K, GT.Q5_K)  # groups of 32 with float32 scales on the K-quant grid (:mod:`.kquants`)
+                                          GT.Q4_K: (4, "q4_k"), GT.Q5_K: (5, "q5_k"), GT.Q6_K: (6, "q6_k")}
+KQUANT_TYPES = (GT.Q4_K, GT.Q5_K, GT.Q6_K)  # groups of 32 with float32 scales on the K-quant grid (:mod:`.kquants`)
+
+
+class NoMLXForm(ValueError):
+    """Blocks of an exact type whose numbers this file's tensor does not fit an MLX layer with (Q6_K whose
+    16-weight halves have scales of their own: MLX's groups are 32 or more)."""
 
 
 def exact_recipes(last: str = "or") -> str:
@@ -104,8 +112,10 @@ def exact_blocks(
 
 def _kquant_blocks(words, scales, biases, bits, qtype) -> Tuple[Optional[np.ndarray], str]:
     n, n_groups = scales.shape
-    if n_groups % kquants.KTYPES[qtype].subs:
+    if (n_groups * GROUP) % kquants.QK_K:
         return None, f"rows of {n_groups * GROUP} weights: {qtype.name} needs a multiple of {kquants.QK_K}"
+    if qtype == GT.Q6_K:
+        return _q6_k_blocks(words, scales, biases)
     s = factor(np.asarray(scales, np.float32), 8, 63)
     m = factor(-np.asarray(biases, np.float32), 8, 63)
     if s is None or m is None:
@@ -114,6 +124,21 @@ def _kquant_blocks(words, scales, biases, bits, qtype) -> Tuple[Optional[np.ndar
     codes = quant.unpack_numpy(words, bits).reshape(n, n_groups * GROUP)
     parts = kquants.KParts(codes=codes, sc=s[1], d=s[0], m=m[1], dmin=m[0])
     return kquants.pack(parts, qtype), ""
+
+
+def _q6_k_blocks(words, scales, biases) -> Tuple[Optional[np.ndarray], str]:
+    n, n_groups = scales.shape
+    scales = np.asarray(scales, np.float32)
+    if not np.array_equal(np.asarray(biases, np.float32), -32.0 * scales):
+        return None, "biases are not -32*scales (Q6_K is symmetric; use recipe q6_k)"
+    found = factor(scales, 8, 127, signed=True)
+    if found is None:
+        return None, ("scales are not on the Q6_K grid (signed 8-bit integers times a float16 per 256 weights; "
+                      "use recipe q6_k)")
+    d, sc = found
+    codes = quant.unpack_numpy(words, 6).reshape(n, n_groups * GROUP)
+    parts = kquants.KParts(codes=codes, sc=np.repeat(sc, 2, axis=-1).astype(np.int8), d=d)
+    return kquants.pack(parts, GT.Q6_K), ""
 
 
 def mlx_arrays(blocks: np.ndarray, qtype: GT, shape: Tuple[int, int]) -> Tuple[mx.array, mx.array, mx.array]:
@@ -129,6 +154,7 @@ def mlx_arrays(blocks: np.ndarray, qtype: GT, shape: Tuple[int, int]) -> Tuple[m
         shape: (rows, columns) of the matrix.
 
     Raises:
+        NoMLXForm: Q6_K blocks whose 16-weight halves have scales of their own.
         ValueError: another type, or blocks that do not fill ``shape``.
     """
     if qtype not in EXACT_TYPES:
@@ -140,6 +166,10 @@ def mlx_arrays(blocks: np.ndarray, qtype: GT, shape: Tuple[int, int]) -> Tuple[m
         scales, biases = parts.scales_biases(qtype)
         if not (np.all(np.isfinite(scales)) and np.all(np.isfinite(biases))):
             raise ValueError(f"{qtype.name} blocks hold NaN or Inf scales or mins")
+        if qtype == GT.Q6_K:
+            if not np.array_equal(parts.sc[..., ::2], parts.sc[..., 1::2]):
+                raise NoMLXForm("Q6_K sub-blocks of 16 weights with scales of their own (MLX groups hold 32)")
+            scales, biases = scales[..., ::2], biases[..., ::2]
         words = quant.pack(mx.array(parts.codes.astype(np.uint32)), bits)
         return words, mx.array(scales), mx.array(biases)
     header = 2 if qtype in SYMMETRIC else 4

@@ -8,7 +8,9 @@ sub-blocks of 16 weights with signed 8-bit scales and no min: ``d * sc[j] * (q -
 
 In MLX terms a Q4_K / Q5_K sub-block is an affine group of 32 with ``scale = d * sc[j]`` and
 ``bias = -dmin * m[j]``, both exact in float32 (an 11-bit float16 significand times a 6-bit
-integer). :func:`pack` writes the parts as the blocks llama.cpp reads and :func:`unpack` reads
+integer). MLX has no groups of 16, so a Q6_K matrix has an MLX form when its sub-blocks come in
+pairs with one scale (a 6-bit group of 32 with ``scale = d * sc`` and ``bias = -32 * scale``):
+what ``quantize(..., paired=True)`` and QAT for Q6_K write. :func:`pack` writes the parts as the blocks llama.cpp reads and :func:`unpack` reads
 them back, byte for byte; :func:`factor` finds ``(d, sc)`` for float32 scales that have that
 form (the export of a layer whose scales were trained on that grid).
 """
@@ -80,12 +82,47 @@ class KParts:
         return (scale[..., None] * q - (-bias)[..., None]).reshape(rows, cols)
 
 
+#: llama.cpp's type for a row whose length is not a multiple of 256 (its ``tensor_type_fallback``)
+FALLBACK: Dict[GT, GT] = {GT.Q4_K: GT.Q5_0, GT.Q5_K: GT.Q5_1, GT.Q6_K: GT.Q8_0}
+
+
 def qtype_of(bits: int) -> GT:
-    """The K-quant type of an MLX ``kquant`` layer of ``bits``: 4 -> Q4_K, 5 -> Q5_K."""
+    """The K-quant type of an MLX ``kquant`` layer of ``bits``: 4 -> Q4_K, 5 -> Q5_K, 6 -> Q6_K."""
     try:
-        return {4: GT.Q4_K, 5: GT.Q5_K}[bits]
+        return {4: GT.Q4_K, 5: GT.Q5_K, 6: GT.Q6_K}[bits]
     except KeyError:
-        raise ValueError(f"no K-quant type of {bits} bits with groups of 32 (Q4_K: 4, Q5_K: 5)") from None
+        raise ValueError(f"no K-quant type of {bits} bits (Q4_K: 4, Q5_K: 5, Q6_K: 6)") from None
+
+
+# --- llama.cpp's Q4_K_M mix (its llama_tensor_get_type for LLAMA_FTYPE_MOSTLY_Q4_K_M, dense models) -----------
+
+def use_more_bits(i_layer: int, n_layers: int) -> bool:
+    """Whether llama.cpp's mixes give layer ``i_layer`` of ``n_layers`` the larger type: the first and last
+    eighth, and every third layer between."""
+    return i_layer < n_layers // 8 or i_layer >= 7 * n_layers // 8 or (i_layer - n_layers // 8) % 3 == 2
+
+
+#: the tensor kinds the Q4_K_M rule tells apart (llama.cpp's tensor categories)
+Q4_K_M_KINDS = ("output", "attn_v", "ffn_down", "attn_qkv", "other")
+
+
+def q4_k_m_type(kind: str, i_layer: Optional[int], n_layers: int, cols: int) -> GT:
+    """The type llama.cpp's Q4_K_M gives a matrix of ``cols`` columns: ``kind`` ``"output"`` (the output head,
+    or the token embedding of a model that ties them) Q6_K; ``"attn_v"`` and ``"ffn_down"`` Q6_K in the layers
+    :func:`use_more_bits` picks, else Q4_K; ``"attn_qkv"`` (fused) Q5_K; everything else Q4_K; then
+    :data:`FALLBACK` for rows that are not a multiple of 256."""
+    if kind not in Q4_K_M_KINDS:
+        raise ValueError(f"kind={kind!r} is not one of {Q4_K_M_KINDS}")
+    t = GT.Q4_K
+    if kind == "output":
+        t = GT.Q6_K
+    elif kind in ("attn_v", "ffn_down"):
+        if i_layer is None:
+            raise ValueError(f"a {kind} matrix needs its layer index")
+        t = GT.Q6_K if use_more_bits(i_layer, n_layers) else GT.Q4_K
+    elif kind == "attn_qkv":
+        t = GT.Q5_K
+    return FALLBACK[t] if cols % QK_K else t
 
 
 def _check(qtype: GT, cols: int) -> KType:
@@ -192,9 +229,10 @@ def unpack(blocks: np.ndarray, qtype: GT, shape: Tuple[int, int]) -> KParts:
 
 def factor(values: np.ndarray, per: int, largest: int, signed: bool = False) -> Optional[Tuple[np.ndarray, np.ndarray]]:
     """``(d, ints)`` with ``values == d * ints`` exactly in float32, ``d`` float16 per run of ``per`` values
-    and integers in ``0..largest`` (``-largest-1..largest`` when ``signed``), or ``None`` when some run has
-    no such form. ``values`` (rows, n) float32, n a multiple of ``per``: the float32 scales (or mins) of a
-    layer whose sub-block scales were kept on a K-quant grid."""
+    and integers in ``0..largest`` (``signed``: in ``-largest-1..largest``, and ``d`` of either sign, as
+    llama.cpp's Q6_K scales have), or ``None`` when some run has no such form. ``values`` (rows, n) float32, n
+    a multiple of ``per``: the float32 scales (or mins) of a layer whose sub-block scales were kept on a
+    K-quant grid."""
     v = np.asarray(values, dtype=np.float32)
     rows, n = v.shape
     runs = v.reshape(rows, n // per, per)
@@ -203,16 +241,17 @@ def factor(values: np.ndarray, per: int, largest: int, signed: bool = False) -> 
     d = np.zeros(top.shape, np.float16)
     ints = np.zeros(runs.shape, np.int64)
     found = top == 0
+    lo = -largest - 1 if signed else 0
     for k in ks:
-        cand = (top / k).astype(np.float16)
-        c32 = cand.astype(np.float32)
-        with np.errstate(divide="ignore", invalid="ignore"):
-            q = np.rint(runs / c32[..., None])
-        lo = -largest - 1 if signed else 0
-        ok = (~found) & (c32 > 0) & np.all((q >= lo) & (q <= largest) & ((c32[..., None] * q) == runs), axis=-1)
-        d = np.where(ok, cand, d)
-        ints = np.where(ok[..., None], q.astype(np.int64), ints)
-        found |= ok
+        for sign in ((1, -1) if signed else (1,)):
+            cand = (sign * (top / k)).astype(np.float16)
+            c32 = cand.astype(np.float32)
+            with np.errstate(divide="ignore", invalid="ignore"):
+                q = np.rint(runs / c32[..., None])
+            ok = (~found) & (c32 != 0) & np.all((q >= lo) & (q <= largest) & ((c32[..., None] * q) == runs), axis=-1)
+            d = np.where(ok, cand, d)
+            ints = np.where(ok[..., None], q.astype(np.int64), ints)
+            found |= ok
     if not found.all():
         return None
     return d, ints.reshape(rows, n)
@@ -298,20 +337,27 @@ def _symmetric_search(x: np.ndarray, nmax: int):
     return scale.astype(np.float32), (l_best + nmax).astype(np.uint8)
 
 
-def quantize(w: np.ndarray, qtype: GT) -> KParts:
+def quantize(w: np.ndarray, qtype: GT, paired: bool = False) -> KParts:
     """Round-to-nearest ``qtype`` parts of a float32 matrix ``w`` (rows, cols): llama.cpp's reference
     quantizer for the type without an importance matrix (each sub-block's scale and min from a least-squares
     sweep, the scales quantized against the super-block's largest, the codes rounded again with them).
-    Sums run in a C loop's order; where llama.cpp's build fuses multiply-adds a rare tie may round otherwise."""
+    Sums run in a C loop's order; where llama.cpp's build fuses multiply-adds a rare tie may round otherwise.
+
+    ``paired`` (Q6_K only): the same algorithm on sub-blocks of 32, each scale written to both halves, the Q6_K
+    that MLX's 6-bit groups of 32 hold exactly (the start of QAT for Q6_K)."""
     w = np.asarray(w, dtype=np.float32)
     rows, cols = w.shape
     t = _check(qtype, cols)
+    if paired and t.has_min:
+        raise ValueError(f"paired sub-blocks are a Q6_K form; {qtype.name} has sub-blocks of 32 already")
     f = np.float32
     nb = cols // QK_K
-    x = w.reshape(-1, t.sub)
+    sub = 2 * t.sub if paired else t.sub
+    subs = QK_K // sub
+    x = w.reshape(-1, sub)
     if not t.has_min:
         scales, codes = _symmetric_search(x, 32)
-        s = scales.reshape(-1, t.subs)
+        s = scales.reshape(-1, subs)
         idx = np.argmax(np.abs(s), axis=-1)
         top = np.take_along_axis(s, idx[:, None], axis=-1)[:, 0]
         dead = np.abs(top) < f(1e-15)
@@ -323,9 +369,9 @@ def quantize(w: np.ndarray, qtype: GT) -> KParts:
         live = dj != 0
         q = np.clip(_rint(x / np.where(live, dj, f(1))[:, None]), -32, 31) + 32
         codes = np.where(live[:, None], q, codes).astype(np.uint8)
-        codes = np.where(np.repeat(dead, t.subs)[:, None], 0, codes).astype(np.uint8)  # llama.cpp zeroes the block
-        return KParts(codes=codes.reshape(rows, cols), sc=sc.reshape(rows, nb * t.subs).astype(np.int8),
-                      d=d.reshape(rows, nb))
+        codes = np.where(np.repeat(dead, subs)[:, None], 0, codes).astype(np.uint8)  # llama.cpp zeroes the block
+        sc = np.repeat(sc.reshape(rows, nb * subs), t.subs // subs, axis=-1)
+        return KParts(codes=codes.reshape(rows, cols), sc=sc.astype(np.int8), d=d.reshape(rows, nb))
     nmax = (1 << t.bits) - 1
     rmin, rdelta, nstep = (-1.0, 0.1, 20) if t.bits == 4 else (-0.5, 0.1, 15)
     scales, mins, codes = _affine_search(x, nmax, rmin, rdelta, nstep)

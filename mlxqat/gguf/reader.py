@@ -37,7 +37,7 @@ from mlx.utils import tree_flatten
 
 from .. import recipes
 from ..storage.checks import PathLike, check_config_values, check_finite
-from .blocks import EXACT_TYPES, GROUP, mlx_arrays
+from .blocks import EXACT_TYPES, GROUP, NoMLXForm, mlx_arrays
 from .writer import ARCHS, permute_rows
 from .format import Metadata, read_gguf
 from .tokenizer import gguf_tokenizer
@@ -263,7 +263,8 @@ def _load_weights(model: nn.Module, config: dict, tensors: dict, path: Path, dty
 
 
 def _keep_blocks(model: nn.Module, config: dict, tensors: dict, plan: Dict[str, str], path: Path) -> Dict[str, str]:
-    """Make each linear layer and embedding stored as Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K or Q5_K an MLX quantized layer holding the
+    """Make each linear layer and embedding stored as Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K or Q6_K (16-weight halves sharing a
+    scale) an MLX quantized layer holding the
     file's own codes, scales and offsets (:func:`mlxqat.gguf.blocks.mlx_arrays`), with the spec of the recipe
     that exports it exactly; returns ``{layer path: GGUF type name}`` of the matrices kept as floats."""
     modules = dict(model.named_modules())
@@ -281,6 +282,8 @@ def _keep_blocks(model: nn.Module, config: dict, tensors: dict, plan: Dict[str, 
         try:
             blocks = _hf_rows(np.array(t.data).reshape(shape[0], -1), gguf_name, config)  # whole rows of blocks
             kept[prefix] = (qtype, *mlx_arrays(blocks, qtype, shape))
+        except NoMLXForm:
+            floats[prefix] = qtype.name
         except ValueError as e:
             raise ValueError(f"{path}: tensor {gguf_name} ({qtype.name} {list(shape)}) cannot be read ({e}); "
                              "the file is damaged or truncated") from e
@@ -304,7 +307,8 @@ def load_gguf(path: PathLike, *, dtype: mx.Dtype = mx.float32,
             type F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q5_K or Q6_K.
         dtype: the float type of the model's weights (default float32: quantized tensors are
             dequantized exactly, and MLX on the CPU computes fastest in float32).
-        keep_quantized: linear layers and embeddings stored as Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K or Q5_K become MLX
+        keep_quantized: linear layers and embeddings stored as Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K or Q6_K
+            (16-weight halves sharing a scale, as mlxqat writes it) become MLX
             quantized layers with the file's own codes, scales and offsets (4- or 8-bit, group 32,
             float16 scales), each with the spec of recipe ``q4_0`` / ``q4_1`` / ``q8_0``, so the
             model fine-tunes in its own type and exports back to exactly those blocks; matrices of

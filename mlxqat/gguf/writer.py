@@ -18,6 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
+import re
+
 import gguf
 import mlx.core as mx
 import mlx.nn as nn
@@ -42,6 +44,7 @@ QTYPES: Dict[str, GT] = {
     "q8_0": GT.Q8_0,
     "q4_k": GT.Q4_K,
     "q5_k": GT.Q5_K,
+    "q6_k": GT.Q6_K,
     "f16": GT.F16,
     "bf16": GT.BF16,
     "f32": GT.F32,
@@ -56,6 +59,7 @@ _FILE_TYPES = {
     GT.Q8_0: gguf.LlamaFileType.MOSTLY_Q8_0,
     GT.Q4_K: gguf.LlamaFileType.MOSTLY_Q4_K_S,
     GT.Q5_K: gguf.LlamaFileType.MOSTLY_Q5_K_S,
+    GT.Q6_K: gguf.LlamaFileType.MOSTLY_Q6_K,
     GT.F16: gguf.LlamaFileType.MOSTLY_F16,
     GT.BF16: gguf.LlamaFileType.MOSTLY_BF16,
     GT.F32: gguf.LlamaFileType.ALL_F32,
@@ -63,6 +67,22 @@ _FILE_TYPES = {
 
 
 _FLOAT_TYPES = (GT.F32, GT.F16, GT.BF16)
+
+#: ``--type`` names of llama.cpp's type mixes: ``{name: (main type, file type)}``; each tensor's type is
+#: :func:`mix_type`'s
+MIXES: Dict[str, Tuple[GT, "gguf.LlamaFileType"]] = {"q4_k_m": (GT.Q4_K, gguf.LlamaFileType.MOSTLY_Q4_K_M)}
+
+
+def mix_type(mix: str, gguf_name: str, cols: int, n_layers: int, head: bool) -> GT:
+    """The type llama.cpp's ``mix`` gives the matrix ``gguf_name`` (``blk.3.ffn_down``, without ``.weight``) of
+    ``cols`` columns in a model of ``n_layers`` blocks; ``head``: it computes the logits (``output``, or the
+    token embedding of a model that ties them)."""
+    if mix != "q4_k_m":
+        raise ValueError(f"mix={mix!r} is not one of {sorted(MIXES)}")
+    block = re.match(r"blk\.(\d+)\.(.+)$", gguf_name)
+    leaf = block.group(2) if block else gguf_name
+    kind = "output" if head else leaf if leaf in kquants.Q4_K_M_KINDS else "other"
+    return kquants.q4_k_m_type(kind, int(block.group(1)) if block else None, n_layers, cols)
 
 
 _HEAD_AT_Q8 = (GT.Q4_0, GT.Q4_1, GT.Q5_0, GT.Q5_1)  # block types whose files keep the output head at Q8_0
@@ -209,7 +229,7 @@ def _check_arch(model: nn.Module, spec: ArchSpec) -> None:
             )
 
 
-def plan_tensors(model: nn.Module, qtype: GT, model_type: str) -> List[GGUFTensor]:
+def plan_tensors(model: nn.Module, qtype: GT, model_type: str, mix: Optional[str] = None) -> List[GGUFTensor]:
     """Decide the GGUF form of every parameter of ``model`` (nothing is written).
 
     Quantized layers are repacked exactly when their numbers fit a GGUF block
@@ -220,7 +240,9 @@ def plan_tensors(model: nn.Module, qtype: GT, model_type: str) -> List[GGUFTenso
     ``qtype`` (F32/F16/BF16) applies to every matrix. Norms and biases are
     float32. A full-precision model written as a 4- or 5-bit block type keeps its
     output head (``lm_head``, or the tied embedding) at ``Q8_0``, as recipe
-    ``q4_0`` does: round-to-nearest to the same file a QAT run exports.
+    ``q4_0`` does: round-to-nearest to the same file a QAT run exports. ``mix``
+    (``"q4_k_m"``, :data:`MIXES`): each matrix's type is llama.cpp's for it in that
+    mix (:func:`mix_type`) instead of ``qtype``.
     """
     spec = arch_spec(model_type)
     _check_arch(model, spec)
@@ -248,12 +270,16 @@ def plan_tensors(model: nn.Module, qtype: GT, model_type: str) -> List[GGUFTenso
         heads = None
         if spec.permute_qk and not getattr(args, "rope_traditional", False):
             heads = {"attn_q": n_head, "attn_k": n_kv}.get(base.rsplit(".", 1)[-1])
+        want = qtype
+        if mix is not None and (leaf == "weight" and (prefix in quantized or value.ndim == 2)):
+            cols = value.shape[-1] * 32 // modules[prefix].bits if prefix in quantized else value.shape[-1]
+            want = mix_type(mix, base, cols, n_layers, prefix == head)
         if prefix in quantized and leaf == "weight":
-            plan.append(_quantized_tensor(name, path, modules[prefix], qtype, heads))
+            plan.append(_quantized_tensor(name, path, modules[prefix], want, heads))
         elif value.ndim == 2:
             keep = any_quantized and qtype not in _FLOAT_TYPES
-            target = _dtype_type(value.dtype) if keep else qtype
-            if not any_quantized and qtype in _HEAD_AT_Q8 and prefix == head:
+            target = _dtype_type(value.dtype) if keep else want
+            if not any_quantized and mix is None and qtype in _HEAD_AT_Q8 and prefix == head:
                 target = GT.Q8_0
             plan.append(_matrix_tensor(name, path, value, target, heads, any_quantized))
         else:
@@ -381,13 +407,15 @@ def write_gguf(
     *,
     name: str = "model",
     extra: Optional[Dict[str, str]] = None,
+    mix: Optional[str] = None,
 ) -> None:
-    """Write ``plan`` with the model's metadata and tokenizer to ``path`` (not atomic: see export)."""
+    """Write ``plan`` with the model's metadata and tokenizer to ``path`` (not atomic: see export); the file type
+    is ``qtype``'s, or that of ``mix`` (:data:`MIXES`)."""
     spec = arch_spec(model.args.model_type)
     w = gguf.GGUFWriter(str(path), spec.gguf_arch)
     try:
         w.add_name(name)
-        w.add_file_type(int(_FILE_TYPES[qtype]))
+        w.add_file_type(int(MIXES[mix][1] if mix else _FILE_TYPES[qtype]))
         w.add_quantization_version(gguf.GGML_QUANT_VERSION)
         w.add_string("general.quantized_by", f"mlxqat {__version__}")
         for k, v in (extra or {}).items():

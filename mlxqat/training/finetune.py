@@ -179,7 +179,7 @@ def load_quantized(path, recipe: Optional[str], method: str, gguf_out: bool = Fa
                 f".gguf) and export it, or start from a model quantized with recipe {exact_recipes()}")
     off_grid = [p for p, m in model.named_modules() if quant.is_quantized(m)
                 and getattr(getattr(m, "spec", None), "mode", None) == "kquant"
-                and not all(mx.array_equal(a, b) for a, b in zip(quant.kquant_grid(m.scales, m.biases),
+                and not all(mx.array_equal(a, b) for a, b in zip(quant.kquant_grid(m.scales, m.biases, m.bits),
                                                                  (m.scales, m.biases)))]
     if off_grid:
         raise ValueError(f"{len(off_grid)} K-quant layers (e.g. {off_grid[0]}) have sub-block scales whose largest is "
