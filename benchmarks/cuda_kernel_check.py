@@ -101,7 +101,7 @@ def gpu_name() -> str:
 
 
 def benchmark(quick: bool, group_size: int = 64) -> list[dict]:
-    from kernels import QUICK_SHAPES, SHAPES, quantized_bytes  # benchmarks/kernels.py
+    from kernel_speed import QUICK_SHAPES, SHAPES, quantized_bytes  # benchmarks/kernel_speed.py
 
     rows = [1, 2, 4, 8, 512]
     results = []

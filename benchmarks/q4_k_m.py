@@ -80,9 +80,11 @@ def score(work: Path, windows_per_kind: int, seq_len: int) -> dict:
         server = LlamaCpp(path, n_ctx=seq_len + 16)
         for kind, w in windows.items():
             got = server.score(w)
+            ok = got["scored"]  # llama.cpp withholds tokens that end inside a UTF-8 character: the same in every file
             fp_top1.setdefault(kind, got["top1"])
-            row[f"{kind}_ppl"] = math.exp(-float(got["logprobs"].mean()))
-            row[f"{kind}_top1"] = float((got["top1"] == fp_top1[kind]).mean())
+            row[f"{kind}_ppl"] = math.exp(-float(got["logprobs"][ok].mean()))
+            row[f"{kind}_top1"] = float((got["top1"] == fp_top1[kind])[ok].mean())
+            row[f"{kind}_tokens"] = int(ok.sum())
         del server
         if "F32" not in label:
             model, _, _ = load_gguf(path)

@@ -57,9 +57,11 @@ def llamacpp_rows(fp_model: nn.Module, qat_model: nn.Module, tokenizer, config: 
             server = LlamaCpp(path, n_ctx=windows.shape[1] + 8)
             got = server.score(windows)
             del server
+            ok = got["scored"]  # llama.cpp withholds tokens that end inside a UTF-8 character: the same in every file
             if fp_top1 is None:
                 fp_top1 = got["top1"]
-            rows[label] = {"ppl": math.exp(-float(got["logprobs"].mean())), "top1_vs_fp": float((got["top1"] == fp_top1).mean()),
+            rows[label] = {"ppl": math.exp(-float(got["logprobs"][ok].mean())),
+                           "top1_vs_fp": float((got["top1"] == fp_top1)[ok].mean()),
                            "mb": path.stat().st_size / 1e6, "seconds": time.perf_counter() - t0}
             print(f"  llama.cpp {label:<38} ppl {rows[label]['ppl']:.4f}  top-1 = fp {100 * rows[label]['top1_vs_fp']:.2f}%  "
                   f"{rows[label]['mb']:.1f} MB", flush=True)

@@ -29,6 +29,10 @@ def _xllamacpp():
     return xllamacpp
 
 
+class WithheldToken(RuntimeError):
+    """llama.cpp's server gave no log-probability for a token that ends inside a UTF-8 character."""
+
+
 class LlamaCpp:
     """A llama.cpp server for one GGUF file (float32 KV cache, greedy sampling, 2 threads by default)."""
 
@@ -51,6 +55,9 @@ class LlamaCpp:
 
     def _completion(self, request: dict) -> list:
         r = self.server.handle_completions(request)
+        if "error" not in r and not r["choices"][0].get("logprobs") and "\ufffd" in r["choices"][0].get("text", ""):
+            raise WithheldToken(f"llama.cpp withheld the log-probability of a token that ends inside a UTF-8 "
+                                f"character ({r['choices'][0]['text']!r})")
         if "error" in r or not r["choices"][0].get("logprobs"):
             raise RuntimeError(f"llama.cpp answered {str(r)[:300]}")
         return r
@@ -82,26 +89,36 @@ class LlamaCpp:
 
         Token ``t`` of a window is scored after tokens ``0..t-1`` (one forced token per request, the
         prefix reused from llama.cpp's prompt cache, as when it generates). Returns ``logprobs`` and
-        ``top1`` arrays of shape ``(n_windows, len - 1)``.
+        ``top1`` arrays of shape ``(n_windows, len - 1)``, and ``scored``, False where llama.cpp's server
+        withholds the figures because the token ends inside a UTF-8 character (a byte of a character
+        split over several tokens; the same tokens for every file, so files compare on the same
+        positions): ``logprobs`` is NaN and ``top1`` -1 there.
         """
         logprobs: List[List[float]] = []
         top1: List[List[int]] = []
+        scored: List[List[bool]] = []
         windows = [[int(i) for i in w] for w in windows]
         if len({len(w) for w in windows}) > 1:
             raise ValueError(f"windows of {sorted({len(w) for w in windows})} tokens: score windows of one length")
         for ids in windows:
             if len(ids) > self.n_ctx:
                 raise ValueError(f"a window of {len(ids)} tokens is longer than n_ctx={self.n_ctx}; pass n_ctx >= {len(ids)}")
-            lp, top = [], []
+            lp, top, ok = [], [], []
             for t in range(1, len(ids)):
-                step = self.complete(ids[:t], n=1, n_probs=1, force=ids[t], cache_prompt=True,
-                                     ignore_eos=False)["logprobs"][0]  # end-of-text keeps its probability
+                try:
+                    step = self.complete(ids[:t], n=1, n_probs=1, force=ids[t], cache_prompt=True,
+                                         ignore_eos=False)["logprobs"][0]  # end-of-text keeps its probability
+                except WithheldToken:
+                    step = (ids[t], math.nan, [(-1, math.nan)])
                 lp.append(step[1])
                 top.append(step[2][0][0])
+                ok.append(step[2][0][0] != -1)
             logprobs.append(lp)
             top1.append(top)
-        out = {"logprobs": np.array(logprobs, dtype=np.float64), "top1": np.array(top1, dtype=np.int64)}
-        if not np.isfinite(out["logprobs"]).all():
+            scored.append(ok)
+        out = {"logprobs": np.array(logprobs, dtype=np.float64), "top1": np.array(top1, dtype=np.int64),
+               "scored": np.array(scored, dtype=bool)}
+        if not np.isfinite(out["logprobs"][out["scored"]]).all():
             raise FloatingPointError("llama.cpp gave a non-finite log-probability")
         return out
 
@@ -131,8 +148,9 @@ class LlamaCpp:
         return {"loss": total / count, "tokens": count, "examples": len(windows)}
 
     def perplexity(self, windows) -> float:
-        """``exp`` of the mean negative log-probability of :meth:`score`."""
-        return math.exp(-float(self.score(windows)["logprobs"].mean()))
+        """``exp`` of the mean negative log-probability of :meth:`score` (over the tokens it scores)."""
+        got = self.score(windows)
+        return math.exp(-float(got["logprobs"][got["scored"]].mean()))
 
     def _post(self, route, body):
         request = urllib.request.Request(self.address + route, data=json.dumps(body).encode(),

@@ -6,8 +6,8 @@ it measures what ``int4_matmul`` runs there (the CPU path) and says so. It
 also measures the CPU path's crossover between ``mx.quantized_matmul`` and
 dequantize + matmul, which sets ``CPU_QMM_MAX_ROWS``.
 
-    python benchmarks/kernels.py --quick      # under 2 minutes on 2 cores
-    python benchmarks/kernels.py              # all shapes
+    python benchmarks/kernel_speed.py --quick      # under 2 minutes on 2 cores
+    python benchmarks/kernel_speed.py              # all shapes
 
 Prints a markdown table and writes JSON (benchmarks/results/kernels_<device>.json).
 On Linux run it with Debian's OpenBLAS preloaded (tools/with-blas).
