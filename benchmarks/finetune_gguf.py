@@ -65,6 +65,8 @@ def main(argv=None) -> int:
     p.add_argument("--val-batches", type=int, default=2)
     p.add_argument("--work", default=str(ROOT / "runs" / "finetune-gguf"), help="Where the tuned files go.")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "finetune-gguf"))
+    p.add_argument("--keep-rows", action="store_true",
+                   help="Keep the rows of <out>.json whose method is not run again (same model, data and steps).")
     a = p.parse_args(argv)
     lrs = a.learning_rates or [LEARNING_RATES[m] for m in a.methods]
     if len(lrs) != len(a.methods):
@@ -95,12 +97,20 @@ def main(argv=None) -> int:
                      "llamacpp_gain_vs_mlx": (base - tuned) / (r["before"]["test"] - r["saved"]["test"]),
                      "changed": changed_fields(a.model, out), "seconds": seconds, "file": str(out)})
         print(json.dumps(rows[-1]), flush=True)
+    out = Path(a.out)
+    if a.keep_rows and out.with_suffix(".json").is_file():
+        old = json.loads(out.with_suffix(".json").read_text())
+        if (old["model"], old["data"], old["steps"], old["batch_size"]) != (a.model, a.data, a.steps, a.batch_size):
+            p.error(f"{out.with_suffix('.json')} holds another model, data or budget: --keep-rows keeps rows of the same")
+        kept = [dict(r, command=r.get("command", old["command"])) for r in old["rows"] if r["method"] not in a.methods]
+        rows = kept + rows
     result = {"model": a.model, "data": a.data, "steps": a.steps, "batch_size": a.batch_size,
               "test_examples": int(len(test)), "test_tokens": int(test[:, 1].sum()),
               "machine": f"{platform.system()} {platform.machine()}, {chip_name()}",
               "command": "python benchmarks/finetune_gguf.py " + " ".join(argv if argv is not None else sys.argv[1:]),
               "minutes": (time.time() - t0) / 60, "rows": rows}
-    out = Path(a.out)
+    for r in rows:
+        r.setdefault("command", result["command"])
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n")
     out.with_suffix(".md").write_text(table(result))
@@ -115,7 +125,9 @@ def table(result: dict) -> str:
         f"Model: `{result['model']}`; data: `{result['data']}` ({result['test_examples']} test examples, "
         f"{result['test_tokens']} completion tokens scored). Each method: {result['steps']} steps of "
         f"{result['batch_size']} examples. Machine: {result['machine']}. Command: `{result['command']}`; "
-        f"{result['minutes']:.1f} min in all.",
+        f"{result['minutes']:.1f} min in all."
+        + "".join(f" The {r['method']} row is from an earlier run: `{r['command']}`." for r in result["rows"]
+                  if r["command"] != result["command"]),
         "",
         "Test completion loss (nats per completion token), by MLX during the run and by llama.cpp from the files:",
         "",

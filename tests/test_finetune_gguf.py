@@ -157,7 +157,7 @@ def test_what_cannot_stay_in_its_type_is_refused_before_training(files, workspac
     f16 = tmp_path / "f16.gguf"
     with pytest.warns(ExportWarning, match="not exact"):  # int4 g64 values in float16: a file of F16 matrices
         export_gguf(workspace_int4, f16, "f16", modelfile=False, verbose=False)
-    with pytest.raises(ValueError, match=r"are F16 .*pass --recipe q4_0, q5_0, q8_0, q4_1, q5_1, q4_k or q5_k"):
+    with pytest.raises(ValueError, match=r"are F16 .*pass --recipe q4_0, q5_0, q8_0, q4_1, q5_1, q4_k, q5_k or q6_k"):
         mlxqat.finetune(str(f16), str(files["data"]), str(tmp_path / "a.gguf"), **FAST)
     with pytest.raises(ValueError, match=r"no exact GGUF form \(e\.g\. .*4-bit, group 64"):
         mlxqat.finetune(str(workspace_int4), str(files["data"]), str(tmp_path / "b.gguf"), **FAST)

@@ -210,7 +210,7 @@ def test_full_precision_model_as_q4_0_is_the_reference_quantizer_with_an_8_bit_h
 def test_clear_errors_for_what_gguf_cannot_express(tmp_path, tokenizer):
     model, config = _random_model("llama", seed=4)
     src = _saved(tmp_path, tokenizer, model, config, "int4")
-    with pytest.raises(GGUFExportError, match=r"cannot be written exactly as q4_0.*recipe q4_0, q5_0, q8_0, q4_1, q5_1, q4_k or q5_k"):
+    with pytest.raises(GGUFExportError, match=r"cannot be written exactly as q4_0.*recipe q4_0, q5_0, q8_0, q4_1, q5_1, q4_k, q5_k or q6_k"):
         ex.export_gguf(src, tmp_path / "a.gguf", "q4_0", exact=True, verbose=False)
     with pytest.raises(ValueError, match="no GGUF type holds this model's weights exactly.*--type"):
         ex.export_gguf(src, tmp_path / "a.gguf", "auto", verbose=False)

@@ -287,6 +287,16 @@ def test_q4_k_m_qat_exports_exactly_with_llama_cpps_types_and_llama_cpp_agrees(m
         rtn = export_gguf(tmp_path / "full", tmp_path / "rtn.gguf", "q4_k_m", modelfile=False, verbose=False)
     assert [t["type"] for t in rtn["tensors"]] == [t["type"] for t in result["tensors"]]
     _llama_cpp_agrees(tmp_path / "qat-q4_k_m.gguf", student, tokenizer, ("def fibonacci(n):", "class Point:"))
+    # the Q4_K_M file fine-tunes in its own blocks: every tensor keeps its type, the gain survives the save
+    from test_finetune import FAST, LEARNING_RATES, _data_dir
+
+    out = tmp_path / "tuned-q4_k_m.gguf"
+    tuned = mlxqat.finetune(str(tmp_path / "qat-q4_k_m.gguf"), str(_data_dir(tmp_path)), str(out), method="scales",
+                            learning_rate=LEARNING_RATES["scales"], **FAST)
+    assert tuned["gain_kept"] == 1.0 and tuned["after"]["test"] < tuned["before"]["test"]
+    a, b = read_gguf_tensors(tmp_path / "qat-q4_k_m.gguf"), read_gguf_tensors(out)
+    assert {k: v[0] for k, v in a.items()} == {k: v[0] for k, v in b.items()}
+    assert any(not np.array_equal(a[k][1], b[k][1]) for k in a if a[k][0] == GT.Q6_K)  # the Q6_K scales moved
 
 
 def test_q6_k_files_load_in_their_blocks_when_the_halves_share_a_scale(models, tokenizer, tmp_path):
