@@ -80,7 +80,7 @@ def _dwq(model: str, recipe: str, steps: int, batch_size: int, seq_len: int, eva
 
     from mlxqat.training import job
     from mlxqat import recipes
-    from mlxqat.convert import head_path
+    from mlxqat.convert import block_count, head_path
     from mlxqat.data import split_selection
     from mlxqat.evaluate import evaluate
     from mlxqat.storage.load import load
@@ -98,10 +98,10 @@ def _dwq(model: str, recipe: str, steps: int, batch_size: int, seq_len: int, eva
     val_w, select_w = split_selection(val_all, select_windows)
     student = load(model, full_precision=True)[0]
     student.set_dtype(mx.float32)
-    head = head_path(student)
+    head, n_layers = head_path(student), block_count(student)
 
     def spec(path, module):
-        s = rec.spec_for(path, path == head)
+        s = rec.spec_for(path, path == head, n_layers)
         return hasattr(module, "to_quantized") and s is not None and {"group_size": s.group_size, "bits": s.bits}
 
     nn.quantize(student, class_predicate=spec)

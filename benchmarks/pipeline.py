@@ -8,7 +8,7 @@ generate. Each command runs in its own process, timed; the training figures (tok
 peak memory, perplexity and KL before and after) are the ones the job saved in the model's
 ``mlxqat.json``.
 
-    tools/with-blas python benchmarks/pipeline.py            # SmolLM2 int4 and q4_0, Gemma 3 270M q4_0
+    tools/with-blas python benchmarks/pipeline.py            # SmolLM2 int4, q4_0, q4_k_m; Gemma 3 270M q4_0, q4_k_m
 
 Writes ``benchmarks/results/pipeline.json`` and ``.md`` (``--out``). The models come from
 ``tools/fetch-models``.
@@ -28,12 +28,13 @@ ROOT = Path(__file__).resolve().parents[1]
 
 MODELS = {"SmolLM2-135M": ROOT / ".models" / "SmolLM2-135M-Instruct.Q4_1.gguf",
           "Gemma 3 270M": ROOT / ".models" / "gemma-3-270m-q4_k_m.gguf"}
-# (model, recipe, training flags): budgets this 2-core CPU finishes in minutes
 # (model, recipe, export format, training flags): budgets this 2-core CPU finishes in minutes. int4 g64
-# (MLX's format) has no exact GGUF type: it goes to an mlx-lm directory; q4_0 goes to GGUF and llama.cpp.
+# (MLX's format) has no exact GGUF type: it goes to an mlx-lm directory; q4_0 and q4_k_m go to GGUF and llama.cpp.
 RUNS = [("SmolLM2-135M", "int4", "mlx", ["--steps", "8", "--batch-size", "4", "--seq-len", "256"]),
         ("SmolLM2-135M", "q4_0", "gguf", ["--steps", "8", "--batch-size", "4", "--seq-len", "256"]),
-        ("Gemma 3 270M", "q4_0", "gguf", ["--steps", "8", "--batch-size", "1", "--seq-len", "128", "--log-every", "2"])]
+        ("Gemma 3 270M", "q4_0", "gguf", ["--steps", "8", "--batch-size", "1", "--seq-len", "128", "--log-every", "2"]),
+        ("SmolLM2-135M", "q4_k_m", "gguf", ["--steps", "8", "--batch-size", "4", "--seq-len", "256"]),
+        ("Gemma 3 270M", "q4_k_m", "gguf", ["--steps", "8", "--batch-size", "1", "--seq-len", "128", "--log-every", "2"])]
 COMMON = ["--eval-windows", "8", "--select-windows", "4", "--log-every", "4", "--no-progress"]
 PROMPTS = ("The capital of France is", "def fibonacci(n):", "Water boils at", "import os\n", "class Point:",
            "Once upon a time")

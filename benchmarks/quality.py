@@ -44,7 +44,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 import mlxqat  # noqa: E402
 from mlxqat import mixed, quant, recipes  # noqa: E402
-from mlxqat.convert import head_path, quantize_rtn  # noqa: E402
+from mlxqat.convert import block_count, head_path, quantize_rtn  # noqa: E402
 from mlxqat.data import build_dataset, model_context, split_selection, spread, stdlib_windows  # noqa: E402
 from mlxqat.evaluate import evaluate, gap_recovered  # noqa: E402
 from mlxqat.footprint import memory_report  # noqa: E402
@@ -245,10 +245,10 @@ def run_awq(m, job: Job):
 def run_dwq(m, job: Job):
     from mlx_lm.quant.dwq import dwq_quantize
 
-    head = head_path(m)
+    head, n_layers = head_path(m), block_count(m)
 
     def spec(path, module):  # nn.quantize gives each layer the recipe's bits and group size
-        s = job.recipe.spec_for(path, path == head)
+        s = job.recipe.spec_for(path, path == head, n_layers)
         return hasattr(module, "to_quantized") and s is not None and {"group_size": s.group_size, "bits": s.bits}
 
     nn.quantize(m, class_predicate=spec)

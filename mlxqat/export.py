@@ -415,7 +415,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument(
         "--type", dest="qtype", default="auto", choices=["auto", *ge.QTYPES, *ge.MIXES],
         help="GGUF tensor type, or q4_k_m (llama.cpp's mix, each tensor its own type); auto: the type named in "
-        "--out (model-q4_0.gguf), else the type that holds the quantized weights exactly",
+        "--out (model-q4_0.gguf), else the mix of the model's recipe (q4_k_m), else the type that holds the "
+        "quantized weights exactly",
     )
     parser.add_argument("--exact", action="store_true", help="GGUF: refuse instead of re-quantizing")
     parser.add_argument("--name", default=None,

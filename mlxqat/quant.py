@@ -238,11 +238,19 @@ def integer_offsets(scales: mx.array, biases: mx.array, bits: int) -> mx.array:
     return _FQ_CACHE[key](scales, biases)
 
 
+def _at_top(values: mx.array, idx: mx.array) -> mx.array:
+    """True at position ``idx`` (..., 1) of the last axis of ``values``."""
+    return mx.arange(values.shape[-1]) == idx
+
+
 def _kquant_round(values: mx.array, top: mx.array) -> mx.array:
-    """``values`` (..., 8) as ``unit * clip(round(values / unit), 0, 63)`` with ``unit = float16(top / 63)``."""
+    """``values`` (..., 8) as ``unit * clip(round(values / unit), 0, 63)`` with ``unit = float16(top / 63)``, the
+    largest at exactly 63 units (a subnormal ``unit`` is too coarse for ``top / unit`` to round to 63 by itself;
+    without it, applying the grid twice could move the values)."""
     unit = snap_to(mx.float16, top / 63.0)
     safe = mx.where(unit == 0, mx.ones_like(unit), unit)
     ints = mx.clip(mx.round(values / safe[..., None]), 0, 63)
+    ints = mx.where(_at_top(values, mx.argmax(values, axis=-1, keepdims=True)), 63.0, ints)
     return mx.where((unit == 0)[..., None], mx.zeros_like(values), unit[..., None] * ints)
 
 
@@ -274,6 +282,7 @@ def _make_kquant6_grid():
         unit = snap_to(mx.float16, top / -128.0)  # llama.cpp's d: the largest scale is -128 of it
         safe = mx.where(unit == 0, mx.ones_like(unit), unit)
         ints = mx.clip(mx.round(s / safe[..., None]), -128, 127)
+        ints = mx.where(_at_top(s, idx), -128.0, ints)  # exactly, as llama.cpp's: a subnormal d rounds it otherwise
         sq = mx.where((unit == 0)[..., None], mx.zeros_like(s), unit[..., None] * ints).reshape(shape)
         return sq.astype(scales.dtype), (-KQUANT6_HALF * sq).astype(biases.dtype)
 

@@ -396,13 +396,13 @@ for _bits in quant.KQUANT_BITS:
 
 def _q4_k_m() -> Recipe:
     """llama.cpp's Q4_K_M mix (:func:`mlxqat.gguf.kquants.q4_k_m_type`) as a recipe."""
-    q4, q5, q6 = (LayerSpec(b, 32, "kquant") for b in (4, 5, 6))
+    q4, q6 = LayerSpec(4, 32, "kquant"), LayerSpec(6, 32, "kquant")
     return Recipe("q4_k_m", q4, overrides=(
-        (HEAD, q6), (MORE_BITS + "*.v_proj", q6), (MORE_BITS + "*.down_proj", q6), ("*.qkv_proj", q5)),
-        description="GGUF Q4_K_M, llama.cpp's mix: Q4_K, with Q6_K for the output head and for v_proj and "
-                    "down_proj in the layers llama.cpp gives more bits (the first and last eighth, every third "
-                    "between), Q5_K for fused qkv_proj; rows that are not a multiple of 256 weights take "
-                    "llama.cpp's fallbacks (Q5_0, Q5_1, Q8_0). Exports exactly to a Q4_K_M file")
+        (HEAD, q6), (MORE_BITS + "*.v_proj", q6), (MORE_BITS + "*.qkv_proj", q6), (MORE_BITS + "*.down_proj", q6)),
+        description="GGUF Q4_K_M, llama.cpp's mix: Q4_K, with Q6_K for the output head and for v_proj (or a fused "
+                    "qkv_proj) and down_proj in the layers llama.cpp gives more bits (the first and last eighth, "
+                    "every third between); rows that are not a multiple of 256 weights take llama.cpp's fallbacks "
+                    "(Q5_0, Q8_0). Exports exactly to a Q4_K_M file")
 
 
 register("q4_k_m", _q4_k_m)

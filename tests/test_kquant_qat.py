@@ -86,6 +86,29 @@ def test_the_q6_k_grid_holds_signed_8_bit_integers_and_is_its_own_fixed_point():
     assert mx.array_equal(grad[0], mx.full(s.shape, 3.0 - 32.0)) and mx.array_equal(grad[1], mx.zeros(b.shape))
 
 
+@pytest.mark.parametrize("bits", [4, 6])
+def test_the_grid_is_its_own_fixed_point_when_d_is_subnormal(bits):
+    """Scales below ~1e-3 put ``d`` among float16's subnormals, too coarse for ``top / d`` to round back to the
+    top integer by itself: the grid still holds the top there, so a saved model reads back as it trained."""
+    rng = np.random.default_rng(3)
+    top = np.geomspace(1e-6, 1e-2, 4000).astype(np.float32)[:, None]
+    s = rng.uniform(0.05, 1.0, (4000, 8)).astype(np.float32) * top
+    if bits == 6:
+        s *= rng.choice([-1, 1], s.shape).astype(np.float32)
+    s = mx.array(s.reshape(2000, 16))
+    b = -s if bits == 4 else -32 * s
+    once = quant.kquant_grid(s, b, bits)
+    twice = quant.kquant_grid(*once, bits)
+    assert mx.array_equal(once[0], twice[0]) and mx.array_equal(once[1], twice[1])
+    unit = np.array(s).reshape(-1, 8)
+    idx = np.abs(unit).argmax(-1)
+    kept = np.array(once[0]).reshape(-1, 8)[np.arange(len(idx)), idx]
+    d = (unit[np.arange(len(idx)), idx] / (63 if bits == 4 else -128)).astype(np.float16).astype(np.float32)
+    live = d != 0  # all but the runs whose d underflows to 0, which become 0
+    assert live.mean() > 0.8 and (kept[~live] == 0).all()
+    assert np.array_equal(kept[live], (d * (63 if bits == 4 else -128))[live])  # the top at exactly 63 / -128 of d
+
+
 def test_paired_q6_k_is_llama_cpps_algorithm_on_groups_of_32_and_reads_back_in_pairs():
     from mlxqat.gguf import kquants
     from mlxqat.gguf.blocks import NoMLXForm, exact_blocks, mlx_arrays
@@ -94,9 +117,7 @@ def test_paired_q6_k_is_llama_cpps_algorithm_on_groups_of_32_and_reads_back_in_p
     w = (rng.standard_normal((8, 512)) * 0.02).astype(np.float32)
     paired = kquants.quantize(w, GT.Q6_K, paired=True)
     assert np.array_equal(paired.sc[:, ::2], paired.sc[:, 1::2])
-    # the sub-blocks of 32 are the ones llama.cpp's quantizer makes from the matrix whose rows are halves
-    assert np.array_equal(paired.dequantize(GT.Q6_K), kquants.KParts(
-        codes=paired.codes, sc=paired.sc, d=paired.d).dequantize(GT.Q6_K))
+    assert (paired.sc.reshape(-1, 16).min(-1) == -128).all()  # llama.cpp's rule: the largest scale is -128 of d
     blocks = kquants.pack(paired, GT.Q6_K)
     words, scales, biases = mlx_arrays(blocks, GT.Q6_K, w.shape)
     assert scales.shape == (8, 16) and mx.array_equal(biases, -32 * scales)
@@ -279,7 +300,12 @@ def test_q4_k_m_qat_exports_exactly_with_llama_cpps_types_and_llama_cpp_agrees(m
     reader = gguf.GGUFReader(str(tmp_path / "qat-q4_k_m.gguf"))
     assert int(reader.fields["general.file_type"].parts[-1][0]) == gguf.LlamaFileType.MOSTLY_Q4_K_M
     assert _types_follow_the_mix(reader, 2)
-    assert {t.tensor_type for t in reader.tensors} == {GT.F32, GT.Q4_K, GT.Q6_K}
+    # llama.cpp's Q4_K_M of an untied 2-block model with rows of 256 and 512: the output head and the last
+    # block's attn_v and ffn_down Q6_K, everything else (the token embedding too) Q4_K
+    six = {"output.weight", "blk.1.attn_v.weight", "blk.1.ffn_down.weight"}
+    assert {t.name: t.tensor_type for t in reader.tensors if len(t.shape) == 2} == {
+        t.name: GT.Q6_K if t.name in six else GT.Q4_K for t in reader.tensors if len(t.shape) == 2}
+    assert sum(len(t.shape) == 2 for t in reader.tensors) == 16
     # round-to-nearest from the full-precision model: the same type for every tensor
     full, _ = models()
     mlxqat.save(full, tokenizer, tmp_path / "full", config=config)
@@ -308,7 +334,7 @@ def test_q6_k_files_load_in_their_blocks_when_the_halves_share_a_scale(models, t
     with pytest.warns(UserWarning, match="not exact"):
         export_gguf(tmp_path / "full", tmp_path / "rtn.gguf", "q6_k", modelfile=False, verbose=False)
     _, _, cfg = load_gguf(tmp_path / "rtn.gguf", keep_quantized=True)
-    assert len(cfg["gguf_float_layers"]) == 16 and set(cfg["gguf_float_layers"].values()) == {"Q6_K"}
+    assert len(cfg["gguf_float_layers"]) == 16 and set(cfg["gguf_float_layers"].values()) == {"Q6_K with a scale per 16 weights"}
     quantize_rtn(model, "q6_k")
     mlxqat.save(model, tokenizer, tmp_path / "m", config=config)
     export_gguf(tmp_path / "m", tmp_path / "m.gguf", "q6_k", exact=True, modelfile=False, verbose=False)
@@ -319,3 +345,30 @@ def test_q6_k_files_load_in_their_blocks_when_the_halves_share_a_scale(models, t
         if quant.is_quantized(m):
             assert b[path].spec == m.spec and b[path].bits == 6
             assert all(mx.array_equal(getattr(b[path], k), getattr(m, k)) for k in ("weight", "scales", "biases"))
+
+
+def test_the_q4_k_m_rule_by_hand():
+    """llama.cpp's use_more_bits picks, written out for 30 and 18 blocks, and its fallbacks."""
+    from mlxqat.gguf import kquants
+
+    assert [i for i in range(30) if kquants.use_more_bits(i, 30)] == [0, 1, 2, 5, 8, 11, 14, 17, 20, 23, 26, 27, 28, 29]
+    assert [i for i in range(18) if kquants.use_more_bits(i, 18)] == [0, 1, 4, 7, 10, 13, 15, 16, 17]
+    t = kquants.q4_k_m_type
+    assert [t("attn_v", 3, 30, 1024), t("attn_v", 5, 30, 1024), t("attn_v", 5, 30, 576)] == [GT.Q4_K, GT.Q6_K, GT.Q8_0]
+    assert [t("attn_qkv", 0, 30, 1024), t("attn_qkv", 3, 30, 1024)] == [GT.Q6_K, GT.Q4_K]
+    assert [t("output", None, 30, 1024), t("output", None, 30, 640), t("other", 3, 30, 576)] == [
+        GT.Q6_K, GT.Q8_0, GT.Q5_0]
+    with pytest.raises(ValueError, match="needs its layer index"):
+        t("ffn_down", None, 30, 1024)
+
+
+def test_a_mix_export_refuses_layers_of_another_type(models, tokenizer, tmp_path):
+    """A model quantized with another recipe is not written as Q4_K_M under that label: its layers do not hold
+    the mix's types, so --exact refuses, naming the layer."""
+    from mlxqat.gguf.format import GGUFExportError
+
+    model, config = models()
+    quantize_rtn(model, "q4_k")
+    mlxqat.save(model, tokenizer, tmp_path / "m", config=config)
+    with pytest.raises(GGUFExportError, match=r"cannot be written exactly as q4_k_m, e\.g\. .*recipe q4_k_m"):
+        export_gguf(tmp_path / "m", tmp_path / "m.gguf", "q4_k_m", exact=True, modelfile=False, verbose=False)

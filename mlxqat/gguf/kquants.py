@@ -108,20 +108,19 @@ Q4_K_M_KINDS = ("output", "attn_v", "ffn_down", "attn_qkv", "other")
 
 def q4_k_m_type(kind: str, i_layer: Optional[int], n_layers: int, cols: int) -> GT:
     """The type llama.cpp's Q4_K_M gives a matrix of ``cols`` columns: ``kind`` ``"output"`` (the output head,
-    or the token embedding of a model that ties them) Q6_K; ``"attn_v"`` and ``"ffn_down"`` Q6_K in the layers
-    :func:`use_more_bits` picks, else Q4_K; ``"attn_qkv"`` (fused) Q5_K; everything else Q4_K; then
-    :data:`FALLBACK` for rows that are not a multiple of 256."""
+    or the token embedding of a model that ties them) Q6_K; ``"attn_v"``, ``"attn_qkv"`` (a fused projection,
+    which llama.cpp counts as a value projection) and ``"ffn_down"`` Q6_K in the layers :func:`use_more_bits`
+    picks, else Q4_K; everything else Q4_K; then :data:`FALLBACK` for rows that are not a multiple of 256.
+    (llama.cpp also gives the value projections of its 70B llamas Q5_K instead of Q4_K; not modelled here.)"""
     if kind not in Q4_K_M_KINDS:
         raise ValueError(f"kind={kind!r} is not one of {Q4_K_M_KINDS}")
     t = GT.Q4_K
     if kind == "output":
         t = GT.Q6_K
-    elif kind in ("attn_v", "ffn_down"):
+    elif kind in ("attn_v", "attn_qkv", "ffn_down"):
         if i_layer is None:
             raise ValueError(f"a {kind} matrix needs its layer index")
         t = GT.Q6_K if use_more_bits(i_layer, n_layers) else GT.Q4_K
-    elif kind == "attn_qkv":
-        t = GT.Q5_K
     return FALLBACK[t] if cols % QK_K else t
 
 

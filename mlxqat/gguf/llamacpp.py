@@ -128,24 +128,30 @@ class LlamaCpp:
         :func:`mlxqat.evaluate.completion_loss` computes in MLX, computed by llama.cpp from the file.
 
         Each counted token is scored after the tokens before it (the prompt evaluated once, then reused
-        from llama.cpp's cache). Returns ``{"loss", "tokens", "examples"}``.
+        from llama.cpp's cache). Returns ``{"loss", "tokens", "examples", "withheld"}``: ``withheld`` counts the
+        tokens left out because llama.cpp's server gives no figure for a token that ends inside a UTF-8
+        character (see :meth:`score`).
         """
-        total, count = 0.0, 0
+        total, count, withheld = 0.0, 0, 0
         windows = np.asarray(windows)
         for ids, mask in windows:
             ids = [int(i) for i in ids]
             for t in np.flatnonzero(mask):
                 if t + 1 > self.n_ctx:
                     raise ValueError(f"a completion token at position {t} is past n_ctx={self.n_ctx}; pass n_ctx > {t}")
-                step = self.complete(ids[:t], n=1, n_probs=1, force=ids[t], cache_prompt=True,
-                                     ignore_eos=False)["logprobs"][0]
+                try:
+                    step = self.complete(ids[:t], n=1, n_probs=1, force=ids[t], cache_prompt=True,
+                                         ignore_eos=False)["logprobs"][0]
+                except WithheldToken:
+                    withheld += 1
+                    continue
                 total -= step[1]
                 count += 1
         if count == 0:
             raise ValueError("completion_loss() got no counted tokens (empty data, or every target masked)")
         if not math.isfinite(total):
             raise FloatingPointError("llama.cpp gave a non-finite log-probability")
-        return {"loss": total / count, "tokens": count, "examples": len(windows)}
+        return {"loss": total / count, "tokens": count, "examples": len(windows), "withheld": withheld}
 
     def perplexity(self, windows) -> float:
         """``exp`` of the mean negative log-probability of :meth:`score` (over the tokens it scores)."""

@@ -283,7 +283,7 @@ def _keep_blocks(model: nn.Module, config: dict, tensors: dict, plan: Dict[str, 
             blocks = _hf_rows(np.array(t.data).reshape(shape[0], -1), gguf_name, config)  # whole rows of blocks
             kept[prefix] = (qtype, *mlx_arrays(blocks, qtype, shape))
         except NoMLXForm:
-            floats[prefix] = qtype.name
+            floats[prefix] = f"{qtype.name} with a scale per 16 weights"
         except ValueError as e:
             raise ValueError(f"{path}: tensor {gguf_name} ({qtype.name} {list(shape)}) cannot be read ({e}); "
                              "the file is damaged or truncated") from e

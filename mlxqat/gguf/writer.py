@@ -275,7 +275,7 @@ def plan_tensors(model: nn.Module, qtype: GT, model_type: str, mix: Optional[str
             cols = value.shape[-1] * 32 // modules[prefix].bits if prefix in quantized else value.shape[-1]
             want = mix_type(mix, base, cols, n_layers, prefix == head)
         if prefix in quantized and leaf == "weight":
-            plan.append(_quantized_tensor(name, path, modules[prefix], want, heads))
+            plan.append(_quantized_tensor(name, path, modules[prefix], want, heads, only=mix is not None))
         elif value.ndim == 2:
             keep = any_quantized and qtype not in _FLOAT_TYPES
             target = _dtype_type(value.dtype) if keep else want
@@ -292,7 +292,8 @@ def _arch_enum(gguf_arch: str) -> str:
     return next(k.name for k, v in gguf.MODEL_ARCH_NAMES.items() if v == gguf_arch)
 
 
-def _quantized_tensor(name, path, m, qtype, heads) -> GGUFTensor:
+def _quantized_tensor(name, path, m, qtype, heads, only: bool = False) -> GGUFTensor:
+    """``only``: the layer is exact in ``qtype`` or re-quantized to it (a mix's tensor: no other type stands in)."""
     mode = getattr(m, "mode", "affine")
     words = np.array(m.weight)
     n = words.shape[0]
@@ -300,7 +301,7 @@ def _quantized_tensor(name, path, m, qtype, heads) -> GGUFTensor:
     note = ""
     if mode == "affine" and qtype not in _FLOAT_TYPES:
         scales, biases = _np32(m.scales), _np32(m.biases)
-        candidates = [qtype] + [t for t in EXACT_TYPES if t != qtype]
+        candidates = [qtype] + ([] if only else [t for t in EXACT_TYPES if t != qtype])
         reasons = []
         for t in candidates:
             blocks, why = exact_blocks(words, scales, biases, m.bits, m.group_size, t)

@@ -153,9 +153,10 @@ def load_quantized(path, recipe: Optional[str], method: str, gguf_out: bool = Fa
             types = sorted(set(floats.values()))
             raise ValueError(
                 f"{path}: {len(floats)} matrices are {', '.join(types)} (e.g. {first}: {floats[first]}), which "
-                f"fine-tuning cannot keep in their own type (kept: {', '.join(t.name for t in EXACT_TYPES)}); pass "
-                f"--recipe {exact_recipes()} to re-quantize the whole model by round-to-nearest from its "
-                "dequantized weights (the output is then that type)")
+                f"fine-tuning cannot keep in their own type (kept: {', '.join(t.name for t in EXACT_TYPES)}, Q6_K "
+                f"only where 16-weight halves share a scale); pass --recipe {exact_recipes()} (or q4_k_m) to "
+                "re-quantize the whole model by round-to-nearest from its dequantized weights (the output is then "
+                "that type)")
     else:
         model, tokenizer, config = load(path, return_config=True)
     quantized = layer_specs(model)
@@ -183,9 +184,10 @@ def load_quantized(path, recipe: Optional[str], method: str, gguf_out: bool = Fa
                                                                  (m.scales, m.biases)))]
     if off_grid:
         raise ValueError(f"{len(off_grid)} K-quant layers (e.g. {off_grid[0]}) have sub-block scales whose largest is "
-                         "not 63 steps of their super-block scale (an importance-matrix quantization); training "
-                         "on the K grid would change them before the first step. Fine-tune a file quantized "
-                         "without an importance matrix, or pass --recipe q4_k to re-quantize from its weights")
+                         "not 63 steps (Q6_K: -128) of their super-block scale (an importance-matrix quantization); "
+                         "training on the K grid would change them before the first step. Fine-tune a file "
+                         "quantized without an importance matrix, or pass --recipe q4_k (q5_k, q6_k, q4_k_m) to "
+                         "re-quantize from its weights")
     tied = _tied_offset_linears(model)
     if tied and method == "lora":
         path, mode = tied[0]
