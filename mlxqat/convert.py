@@ -499,11 +499,15 @@ def quantize_rtn(model: nn.Module, recipe="int4", windows=None, *,
     if fake_quant:
         return model
     half = {p for p, m in model.named_modules()  # a zero-point layer's offsets (-k x scale) stay float32 products
-            if isinstance(m, FakeQuantLinear) and m.spec.scale_dtype == "float16" and m.spec.mode != "zeropoint"}
+            if isinstance(m, FakeQuantLinear) and m.spec.mode != "zeropoint"
+            and (m.spec.scale_dtype == "float16" or m.spec.mode == "symmetric")}  # symmetric: float16 by its rule
+    # K-quant and zero-point scales and offsets are float32 products (d * sc, -k * scale), embeddings' too
+    products = {p for p, m in model.named_modules() if is_fake_quant(m) and m.spec.mode in ("kquant", "zeropoint")}
     convert(model)
-    linear = [(m, mx.float16 if p in half else m.scales.dtype, m.scales, m.biases)
-              for p, m in model.named_modules() if isinstance(m, nn.QuantizedLinear)]
+    kept = [(m, mx.float16 if p in half else m.scales.dtype, m.scales, m.biases)
+            for p, m in model.named_modules()
+            if isinstance(m, nn.QuantizedLinear) or (p in products and quant.is_quantized(m))]
     model.set_dtype(loaded)
-    for m, dtype, scales, biases in linear:  # quantized_matmul computes in the activation dtype
+    for m, dtype, scales, biases in kept:  # quantized_matmul computes in the activation dtype
         m.scales, m.biases = scales.astype(dtype), biases.astype(dtype)
     return model

@@ -48,6 +48,7 @@ from .gguf import ollama
 from .gguf import writer as ge
 from .gguf.blocks import EXACT_TYPES, exact_recipes
 from .hf import write_hf
+from .recipes import names as recipe_names
 from .gguf.format import is_gguf_file
 from .gguf.reader import load_gguf
 from .gguf.tokenizer import adds_bos_eos, end_of_turn, read_tokenizer
@@ -66,7 +67,7 @@ class ExportWarning(UserWarning):
 
 def _open_source(src_dir: PathLike, out_dir: PathLike, keep_blocks: bool = False):
     """``(src, model, tokenizer, config)`` of an export's source, once ``out_dir`` is known to be writable;
-    ``keep_blocks``: a GGUF file's Q4_0 / Q4_1 / Q5_0 / Q5_1 / Q8_0 / Q4_K / Q5_K matrices stay quantized layers with their own blocks."""
+    ``keep_blocks``: a GGUF file's Q4_0 / Q4_1 / Q5_0 / Q5_1 / Q8_0 / Q4_K / Q5_K / Q6_K matrices stay quantized layers with their own blocks."""
     src = Path(src_dir)
     config = None if is_gguf_file(src) else check_config(src)  # a GGUF file: config from its metadata
     check_destination(out_dir, sources=[src])  # fail fast, before loading
@@ -93,8 +94,21 @@ def _say(verbose: bool, msg: str) -> None:
         print(msg, file=sys.stderr)
 
 
-def _type_from_name(path: Path) -> Optional[str]:
-    """The GGUF type a file name asks for (``model-q4_0.gguf`` -> ``q4_0``), if exactly one."""
+# GGUF type names as llama.cpp's files carry them (model-Q4_K_S.gguf), whether mlxqat writes the type or not
+_TYPE_NAME = re.compile(r"(?<![a-z0-9])(iq[1-4]_(?:xxs|xs|nl|s|m)|q[2-8]_k(?:_[sml])?|q[2-8]_[01]|tq[12]_0)(?![a-z0-9])")
+
+
+def type_from_name(path: Path) -> Optional[str]:
+    """The GGUF type a file name asks for (``model-q4_0.gguf`` -> ``q4_0``), if exactly one.
+
+    Raises:
+        ValueError: the name asks for a type mlxqat does not write (``model-Q4_K_S.gguf``).
+    """
+    named = set(_TYPE_NAME.findall(path.stem.lower()))
+    foreign = sorted(named - set(ge.QTYPES) - set(ge.MIXES))
+    if foreign:
+        raise ValueError(f"{path.name} names GGUF type {foreign[0]}, which mlxqat does not write; pass --type (one of "
+                         f"{', '.join(sorted(ge.QTYPES) + sorted(ge.MIXES))}) or name the file for the type it holds")
     parts = set(re.split(r"[^a-z0-9_]+", path.stem.lower()))
     found = [t for t in list(ge.QTYPES) + list(ge.MIXES) if t in parts or any(p.endswith("_" + t) for p in parts)]
     return found[0] if len(found) == 1 else None
@@ -129,8 +143,14 @@ def _auto_qtype(plan_model: nn.Module) -> str:
                if quant.is_quantized(m)}
     if len(recipes) == 1 and next(iter(recipes)) in ge.MIXES:
         return next(iter(recipes))
+    types = exact_types(plan_model)
+    if not (len(recipes) == 1 and next(iter(recipes)) in recipe_names()):  # not one built-in recipe: a mix, maybe
+        for mix, (main, _) in ge.MIXES.items():
+            plan = ge.plan_tensors(plan_model, main, plan_model.args.model_type, mix=mix)
+            if all(t.exact for t in plan):
+                return mix
     counts: Dict[str, int] = {}
-    for name in exact_types(plan_model).values():
+    for name in types.values():
         if name is not None:
             counts[name] = counts.get(name, 0) + 1
     if not counts:
@@ -195,7 +215,7 @@ def export_gguf(
     read_tokenizer(src)  # fail fast on a missing or unsupported tokenizer
     model, tokenizer = load(src)
     if qtype == "auto":
-        qtype, why = _type_from_name(out), "named in the file name"
+        qtype, why = type_from_name(out), "named in the file name"
         if qtype is None:
             qtype, why = _auto_qtype(model), "holds the quantized weights exactly"
         _say(verbose, f"GGUF type {qtype} ({why})")
@@ -413,7 +433,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                         help="gguf, mlx (mlx-lm directory), fp16, or hf (transformers / vLLM, compressed-tensors)")
     parser.add_argument("--out", required=True, help="destination .gguf file or directory")
     parser.add_argument(
-        "--type", dest="qtype", default="auto", choices=["auto", *ge.QTYPES, *ge.MIXES],
+        "--type", dest="qtype", default="auto", choices=["auto", *ge.QTYPES, *ge.MIXES], type=str.lower,
         help="GGUF tensor type, or q4_k_m (llama.cpp's mix, each tensor its own type); auto: the type named in "
         "--out (model-q4_0.gguf), else the mix of the model's recipe (q4_k_m), else the type that holds the "
         "quantized weights exactly",

@@ -372,3 +372,41 @@ def test_a_mix_export_refuses_layers_of_another_type(models, tokenizer, tmp_path
     mlxqat.save(model, tokenizer, tmp_path / "m", config=config)
     with pytest.raises(GGUFExportError, match=r"cannot be written exactly as q4_k_m, e\.g\. .*recipe q4_k_m"):
         export_gguf(tmp_path / "m", tmp_path / "m.gguf", "q4_k_m", exact=True, modelfile=False, verbose=False)
+
+
+def test_k_quant_recipes_from_a_16_bit_model_keep_their_scales_and_a_q4_k_m_file_stays_q4_k_m(models, tokenizer,
+                                                                                              tmp_path):
+    """A float16 model quantized with q4_k_m keeps float32 K-quant scales (the embedding's too) and float16
+    Q5_0 / Q8_0 ones, so the GGUF is exact; fine-tuning that file writes a Q4_K_M file again; a file name asking
+    for a type mlxqat does not write is refused before anything trains."""
+    from test_finetune import FAST, LEARNING_RATES, _data_dir
+
+    wide, config = models()  # rows of 256 and 512: K-quants everywhere, the embedding too
+    wide.set_dtype(mx.float16)
+    quantize_rtn(wide, "q4_k_m")
+    assert wide.model.embed_tokens.scales.dtype == mx.float32 and wide.model.embed_tokens.bits == 4
+    mlxqat.save(wide, tokenizer, tmp_path / "w", config=config)
+    assert export_gguf(tmp_path / "w", tmp_path / "w.gguf", exact=True, modelfile=False, verbose=False)["exact"]
+    model, config = models(wide=False)  # rows of 64: llama.cpp's fallbacks (Q5_0, Q8_0) everywhere
+    model.set_dtype(mx.float16)
+    quantize_rtn(model, "q4_k_m")
+    mlxqat.save(model, tokenizer, tmp_path / "m", config=config)
+    result = export_gguf(tmp_path / "m", tmp_path / "m.gguf", exact=True, modelfile=False, verbose=False)
+    assert result["qtype"] == "q4_k_m" and result["exact"]
+    data = _data_dir(tmp_path)
+    # from the 16-bit model, the fallbacks' scales train as float16 values: the .gguf out is exact
+    tuned = mlxqat.finetune(str(tmp_path / "m"), str(data), str(tmp_path / "from-dir.gguf"), method="scales",
+                            learning_rate=LEARNING_RATES["scales"], **FAST)
+    assert tuned["gain_kept"] == 1.0 and tuned["after"]["test"] < tuned["before"]["test"]
+    with pytest.raises(ValueError, match="names GGUF type q4_k_s, which mlxqat does not write"):
+        mlxqat.finetune(str(tmp_path / "m.gguf"), str(data), str(tmp_path / "t-Q4_K_S.gguf"), method="scales",
+                        **FAST)
+    assert not (tmp_path / "t-Q4_K_S.gguf.train").exists()
+    out = tmp_path / "tuned.gguf"
+    tuned = mlxqat.finetune(str(tmp_path / "m.gguf"), str(data), str(out), method="full",
+                            learning_rate=LEARNING_RATES["full"], **FAST)
+    assert tuned["gain_kept"] == 1.0
+    reader = gguf.GGUFReader(str(out))
+    assert int(reader.fields["general.file_type"].parts[-1][0]) == gguf.LlamaFileType.MOSTLY_Q4_K_M
+    a, b = read_gguf_tensors(tmp_path / "m.gguf"), read_gguf_tensors(out)
+    assert {k: v[0] for k, v in a.items()} == {k: v[0] for k, v in b.items()}

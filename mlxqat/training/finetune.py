@@ -7,7 +7,7 @@
     python -m mlxqat.finetune --model model.Q4_1.gguf --data data/ --out tuned.Q4_1.gguf    # GGUF blocks in and out
 
 The model enters with its own codes, scales and biases (:func:`mlxqat.convert.prepare_quantized`:
-nothing is re-quantized; a GGUF file's Q4_0 / Q4_1 / Q5_0 / Q5_1 / Q8_0 / Q4_K / Q5_K blocks too, :func:`mlxqat.gguf.reader.load_gguf`),
+nothing is re-quantized; a GGUF file's Q4_0 / Q4_1 / Q5_0 / Q5_1 / Q8_0 / Q4_K / Q5_K / Q6_K blocks too, :func:`mlxqat.gguf.reader.load_gguf`),
 trains on the completions of ``data`` (:mod:`mlxqat.finetune_data`, mlx-lm's layout) with
 :func:`mlxqat.training.loop.train` and a masked cross-entropy, and is saved by :func:`mlxqat.save` with the input's bits, group sizes, mode and stored dtypes. The methods:
 
@@ -41,7 +41,7 @@ from .. import quant
 from .. import recipes as recipes_mod
 from .._cli import ArgumentParser, command
 from ..convert import convert, layer_specs, prepare_quantized, quantize_rtn
-from ..export import exact_types, export_gguf
+from ..export import exact_types, export_gguf, type_from_name
 from ..data import build_dataset, check_seq_len, config_context, spread
 from ..evaluate import completion_loss, evaluate, masked_cross_entropy, trim_masked
 from ..finetune_data import load_finetune_data
@@ -139,7 +139,7 @@ def _tied_offset_linears(model: nn.Module) -> list:
 
 def load_quantized(path, recipe: Optional[str], method: str, gguf_out: bool = False):
     """``(model, tokenizer, config, stored)``: the quantized model at ``path`` (a full-precision one quantized by
-    round-to-nearest with ``recipe`` first; a GGUF file's Q4_0 / Q4_1 / Q5_0 / Q5_1 / Q8_0 / Q4_K / Q5_K matrices with their own blocks) as
+    round-to-nearest with ``recipe`` first; a GGUF file's Q4_0 / Q4_1 / Q5_0 / Q5_1 / Q8_0 / Q4_K / Q5_K / Q6_K matrices with their own blocks) as
     fake-quant layers for ``method``, computing in float32; ``stored`` maps each parameter to the dtype the
     input stores it in. ``gguf_out``: refuse a model that no GGUF type holds exactly, layer by layer, before
     anything trains (the output will be written as GGUF blocks)."""
@@ -192,7 +192,8 @@ def load_quantized(path, recipe: Optional[str], method: str, gguf_out: bool = Fa
     if tied and method == "lora":
         path, mode = tied[0]
         why = {"symmetric": "symmetric (Q4_0-style: each offset is -2^(bits-1) x its scale)",
-               "kquant": "K-quants (Q4_K-style: each offset is a 6-bit integer times a float16 per 256 weights)",
+               "kquant": "K-quants (Q4_K / Q5_K: each offset a 6-bit integer times a float16 per 256 weights; "
+                         "Q6_K: no offset)",
                }.get(mode, f"in mode {mode!r} (each offset a whole number of steps)")
         raise ValueError(f"--method lora needs a free offset per group, and {len(tied)} layers (e.g. {path}) are "
                          f"{why}; use --method scales or --method full")
@@ -267,7 +268,7 @@ def finetune(model, data, out, *, method: str = "lora", recipe: Optional[str] = 
 
     Args:
         model: a quantized mlx-lm directory (``mlx_lm.convert -q``, mlxqat's output; affine, 2-8 bits, any
-            group size), a GGUF file of Q4_0 / Q4_1 / Q5_0 / Q5_1 / Q8_0 / Q4_K / Q5_K matrices (kept in their blocks), or a full-precision
+            group size), a GGUF file of Q4_0 / Q4_1 / Q5_0 / Q5_1 / Q8_0 / Q4_K / Q5_K / Q6_K matrices (kept in their blocks), or a full-precision
             model (or any GGUF file) with ``recipe``.
         data: a directory with ``train.jsonl``, ``valid.jsonl`` and optionally ``test.jsonl``
             (:mod:`mlxqat.finetune_data`), or plain text (a file or folder: documents split by name, windows
@@ -318,6 +319,8 @@ def finetune(model, data, out, *, method: str = "lora", recipe: Optional[str] = 
     sources = [model, data]
     gguf_out = Path(out).suffix.lower() == ".gguf"
     check_destination(out, sources=sources, kind="file" if gguf_out else "dir")
+    if gguf_out:
+        type_from_name(Path(out))  # a name asking for a type mlxqat does not write is refused before training
     work = check_work_dir(str(Path(out)) + ".train", sources=sources)
     with removed_on_failure(work):
         student, tokenizer, config, stored = load_quantized(model, recipe, method, gguf_out=gguf_out)
@@ -399,14 +402,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--model", required=True,
                    help="Quantized mlx-lm directory (mlx_lm.convert -q, or mlxqat's output), a GGUF file of Q4_0, "
-                        "Q4_1 and Q8_0 tensors (kept in their own blocks), or a full-precision model / any GGUF file "
-                        "with --recipe.")
+                        "Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K tensors (and Q6_K as mlxqat writes it; kept in their own "
+                        "blocks), or a full-precision model / any GGUF file with --recipe.")
     p.add_argument("--data", required=True,
                    help="Directory with train.jsonl, valid.jsonl and optionally test.jsonl (mlx-lm's layout), or plain "
                         f"text: a .txt/.md/.py file or a folder of them (windows of --seq-len tokens, default {TEXT_WINDOW}).")
     p.add_argument("--out", required=True,
-                   help="Output mlx-lm directory (same bits, group size and mode), or a .gguf file (same block types: "
-                        "Q4_0, Q4_1, Q5_0, Q5_1, Q8_0) with an Ollama Modelfile beside it.")
+                   help="Output mlx-lm directory (same bits, group size and mode), or a .gguf file (same block types, "
+                        "a Q4_K_M file as Q4_K_M) with an Ollama Modelfile beside it.")
     p.add_argument("--method", default="lora", choices=METHODS,
                    help="lora: group-wise adapters merged into the offsets (integers and scales unchanged); "
                         "scales: scales and offsets (integers unchanged); full: every weight through the quantizer "
