@@ -7,7 +7,6 @@ in place with ``model.update_modules``.
 from __future__ import annotations
 
 import dataclasses
-import re
 import warnings
 from collections import Counter
 from typing import Iterable, Optional
@@ -20,7 +19,7 @@ from . import quant
 from .kernels import KernelQuantizedLinear, is_supported
 from .layers import HELD_DTYPES, ActQuantizedLinear, FakeQuantEmbedding, FakeQuantLinear, carry_spec, is_fake_quant
 from .lora import QALoRALinear, merge_lora
-from .recipes import LayerSpec, Recipe, kquant_fallback
+from .recipes import LayerSpec, Recipe, block_index, kquant_fallback
 from .recipes import get as get_recipe
 
 
@@ -63,7 +62,7 @@ def head_path(model: nn.Module) -> Optional[str]:
 
 def block_count(model: nn.Module) -> Optional[int]:
     """The number of transformer blocks (distinct ``layers.N`` in the module paths), or None when there are none."""
-    found = {int(m.group(1)) for p, _ in model.named_modules() if (m := re.search(r"(?:^|\.)layers\.(\d+)(?:\.|$)", p))}
+    found = {i for i in (block_index(p) for p, _ in model.named_modules()) if i is not None}
     return max(found) + 1 if found else None
 
 

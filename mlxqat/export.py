@@ -143,14 +143,13 @@ def _auto_qtype(plan_model: nn.Module) -> str:
                if quant.is_quantized(m)}
     if len(recipes) == 1 and next(iter(recipes)) in ge.MIXES:
         return next(iter(recipes))
-    types = exact_types(plan_model)
     if not (len(recipes) == 1 and next(iter(recipes)) in recipe_names()):  # not one built-in recipe: a mix, maybe
         for mix, (main, _) in ge.MIXES.items():
             plan = ge.plan_tensors(plan_model, main, plan_model.args.model_type, mix=mix)
             if all(t.exact for t in plan):
                 return mix
     counts: Dict[str, int] = {}
-    for name in types.values():
+    for name in exact_types(plan_model).values():
         if name is not None:
             counts[name] = counts.get(name, 0) + 1
     if not counts:

@@ -120,7 +120,13 @@ HEAD = "@head"  # the pattern of the layer that computes the logits: lm_head, or
 # a prefix: "@more_bits:*.down_proj" matches the layers of that glob whose block index llama.cpp's mixes give more
 # bits (mlxqat.gguf.kquants.use_more_bits: the first and last eighth of the blocks, every third between)
 MORE_BITS = "@more_bits:"
-_BLOCK_INDEX = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+_BLOCK_INDEX = re.compile(r"(?:^|\.)layers\.(\d+)(?:\.|$)")
+
+
+def block_index(path: str) -> Optional[int]:
+    """The transformer block a module path is in (``model.layers.3.mlp`` -> 3), or None."""
+    found = _BLOCK_INDEX.search(path)
+    return int(found.group(1)) if found else None
 
 
 def _matches(pattern: str, path: str, head: bool = False, n_layers: Optional[int] = None) -> bool:
@@ -129,12 +135,12 @@ def _matches(pattern: str, path: str, head: bool = False, n_layers: Optional[int
     if pattern.startswith(MORE_BITS):
         if not fnmatch.fnmatchcase(path, pattern[len(MORE_BITS):]):
             return False
-        block = _BLOCK_INDEX.search(path)
+        block = block_index(path)
         if block is None or n_layers is None:
             raise ValueError(f"pattern {pattern!r} picks layers by their block index among the model's blocks; "
                              f"{path!r} has " + ("no 'layers.N.' index" if block is None else
                                                  "no block count given (pass n_layers)"))
-        return use_more_bits(int(block.group(1)), n_layers)
+        return use_more_bits(block, n_layers)
     if pattern.startswith("re:"):
         return re.fullmatch(pattern[3:], path) is not None
     return fnmatch.fnmatchcase(path, pattern)

@@ -80,6 +80,16 @@ class LlamaCpp:
             "prompt_tokens": r["usage"]["prompt_tokens"],
         }
 
+    def _forced(self, ids, t: int):
+        """``(id, logprob, [(top id, logprob)])`` of token ``ids[t]`` after ``ids[:t]`` (the prefix from llama.cpp's
+        prompt cache; end-of-text keeps its probability), or None where the server withholds it (a token that
+        ends inside a UTF-8 character)."""
+        try:
+            return self.complete(ids[:t], n=1, n_probs=1, force=ids[t], cache_prompt=True,
+                                 ignore_eos=False)["logprobs"][0]
+        except WithheldToken:
+            return None
+
     def top5(self, ids, force):
         """llama.cpp's 5 most likely next tokens after ``ids`` as ``[(id, logprob)]``."""
         return self.complete(ids, n=1, n_probs=5, force=force)["logprobs"][0][2]
@@ -105,14 +115,10 @@ class LlamaCpp:
                 raise ValueError(f"a window of {len(ids)} tokens is longer than n_ctx={self.n_ctx}; pass n_ctx >= {len(ids)}")
             lp, top, ok = [], [], []
             for t in range(1, len(ids)):
-                try:
-                    step = self.complete(ids[:t], n=1, n_probs=1, force=ids[t], cache_prompt=True,
-                                         ignore_eos=False)["logprobs"][0]  # end-of-text keeps its probability
-                except WithheldToken:
-                    step = (ids[t], math.nan, [(-1, math.nan)])
-                lp.append(step[1])
-                top.append(step[2][0][0])
-                ok.append(step[2][0][0] != -1)
+                step = self._forced(ids, t)
+                lp.append(math.nan if step is None else step[1])
+                top.append(-1 if step is None else step[2][0][0])
+                ok.append(step is not None)
             logprobs.append(lp)
             top1.append(top)
             scored.append(ok)
@@ -139,10 +145,8 @@ class LlamaCpp:
             for t in np.flatnonzero(mask):
                 if t + 1 > self.n_ctx:
                     raise ValueError(f"a completion token at position {t} is past n_ctx={self.n_ctx}; pass n_ctx > {t}")
-                try:
-                    step = self.complete(ids[:t], n=1, n_probs=1, force=ids[t], cache_prompt=True,
-                                         ignore_eos=False)["logprobs"][0]
-                except WithheldToken:
+                step = self._forced(ids, t)
+                if step is None:
                     withheld += 1
                     continue
                 total -= step[1]

@@ -86,8 +86,6 @@ def mix_type(mix: str, gguf_name: str, cols: int, n_layers: int, head: bool) -> 
 
 
 _HEAD_AT_Q8 = (GT.Q4_0, GT.Q4_1, GT.Q5_0, GT.Q5_1)  # block types whose files keep the output head at Q8_0
-# llama.cpp's type for rows not a multiple of 256 (quant.KQUANT_FALLBACK)
-KQUANT_FALLBACK_TYPES = {kquants.qtype_of(bits): QTYPES[name] for bits, name in quant.KQUANT_FALLBACK.items()}
 
 
 @dataclass(frozen=True)
@@ -330,7 +328,7 @@ def _requantized(name, path, w32, qtype, heads, note) -> GGUFTensor:
         return GGUFTensor(name, path, GT.F16, h, w32.shape, False, note + f"; {w32.shape[-1]} columns: kept as F16", heads)
     if qtype in KQUANT_TYPES:
         if w32.shape[-1] % kquants.QK_K:  # llama.cpp's fallback for rows K-quant blocks cannot hold
-            qtype = KQUANT_FALLBACK_TYPES[qtype]
+            qtype = kquants.FALLBACK[qtype]
             note += f"; {w32.shape[-1]} columns: {qtype.name}, as llama.cpp writes such rows"
         else:
             return GGUFTensor(name, path, qtype, kquants.pack(kquants.quantize(w32, qtype), qtype), w32.shape, False,
