@@ -3,6 +3,7 @@
     mlxqat train --recipe int4 --out qat-int4/
     mlxqat finetune --model int4-model/ --data data/ --out tuned/
     mlxqat export qat-int4/ --format gguf --out model.gguf
+    mlxqat imatrix --model base/ --out imatrix.gguf
     mlxqat verify qat-int4/
     mlxqat generate --model qat-int4/ --prompt "def fibonacci(n):"
     mlxqat profile --model qat-int4/ --baseline-model base/
@@ -35,6 +36,7 @@ COMMANDS = {
     "finetune": ("mlxqat.training.finetune:main",
                  "fine-tune a quantized model on your own data, saved in the same quantized format"),
     "export": ("mlxqat.export:main", "export to GGUF, an mlx-lm directory, or unquantized weights"),
+    "imatrix": ("mlxqat.gguf.imatrix:main", "an importance matrix for importance-weighted GGUF quantization"),
     "verify": ("mlxqat.cli:verify_main", "check a model directory against its sha256 manifest"),
     "generate": ("mlxqat.generate:main", "generate text; print tokens/s and peak memory"),
     "profile": ("mlxqat.profile:main", "prefill/decode speed, latency and memory: full precision vs int4 kernels"),

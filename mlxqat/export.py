@@ -1,6 +1,7 @@
 """Export a converted model: GGUF (llama.cpp, Ollama, LM Studio), mlx-lm directory, unquantized weights.
 
     python -m mlxqat.export qat-int4/ --format gguf --out model-q4_0.gguf [--type q4_0|q4_1|q5_0|q5_1|q8_0|f16] [--exact]
+    python -m mlxqat.export full-precision/ --format gguf --type q4_k_m --imatrix imatrix.gguf --out model.gguf
     ollama create my-model -f model-q4_0.Modelfile      # the Modelfile written beside the GGUF
     python -m mlxqat.export qat-int4/ --format mlx  --out mlx-dir/
     python -m mlxqat.export qat-int4/ --format fp16 --out unquantized/
@@ -44,6 +45,7 @@ from ._cli import ArgumentParser, command
 from .convert import dequantize, recipe_of
 from .evaluate import kl_probe_inputs, mean_kl
 from .footprint import memory_report
+from .gguf import imatrix as imatrix_file
 from .gguf import ollama
 from .gguf import writer as ge
 from .gguf.blocks import EXACT_TYPES, exact_recipes
@@ -168,6 +170,7 @@ def export_gguf(
     *,
     name: Optional[str] = None,
     modelfile: bool = True,
+    imatrix: Optional[PathLike] = None,
     verbose: bool = True,
 ) -> dict:
     """Write a GGUF file (llama.cpp, Ollama, LM Studio) from a model directory.
@@ -185,6 +188,9 @@ def export_gguf(
             Ollama model name the printed ``ollama create`` line suggests.
         modelfile: also write an Ollama ``Modelfile`` beside the file
             (:func:`mlxqat.gguf.ollama.modelfile_path`), replacing only one mlxqat wrote.
+        imatrix: an importance matrix file (``python -m mlxqat imatrix``, or llama.cpp's ``llama-imatrix``):
+            the tensors that are quantized or re-quantized use llama.cpp's importance-weighted algorithms
+            (repacked exact tensors are unchanged).
         verbose: print the plan summary, warnings, the memory report and the ``ollama create``
             line to stderr.
 
@@ -212,6 +218,7 @@ def export_gguf(
     modelfile_out = _check_modelfile(out, src) if modelfile else None
     ge.arch_spec(config["model_type"])  # fail fast, before loading weights
     read_tokenizer(src)  # fail fast on a missing or unsupported tokenizer
+    im = imatrix_file.load(imatrix) if imatrix is not None else None
     model, tokenizer = load(src)
     if qtype == "auto":
         qtype, why = type_from_name(out), "named in the file name"
@@ -222,7 +229,19 @@ def export_gguf(
         raise ValueError(f"qtype={qtype!r} is not one of {sorted(ge.QTYPES) + sorted(ge.MIXES)} or 'auto'")
     mix = qtype if qtype in ge.MIXES else None
     gt = ge.MIXES[qtype][0] if mix else ge.QTYPES[qtype]
-    plan = ge.plan_tensors(model, gt, model.args.model_type, mix=mix)
+    importance = None
+    if im is not None:
+        importance = {n: im.importance(n) for n in im.sums}
+        names = {ge.gguf_base_name(model, p) for p, _ in model.named_modules()}
+        if not any(n.rsplit(".", 1)[0] in names for n in importance):
+            raise ValueError(f"the importance matrix {imatrix} names none of this model's tensors "
+                             f"(e.g. {next(iter(importance), 'nothing')}); compute one for this model with "
+                             f"python -m mlxqat imatrix --model {src} --out imatrix.gguf")
+    plan = ge.plan_tensors(model, gt, model.args.model_type, mix=mix, importance=importance)
+    if im is not None:
+        used = sum("importance-weighted" in t.note for t in plan)
+        _say(verbose, f"importance matrix {imatrix}: used for {used} quantized tensor(s)"
+                      + ("" if used else " (every tensor was repacked exactly: nothing to weight)"))
     inexact = [t for t in plan if not t.exact]
     act = [p for p, m in model.named_modules() if hasattr(m, "act_bits") and isinstance(m, nn.QuantizedLinear)]
     problems = [f"{t.source}: {t.note}" for t in inexact] + [
@@ -438,6 +457,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         "quantized weights exactly",
     )
     parser.add_argument("--exact", action="store_true", help="GGUF: refuse instead of re-quantizing")
+    parser.add_argument("--imatrix", default=None, metavar="FILE",
+                        help="GGUF: an importance matrix (python -m mlxqat imatrix, or llama.cpp's llama-imatrix): "
+                             "tensors that are quantized or re-quantized use llama.cpp's importance-weighted rounding")
     parser.add_argument("--name", default=None,
                         help="GGUF: general.name in the file and the Ollama model name (default: the source's name)")
     parser.add_argument("--no-modelfile", dest="modelfile", action="store_false",
@@ -458,7 +480,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         if args.format == "gguf":
             result = export_gguf(args.src_dir, args.out, args.qtype, args.exact, name=args.name,
-                                 modelfile=args.modelfile)
+                                 modelfile=args.modelfile, imatrix=args.imatrix)
             result.pop("tensors")
         elif args.format == "mlx":
             result = {"files": len(export_mlx(args.src_dir, args.out)["files"])}

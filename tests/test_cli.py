@@ -55,6 +55,8 @@ def test_running_every_command_keeps_mlxqat_train_and_verify_the_functions(model
         ["finetune", "--model", q4, "--data", str(data), "--out", str(tmp_path / "tuned"), "--steps", "1",
          "--batch-size", "1", "--no-progress"],
         ["export", q4, "--format", "mlx", "--out", str(tmp_path / "mlx")],
+        ["imatrix", "--model", fp, "--out", str(tmp_path / "imatrix.gguf"), "--windows", "1", "--seq-len", "16",
+         "--no-progress"],
         ["verify", str(tmp_path / "qat")],
         ["generate", "--model", q4, "--prompt", "x", "--max-tokens", "2", "--quiet"],
         ["profile", "--model", q4, "--prompt-lengths", "4", "--gen-lengths", "2", "--repeats", "1",

@@ -31,13 +31,14 @@ from __future__ import annotations
 
 from typing import Dict, Optional, Tuple
 
+import gguf
 import mlx.core as mx
 import numpy as np
 from gguf import GGMLQuantizationType as GT
 
 from .. import quant
 from . import kquants
-from .kquants import factor
+from .kquants import seqsum, symmetric_search, factor, weighted_affine_search
 
 #: The block types an MLX layer holds exactly: ``{type: (bits, the recipe whose layers they are)}``; the
 #: symmetric types (offset tied to the scale) come first, so a layer that both kinds hold is written as the
@@ -89,25 +90,32 @@ def exact_blocks(
         return None, "scales are not float16 values (use a recipe with scale_dtype='float16')"
     n, n_groups = scales.shape
     codes = quant.unpack_numpy(words, bits).reshape(n, n_groups, GROUP)
-    d = _f16_bytes(scales)
     if qtype in SYMMETRIC:
         half = SYMMETRIC[qtype]
         if not np.array_equal(biases, -float(half) * scales):
             return None, (f"biases are not -{half}*scales ({qtype.name} is symmetric; use recipe "
                           f"{EXACT_TYPES[qtype][1]})")
-        header = [d]
-    else:
-        if not quant.holds_exactly(mx.float16, biases):
-            return None, f"biases are not float16 values (use recipe {EXACT_TYPES[qtype][1]})"
-        header = [d, _f16_bytes(biases)]
+        return legacy_blocks(codes, scales, None, qtype), ""
+    if not quant.holds_exactly(mx.float16, biases):
+        return None, f"biases are not float16 values (use recipe {EXACT_TYPES[qtype][1]})"
+    return legacy_blocks(codes, scales, biases, qtype), ""
+
+
+def legacy_blocks(codes: np.ndarray, d: np.ndarray, m: Optional[np.ndarray], qtype: GT) -> np.ndarray:
+    """Q4_0 / Q4_1 / Q5_0 / Q5_1 / Q8_0 blocks (rows, bytes per row) uint8 from ``codes`` (rows, groups, 32) in
+    ``0..2**bits - 1``, each group's ``d`` and (Q4_1 / Q5_1) ``m`` (rows, groups), float16 values; a code ``q``
+    is worth ``(q - half) * d`` in the symmetric types and ``q * d + m`` in the others."""
+    n = codes.shape[0]
+    header = [_f16_bytes(d)] if m is None else [_f16_bytes(d), _f16_bytes(m)]
     if qtype == GT.Q8_0:
         q = (codes.astype(np.int16) - 128).astype(np.int8).view(np.uint8)
-        return np.concatenate(header + [q], axis=-1).reshape(n, -1), ""
+        return np.concatenate(header + [q], axis=-1).reshape(n, -1)
+    codes = codes.astype(np.uint8)
     nibbles = (codes[..., :16] & np.uint8(15)) | ((codes[..., 16:] & np.uint8(15)) << np.uint8(4))  # q[j] low, q[j+16] high
-    if bits == 5:  # the fifth bit of code j is bit j of a little-endian uint32
+    if EXACT_TYPES[qtype][0] == 5:  # the fifth bit of code j is bit j of a little-endian uint32
         high = np.packbits((codes >> np.uint8(4)) & np.uint8(1), axis=-1, bitorder="little")
-        return np.concatenate(header + [high, nibbles], axis=-1).reshape(n, -1), ""
-    return np.concatenate(header + [nibbles], axis=-1).reshape(n, -1), ""
+        return np.concatenate(header + [high, nibbles], axis=-1).reshape(n, -1)
+    return np.concatenate(header + [nibbles], axis=-1).reshape(n, -1)
 
 
 def _kquant_blocks(words, scales, biases, bits, qtype) -> Tuple[Optional[np.ndarray], str]:
@@ -195,3 +203,37 @@ def mlx_arrays(blocks: np.ndarray, qtype: GT, shape: Tuple[int, int]) -> Tuple[m
         raise ValueError(f"{qtype.name} blocks hold NaN or Inf scales (or offsets that overflow float16)")
     words = quant.pack(mx.array(codes.reshape(rows, cols).astype(np.uint32)), bits)
     return words, mx.array(d), mx.array(biases)
+
+
+# --- llama.cpp's quantizers, with or without an importance matrix (:mod:`.imatrix`) -----------------------
+
+#: the block types whose quantizer uses an importance matrix (llama.cpp's Q8_0 ignores it)
+WEIGHTED_TYPES = (GT.Q4_0, GT.Q4_1, GT.Q5_0, GT.Q5_1, GT.Q4_K, GT.Q5_K, GT.Q6_K)
+_LEGACY = {GT.Q4_0: (8, True), GT.Q5_0: (16, True), GT.Q4_1: (15, False), GT.Q5_1: (31, False)}
+
+
+def quantize_blocks(w: np.ndarray, qtype: GT, importance: Optional[np.ndarray] = None) -> np.ndarray:
+    """The ``qtype`` blocks (rows, bytes per row) of a float32 matrix ``w`` as llama.cpp's quantizer writes
+    them: with ``importance`` (cols,) its importance-weighted algorithm for the type, without it the reference
+    one (the ``gguf`` package's, identical to llama.cpp's)."""
+    w = np.ascontiguousarray(w, dtype=np.float32)
+    if qtype in kquants.KTYPES:
+        return kquants.pack(kquants.quantize(w, qtype, importance=importance), qtype)
+    if importance is None or qtype not in _LEGACY:
+        return gguf.quants.quantize(w, qtype)
+    rows, cols = w.shape
+    qw = np.asarray(importance, dtype=np.float32)
+    if qw.shape != (cols,):
+        raise ValueError(f"importance has shape {qw.shape}; this {rows} x {cols} matrix needs ({cols},)")
+    f = np.float32
+    sigma2 = (seqsum(w * w) / f(cols)).astype(np.float32)  # per row
+    x = w.reshape(rows, cols // 32, 32)
+    weights = qw.reshape(1, -1, 32) * np.sqrt(sigma2[:, None, None] + x * x)
+    nmax, symmetric = _LEGACY[qtype]
+    x, weights = x.reshape(-1, 32), weights.reshape(-1, 32)
+    if symmetric:  # llama.cpp's make_qx_quants with the weights
+        scale, codes = symmetric_search(x, nmax, weights)
+        return legacy_blocks(codes.reshape(rows, -1, 32), scale.reshape(rows, -1), None, qtype)
+    scale, the_min, codes = weighted_affine_search(x, weights, nmax)  # make_qkx3_quants
+    return legacy_blocks(codes.astype(np.uint8).reshape(rows, -1, 32), scale.reshape(rows, -1),
+                         (-the_min).reshape(rows, -1), qtype)

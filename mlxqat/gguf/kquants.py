@@ -262,7 +262,7 @@ def _rint(x: np.ndarray) -> np.ndarray:
     return np.rint(x)  # half to even, as llama.cpp's nearest_int
 
 
-def _seqsum(x: np.ndarray) -> np.ndarray:
+def seqsum(x: np.ndarray) -> np.ndarray:
     """Sum over the last axis one term after another in float32 (the order of a C loop)."""
     return np.cumsum(x, axis=-1, dtype=np.float32)[..., -1]
 
@@ -272,23 +272,23 @@ def _affine_search(x: np.ndarray, nmax: int, rmin: float, rdelta: float, nstep: 
     (llama.cpp's ``make_qkx2_quants``, squared error). Returns ``(scale, min >= 0, codes)``; the value of a
     code ``l`` is ``scale * l - min``."""
     f = np.float32
-    av = np.sqrt(_seqsum(x * x) / f(x.shape[-1]))
+    av = np.sqrt(seqsum(x * x) / f(x.shape[-1]))
     w = av[:, None] + np.abs(x)
     mn = np.minimum(x.min(axis=-1), f(0))  # the value of code 0; a winning step moves it (and the grid with it)
     hi = x.max(axis=-1)
     flat = hi == mn
-    sum_w, sum_x = _seqsum(w), _seqsum(w * x)
+    sum_w, sum_x = seqsum(w), seqsum(w * x)
     iscale = f(nmax) / np.where(flat, f(1), hi - mn)
     scale = f(1) / iscale
     codes = np.clip(_rint(iscale[:, None] * (x - mn[:, None])), 0, nmax)
     diff = scale[:, None] * codes + mn[:, None] - x
-    best = _seqsum(w * (diff * diff))
+    best = seqsum(w * (diff * diff))
     for i in range(nstep + 1):
         span = hi - mn
         iscale = (f(rmin) + f(rdelta) * f(i) + f(nmax)) / np.where(span == 0, f(1), span)
         l = np.clip(_rint(iscale[:, None] * (x - mn[:, None])), 0, nmax).astype(np.float32)
         wl = w * l
-        sum_l, sum_l2, sum_xl = _seqsum(wl), _seqsum(wl * l), _seqsum(wl * x)
+        sum_l, sum_l2, sum_xl = seqsum(wl), seqsum(wl * l), seqsum(wl * x)
         det = sum_w * sum_l2 - sum_l * sum_l
         ok = det > 0
         safe = np.where(ok, det, f(1))
@@ -298,7 +298,7 @@ def _affine_search(x: np.ndarray, nmax: int, rmin: float, rdelta: float, nstep: 
         this_scale = np.where(pos, sum_xl / np.where(sum_l2 > 0, sum_l2, f(1)), this_scale)
         this_min = np.where(pos, f(0), this_min)
         diff = this_scale[:, None] * l + this_min[:, None] - x
-        err = _seqsum(w * (diff * diff))
+        err = seqsum(w * (diff * diff))
         take = ok & (err < best) & ~flat
         codes = np.where(take[:, None], l, codes)
         best, scale, mn = np.where(take, err, best), np.where(take, this_scale, scale), np.where(take, this_min, mn)
@@ -307,19 +307,20 @@ def _affine_search(x: np.ndarray, nmax: int, rmin: float, rdelta: float, nstep: 
     return scale.astype(np.float32), (-mn).astype(np.float32), codes
 
 
-def _symmetric_search(x: np.ndarray, nmax: int):
-    """Per row of ``x`` (S, n): llama.cpp's ``make_qx_quants`` with squared weights: the scale of codes
-    ``l`` in ``-nmax..nmax-1`` (value ``scale * l``) over a sweep of grid sizes. Returns ``(scale, l + nmax)``."""
+def symmetric_search(x: np.ndarray, nmax: int, weights: Optional[np.ndarray] = None):
+    """Per row of ``x`` (S, n): llama.cpp's ``make_qx_quants`` (squared weights, or ``weights`` (S, n)): the
+    scale of codes ``l`` in ``-nmax..nmax-1`` (value ``scale * l``) over a sweep of grid sizes. Returns
+    ``(scale, l + nmax)``."""
     f = np.float32
     idx = np.argmax(np.abs(x), axis=-1)  # the first largest |x|
     top = np.take_along_axis(x, idx[:, None], axis=-1)[:, 0]
     zero = np.abs(top) < f(1e-15)
     top = np.where(zero, f(1), top)
-    w = x * x
+    w = x * x if weights is None else weights
 
     def sweep(iscale):
         l = np.clip(_rint(iscale[:, None] * x), -nmax, nmax - 1).astype(np.float32)
-        return l, _seqsum(w * x * l), _seqsum(w * l * l)
+        return l, seqsum(w * x * l), seqsum(w * l * l)
 
     l_best, sumlx, suml2 = sweep(-f(nmax) / top)
     scale = np.where(suml2 > 0, sumlx / np.where(suml2 > 0, suml2, f(1)), f(0))
@@ -336,10 +337,112 @@ def _symmetric_search(x: np.ndarray, nmax: int):
     return scale.astype(np.float32), (l_best + nmax).astype(np.uint8)
 
 
-def quantize(w: np.ndarray, qtype: GT, paired: bool = False) -> KParts:
-    """Round-to-nearest ``qtype`` parts of a float32 matrix ``w`` (rows, cols): llama.cpp's reference
-    quantizer for the type without an importance matrix (each sub-block's scale and min from a least-squares
-    sweep, the scales quantized against the super-block's largest, the codes rounded again with them).
+def weighted_affine_search(x: np.ndarray, w: np.ndarray, nmax: int):
+    """Per row of ``x`` (S, n) with importance ``w`` (S, n): llama.cpp's ``make_qkx3_quants`` (weighted squared
+    error, 37 grid sizes from ``nmax - 0.9`` in steps of 0.05), the search its quantizers run when given an
+    importance matrix. Returns ``(scale, min >= 0, codes)``; the value of a code ``l`` is ``scale * l - min``."""
+    f = np.float32
+    sum_w, sum_x = seqsum(w), seqsum(w * x)
+    mn = np.minimum(x.min(axis=-1), f(0))
+    hi = x.max(axis=-1)
+    flat = hi <= mn
+    span = np.where(flat, f(1), hi - mn)
+    iscale = f(nmax) / span
+    scale = f(1) / iscale
+    codes = np.clip(_rint(iscale[:, None] * (x - mn[:, None])), 0, nmax).astype(np.float32)
+    diff = scale[:, None] * codes + mn[:, None] - x
+    best = seqsum(w * (diff * diff))
+    for i in range(37):
+        span = np.where(flat, f(1), hi - mn)
+        iscale = (f(-0.9) + f(0.05) * f(i) + f(nmax)) / span
+        l = np.clip(_rint(iscale[:, None] * (x - mn[:, None])), 0, nmax).astype(np.float32)
+        wl = w * l
+        sum_l, sum_l2, sum_xl = seqsum(wl), seqsum(wl * l), seqsum(wl * x)
+        det = sum_w * sum_l2 - sum_l * sum_l
+        ok = det > 0
+        safe = np.where(ok, det, f(1))
+        this_scale = (sum_w * sum_xl - sum_x * sum_l) / safe
+        this_min = (sum_l2 * sum_x - sum_l * sum_xl) / safe
+        pos = this_min > 0
+        this_scale = np.where(pos, sum_xl / np.where(sum_l2 > 0, sum_l2, f(1)), this_scale)
+        this_min = np.where(pos, f(0), this_min)
+        diff = this_scale[:, None] * l + this_min[:, None] - x
+        err = seqsum(w * (diff * diff))
+        take = ok & (err < best) & ~flat
+        codes = np.where(take[:, None], l, codes)
+        best, scale, mn = np.where(take, err, best), np.where(take, this_scale, scale), np.where(take, this_min, mn)
+    scale = np.where(flat, f(0), scale)
+    codes = np.where(flat[:, None], f(0), codes)
+    return scale.astype(np.float32), (-mn).astype(np.float32), codes
+
+
+def _scales_search(x: np.ndarray, w: np.ndarray, nmax: int):
+    """Per row of ``x`` (S, n) of non-negative sub-block scales (or mins) with weights ``w``: llama.cpp's
+    ``make_qp_quants``, which puts them on a grid of ``0..nmax`` times one step (best of nine grid sizes, then
+    up to five passes moving one integer at a time). Returns ``(step, integers)``."""
+    f = np.float32
+    top = np.maximum(x.max(axis=-1), f(0))
+    dead = top < f(1e-15)
+    top = np.where(dead, f(1), top)
+    iscale = f(nmax) / top
+    l = _rint(iscale[:, None] * x)
+    diff = x - (f(1) / iscale)[:, None] * l
+    best = seqsum(w * diff * diff)
+    for i in (-4, -3, -2, -1, 1, 2, 3, 4):
+        iscale_i = (f(0.1) * f(i) + f(nmax)) / top
+        l = np.minimum(f(nmax), _rint(iscale_i[:, None] * x))
+        diff = x - (f(1) / iscale_i)[:, None] * l
+        mse = seqsum(w * diff * diff)
+        take = mse < best
+        best, iscale = np.where(take, mse, best), np.where(take, iscale_i, iscale)
+    l = np.minimum(f(nmax), _rint(iscale[:, None] * x)).astype(np.float32)
+    sumlx, suml2 = seqsum(w * x * l), seqsum(w * l * l)
+    for _ in range(5):
+        for i in range(x.shape[-1]):
+            wi, xi, li = w[:, i], x[:, i], l[:, i]
+            slx, sl2 = sumlx - wi * xi * li, suml2 - wi * li * li
+            ok = (slx > 0) & (sl2 > 0)
+            new = np.minimum(f(nmax), _rint(xi * sl2 / np.where(ok, slx, f(1))))
+            slx, sl2 = slx + wi * xi * new, sl2 + wi * new * new
+            take = ok & (new != li) & (slx * slx * suml2 > sumlx * sumlx * sl2)
+            l[:, i] = np.where(take, new, li)
+            sumlx, suml2 = np.where(take, slx, sumlx), np.where(take, sl2, suml2)
+    step = np.where(suml2 > 0, sumlx / np.where(suml2 > 0, suml2, f(1)), f(0))
+    return np.where(dead, f(0), step).astype(np.float32), np.where(dead[:, None], f(0), l).astype(np.int64)
+
+
+def _weighted_kparts(w: np.ndarray, qtype: GT, t: KType, importance: np.ndarray) -> KParts:
+    """llama.cpp's ``quantize_row_q{4,5}_K_impl`` with an importance matrix (one value per column)."""
+    f = np.float32
+    rows, cols = w.shape
+    nb = cols // QK_K
+    nmax = (1 << t.bits) - 1
+    sup = w.reshape(-1, QK_K)
+    sigma2 = (f(2) * seqsum(sup * sup) / f(QK_K)).astype(np.float32)
+    x = w.reshape(-1, t.sub)
+    qw = np.broadcast_to(np.asarray(importance, np.float32).reshape(1, nb, QK_K), (rows, nb, QK_K)).reshape(-1, t.sub)
+    weights = qw * np.sqrt(np.repeat(sigma2, t.subs)[:, None] + x * x)
+    scales, mins, codes = weighted_affine_search(x, weights, nmax)
+    sw = seqsum(weights).reshape(-1, t.subs)
+    d, ls = _scales_search(scales.reshape(-1, t.subs), sw, 63)
+    dmin, lm = _scales_search(mins.reshape(-1, t.subs), sw, 63)
+    d, dmin = d.astype(np.float16), dmin.astype(np.float16)
+    dj = (d.astype(np.float32)[:, None] * ls.astype(np.float32)).reshape(-1)
+    dm = (dmin.astype(np.float32)[:, None] * lm.astype(np.float32)).reshape(-1)
+    live = dj != 0
+    q = np.clip(_rint((x + dm[:, None]) / np.where(live, dj, f(1))[:, None]), 0, nmax)
+    codes = np.where(live[:, None], q, codes).astype(np.uint8)
+    return KParts(codes=codes.reshape(rows, cols), sc=ls.reshape(rows, nb * 8), d=d.reshape(rows, nb),
+                  m=lm.reshape(rows, nb * 8), dmin=dmin.reshape(rows, nb))
+
+
+def quantize(w: np.ndarray, qtype: GT, paired: bool = False, importance: Optional[np.ndarray] = None) -> KParts:
+    """Round-to-nearest ``qtype`` parts of a float32 matrix ``w`` (rows, cols): llama.cpp's quantizer for the
+    type, bit for bit. Without ``importance``, its reference algorithm (each sub-block's scale and min from a
+    least-squares sweep, the scales quantized against the super-block's largest, the codes rounded again with
+    them); with ``importance`` (cols,), the mean squared activation of each input column (an importance
+    matrix's row for this tensor, :mod:`mlxqat.gguf.imatrix`), the searches llama.cpp runs with one: errors
+    weighted by it, the sub-block scales and mins put on their 6-bit grid by a weighted search too.
     Sums run in a C loop's order; where llama.cpp's build fuses multiply-adds a rare tie may round otherwise.
 
     ``paired`` (Q6_K only): the same algorithm on sub-blocks of 32, each scale written to both halves, the Q6_K
@@ -349,13 +452,20 @@ def quantize(w: np.ndarray, qtype: GT, paired: bool = False) -> KParts:
     t = _check(qtype, cols)
     if paired and t.has_min:
         raise ValueError(f"paired sub-blocks are a Q6_K form; {qtype.name} has sub-blocks of 32 already")
+    if importance is not None:
+        importance = np.asarray(importance, dtype=np.float32)
+        if importance.shape != (cols,):
+            raise ValueError(f"importance has shape {importance.shape}; this {rows} x {cols} matrix needs ({cols},)")
+        if t.has_min:
+            return _weighted_kparts(w, qtype, t, importance)
     f = np.float32
     nb = cols // QK_K
     sub = 2 * t.sub if paired else t.sub
     subs = QK_K // sub
     x = w.reshape(-1, sub)
     if not t.has_min:
-        scales, codes = _symmetric_search(x, 32)
+        qw = None if importance is None else np.broadcast_to(importance.reshape(1, -1, sub), (rows, cols // sub, sub))
+        scales, codes = symmetric_search(x, 32, None if qw is None else qw.reshape(-1, sub))
         s = scales.reshape(-1, subs)
         idx = np.argmax(np.abs(s), axis=-1)
         top = np.take_along_axis(s, idx[:, None], axis=-1)[:, 0]

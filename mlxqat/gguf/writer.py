@@ -2,8 +2,9 @@
 
 Quantized layers that a GGUF block type holds exactly (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0:
 :mod:`mlxqat.gguf.blocks`) are *repacked* bit for bit, never re-rounded. Any
-other layer is dequantized and re-quantized to the requested type with :func:`gguf.quants.quantize`; :mod:`mlxqat.export` then
-measures what that costs.
+other layer is dequantized and re-quantized to the requested type with llama.cpp's quantizer for it
+(:func:`mlxqat.gguf.blocks.quantize_blocks`; weighted by an importance matrix when one is given: :mod:`.imatrix`);
+:mod:`mlxqat.export` then measures what that costs.
 
 Tensor names come from :class:`gguf.TensorNameMap`; llama's query/key rows are
 reordered to the interleaved rotary layout llama.cpp expects; Gemma 3 norm
@@ -14,6 +15,7 @@ model's own tokenizer does.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
@@ -31,7 +33,7 @@ from .. import quant
 from .._version import __version__
 from ..convert import head_path
 from . import kquants
-from .blocks import EXACT_TYPES, KQUANT_TYPES, exact_blocks
+from .blocks import EXACT_TYPES, KQUANT_TYPES, exact_blocks, quantize_blocks
 from .format import GGUFExportError
 from .tokenizer import add_tokenizer
 
@@ -227,7 +229,19 @@ def _check_arch(model: nn.Module, spec: ArchSpec) -> None:
             )
 
 
-def plan_tensors(model: nn.Module, qtype: GT, model_type: str, mix: Optional[str] = None) -> List[GGUFTensor]:
+@functools.lru_cache(maxsize=8)
+def _name_map(gguf_arch: str, n_layers: int) -> "gguf.TensorNameMap":
+    return gguf.get_tensor_name_map(gguf.MODEL_ARCH[_arch_enum(gguf_arch)], n_layers)
+
+
+def gguf_base_name(model: nn.Module, path: str) -> Optional[str]:
+    """The GGUF tensor name (without ``.weight``) of ``model``'s module at ``path`` (``model.layers.0.self_attn.q_proj``
+    -> ``blk.0.attn_q``), or None when llama.cpp's architecture for the model has none."""
+    return _name_map(arch_spec(model.args.model_type).gguf_arch, model.args.num_hidden_layers).get_name(path)
+
+
+def plan_tensors(model: nn.Module, qtype: GT, model_type: str, mix: Optional[str] = None,
+                 importance: Optional[Dict[str, np.ndarray]] = None) -> List[GGUFTensor]:
     """Decide the GGUF form of every parameter of ``model`` (nothing is written).
 
     Quantized layers are repacked exactly when their numbers fit a GGUF block
@@ -240,13 +254,16 @@ def plan_tensors(model: nn.Module, qtype: GT, model_type: str, mix: Optional[str
     output head (``lm_head``, or the tied embedding) at ``Q8_0``, as recipe
     ``q4_0`` does: round-to-nearest to the same file a QAT run exports. ``mix``
     (``"q4_k_m"``, :data:`MIXES`): each matrix's type is llama.cpp's for it in that
-    mix (:func:`mix_type`) instead of ``qtype``.
+    mix (:func:`mix_type`) instead of ``qtype``. ``importance`` (GGUF tensor name -> mean squared activation
+    per input column, :meth:`mlxqat.gguf.imatrix.ImportanceMatrix.importance`): the tensors that are quantized
+    or re-quantized use llama.cpp's importance-weighted algorithms, as ``llama-quantize --imatrix`` does.
     """
+    importance = importance or {}
     spec = arch_spec(model_type)
     _check_arch(model, spec)
     args = model.args
     n_layers = args.num_hidden_layers
-    name_map = gguf.get_tensor_name_map(gguf.MODEL_ARCH[_arch_enum(spec.gguf_arch)], n_layers)
+    name_map = _name_map(spec.gguf_arch, n_layers)
     modules = dict(model.named_modules())
     params = dict(tree_flatten(model.parameters()))
     quantized = {p for p, m in modules.items() if isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding))}
@@ -273,13 +290,14 @@ def plan_tensors(model: nn.Module, qtype: GT, model_type: str, mix: Optional[str
             cols = value.shape[-1] * 32 // modules[prefix].bits if prefix in quantized else value.shape[-1]
             want = mix_type(mix, base, cols, n_layers, prefix == head)
         if prefix in quantized and leaf == "weight":
-            plan.append(_quantized_tensor(name, path, modules[prefix], want, heads, only=mix is not None))
+            plan.append(_quantized_tensor(name, path, modules[prefix], want, heads, only=mix is not None,
+                                          importance=importance.get(name)))
         elif value.ndim == 2:
             keep = any_quantized and qtype not in _FLOAT_TYPES
             target = _dtype_type(value.dtype) if keep else want
             if not any_quantized and mix is None and qtype in _HEAD_AT_Q8 and prefix == head:
                 target = GT.Q8_0
-            plan.append(_matrix_tensor(name, path, value, target, heads, any_quantized))
+            plan.append(_matrix_tensor(name, path, value, target, heads, any_quantized, importance.get(name)))
         else:
             plan.append(_vector_tensor(name, path, value, spec, heads))
     plan.extend(_rope_freqs(model, spec))
@@ -290,7 +308,7 @@ def _arch_enum(gguf_arch: str) -> str:
     return next(k.name for k, v in gguf.MODEL_ARCH_NAMES.items() if v == gguf_arch)
 
 
-def _quantized_tensor(name, path, m, qtype, heads, only: bool = False) -> GGUFTensor:
+def _quantized_tensor(name, path, m, qtype, heads, only: bool = False, importance=None) -> GGUFTensor:
     """``only``: the layer is exact in ``qtype`` or re-quantized to it (a mix's tensor: no other type stands in)."""
     mode = getattr(m, "mode", "affine")
     words = np.array(m.weight)
@@ -317,34 +335,35 @@ def _quantized_tensor(name, path, m, qtype, heads, only: bool = False) -> GGUFTe
         t = _matrix_tensor(name, path, w, qtype, heads, True)
         t.note = f"dequantized to {t.qtype.name}" + ("" if t.exact else " (values not exact in that type)")
         return t
-    return _requantized(name, path, _np32(w), qtype, heads, f"re-quantized to {qtype.name}: {note}")
+    return _requantized(name, path, _np32(w), qtype, heads, f"re-quantized to {qtype.name}: {note}", importance)
 
 
-def _requantized(name, path, w32, qtype, heads, note) -> GGUFTensor:
+def _requantized(name, path, w32, qtype, heads, note, importance=None) -> GGUFTensor:
     if heads:
         w32 = permute_rows(w32, heads)
     if w32.shape[-1] % 32:
         h = w32.astype(np.float16)
         return GGUFTensor(name, path, GT.F16, h, w32.shape, False, note + f"; {w32.shape[-1]} columns: kept as F16", heads)
-    if qtype in KQUANT_TYPES:
-        if w32.shape[-1] % kquants.QK_K:  # llama.cpp's fallback for rows K-quant blocks cannot hold
-            qtype = kquants.FALLBACK[qtype]
-            note += f"; {w32.shape[-1]} columns: {qtype.name}, as llama.cpp writes such rows"
-        else:
-            return GGUFTensor(name, path, qtype, kquants.pack(kquants.quantize(w32, qtype), qtype), w32.shape, False,
-                              note, heads)
-    blocks = gguf.quants.quantize(w32, qtype)
-    return GGUFTensor(name, path, qtype, blocks, w32.shape, False, note, heads)
+    if qtype in KQUANT_TYPES and w32.shape[-1] % kquants.QK_K:  # llama.cpp's fallback for rows K-quants cannot hold
+        qtype = kquants.FALLBACK[qtype]
+        note += f"; {w32.shape[-1]} columns: {qtype.name}, as llama.cpp writes such rows"
+    if importance is not None:
+        if np.shape(importance) != (w32.shape[-1],):
+            raise GGUFExportError(f"{name}: the importance matrix has {np.size(importance)} columns for it; the "
+                                  f"model's has {w32.shape[-1]} (an importance matrix of another model?)")
+        note += " (importance-weighted)"
+    return GGUFTensor(name, path, qtype, quantize_blocks(w32, qtype, importance), w32.shape, False, note, heads)
 
 
-def _matrix_tensor(name, path, w: mx.array, target: GT, heads, keep_float: bool) -> GGUFTensor:
+def _matrix_tensor(name, path, w: mx.array, target: GT, heads, keep_float: bool, importance=None) -> GGUFTensor:
     if target in _FLOAT_TYPES:
         data, t, exact = _float_tensor(w, target)
         if heads:
             data = permute_rows(data, heads)
         note = "full precision" if exact else f"cast to {t.name}"
         return GGUFTensor(name, path, t, data, tuple(w.shape), exact, note, heads)
-    return _requantized(name, path, _np32(w), target, heads, f"full-precision weight quantized to {target.name}")
+    return _requantized(name, path, _np32(w), target, heads, f"full-precision weight quantized to {target.name}",
+                        importance)
 
 
 def _vector_tensor(name, path, value: mx.array, spec: ArchSpec, heads) -> GGUFTensor:
