@@ -4,6 +4,9 @@ Both files hold the same tensor types (llama.cpp's Q4_K_M rule, :func:`mlxqat.gg
 
 * RTN: ``python -m mlxqat export FP --format gguf --type q4_k_m``: llama.cpp's reference quantizers
   (no importance matrix) on the full-precision weights, tensor by tensor;
+* RTN + importance matrix: ``python -m mlxqat imatrix --model FP`` on the text QAT trains on (the standard
+  library's training split, ``--imatrix-windows`` x 512 tokens), then the same export with ``--imatrix``:
+  llama.cpp's importance-weighted quantizers, what ``llama-imatrix`` + ``llama-quantize --imatrix`` make;
 * QAT: ``python -m mlxqat train --model FP --recipe q4_k_m`` at the product's defaults, then
   ``python -m mlxqat export QAT --format gguf --exact``: the trained blocks repacked bit for bit.
 
@@ -29,6 +32,9 @@ from pathlib import Path
 
 
 KINDS = ("prose", "code", "docs")
+RTN = "RTN Q4_K_M (llama.cpp's reference quantizers)"
+RTN_IMATRIX = "RTN Q4_K_M + importance matrix (llama.cpp's weighted quantizers)"
+QAT = "QAT Q4_K_M (mlxqat, exact export)"
 
 
 def _run(args, log: Path) -> float:
@@ -39,7 +45,7 @@ def _run(args, log: Path) -> float:
     return time.perf_counter() - t0
 
 
-def build(model: str, work: Path, steps: int, batch_size: int, seq_len: int) -> dict:
+def build(model: str, work: Path, steps: int, batch_size: int, seq_len: int, imatrix_windows: int = 64) -> dict:
     """The F32, RTN and QAT files in ``work`` (each made only when absent); the seconds each stage took."""
     work.mkdir(parents=True, exist_ok=True)
     log, seconds = work / "log.txt", {}
@@ -50,6 +56,11 @@ def build(model: str, work: Path, steps: int, batch_size: int, seq_len: int) -> 
                              "--no-modelfile"]),
         (work / "rtn-q4_k_m.gguf", ["export", str(fp), "--format", "gguf", "--type", "q4_k_m", "--out",
                                     str(work / "rtn-q4_k_m.gguf"), "--no-modelfile"]),
+        (work / "imatrix.gguf", ["imatrix", "--model", str(fp), "--out", str(work / "imatrix.gguf"), "--windows",
+                                 str(imatrix_windows), "--seq-len", "512", "--no-progress"]),
+        (work / "rtn-imatrix-q4_k_m.gguf", ["export", str(fp), "--format", "gguf", "--type", "q4_k_m", "--imatrix",
+                                            str(work / "imatrix.gguf"), "--out", str(work / "rtn-imatrix-q4_k_m.gguf"),
+                                            "--no-modelfile"]),
         (work / "qat", ["train", "--model", str(fp), "--recipe", "q4_k_m", "--steps", str(steps), "--batch-size",
                         str(batch_size), "--seq-len", str(seq_len), "--out", str(work / "qat"), "--no-save-master",
                         "--no-progress"]),
@@ -72,8 +83,9 @@ def score(work: Path, windows_per_kind: int, seq_len: int) -> dict:
     teacher, tok = mlxqat.load(str(work / "fp"))
     windows = heldout_windows(tok, seq_len, windows_per_kind, kinds=KINDS)
     files = {"full precision (F32)": work / "f32.gguf",
-             "RTN Q4_K_M (llama.cpp's reference quantizers)": work / "rtn-q4_k_m.gguf",
-             "QAT Q4_K_M (mlxqat, exact export)": work / "qat-q4_k_m.gguf"}
+             RTN: work / "rtn-q4_k_m.gguf",
+             RTN_IMATRIX: work / "rtn-imatrix-q4_k_m.gguf",
+             QAT: work / "qat-q4_k_m.gguf"}
     rows, fp_top1 = {}, {}
     for label, path in files.items():
         row = {"mb": path.stat().st_size / 1e6}
@@ -117,21 +129,25 @@ def main(argv=None) -> int:
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--windows", type=int, default=8, help="held-out windows of each kind")
+    p.add_argument("--imatrix-windows", type=int, default=64, help="windows of 512 tokens for the importance matrix")
     a = p.parse_args(argv)
     work = Path(a.work)
     t0 = time.perf_counter()
-    seconds = build(a.model, work, a.steps, a.batch_size, a.seq_len)
+    seconds = build(a.model, work, a.steps, a.batch_size, a.seq_len, a.imatrix_windows)
     result = score(work, a.windows, a.seq_len)
     result.update(model=a.model, steps=a.steps, batch_size=a.batch_size, seq_len=a.seq_len, stage_seconds=seconds,
                   seconds=time.perf_counter() - t0, command=" ".join(["benchmarks/q4_k_m.py", *(argv or sys.argv[1:])]))
-    rtn, qat = (result["rows"][k] for k in list(result["rows"])[1:])
-    result["kl_removed"] = {k: 1 - qat[f"{k}_kl"] / rtn[f"{k}_kl"] for k in KINDS}
+    rows = result["rows"]
+    result["kl_removed"] = {k: 1 - rows[QAT][f"{k}_kl"] / rows[RTN][f"{k}_kl"] for k in KINDS}
+    result["kl_removed_vs_imatrix"] = {k: 1 - rows[QAT][f"{k}_kl"] / rows[RTN_IMATRIX][f"{k}_kl"] for k in KINDS}
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n")
     md = (f"# Q4_K_M: round-to-nearest against QAT ({a.model}, {a.steps} steps x {a.batch_size} x {a.seq_len} "
-          f"tokens)\n\n{table(result)}\n\nKL removed by QAT: "
-          + ", ".join(f"{k} {100 * v:.0f}%" for k, v in result["kl_removed"].items()) + f"\n\n`{result['command']}`\n")
+          f"tokens)\n\n{table(result)}\n\nKL removed by QAT: against RTN "
+          + ", ".join(f"{k} {100 * v:.0f}%" for k, v in result["kl_removed"].items()) + "; against RTN with the "
+          "importance matrix " + ", ".join(f"{k} {100 * v:.0f}%" for k, v in result["kl_removed_vs_imatrix"].items())
+          + f"\n\n`{result['command']}`\n")
     out.with_suffix(".md").write_text(md)
     print(md)
     return 0

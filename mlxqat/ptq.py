@@ -13,6 +13,8 @@ A candidate is a rounding rule under a set of scales:
 * ``rtn/minmax``  round-to-nearest, min/max scales (the recipe's own rule; plain RTN)
 * ``rtn/mse``     round-to-nearest, the per-group clip search (:func:`mlxqat.quant.mse_clip_params`)
 * ``rtn/hmse``    round-to-nearest, the clip search weighted by ``diag(H)`` (the diagonal part of err)
+* ``rtn/imatrix`` (K-quant layers) llama.cpp's importance-weighted Q4_K / Q5_K / Q6_K quantizer with
+                  ``diag(H)`` as the importance matrix (what ``llama-imatrix`` computes), scales on their grid
 * ``gptq/S``      GPTQ's error-compensating rounding under the scales ``S`` of one of the above
 
 GPTQ (Frantar et al., 2022) quantizes one input column at a time and spreads each column's
@@ -57,7 +59,7 @@ from tqdm import tqdm
 from . import quant
 from .layers import FakeQuantLinear, is_fake_quant, quantized_params, weight_released
 
-SCALES = ("minmax", "mse", "hmse")
+SCALES = ("minmax", "mse", "hmse", "imatrix")
 CANDIDATES = tuple(f"{r}/{s}" for r in ("rtn", "gptq") for s in SCALES)
 DAMP = 0.01  # GPTQ's damping: this fraction of H's mean diagonal is added to its diagonal
 BLOCK = 128  # GPTQ's lazy-update block of columns
@@ -332,21 +334,26 @@ def _set(layer, state: dict) -> None:
 
 
 def _scale_sources(layer, names: Sequence[str]) -> List[str]:
-    """The scale rules a layer can start from: its own rule always; clip searches where its affine scales are learned."""
+    """The scale rules a layer can start from: its own rule always; clip searches where its affine scales are
+    learned; the importance-weighted K-quant algorithm for K-quant layers."""
     spec = layer.spec
     learned_affine = spec.learn_scales and spec.mode == "affine"
-    return [s for s in SCALES if s in names and (s == "minmax" or learned_affine)]
+    ok = {"minmax": True, "mse": learned_affine, "hmse": learned_affine, "imatrix": spec.mode == "kquant"}
+    return [s for s in SCALES if s in names and ok[s]]
 
 
 def _scales(layer, source: str, w0: mx.array, h_diag: mx.array) -> Tuple[mx.array, mx.array]:
     spec = layer.spec
     if source == "minmax":
         _, s, b = quant.init_params(w0, spec.bits, spec.group_size, spec.mode, spec.scale_dtype)
+    elif source == "imatrix":
+        _, s, b = quant.init_params(w0, spec.bits, spec.group_size, spec.mode,
+                                    importance=np.array(h_diag.astype(mx.float32)))
     elif source == "mse":
         s, b = quant.mse_clip_params(w0, spec.bits, spec.group_size)
     else:
         s, b = quant.weighted_clip_params(w0, spec.bits, spec.group_size, h_diag)
-    if spec.scale_dtype is not None and source != "minmax":
+    if spec.scale_dtype is not None and source not in ("minmax", "imatrix"):
         dt = getattr(mx, spec.scale_dtype)
         s, b = quant.snap_to(dt, s), quant.snap_to(dt, b)
     return s, b

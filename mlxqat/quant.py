@@ -160,8 +160,12 @@ def init_params(
     group_size: int,
     mode: str,
     scale_dtype: Optional[str] = None,
+    importance: Optional[np.ndarray] = None,
 ) -> Tuple[mx.array, mx.array, mx.array]:
     """Quantize ``w`` (out_features, in_features) with the rule of ``mode``.
+
+    ``importance`` (in_features,), mode ``kquant`` only: the mean squared input of each column, for
+    llama.cpp's importance-weighted K-quant algorithm (:func:`mlxqat.gguf.kquants.quantize`).
 
     ``scale_dtype="float16"`` rounds scales and biases to float16 values (kept
     in ``w.dtype``) and recomputes the codes, so the result is exactly
@@ -174,7 +178,9 @@ def init_params(
     in_features = w.shape[-1]
     g = storage_group_size(group_size, in_features)
     if mode == "kquant":
-        return _kquant_params(w, bits, group_size)
+        return _kquant_params(w, bits, group_size, importance)
+    if importance is not None:
+        raise ValueError(f"an importance matrix weights mode 'kquant' only, not mode={mode!r}")
     if mode == "zeropoint":  # the range stretched to hold 0 (a whole step then lands on it), as GPTQ does
         scales, lo = _zeropoint_range(w, bits, group_size, g)
         if scale_dtype is not None:
@@ -197,13 +203,14 @@ def init_params(
     return pack(codes, bits), scales, biases
 
 
-def _kquant_params(w: mx.array, bits: int, group_size: int) -> Tuple[mx.array, mx.array, mx.array]:
+def _kquant_params(w: mx.array, bits: int, group_size: int, importance: Optional[np.ndarray] = None
+                   ) -> Tuple[mx.array, mx.array, mx.array]:
     """llama.cpp's round-to-nearest Q4_K / Q5_K / Q6_K (sub-blocks in pairs) of ``w`` as MLX affine arrays
-    (float32 scales and biases)."""
+    (float32 scales and biases); importance-weighted with ``importance``."""
     if group_size != 32 or w.shape[-1] % KQUANT_SUPER:
         raise ValueError(f"mode 'kquant' needs group_size 32 and rows of a multiple of {KQUANT_SUPER} weights "
                          f"(got group_size={group_size}, {w.shape[-1]} weights a row)")
-    parts = kquant_quantize(np.array(w.astype(mx.float32)), qtype_of(bits), paired=bits == 6)
+    parts = kquant_quantize(np.array(w.astype(mx.float32)), qtype_of(bits), paired=bits == 6, importance=importance)
     scales, biases = parts.scales_biases(qtype_of(bits))
     if bits == 6:  # Q6_K's sub-blocks of 16 in pairs: one MLX group of 32 each
         scales, biases = scales[..., ::2], biases[..., ::2]

@@ -10,9 +10,11 @@ import struct
 
 import gguf
 import mlx.core as mx
+import mlx.nn as nn
 import numpy as np
 import pytest
 
+import mlxqat
 import tiny
 from real_models import SMOLLM2, needs
 from mlxqat.export import export_gguf
@@ -218,3 +220,38 @@ def test_the_command_writes_a_file_and_refuses_bad_input(wide_model, tokenizer, 
     (tmp_path / "mine.gguf").write_bytes(b"not mlxqat's")
     assert main(["imatrix", "--out", str(tmp_path / "mine.gguf"), "--windows", "1", "--seq-len", "32"]) == 2
     assert (tmp_path / "mine.gguf").read_bytes() == b"not mlxqat's"
+
+
+@pytest.mark.parametrize("recipe", ["q4_k", "q6_k"])
+def test_qats_ptq_start_tries_the_importance_weighted_k_quants(wide_model, tokenizer, recipe):
+    """K-quant layers get llama.cpp's importance-weighted quantizer as a PTQ candidate (diag(H) as the matrix):
+    where it wins, the layer holds exactly its scales, and no layer starts worse than round-to-nearest."""
+    from mlxqat import ptq, recipes
+    from mlxqat.gguf import kquants
+    from mlxqat.layers import FakeQuantLinear
+
+    model, config = wide_model
+    student = type(model)(type(model.args).from_dict(config))
+    student.update(model.parameters())
+    w0 = {p: np.array(m.weight) for p, m in student.named_modules() if isinstance(m, nn.Linear)}
+    mlxqat.prepare(student, recipes.get(recipe).for_qat())
+    windows = np.stack(_windows(tokenizer, n=6, length=25))
+    hs = {}
+    for chunk in ptq.capture_hessians(student, windows):
+        for g in chunk:
+            for p, _ in g.members:
+                hs[p] = np.diagonal(np.array(g.h / g.tokens))
+    report = ptq.ptq_start(student, windows, candidates=("rtn/imatrix",))
+    won = [p for p, r in report["per_layer"].items() if r["chosen"] == "rtn/imatrix"]
+    assert won and report["error"]["ptq"] < report["error"]["rtn"]
+    qtype = kquants.qtype_of(recipes.get(recipe).default.bits)
+    layers = {p: m for p, m in student.named_modules() if isinstance(m, FakeQuantLinear)}
+    for p in won:
+        if w0[p].shape[1] % 256:
+            continue  # a fallback layer (not a K-quant)
+        scales, biases = kquants.quantize(w0[p], qtype, paired=qtype == GT.Q6_K, importance=hs[p]).scales_biases(qtype)
+        step = 2 if qtype == GT.Q6_K else 1
+        assert np.array_equal(np.array(layers[p].scales), scales[:, ::step]), p
+        assert np.array_equal(np.array(layers[p].biases), biases[:, ::step]), p
+    for r in report["per_layer"].values():
+        assert r["errors"][r["chosen"]] <= r["errors"]["rtn/minmax"]
