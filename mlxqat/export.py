@@ -48,7 +48,7 @@ from .footprint import memory_report
 from .gguf import imatrix as imatrix_file
 from .gguf import ollama
 from .gguf import writer as ge
-from .gguf.blocks import EXACT_TYPES, exact_recipes
+from .gguf.blocks import EXACT_TYPES, WEIGHTED_TYPES, exact_recipes
 from .hf import write_hf
 from .recipes import names as recipe_names
 from .gguf.format import is_gguf_file
@@ -214,7 +214,8 @@ def export_gguf(
             f"(python -m mlxqat.export {src} --format mlx --out DIR), then train or export DIR"
         )
     config = check_config(src)
-    check_destination(out, sources=[src], kind="file")  # fail fast, before any work
+    inputs = [src] + ([Path(imatrix)] if imatrix is not None else [])
+    check_destination(out, sources=inputs, kind="file")  # fail fast, before any work
     modelfile_out = _check_modelfile(out, src) if modelfile else None
     ge.arch_spec(config["model_type"])  # fail fast, before loading weights
     read_tokenizer(src)  # fail fast on a missing or unsupported tokenizer
@@ -240,8 +241,20 @@ def export_gguf(
     plan = ge.plan_tensors(model, gt, model.args.model_type, mix=mix, importance=importance)
     if im is not None:
         used = sum("importance-weighted" in t.note for t in plan)
-        _say(verbose, f"importance matrix {imatrix}: used for {used} quantized tensor(s)"
-                      + ("" if used else " (every tensor was repacked exactly: nothing to weight)"))
+        blocks = [t for t in plan if t.name.startswith("blk.") and not t.exact and t.qtype in WEIGHTED_TYPES]
+        missing = [t.name for t in blocks if t.name not in importance]
+        extra = sorted(set(importance) - {t.name for t in plan})
+        _say(verbose, f"importance matrix {imatrix}: used for {used} of the {len(blocks)} block matrices quantized "
+                      "here" + ("" if plan and not all(t.exact for t in plan) else
+                                " (every tensor was repacked exactly: nothing to weight)"))
+        if missing or extra:
+            warnings.warn(f"the importance matrix {imatrix} does not fit this model exactly: "
+                          + (f"no entry for {len(missing)} matrices (e.g. {missing[0]}: quantized without one)"
+                             if missing else "")
+                          + ("; " if missing and extra else "")
+                          + (f"{len(extra)} entries name tensors the model lacks (e.g. {extra[0]})" if extra else "")
+                          + f". Compute one for this model: python -m mlxqat.imatrix --model {src} --out imatrix.gguf",
+                          ExportWarning, stacklevel=2)
     inexact = [t for t in plan if not t.exact]
     act = [p for p, m in model.named_modules() if hasattr(m, "act_bits") and isinstance(m, nn.QuantizedLinear)]
     problems = [f"{t.source}: {t.note}" for t in inexact] + [
@@ -262,10 +275,10 @@ def export_gguf(
             f"per token on fixed sequences. For an exact export train with recipe {qtype if mix else exact_recipes()}."
         )
         warnings.warn(msg, ExportWarning, stacklevel=2)
-    with atomic_path(out, sources=[src]) as tmp:
+    with atomic_path(out, sources=inputs) as tmp:
         ge.write_gguf(
             tmp, model, tokenizer, src, plan, gt, name=name or src.resolve().name,
-            extra={"mlxqat.exact": str(not problems).lower()}, mix=mix,
+            extra={"mlxqat.exact": str(not problems).lower(), **_imatrix_keys(imatrix, im)}, mix=mix,
         )
     report = memory_report(out)
     types: Dict[str, int] = {}
@@ -293,6 +306,16 @@ def export_gguf(
         "memory": report.to_dict(),
         **ollama_info,
     }
+
+
+def _imatrix_keys(path, im) -> Dict[str, str]:
+    """The keys llama-quantize records about the importance matrix it used (the string ones)."""
+    if im is None:
+        return {}
+    keys = {"quantize.imatrix.file": Path(path).name}
+    if im.datasets:
+        keys["quantize.imatrix.dataset"] = str(im.datasets[-1])
+    return keys
 
 
 def _check_modelfile(out: Path, src: Path) -> Path:
@@ -477,6 +500,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             show(message, category, *rest, **kw)
 
     warnings.showwarning = one_line
+    if args.imatrix is not None and args.format != "gguf":
+        parser.error(f"--imatrix weights GGUF quantization; --format {args.format} does not quantize with it")
     try:
         if args.format == "gguf":
             result = export_gguf(args.src_dir, args.out, args.qtype, args.exact, name=args.name,

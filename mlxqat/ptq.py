@@ -13,8 +13,9 @@ A candidate is a rounding rule under a set of scales:
 * ``rtn/minmax``  round-to-nearest, min/max scales (the recipe's own rule; plain RTN)
 * ``rtn/mse``     round-to-nearest, the per-group clip search (:func:`mlxqat.quant.mse_clip_params`)
 * ``rtn/hmse``    round-to-nearest, the clip search weighted by ``diag(H)`` (the diagonal part of err)
-* ``rtn/imatrix`` (K-quant layers) llama.cpp's importance-weighted Q4_K / Q5_K / Q6_K quantizer with
-                  ``diag(H)`` as the importance matrix (what ``llama-imatrix`` computes), scales on their grid
+* ``rtn/imatrix`` (K-quant layers with learned scales) llama.cpp's importance-weighted Q4_K / Q5_K
+                  quantizer with ``diag(H)`` as the importance matrix (what ``llama-imatrix`` computes), scales
+                  on their grid; for Q6_K its algorithm on the paired sub-blocks of 32 MLX holds
 * ``gptq/S``      GPTQ's error-compensating rounding under the scales ``S`` of one of the above
 
 GPTQ (Frantar et al., 2022) quantizes one input column at a time and spreads each column's
@@ -338,7 +339,8 @@ def _scale_sources(layer, names: Sequence[str]) -> List[str]:
     learned; the importance-weighted K-quant algorithm for K-quant layers."""
     spec = layer.spec
     learned_affine = spec.learn_scales and spec.mode == "affine"
-    ok = {"minmax": True, "mse": learned_affine, "hmse": learned_affine, "imatrix": spec.mode == "kquant"}
+    ok = {"minmax": True, "mse": learned_affine, "hmse": learned_affine,
+          "imatrix": spec.mode == "kquant" and spec.learn_scales}
     return [s for s in SCALES if s in names and ok[s]]
 
 

@@ -103,11 +103,21 @@ def test_the_importance_lowers_the_error_where_it_is_large(qtype):
     assert err["weighted"] < 0.9 * err["plain"], err
 
 
-def test_a_wrong_importance_shape_is_refused():
+def test_bad_importance_and_shapes_are_refused():
     w, imp = _matrix(0)
-    for qtype in (GT.Q4_K, GT.Q5_0):
-        with pytest.raises(ValueError, match=r"importance has shape \(767,\); this 48 x 768 matrix needs \(768,\)"):
+    for qtype in (GT.Q4_K, GT.Q5_0, GT.Q8_0):
+        with pytest.raises(ValueError, match=r"importance has shape \(767,\); this matrix of 768 columns needs \(768,\)"):
             quantize_blocks(w, qtype, imp[:-1])
+        for bad in (np.nan, np.inf, -1.0):
+            wrong = imp.copy()
+            wrong[5] = bad
+            with pytest.raises(ValueError, match=f"holds {bad}: it must be finite and >= 0"):
+                quantize_blocks(w, qtype, wrong)
+    with pytest.raises(ValueError, match="Q4_K blocks hold rows of a multiple of 32 weights; these have 40"):
+        quantize_blocks(w[:, :40], GT.Q4_K)
+    one = quantize_blocks(w[0], GT.Q5_0, imp)  # a 1-D weight is one row
+    assert np.array_equal(one, quantize_blocks(w[:1], GT.Q5_0, imp))
+    assert quantize_blocks(w[:0], GT.Q5_1, imp).shape[0] == 0
 
 
 # --- collecting, files, export ------------------------------------------------------------------------------
@@ -255,3 +265,92 @@ def test_qats_ptq_start_tries_the_importance_weighted_k_quants(wide_model, token
         assert np.array_equal(np.array(layers[p].biases), biases[:, ::step]), p
     for r in report["per_layer"].values():
         assert r["errors"][r["chosen"]] <= r["errors"]["rtn/minmax"]
+
+
+def test_collect_refuses_overflowing_activations_and_odd_windows(wide_model, tokenizer):
+    model, config = wide_model
+    windows = _windows(tokenizer, n=2)
+    with pytest.raises(ValueError, match=r"a window of token ids has shape \(2, 24\); give 1-D windows"):
+        imatrix.collect(model, [np.stack(windows)])
+    with pytest.raises(ValueError, match=r"shape \(0,\)"):
+        imatrix.collect(model, [np.zeros(0, np.int32)])
+    broken = type(model)(type(model.args).from_dict(config))
+    broken.update(model.parameters())
+    broken.model.layers[0].mlp.up_proj.weight = broken.model.layers[0].mlp.up_proj.weight * 1e30
+    with pytest.raises(ValueError, match=r"activations that are not finite reached blk\.0\.ffn_down\.weight in window 1"):
+        imatrix.collect(broken, windows)
+    assert not any(isinstance(m, imatrix._Tap) for _, m in broken.named_modules())  # put back after the error
+    prepared = type(model)(type(model.args).from_dict(config))
+    mlxqat.prepare(prepared, "int4")
+    with pytest.raises(ValueError, match=r"collect on the full-precision model \(before mlxqat.prepare\)"):
+        imatrix.collect(prepared, windows)
+
+
+def test_damaged_files_get_one_clear_error(wide_model, tokenizer, tmp_path):
+    model, _ = wide_model
+    good = imatrix.save(imatrix.collect(model, _windows(tokenizer, n=1)), tmp_path / "good.gguf")
+    blob = good.read_bytes()
+    for cut in (40, len(blob) - 100):
+        (tmp_path / "cut.gguf").write_bytes(blob[:cut])
+        with pytest.raises(ValueError, match="damaged or truncated GGUF file"):
+            imatrix.load(tmp_path / "cut.gguf")
+    inf = imatrix.ImportanceMatrix({"blk.0.attn_q.weight": np.full(256, np.inf, np.float32)},
+                                   {"blk.0.attn_q.weight": 3})
+    imatrix.save(inf, tmp_path / "inf.gguf")
+    with pytest.raises(ValueError, match=r"blk\.0\.attn_q\.weight holds sums of squares that are negative or not finite"):
+        imatrix.load(tmp_path / "inf.gguf")
+    with pytest.raises(FileNotFoundError, match=r"importance matrix .*nope.gguf: no such file; make one with python -m mlxqat.imatrix"):
+        imatrix.load(tmp_path / "nope.gguf")
+
+
+def test_export_weights_only_what_has_a_weighted_quantizer_and_warns_on_a_partial_matrix(wide_model, tokenizer,
+                                                                                           tmp_path):
+    model, config = wide_model
+    src = tiny.save_fp_model(model, config, tokenizer, tmp_path / "full")
+    im = imatrix.collect(model, _windows(tokenizer, n=2))
+    path = imatrix.save(im, tmp_path / "im.gguf")
+    with pytest.warns(UserWarning, match="not exact"):
+        q8 = export_gguf(src, tmp_path / "m-q8_0.gguf", "q8_0", modelfile=False, verbose=False, imatrix=path)
+    assert not any("importance" in t["note"] for t in q8["tensors"])  # Q8_0 has no weighted quantizer
+    r = gguf.GGUFReader(str(tmp_path / "m-q8_0.gguf"))
+    assert r.get_field("quantize.imatrix.file").contents() == "im.gguf"
+    # an all-zero entry is not used (llama.cpp's weighted quantizers would zero the tensor); missing entries warn
+    partial = imatrix.ImportanceMatrix(dict(im.sums), dict(im.counts))
+    partial.sums["blk.0.attn_q.weight"] = np.zeros(256, np.float32)
+    del partial.sums["blk.1.ffn_up.weight"]
+    partial.sums["blk.9.attn_q.weight"] = np.ones(256, np.float32)
+    partial.counts["blk.9.attn_q.weight"] = 1
+    imatrix.save(partial, tmp_path / "partial.gguf")
+    with pytest.warns(UserWarning) as caught:
+        out = export_gguf(src, tmp_path / "m.gguf", "q4_k", modelfile=False, verbose=False,
+                          imatrix=tmp_path / "partial.gguf")
+    said = " ".join(str(w.message) for w in caught)
+    assert "no entry for 1 matrices (e.g. blk.1.ffn_up.weight" in said and "1 entries name tensors the model lacks (e.g. blk.9" in said
+    notes = {t["name"]: t["note"] for t in out["tensors"]}
+    assert "all zero: quantized without it" in notes["blk.0.attn_q.weight"]
+    w = np.array(model.model.layers[0].self_attn.q_proj.weight, dtype=np.float32)
+    from mlxqat.gguf.writer import permute_rows
+
+    q = {t.name: t for t in gguf.GGUFReader(str(tmp_path / "m.gguf")).tensors}["blk.0.attn_q.weight"]
+    plain = permute_rows(quantize_blocks(w, GT.Q4_K), model.args.num_attention_heads)
+    assert np.array_equal(np.array(q.data).reshape(-1), plain.reshape(-1))
+
+
+def test_the_commands_never_write_over_their_inputs(wide_model, tokenizer, tmp_path, capsys):
+    from mlxqat.cli import main
+
+    model, config = wide_model
+    src = tiny.save_fp_model(model, config, tokenizer, tmp_path / "full")
+    path = imatrix.save(imatrix.collect(model, _windows(tokenizer, n=1)), tmp_path / "im.gguf")
+    before = path.read_bytes()
+    assert main(["export", str(src), "--format", "gguf", "--type", "q4_k", "--imatrix", str(path), "--out",
+                 str(path)]) == 2
+    assert path.read_bytes() == before and "im.gguf" in capsys.readouterr().err
+    assert main(["export", str(src), "--format", "mlx", "--imatrix", str(path), "--out", str(tmp_path / "x")]) == 2
+    assert "--imatrix weights GGUF quantization" in capsys.readouterr().err
+    assert main(["imatrix", "--model", str(src), "--out", str(src / "imatrix.gguf"), "--windows", "1",
+                 "--seq-len", "16", "--no-progress"]) == 2
+    assert not (src / "imatrix.gguf").exists()
+    assert main(["export", str(src), "--format", "gguf", "--type", "q4_k", "--imatrix", str(tmp_path / "no.gguf"),
+                 "--out", str(tmp_path / "m.gguf")]) == 2
+    assert "no such file; make one with python -m mlxqat.imatrix" in capsys.readouterr().err

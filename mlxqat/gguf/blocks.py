@@ -107,15 +107,20 @@ def legacy_blocks(codes: np.ndarray, d: np.ndarray, m: Optional[np.ndarray], qty
     is worth ``(q - half) * d`` in the symmetric types and ``q * d + m`` in the others."""
     n = codes.shape[0]
     header = [_f16_bytes(d)] if m is None else [_f16_bytes(d), _f16_bytes(m)]
+
+    def rows(*parts):  # (n, groups, bytes) -> (n, groups * bytes), zero rows too
+        out = np.concatenate(header + list(parts), axis=-1)
+        return out.reshape(n, out.shape[1] * out.shape[2])
+
     if qtype == GT.Q8_0:
         q = (codes.astype(np.int16) - 128).astype(np.int8).view(np.uint8)
-        return np.concatenate(header + [q], axis=-1).reshape(n, -1)
+        return rows(q)
     codes = codes.astype(np.uint8)
     nibbles = (codes[..., :16] & np.uint8(15)) | ((codes[..., 16:] & np.uint8(15)) << np.uint8(4))  # q[j] low, q[j+16] high
     if EXACT_TYPES[qtype][0] == 5:  # the fifth bit of code j is bit j of a little-endian uint32
         high = np.packbits((codes >> np.uint8(4)) & np.uint8(1), axis=-1, bitorder="little")
-        return np.concatenate(header + [high, nibbles], axis=-1).reshape(n, -1)
-    return np.concatenate(header + [nibbles], axis=-1).reshape(n, -1)
+        return rows(high, nibbles)
+    return rows(nibbles)
 
 
 def _kquant_blocks(words, scales, biases, bits, qtype) -> Tuple[Optional[np.ndarray], str]:
@@ -212,19 +217,36 @@ WEIGHTED_TYPES = (GT.Q4_0, GT.Q4_1, GT.Q5_0, GT.Q5_1, GT.Q4_K, GT.Q5_K, GT.Q6_K)
 _LEGACY = {GT.Q4_0: (8, True), GT.Q5_0: (16, True), GT.Q4_1: (15, False), GT.Q5_1: (31, False)}
 
 
+def check_importance(importance, cols: int, what: str = "this matrix") -> np.ndarray:
+    """``importance`` as float32 (cols,), or ValueError: another shape, or a value that is not finite or is
+    negative (llama.cpp's weighted quantizers would write zeros or NaN weights from it)."""
+    qw = np.asarray(importance, dtype=np.float32)
+    if qw.shape != (cols,):
+        raise ValueError(f"importance has shape {qw.shape}; {what} of {cols} columns needs ({cols},)")
+    if not np.all(np.isfinite(qw)) or np.any(qw < 0):
+        bad = qw[~np.isfinite(qw) | (qw < 0)][0]
+        raise ValueError(f"importance of {what} holds {bad}: it must be finite and >= 0 (a mean squared "
+                         "activation); recompute the importance matrix")
+    return qw
+
+
 def quantize_blocks(w: np.ndarray, qtype: GT, importance: Optional[np.ndarray] = None) -> np.ndarray:
-    """The ``qtype`` blocks (rows, bytes per row) of a float32 matrix ``w`` as llama.cpp's quantizer writes
-    them: with ``importance`` (cols,) its importance-weighted algorithm for the type, without it the reference
-    one (the ``gguf`` package's, identical to llama.cpp's)."""
+    """The ``qtype`` blocks (rows, bytes per row) of a float32 matrix ``w`` (a 1-D ``w`` is one row) as
+    llama.cpp's quantizer writes them: with ``importance`` (cols,), finite and >= 0, its importance-weighted
+    algorithm for the type (Q8_0 has none), without it the reference one (the ``gguf`` package's, identical
+    to llama.cpp's)."""
     w = np.ascontiguousarray(w, dtype=np.float32)
+    w = w.reshape(1, -1) if w.ndim == 1 else w
+    rows, cols = w.shape
+    if cols % GROUP:
+        raise ValueError(f"{qtype.name} blocks hold rows of a multiple of {GROUP} weights; these have {cols}")
+    if importance is not None:
+        importance = check_importance(importance, cols)
     if qtype in kquants.KTYPES:
         return kquants.pack(kquants.quantize(w, qtype, importance=importance), qtype)
     if importance is None or qtype not in _LEGACY:
         return gguf.quants.quantize(w, qtype)
-    rows, cols = w.shape
-    qw = np.asarray(importance, dtype=np.float32)
-    if qw.shape != (cols,):
-        raise ValueError(f"importance has shape {qw.shape}; this {rows} x {cols} matrix needs ({cols},)")
+    qw = importance
     f = np.float32
     sigma2 = (seqsum(w * w) / f(cols)).astype(np.float32)  # per row
     x = w.reshape(rows, cols // 32, 32)
@@ -233,7 +255,7 @@ def quantize_blocks(w: np.ndarray, qtype: GT, importance: Optional[np.ndarray] =
     x, weights = x.reshape(-1, 32), weights.reshape(-1, 32)
     if symmetric:  # llama.cpp's make_qx_quants with the weights
         scale, codes = symmetric_search(x, nmax, weights)
-        return legacy_blocks(codes.reshape(rows, -1, 32), scale.reshape(rows, -1), None, qtype)
+        return legacy_blocks(codes.reshape(rows, cols // 32, 32), scale.reshape(rows, cols // 32), None, qtype)
     scale, the_min, codes = weighted_affine_search(x, weights, nmax)  # make_qkx3_quants
-    return legacy_blocks(codes.astype(np.uint8).reshape(rows, -1, 32), scale.reshape(rows, -1),
-                         (-the_min).reshape(rows, -1), qtype)
+    return legacy_blocks(codes.astype(np.uint8).reshape(rows, cols // 32, 32), scale.reshape(rows, cols // 32),
+                         (-the_min).reshape(rows, cols // 32), qtype)

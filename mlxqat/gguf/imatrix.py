@@ -11,13 +11,14 @@ reading), and quantizes with llama.cpp's importance-weighted algorithms, bit for
     python -m mlxqat.imatrix --model full-precision-dir/ --out imatrix.gguf [--data my-text/]
     python -m mlxqat export full-precision-dir/ --format gguf --type q4_k_m --imatrix imatrix.gguf --out m.gguf
 
-As in llama.cpp: only the blocks' matrices have entries (not the token embedding or the output head), and
-Q8_0 ignores them.
+As ``llama-imatrix`` does by default, only the blocks' matrices have entries (not the token embedding or the
+output head); as llama.cpp's quantizers, Q8_0 ignores them. An importance matrix belongs to one model.
 """
 
 from __future__ import annotations
 
 import struct
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, Iterable, List, Optional
@@ -91,7 +92,8 @@ def collect(model: nn.Module, windows: Iterable[np.ndarray], *, dataset: str = "
     token count, as ``llama-imatrix`` computes it (in float32 sums, every token of every window counted)."""
     names = block_matrices(model)
     if not names:
-        raise ValueError("the model has no matrix layers in transformer blocks to collect an importance matrix for")
+        raise ValueError("the model has no linear layers in transformer blocks to collect an importance matrix "
+                         "for; collect on the full-precision model (before mlxqat.prepare)")
     sums: Dict[str, mx.array] = {}
     counts: Dict[str, int] = {n: 0 for n in names.values()}
 
@@ -110,10 +112,17 @@ def collect(model: nn.Module, windows: Iterable[np.ndarray], *, dataset: str = "
         if progress:
             items = tqdm(items, desc="importance matrix", unit="window")
         for ids in items:
-            ids = np.asarray(ids, dtype=np.int32).reshape(1, -1)
+            ids = np.asarray(ids)
+            if ids.ndim > 2 or (ids.ndim == 2 and ids.shape[0] != 1) or ids.size == 0:
+                raise ValueError(f"a window of token ids has shape {ids.shape}; give 1-D windows of at least 1 token")
+            ids = ids.astype(np.int32).reshape(1, -1)
             out = model(mx.array(ids))
             mx.eval(out, list(sums.values()))
             n, size = n + 1, ids.shape[1]
+            bad = [k for k, v in sums.items() if not mx.all(mx.isfinite(v)).item()]
+            if bad:
+                raise ValueError(f"activations that are not finite reached {bad[0]} in window {n}; load the model "
+                                 "in float32 or bfloat16 (float16 overflows) and collect again")
     finally:
         model.update_modules(tree_unflatten(list(originals.items())))
     if n == 0:
@@ -124,12 +133,12 @@ def collect(model: nn.Module, windows: Iterable[np.ndarray], *, dataset: str = "
 
 # --- llama.cpp's files -------------------------------------------------------------------------------------
 
-def save(im: ImportanceMatrix, path) -> Path:
+def save(im: ImportanceMatrix, path, *, sources: Iterable = ()) -> Path:
     """Write ``im`` as llama.cpp's GGUF importance matrix (``general.type = imatrix``; tensors
     ``<name>.in_sum2`` and ``<name>.counts``), which ``llama-quantize --imatrix`` reads too. Atomic; replaces
-    only a file mlxqat wrote."""
+    only a file mlxqat wrote, and never one of ``sources`` (the model and text it was computed from)."""
     path = Path(path)
-    with atomic_path(path) as tmp:
+    with atomic_path(path, sources=sources) as tmp:
         w = gguf.GGUFWriter(str(tmp), arch="")
         try:
             w.kv_data[0].pop("general.architecture", None)  # an imatrix file has none
@@ -157,6 +166,9 @@ def load(path) -> ImportanceMatrix:
         ValueError: the file is neither.
     """
     path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"importance matrix {path}: no such file; make one with python -m mlxqat.imatrix "
+                                "--model MODEL --out imatrix.gguf")
     with open(path, "rb") as f:
         magic = f.read(4)
     if magic == b"GGUF":
@@ -165,12 +177,17 @@ def load(path) -> ImportanceMatrix:
 
 
 def _load_gguf(path: Path) -> ImportanceMatrix:
-    r = gguf.GGUFReader(str(path))
-    kind = r.get_field("general.type")
-    if kind is None or kind.contents() != "imatrix":
+    try:
+        r = gguf.GGUFReader(str(path))
+        kind = r.get_field("general.type")
+        kind = None if kind is None else kind.contents()
+        tensors = {t.name: np.array(t.data, dtype=np.float32) for t in r.tensors} if kind == "imatrix" else {}
+    except (ValueError, IndexError, KeyError, OSError, struct.error) as e:
+        raise ValueError(f"{path} is a damaged or truncated GGUF file ({e}); compute the importance matrix again "
+                         "(python -m mlxqat imatrix)") from None
+    if kind != "imatrix":
         raise ValueError(f"{path} is a GGUF file but not an importance matrix (no general.type = imatrix); "
                          "pass the file llama-imatrix or `python -m mlxqat imatrix` wrote")
-    tensors = {t.name: np.array(t.data, dtype=np.float32) for t in r.tensors}
     im = ImportanceMatrix()
     for key, value in tensors.items():
         if not key.endswith(".in_sum2"):
@@ -182,15 +199,18 @@ def _load_gguf(path: Path) -> ImportanceMatrix:
         if counts.size != 1:
             raise ValueError(f"{path}: {name} has {counts.size} counts (a mixture of experts); mlxqat reads one "
                              "count per matrix")
+        count = float(counts.reshape(-1)[0])
+        if not np.isfinite(count) or count < 0:
+            raise ValueError(f"{path}: {name} has a token count of {count}; compute the importance matrix again")
         im.sums[name] = value.reshape(-1)
-        im.counts[name] = int(round(float(counts.reshape(-1)[0])))
+        im.counts[name] = int(round(count))
     for key, attr in (("imatrix.chunk_count", "chunk_count"), ("imatrix.chunk_size", "chunk_size")):
         fld = r.get_field(key)
         if fld is not None:
             setattr(im, attr, int(fld.contents()))
     fld = r.get_field("imatrix.datasets")
     im.datasets = list(fld.contents()) if fld is not None else []
-    return im
+    return _checked(im, path)
 
 
 def _load_dat(path: Path) -> ImportanceMatrix:
@@ -214,9 +234,17 @@ def _load_dat(path: Path) -> ImportanceMatrix:
             im.sums[name], im.counts[name] = values, int(ncall) if ncall > 0 else 1  # per-call means x ncall
         if pos + 4 <= len(data):
             (im.chunk_count,) = struct.unpack_from("<i", data, pos)
-        return im
     except (struct.error, UnicodeDecodeError):
         raise bad from None
+    return _checked(im, path)
+
+
+def _checked(im: ImportanceMatrix, path: Path) -> ImportanceMatrix:
+    for name, v in im.sums.items():
+        if not np.all(np.isfinite(v)) or np.any(v < 0):
+            raise ValueError(f"{path}: {name} holds sums of squares that are negative or not finite; compute the "
+                             "importance matrix again")
+    return im
 
 
 # --- python -m mlxqat imatrix --------------------------------------------------------------------------------
@@ -242,7 +270,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     def run() -> int:
         if args.windows < 1:
             raise ValueError(f"--windows {args.windows}: give at least 1")
-        out = check_destination(Path(args.out), kind="file")
+        check_seq_len(args.seq_len, None)
+        if args.data is not None and not Path(args.data).exists():
+            raise FileNotFoundError(f"--data {args.data}: no such file or folder")
+        sources = [x for x in (args.model, args.data) if x is not None and Path(x).exists()]
+        out = check_destination(Path(args.out), sources=sources, kind="file")
         model, tokenizer = load_model(args.model)
         check_seq_len(args.seq_len, model_context(model))
         if args.data is None:
@@ -250,8 +282,11 @@ def main(argv: Optional[List[str]] = None) -> int:
         else:
             windows, what = build_dataset(args.data, tokenizer, args.seq_len, val_fraction=0.0).train, str(args.data)
         windows = windows[: args.windows, : args.seq_len]
+        if len(windows) < args.windows:
+            print(f"note: {what} holds {len(windows)} windows of {args.seq_len} tokens; --windows asked for "
+                  f"{args.windows}", file=sys.stderr)
         im = collect(model, windows, dataset=what, progress=args.progress)
-        save(im, out)
+        save(im, out, sources=sources)
         tokens = im.chunk_count * im.chunk_size
         print(f"wrote {out}: {len(im.sums)} matrices, {im.chunk_count} windows x {im.chunk_size} tokens "
               f"({tokens} tokens) of {what}")

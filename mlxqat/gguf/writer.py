@@ -33,7 +33,7 @@ from .. import quant
 from .._version import __version__
 from ..convert import head_path
 from . import kquants
-from .blocks import EXACT_TYPES, KQUANT_TYPES, exact_blocks, quantize_blocks
+from .blocks import EXACT_TYPES, KQUANT_TYPES, WEIGHTED_TYPES, exact_blocks, quantize_blocks
 from .format import GGUFExportError
 from .tokenizer import add_tokenizer
 
@@ -347,11 +347,17 @@ def _requantized(name, path, w32, qtype, heads, note, importance=None) -> GGUFTe
     if qtype in KQUANT_TYPES and w32.shape[-1] % kquants.QK_K:  # llama.cpp's fallback for rows K-quants cannot hold
         qtype = kquants.FALLBACK[qtype]
         note += f"; {w32.shape[-1]} columns: {qtype.name}, as llama.cpp writes such rows"
-    if importance is not None:
+    if importance is not None and qtype in WEIGHTED_TYPES:
         if np.shape(importance) != (w32.shape[-1],):
             raise GGUFExportError(f"{name}: the importance matrix has {np.size(importance)} columns for it; the "
                                   f"model's has {w32.shape[-1]} (an importance matrix of another model?)")
-        note += " (importance-weighted)"
+        if not np.any(np.asarray(importance) > 0):  # llama.cpp's weighted quantizers would zero the tensor
+            importance = None
+            note += " (its importance is all zero: quantized without it)"
+        else:
+            note += " (importance-weighted)"
+    else:
+        importance = None
     return GGUFTensor(name, path, qtype, quantize_blocks(w32, qtype, importance), w32.shape, False, note, heads)
 
 
