@@ -267,13 +267,11 @@ def seqsum(x: np.ndarray) -> np.ndarray:
     return np.cumsum(x, axis=-1, dtype=np.float32)[..., -1]
 
 
-def _affine_search(x: np.ndarray, nmax: int, rmin: float, rdelta: float, nstep: int):
-    """Per row of ``x`` (S, n): the weighted least-squares scale and min over a sweep of grid sizes
-    (llama.cpp's ``make_qkx2_quants``, squared error). Returns ``(scale, min >= 0, codes)``; the value of a
-    code ``l`` is ``scale * l - min``."""
+def _affine_search(x: np.ndarray, w: np.ndarray, nmax: int, rmin: float, rdelta: float, nstep: int):
+    """Per row of ``x`` (S, n) with error weights ``w`` (S, n): the weighted least-squares scale and min over a
+    sweep of grid sizes (llama.cpp's ``make_qkx2_quants`` / ``make_qkx3_quants``, squared error). Returns
+    ``(scale, min >= 0, codes)``; the value of a code ``l`` is ``scale * l - min``."""
     f = np.float32
-    av = np.sqrt(seqsum(x * x) / f(x.shape[-1]))
-    w = av[:, None] + np.abs(x)
     mn = np.minimum(x.min(axis=-1), f(0))  # the value of code 0; a winning step moves it (and the grid with it)
     hi = x.max(axis=-1)
     flat = hi == mn
@@ -341,39 +339,7 @@ def weighted_affine_search(x: np.ndarray, w: np.ndarray, nmax: int):
     """Per row of ``x`` (S, n) with importance ``w`` (S, n): llama.cpp's ``make_qkx3_quants`` (weighted squared
     error, 37 grid sizes from ``nmax - 0.9`` in steps of 0.05), the search its quantizers run when given an
     importance matrix. Returns ``(scale, min >= 0, codes)``; the value of a code ``l`` is ``scale * l - min``."""
-    f = np.float32
-    sum_w, sum_x = seqsum(w), seqsum(w * x)
-    mn = np.minimum(x.min(axis=-1), f(0))
-    hi = x.max(axis=-1)
-    flat = hi <= mn
-    span = np.where(flat, f(1), hi - mn)
-    iscale = f(nmax) / span
-    scale = f(1) / iscale
-    codes = np.clip(_rint(iscale[:, None] * (x - mn[:, None])), 0, nmax).astype(np.float32)
-    diff = scale[:, None] * codes + mn[:, None] - x
-    best = seqsum(w * (diff * diff))
-    for i in range(37):
-        span = np.where(flat, f(1), hi - mn)
-        iscale = (f(-0.9) + f(0.05) * f(i) + f(nmax)) / span
-        l = np.clip(_rint(iscale[:, None] * (x - mn[:, None])), 0, nmax).astype(np.float32)
-        wl = w * l
-        sum_l, sum_l2, sum_xl = seqsum(wl), seqsum(wl * l), seqsum(wl * x)
-        det = sum_w * sum_l2 - sum_l * sum_l
-        ok = det > 0
-        safe = np.where(ok, det, f(1))
-        this_scale = (sum_w * sum_xl - sum_x * sum_l) / safe
-        this_min = (sum_l2 * sum_x - sum_l * sum_xl) / safe
-        pos = this_min > 0
-        this_scale = np.where(pos, sum_xl / np.where(sum_l2 > 0, sum_l2, f(1)), this_scale)
-        this_min = np.where(pos, f(0), this_min)
-        diff = this_scale[:, None] * l + this_min[:, None] - x
-        err = seqsum(w * (diff * diff))
-        take = ok & (err < best) & ~flat
-        codes = np.where(take[:, None], l, codes)
-        best, scale, mn = np.where(take, err, best), np.where(take, this_scale, scale), np.where(take, this_min, mn)
-    scale = np.where(flat, f(0), scale)
-    codes = np.where(flat[:, None], f(0), codes)
-    return scale.astype(np.float32), (-mn).astype(np.float32), codes
+    return _affine_search(x, w, nmax, -0.9, 0.05, 36)
 
 
 def _scales_search(x: np.ndarray, w: np.ndarray, nmax: int):
@@ -411,6 +377,21 @@ def _scales_search(x: np.ndarray, w: np.ndarray, nmax: int):
     return np.where(dead, f(0), step).astype(np.float32), np.where(dead[:, None], f(0), l).astype(np.int64)
 
 
+def _affine_parts(x, codes, d, ls, dmin, lm, nmax: int, shape) -> KParts:
+    """Q4_K / Q5_K parts once the sub-block scale and min integers and ``d``, ``dmin`` are chosen: the codes
+    rounded again on the final grid (a sub-block whose scale is 0 keeps the search's codes), as llama.cpp does."""
+    f = np.float32
+    rows, cols = shape
+    nb = cols // QK_K
+    dj = (d.astype(np.float32)[:, None] * ls.astype(np.float32)).reshape(-1)
+    dm = (dmin.astype(np.float32)[:, None] * lm.astype(np.float32)).reshape(-1)
+    live = dj != 0
+    q = np.clip(_rint((x + dm[:, None]) / np.where(live, dj, f(1))[:, None]), 0, nmax)
+    codes = np.where(live[:, None], q, codes).astype(np.uint8)
+    return KParts(codes=codes.reshape(rows, cols), sc=ls.reshape(rows, nb * 8), d=d.reshape(rows, nb),
+                  m=lm.reshape(rows, nb * 8), dmin=dmin.reshape(rows, nb))
+
+
 def _weighted_kparts(w: np.ndarray, qtype: GT, t: KType, importance: np.ndarray) -> KParts:
     """llama.cpp's ``quantize_row_q{4,5}_K_impl`` with an importance matrix (one value per column)."""
     f = np.float32
@@ -427,13 +408,7 @@ def _weighted_kparts(w: np.ndarray, qtype: GT, t: KType, importance: np.ndarray)
     d, ls = _scales_search(scales.reshape(-1, t.subs), sw, 63)
     dmin, lm = _scales_search(mins.reshape(-1, t.subs), sw, 63)
     d, dmin = d.astype(np.float16), dmin.astype(np.float16)
-    dj = (d.astype(np.float32)[:, None] * ls.astype(np.float32)).reshape(-1)
-    dm = (dmin.astype(np.float32)[:, None] * lm.astype(np.float32)).reshape(-1)
-    live = dj != 0
-    q = np.clip(_rint((x + dm[:, None]) / np.where(live, dj, f(1))[:, None]), 0, nmax)
-    codes = np.where(live[:, None], q, codes).astype(np.uint8)
-    return KParts(codes=codes.reshape(rows, cols), sc=ls.reshape(rows, nb * 8), d=d.reshape(rows, nb),
-                  m=lm.reshape(rows, nb * 8), dmin=dmin.reshape(rows, nb))
+    return _affine_parts(x, codes, d, ls, dmin, lm, nmax, w.shape)
 
 
 def quantize(w: np.ndarray, qtype: GT, paired: bool = False, importance: Optional[np.ndarray] = None) -> KParts:
@@ -483,7 +458,8 @@ def quantize(w: np.ndarray, qtype: GT, paired: bool = False, importance: Optiona
         return KParts(codes=codes.reshape(rows, cols), sc=sc.astype(np.int8), d=d.reshape(rows, nb))
     nmax = (1 << t.bits) - 1
     rmin, rdelta, nstep = (-1.0, 0.1, 20) if t.bits == 4 else (-0.5, 0.1, 15)
-    scales, mins, codes = _affine_search(x, nmax, rmin, rdelta, nstep)
+    av = np.sqrt(seqsum(x * x) / np.float32(x.shape[-1]))
+    scales, mins, codes = _affine_search(x, av[:, None] + np.abs(x), nmax, rmin, rdelta, nstep)  # make_qkx2_quants
     s, m = scales.reshape(-1, t.subs), mins.reshape(-1, t.subs)
     top_s, top_m = np.maximum(s.max(axis=-1), f(0)), np.maximum(m.max(axis=-1), f(0))
     inv_s = np.where(top_s > 0, f(63) / np.where(top_s > 0, top_s, f(1)), f(0))
@@ -491,10 +467,4 @@ def quantize(w: np.ndarray, qtype: GT, paired: bool = False, importance: Optiona
     ls = np.minimum(63, _rint(inv_s[:, None] * s)).astype(np.int64)
     lm = np.minimum(63, _rint(inv_m[:, None] * m)).astype(np.int64)
     d, dmin = (top_s / f(63)).astype(np.float16), (top_m / f(63)).astype(np.float16)
-    dj = (d.astype(np.float32)[:, None] * ls.astype(np.float32)).reshape(-1)
-    dm = (dmin.astype(np.float32)[:, None] * lm.astype(np.float32)).reshape(-1)
-    live = dj != 0
-    q = np.clip(_rint((x + dm[:, None]) / np.where(live, dj, f(1))[:, None]), 0, nmax)
-    codes = np.where(live[:, None], q, codes).astype(np.uint8)
-    return KParts(codes=codes.reshape(rows, cols), sc=ls.reshape(rows, nb * 8), d=d.reshape(rows, nb),
-                  m=lm.reshape(rows, nb * 8), dmin=dmin.reshape(rows, nb))
+    return _affine_parts(x, codes, d, ls, dmin, lm, nmax, w.shape)
