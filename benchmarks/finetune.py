@@ -50,6 +50,8 @@ from mlxqat.profile import chip_name  # noqa: E402
 from mlxqat.training.finetune import LEARNING_RATES, read_back  # noqa: E402
 
 PY = sys.executable
+PLAIN_TEMPLATE = ("{{ bos_token }}{% for m in messages %}{{ m['content'] }}{% endfor %}"
+                  "{% if messages[-1]['role'] == 'assistant' %}{{ eos_token }}{% endif %}")
 MLX_LM_LRS = (1e-5, 1e-4, 1e-3)
 MLXQAT_LRS = {"lora": (3e-4, 1e-3, 3e-3), "scales": (3e-5, 1e-4, 3e-4), "full": (3e-5, 1e-4, 3e-4)}  # scales: relative steps
 
@@ -175,6 +177,10 @@ class Bench:
         model, tokenizer = mlx_lm_load(str(base))
         use_dequantized_matmul(model)
         model.set_dtype(mx.float32)  # a CPU multiplies bfloat16 without BLAS, many times slower; values are exact
+        if getattr(tokenizer, "chat_template", None) is None:
+            # mlx-lm reads prompt/completion lines through a chat template, which a base model lacks: give it the
+            # plain one, BOS + prompt + completion + EOS, the tokens mlxqat trains and measures for such lines
+            tokenizer._tokenizer.chat_template = PLAIN_TEMPLATE
         train_set, valid_set, _ = load_dataset(args, tokenizer)
         t = time.time()
         log = io.StringIO()
