@@ -38,7 +38,7 @@ from gguf import GGMLQuantizationType as GT
 
 from .. import quant
 from . import kquants
-from .kquants import seqsum, symmetric_search, factor, weighted_affine_search
+from .kquants import check_importance, factor, seqsum, symmetric_search, weighted_affine_search
 
 #: The block types an MLX layer holds exactly: ``{type: (bits, the recipe whose layers they are)}``; the
 #: symmetric types (offset tied to the scale) come first, so a layer that both kinds hold is written as the
@@ -217,19 +217,6 @@ WEIGHTED_TYPES = (GT.Q4_0, GT.Q4_1, GT.Q5_0, GT.Q5_1, GT.Q4_K, GT.Q5_K, GT.Q6_K)
 _LEGACY = {GT.Q4_0: (8, True), GT.Q5_0: (16, True), GT.Q4_1: (15, False), GT.Q5_1: (31, False)}
 
 
-def check_importance(importance, cols: int, what: str = "this matrix") -> np.ndarray:
-    """``importance`` as float32 (cols,), or ValueError: another shape, or a value that is not finite or is
-    negative (llama.cpp's weighted quantizers would write zeros or NaN weights from it)."""
-    qw = np.asarray(importance, dtype=np.float32)
-    if qw.shape != (cols,):
-        raise ValueError(f"importance has shape {qw.shape}; {what} of {cols} columns needs ({cols},)")
-    if not np.all(np.isfinite(qw)) or np.any(qw < 0):
-        bad = qw[~np.isfinite(qw) | (qw < 0)][0]
-        raise ValueError(f"importance of {what} holds {bad}: it must be finite and >= 0 (a mean squared "
-                         "activation); recompute the importance matrix")
-    return qw
-
-
 def quantize_blocks(w: np.ndarray, qtype: GT, importance: Optional[np.ndarray] = None) -> np.ndarray:
     """The ``qtype`` blocks (rows, bytes per row) of a float32 matrix ``w`` (a 1-D ``w`` is one row) as
     llama.cpp's quantizer writes them: with ``importance`` (cols,), finite and >= 0, its importance-weighted
@@ -240,10 +227,10 @@ def quantize_blocks(w: np.ndarray, qtype: GT, importance: Optional[np.ndarray] =
     rows, cols = w.shape
     if cols % GROUP:
         raise ValueError(f"{qtype.name} blocks hold rows of a multiple of {GROUP} weights; these have {cols}")
+    if qtype in kquants.KTYPES:  # kquants.quantize checks the importance
+        return kquants.pack(kquants.quantize(w, qtype, importance=importance), qtype)
     if importance is not None:
         importance = check_importance(importance, cols)
-    if qtype in kquants.KTYPES:
-        return kquants.pack(kquants.quantize(w, qtype, importance=importance), qtype)
     if importance is None or qtype not in _LEGACY:
         return gguf.quants.quantize(w, qtype)
     qw = importance

@@ -37,6 +37,7 @@ from ..storage.destinations import atomic_path, check_destination
 from ..storage.load import load as load_model
 from .writer import gguf_base_name
 
+
 @dataclass
 class ImportanceMatrix:
     """Per GGUF tensor name (``blk.0.attn_q.weight``): the sum of each input column's squared activation over
@@ -78,7 +79,7 @@ def block_matrices(model: nn.Module) -> Dict[str, str]:
     llama.cpp's importance matrices cover)."""
     out = {}
     for path, m in model.named_modules():
-        if isinstance(m, (nn.Linear, nn.QuantizedLinear)) and not isinstance(m, _Tap):
+        if isinstance(m, (nn.Linear, nn.QuantizedLinear)):
             base = gguf_base_name(model, path)
             if base is not None and base.startswith("blk."):
                 out[path] = base + ".weight"
@@ -117,9 +118,10 @@ def collect(model: nn.Module, windows: Iterable[np.ndarray], *, dataset: str = "
                 raise ValueError(f"a window of token ids has shape {ids.shape}; give 1-D windows of at least 1 token")
             ids = ids.astype(np.int32).reshape(1, -1)
             out = model(mx.array(ids))
-            mx.eval(out, list(sums.values()))
+            finite = {k: mx.all(mx.isfinite(v)) for k, v in sums.items()}
+            mx.eval(out, sums, finite)  # one evaluation: the sums and their check together
             n, size = n + 1, ids.shape[1]
-            bad = [k for k, v in sums.items() if not mx.all(mx.isfinite(v)).item()]
+            bad = [k for k, ok in finite.items() if not ok.item()]
             if bad:
                 raise ValueError(f"activations that are not finite reached {bad[0]} in window {n}; load the model "
                                  "in float32 or bfloat16 (float16 overflows) and collect again")

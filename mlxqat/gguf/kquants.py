@@ -335,6 +335,19 @@ def symmetric_search(x: np.ndarray, nmax: int, weights: Optional[np.ndarray] = N
     return scale.astype(np.float32), (l_best + nmax).astype(np.uint8)
 
 
+def check_importance(importance, cols: int) -> np.ndarray:
+    """``importance`` as float32 (cols,), or ValueError: another shape, or a value that is not finite or is
+    negative (llama.cpp's weighted quantizers would write zeros or NaN weights from it)."""
+    qw = np.asarray(importance, dtype=np.float32)
+    if qw.shape != (cols,):
+        raise ValueError(f"importance has shape {qw.shape}; this matrix of {cols} columns needs ({cols},)")
+    if not np.all(np.isfinite(qw)) or np.any(qw < 0):
+        bad = qw[~np.isfinite(qw) | (qw < 0)][0]
+        raise ValueError(f"importance of this matrix holds {bad}: it must be finite and >= 0 (a mean squared "
+                         "activation); recompute the importance matrix")
+    return qw
+
+
 def weighted_affine_search(x: np.ndarray, w: np.ndarray, nmax: int):
     """Per row of ``x`` (S, n) with importance ``w`` (S, n): llama.cpp's ``make_qkx3_quants`` (weighted squared
     error, 37 grid sizes from ``nmax - 0.9`` in steps of 0.05), the search its quantizers run when given an
@@ -392,7 +405,7 @@ def _affine_parts(x, codes, d, ls, dmin, lm, nmax: int, shape) -> KParts:
                   m=lm.reshape(rows, nb * 8), dmin=dmin.reshape(rows, nb))
 
 
-def _weighted_kparts(w: np.ndarray, qtype: GT, t: KType, importance: np.ndarray) -> KParts:
+def _weighted_kparts(w: np.ndarray, t: KType, importance: np.ndarray) -> KParts:
     """llama.cpp's ``quantize_row_q{4,5}_K_impl`` with an importance matrix (one value per column)."""
     f = np.float32
     rows, cols = w.shape
@@ -428,11 +441,9 @@ def quantize(w: np.ndarray, qtype: GT, paired: bool = False, importance: Optiona
     if paired and t.has_min:
         raise ValueError(f"paired sub-blocks are a Q6_K form; {qtype.name} has sub-blocks of 32 already")
     if importance is not None:
-        importance = np.asarray(importance, dtype=np.float32)
-        if importance.shape != (cols,):
-            raise ValueError(f"importance has shape {importance.shape}; this {rows} x {cols} matrix needs ({cols},)")
+        importance = check_importance(importance, cols)
         if t.has_min:
-            return _weighted_kparts(w, qtype, t, importance)
+            return _weighted_kparts(w, t, importance)
     f = np.float32
     nb = cols // QK_K
     sub = 2 * t.sub if paired else t.sub
